@@ -1,0 +1,39 @@
+"""fxattr: functional attribution for PyTorch.
+
+A model becomes a pure function ``f(params, x)`` of one example (:func:`functionalize`); every
+attribution method is a transformation ``method(f, **config) -> explain``, called
+``explain(params, x, target)``, that composes with ``torch.vmap``, ``torch.func.grad`` (exact
+higher-order derivatives) and ``torch.compile``::
+
+    f, params = fxattr.functionalize(model.eval())
+    explain = fxattr.integrated_gradients(f, steps=32)
+    batch_explain = torch.compile(torch.vmap(explain, in_dims=(None, 0, 0)))
+    attributions = batch_explain(params, images, labels)
+"""
+
+from fxattr.errors import FxattrError
+from fxattr.functional import FunctionalModel, functionalize
+from fxattr.gradient import gradient, input, input_x_gradient, random
+from fxattr.integrated import QUADRATURES, integrated_gradients, quadrature
+from fxattr.noise import noise_tunnel, smoothgrad, smoothgrad_sq, vargrad
+from fxattr.targets import select
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QUADRATURES",
+    "FunctionalModel",
+    "FxattrError",
+    "functionalize",
+    "gradient",
+    "input",
+    "input_x_gradient",
+    "integrated_gradients",
+    "noise_tunnel",
+    "quadrature",
+    "random",
+    "select",
+    "smoothgrad",
+    "smoothgrad_sq",
+    "vargrad",
+]

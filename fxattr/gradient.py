@@ -1,0 +1,91 @@
+"""Gradient-family explainers: saliency, input x gradient, and the input and random baselines."""
+
+from __future__ import annotations
+
+import torch
+
+from fxattr._explainer import check_choice, check_model, explainer, grad_of_target, tree_map
+from fxattr.errors import fail
+from fxattr.targets import check_target
+
+__all__ = ["gradient", "input", "input_x_gradient", "random"]
+
+_POSTPROCESS = {None: lambda g: g, "abs": torch.abs, "square": torch.square}
+
+
+def gradient(f, *, postprocess: str | None = None):
+    """Saliency: the gradient of the target output with respect to the input.
+
+    ``explain(params, x, target)`` returns ``d f(params, x)[target] / dx`` (seeded with 1, as
+    iNNvestigate's ``gradient`` and captum's ``Saliency(abs=False)``), optionally post-processed.
+
+    Args:
+        f: the function of ``fxattr.functionalize``.
+        postprocess: ``None`` (the signed gradient), ``"abs"`` (Simonyan et al.; captum's default)
+            or ``"square"``.
+
+    Example:
+        >>> f, params = fxattr.functionalize(model)
+        >>> explain = fxattr.gradient(f)
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    check_model("gradient", f)
+    check_choice("gradient", "postprocess", postprocess, tuple(_POSTPROCESS))
+    post = _POSTPROCESS[postprocess]
+
+    def explain(params, x, target=None):
+        return tree_map(post, grad_of_target("gradient", f, params, x, target))
+
+    return explainer("gradient", f, {"postprocess": postprocess}, explain)
+
+
+def input_x_gradient(f):
+    """Input times gradient: ``x * d f(params, x)[target] / dx`` (iNNvestigate's ``input_t_gradient``).
+
+    Example:
+        >>> explain = fxattr.input_x_gradient(f)
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    check_model("input_x_gradient", f)
+
+    def explain(params, x, target=None):
+        grads = grad_of_target("input_x_gradient", f, params, x, target)
+        return tree_map(torch.mul, x, grads)
+
+    return explainer("input_x_gradient", f, {}, explain)
+
+
+def input(f):  # noqa: A001 - iNNvestigate's name for the method
+    """The input itself, as an attribution: a sanity-check baseline (iNNvestigate's ``input``).
+
+    Example:
+        >>> torch.vmap(fxattr.input(f), in_dims=(None, 0, 0))(params, images, labels)
+    """
+    check_model("input", f)
+
+    def explain(params, x, target=None):
+        check_target("input", target)
+        return x
+
+    return explainer("input", f, {}, explain)
+
+
+def random(f, *, stddev: float = 1.0):
+    """Gaussian noise of the input's shape: the chance-level baseline (iNNvestigate's ``random``).
+
+    Draws from torch's global generator, so ``torch.manual_seed`` makes it reproducible; under
+    ``torch.vmap`` pass ``randomness="different"`` (or ``"same"``).
+
+    Example:
+        >>> torch.manual_seed(0)
+        >>> torch.vmap(fxattr.random(f), in_dims=(None, 0, 0), randomness="different")(params, images, labels)
+    """
+    check_model("random", f)
+    if isinstance(stddev, bool) or not isinstance(stddev, (int, float)) or stddev < 0:
+        raise fail("random", f"stddev must be a number >= 0, got {stddev!r}")
+
+    def explain(params, x, target=None):
+        check_target("random", target)
+        return tree_map(lambda t: stddev * torch.randn_like(t), x)
+
+    return explainer("random", f, {"stddev": stddev}, explain)

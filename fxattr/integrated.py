@@ -1,0 +1,139 @@
+"""Integrated gradients (Sundararajan et al. 2017) with a choice of quadrature rules.
+
+``IG_i(x) = (x_i - b_i) * integral_0^1 d f(b + a (x - b))[target] / dx_i da``, the integral taken by a
+quadrature rule ``sum_k w_k g(a_k)``. All integration points are evaluated by ``torch.vmap``
+(``chunk_size`` of them at a time), so the method composes with an outer ``torch.vmap`` over a batch,
+with ``torch.func.grad`` (second derivatives are exact: no custom backward anywhere) and with
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import numpy as np
+import optree
+import torch
+from torch import Tensor
+
+from fxattr._explainer import (check_choice, check_int, check_model, explainer, fixed_target,
+                               grad_of_target, tree_map)
+from fxattr.errors import fail
+from fxattr.targets import check_target
+
+__all__ = ["QUADRATURES", "integrated_gradients", "quadrature"]
+
+QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+
+
+def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
+    """Points ``a_k`` in [0, 1] and weights ``w_k`` (summing to 1) of a quadrature rule.
+
+    - ``riemann_left``: a_k = k/n, k = 0..n-1 (iNNvestigate's rule); ``riemann_right``: (k+1)/n;
+      ``riemann_middle``: (k+1/2)/n; all with w_k = 1/n.
+    - ``riemann_trapezoid``: a_k = k/(n-1), weights 1/(n-1) halved at both ends, summing to 1
+      (captum's version puts 1/n there, so its weights sum to (n-1)/n). Needs n >= 2.
+    - ``gausslegendre``: Gauss-Legendre nodes and weights mapped to [0, 1]; exact for polynomials of
+      degree 2n-1 (captum's default).
+    """
+    check_choice("quadrature", "method", method, QUADRATURES)
+    minimum = 2 if method == "riemann_trapezoid" else 1
+    check_int("integrated_gradients", "steps", steps, minimum)
+    n = steps
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n)
+        return ((nodes + 1) / 2).tolist(), (weights / 2).tolist()
+    if method == "riemann_trapezoid":
+        weights = [1.0 / (n - 1)] * n
+        weights[0] = weights[-1] = 0.5 / (n - 1)
+        return [k / (n - 1) for k in range(n)], weights
+    offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[method]
+    return [(k + offset) / n for k in range(n)], [1.0 / n] * n
+
+
+def _check_baseline(baseline) -> None:
+    def ok(b):
+        return isinstance(b, (Real, Tensor)) and not isinstance(b, bool)
+    if callable(baseline) and not isinstance(baseline, Tensor):
+        return
+    leaves = optree.tree_leaves(baseline, namespace="torch")
+    if not leaves or not all(ok(b) for b in leaves):
+        raise fail("integrated_gradients", "baseline must be a number, a tensor of x's shape, a "
+                                           f"pytree of those matching x, or a callable x -> baseline; got {baseline!r}")
+
+
+def make_baseline(where: str, baseline, x):
+    """The baseline for ``x``: broadcast a number, check a tensor's shape, call a callable."""
+    value = baseline(x) if callable(baseline) and not isinstance(baseline, Tensor) else baseline
+    if isinstance(value, (Real, Tensor)) and not isinstance(x, Tensor):
+        value = tree_map(lambda _: value, x)
+
+    def one(b, xi):
+        if isinstance(b, Real):
+            return torch.full_like(xi, float(b))
+        if not isinstance(b, Tensor):
+            raise fail(where, f"baseline must give tensors, got {type(b).__name__}")
+        if b.ndim and tuple(b.shape) != tuple(xi.shape):
+            raise fail(where, f"baseline has shape {tuple(b.shape)} but x has shape {tuple(xi.shape)}")
+        return b.to(dtype=xi.dtype, device=xi.device).expand_as(xi)
+
+    try:
+        return tree_map(one, value, x)
+    except ValueError as error:
+        if "fxattr." in str(error):
+            raise
+        raise fail(where, f"baseline's structure does not match x's: {error}") from error
+
+
+def integrated_gradients(f, *, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
+                         chunk_size: int | None = 8):
+    """Integrated gradients along the straight path from ``baseline`` to ``x``.
+
+    Defaults, and why: Gauss-Legendre with 32 points, because for smooth models it is exact far
+    beyond any Riemann sum of the same cost (completeness to 1e-6 where a Riemann sum needs
+    thousands of steps), and ReLU networks converge no slower with it than with a Riemann sum;
+    baseline 0 as in iNNvestigate and captum; ``chunk_size=8`` integration points per vmapped
+    batch, chosen by measurement in ``bench/`` (one giant batch of all steps was slower on CPU).
+    ``method="riemann_left", steps=64`` reproduces iNNvestigate exactly.
+
+    ``target=None`` explains the argmax of the output at ``x``, held fixed along the path.
+
+    Args:
+        f: the function of ``fxattr.functionalize``.
+        steps: number of integration points (>= 1; >= 2 for ``riemann_trapezoid``).
+        baseline: a number, a tensor of x's shape, a pytree of those matching x, or a callable
+            ``x -> baseline``.
+        method: one of ``QUADRATURES`` (see :func:`quadrature`).
+        chunk_size: how many integration points are evaluated at once (``None``: all).
+
+    Example:
+        >>> explain = fxattr.integrated_gradients(f, steps=16)
+        >>> attributions = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+        >>> fast = torch.compile(torch.vmap(explain, in_dims=(None, 0, 0)))
+    """
+    where = "integrated_gradients"
+    check_model(where, f)
+    check_choice(where, "method", method, QUADRATURES)
+    check_int(where, "steps", steps, 2 if method == "riemann_trapezoid" else 1)
+    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    _check_baseline(baseline)
+    alphas, weights = quadrature(method, steps)
+
+    def explain(params, x, target=None):
+        check_target(where, target)
+        base = make_baseline(where, baseline, x)
+        diff = tree_map(torch.sub, x, base)
+        target = fixed_target(f, params, x, target)
+        like = optree.tree_leaves(x, namespace="torch")[0]
+        a = torch.tensor(alphas, dtype=like.dtype, device=like.device)
+        w = torch.tensor(weights, dtype=like.dtype, device=like.device)
+
+        def grad_at(alpha):
+            point = tree_map(lambda b, d: b + alpha * d, base, diff)
+            return grad_of_target(where, f, params, point, target)
+
+        grads = torch.vmap(grad_at, chunk_size=chunk_size)(a)
+        return tree_map(lambda d, g: d * torch.tensordot(w, g, dims=1), diff, grads)
+
+    config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size}
+    return explainer(where, f, config, explain)
