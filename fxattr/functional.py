@@ -30,8 +30,8 @@ class _EvalBatchNormAsElementwise(TorchFunctionMode):
     ``torch.vmap`` has no batching rule for ``aten::_native_batch_norm_legit_no_training`` and
     silently falls back to a per-example loop (1.13-1.23x the floor for a gradient on resnet18,
     20-23x instead of ~15x for 16 IG steps). Two element-wise ops batch perfectly, compile to one
-    fused kernel and have the same derivatives to every order. Training-mode batch norm (batch
-    statistics) is left alone.
+    fused kernel and have the same derivatives to every order. Training-mode batch norm uses batch
+    statistics as usual but never updates the running statistics (the module's buffers).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -43,7 +43,10 @@ class _EvalBatchNormAsElementwise(TorchFunctionMode):
 
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                 momentum=0.1, eps=1e-5):
-    if training or running_mean is None or running_var is None:
+    if training:
+        # Batch statistics, without updating the running ones: those are the module's buffers.
+        return F.batch_norm(input, None, None, weight, bias, True, momentum, eps)
+    if running_mean is None or running_var is None:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     scale = torch.rsqrt(running_var + eps)
     if weight is not None:
@@ -145,8 +148,8 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
     (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``) of tensors. Eval-mode
     batch norm is evaluated element-wise so that ``torch.vmap`` batches it instead of looping.
 
-    ``params`` holds the module's parameters and buffers, detached (they share storage with the
-    module): explanations then build no graph to the weights. Gradients flow to whatever is passed
+    ``params`` holds the module's parameters, detached (sharing storage with the module), and
+    copies of its buffers: explanations then build no graph to the weights. Gradients flow to whatever is passed
     as ``params``: differentiate with ``torch.func.grad`` over ``params``, or pass tensors that
     require grad (``dict(model.named_parameters()) | dict(model.named_buffers())``) to train the
     model through an explanation loss.
@@ -179,5 +182,6 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
                       "dropout; explanations normally want model.eval() (fxattr never switches it)",
                       stacklevel=2)
     params = {name: t.detach() for name, t in model.named_parameters()}
-    params.update({name: t.detach() for name, t in model.named_buffers()})
+    # Buffers are copied: a training-mode module updates some in place (num_batches_tracked).
+    params.update({name: t.detach().clone() for name, t in model.named_buffers()})
     return FunctionalModel(model, output=output, input_shape=input_shape), params

@@ -60,7 +60,7 @@ def select(where: str, output: Tensor, target: Target) -> Tensor:
         return value
     flat = output.reshape(-1)
     if target is None:
-        return flat[flat.detach().argmax()]
+        return _take(flat, flat.detach().argmax())
     if isinstance(target, int):
         if not 0 <= target < flat.shape[0]:
             raise fail(where, f"target {target} is out of range for an output of {flat.shape[0]} "
@@ -69,4 +69,9 @@ def select(where: str, output: Tensor, target: Target) -> Tensor:
     if _is_concrete(target) and not 0 <= int(target) < flat.shape[0]:
         raise fail(where, f"target {int(target)} is out of range for an output of {flat.shape[0]} "
                           f"elements (shape {tuple(output.shape)})")
-    return flat[target.to(flat.device)]
+    return _take(flat, target.to(flat.device))
+
+
+def _take(flat: Tensor, index: Tensor) -> Tensor:
+    # gather, not flat[index]: indexing with a 0-d tensor reads its value, which vmap cannot do.
+    return flat.gather(0, index.reshape(1)).squeeze(0)
