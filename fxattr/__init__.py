@@ -12,6 +12,7 @@ higher-order derivatives) and ``torch.compile``::
 """
 
 from fxattr.errors import FxattrError
+from fxattr.expected import expected_gradients, gradient_shap
 from fxattr.functional import FunctionalModel, functionalize
 from fxattr.gradient import gradient, input, input_x_gradient, random
 from fxattr.integrated import QUADRATURES, integrated_gradients, quadrature
@@ -24,8 +25,10 @@ __all__ = [
     "QUADRATURES",
     "FunctionalModel",
     "FxattrError",
+    "expected_gradients",
     "functionalize",
     "gradient",
+    "gradient_shap",
     "input",
     "input_x_gradient",
     "integrated_gradients",
