@@ -1,0 +1,360 @@
+"""The model's traced graph: tracing a functional model once, and splitting it at a layer.
+
+``trace(f)`` turns the module of a :class:`~fxattr.functional.FunctionalModel` into a *pure*
+``torch.fx.GraphModule`` (module level: ``torch.nn`` modules are leaves, user modules are traced
+through, functional ops appear as nodes; in-place ops are replaced by out-of-place ones).
+``split(f, layer)`` cuts that graph at a layer into ``body(params, x) -> activation`` and
+``head(params, x, activation) -> output``, the two halves every activation-based method needs
+(CAM family, layer attributions), as separate graphs that compose with ``torch.vmap``,
+``torch.func.grad`` and ``torch.compile``.
+
+The traced graph shares the submodules of the user's module and never modifies them: activation
+modules built with ``inplace=True`` are replaced *in the graph* by their functional out-of-place
+equivalent, not switched.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import operator
+import weakref
+from collections.abc import Callable, Mapping
+
+import optree
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fxattr.errors import fail
+from fxattr.functional import FunctionalModel, _EvalBatchNormAsElementwise
+
+__all__ = ["split", "trace"]
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# operator.iadd & co. mutate their first argument; their pure equivalents.
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+    operator.imod: operator.mod, operator.ipow: operator.pow, operator.imatmul: operator.matmul,
+    operator.iand: operator.and_, operator.ior: operator.or_, operator.ixor: operator.xor,
+    operator.ilshift: operator.lshift, operator.irshift: operator.rshift,
+}
+
+
+def _functional_activation(m: nn.Module):
+    """``(function, extra args)`` computing ``m`` out of place, for a module with ``inplace=True``."""
+    table = [
+        (nn.ReLU6, lambda: (F.relu6, ())),
+        (nn.ReLU, lambda: (F.relu, ())),
+        (nn.LeakyReLU, lambda: (F.leaky_relu, (m.negative_slope,))),
+        (nn.Hardtanh, lambda: (F.hardtanh, (m.min_val, m.max_val))),
+        (nn.ELU, lambda: (F.elu, (m.alpha,))),
+        (nn.CELU, lambda: (F.celu, (m.alpha,))),
+        (nn.SELU, lambda: (F.selu, ())),
+        (nn.SiLU, lambda: (F.silu, ())),
+        (nn.Mish, lambda: (F.mish, ())),
+        (nn.Hardswish, lambda: (F.hardswish, ())),
+        (nn.Hardsigmoid, lambda: (F.hardsigmoid, ())),
+        (nn.Threshold, lambda: (F.threshold, (m.threshold, m.value))),
+        (nn.RReLU, lambda: (F.rrelu, (m.lower, m.upper, m.training))),
+        (nn.AlphaDropout, lambda: (F.alpha_dropout, (m.p, m.training))),
+        (nn.FeatureAlphaDropout, lambda: (F.feature_alpha_dropout, (m.p, m.training))),
+        (nn.Dropout1d, lambda: (F.dropout1d, (m.p, m.training))),
+        (nn.Dropout2d, lambda: (F.dropout2d, (m.p, m.training))),
+        (nn.Dropout3d, lambda: (F.dropout3d, (m.p, m.training))),
+        (nn.Dropout, lambda: (F.dropout, (m.p, m.training))),
+    ]
+    for kind, build in table:
+        if type(m) is kind:
+            return build()
+    return None
+
+
+class _Tracer(fx.Tracer):
+    """``symbolic_trace``'s tracer that also records which node each module call returned, so that
+    a layer can be named by the qualified name of a module that is traced through (``layer4``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.module_outputs: dict[str, list] = {}
+
+    def call_module(self, m, forward, args, kwargs):
+        out = super().call_module(m, forward, args, kwargs)
+        name = self.path_of_module(m)
+        node = out.node if isinstance(out, fx.Proxy) else None
+        self.module_outputs.setdefault(name, []).append(node)
+        return out
+
+
+def _purify(gm: fx.GraphModule) -> None:
+    """Rewrites in-place ops of ``gm``'s graph as out-of-place ones (nodes keep their identity and
+    name); later readers of a mutated value are redirected to the op's result."""
+    graph = gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        mutated = None
+        if node.op == "call_function":
+            if node.target in _INPLACE_OPERATORS:
+                node.target = _INPLACE_OPERATORS[node.target]
+                mutated = node.args[0]
+            elif node.target is operator.setitem:
+                raise fail("trace", f"graph node {node.name!r} assigns into a tensor in place "
+                                    "(x[...] = y), which fxattr cannot make pure; write it with "
+                                    "torch.where / torch.cat instead")
+            elif (getattr(node.target, "__module__", None) in (None, "torch", "torch._C._VariableFunctions")
+                  and getattr(node.target, "__name__", "").endswith("_")
+                  and not node.target.__name__.startswith("_")
+                  and hasattr(torch, node.target.__name__[:-1])):
+                node.target = getattr(torch, node.target.__name__[:-1])
+                mutated = node.args[0] if node.args else None
+            else:
+                mutated = _drop_inplace_kwarg(node)
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+            pure = node.target[:-1]
+            if not hasattr(Tensor, pure):
+                raise fail("trace", f"graph node {node.name!r} calls the in-place method "
+                                    f"Tensor.{node.target}, which has no out-of-place equivalent "
+                                    "fxattr knows")
+            node.target = pure
+            mutated = node.args[0]
+        elif node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if getattr(m, "inplace", False) is True:
+                functional = _functional_activation(m)
+                if functional is not None:
+                    fn, extra = functional
+                    node.op, node.target = "call_function", fn
+                    node.args = (node.args[0], *extra)
+                    node.kwargs = {}
+                else:  # an unknown in-place module: an out-of-place shallow copy, owned by gm
+                    pure = copy.copy(m)
+                    pure.inplace = False
+                    name = "_fxattr_pure_" + node.target.replace(".", "_")
+                    gm.add_module(name, pure)
+                    node.target = name
+                mutated = node.args[0]
+        if isinstance(mutated, fx.Node):
+            for user in list(mutated.users):
+                if user is not node and order[user] > order[node]:
+                    user.replace_input_with(mutated, node)
+    graph.lint()
+    gm.recompile()
+
+
+def _drop_inplace_kwarg(node: fx.Node):
+    """``F.relu(x, inplace=True)`` (keyword or positional) -> ``inplace=False``; returns the mutated
+    argument or ``None``."""
+    if node.kwargs.get("inplace") is True:
+        node.kwargs = {**node.kwargs, "inplace": False}
+        return node.args[0] if node.args else None
+    try:
+        signature = inspect.signature(node.target)
+    except (TypeError, ValueError):
+        return None
+    names = list(signature.parameters)
+    if "inplace" in names:
+        i = names.index("inplace")
+        if i < len(node.args) and node.args[i] is True:
+            args = list(node.args)
+            args[i] = False
+            node.args = tuple(args)
+            return node.args[0]
+    return None
+
+
+def trace(f) -> fx.GraphModule:
+    """The pure ``torch.fx`` graph of ``f.module``, traced once and cached on ``f``.
+
+    Module-level symbolic tracing: ``torch.nn`` modules (Conv, Linear, BatchNorm, ReLU, pooling,
+    ...) are leaves (``call_module`` nodes), user modules (e.g. torchvision's ``BasicBlock``) are
+    traced through, and functional ops (``F.relu``, ``+``, ``torch.cat``, ``torch.flatten``,
+    ``x.view``) appear as ``call_function`` / ``call_method`` nodes. In-place ops (``+=``,
+    ``relu_``, ``F.relu(..., inplace=True)``, ``nn.ReLU(inplace=True)``) are replaced by their
+    out-of-place equivalents. The graph module shares the user's submodules and never modifies them.
+
+    Evaluate it with :func:`run` (``torch.func.functional_call`` with a batch axis of 1, element-wise
+    eval batch norm, and ``f.output``), like ``f`` itself.
+
+    Args:
+        f: the function of ``fxattr.functionalize``.
+
+    Returns:
+        The ``torch.fx.GraphModule``; ``gm.meta["module_outputs"]`` maps each called module's
+        qualified name to the names of the nodes its calls returned.
+
+    Example:
+        >>> f, params = fxattr.functionalize(torchvision.models.resnet18().eval())
+        >>> gm = fxattr.graph.trace(f)
+        >>> torch.vmap(lambda x: fxattr.graph.run(f, gm, params, x))(images).shape
+        torch.Size([8, 1000])
+    """
+    if not isinstance(f, FunctionalModel):
+        raise fail("trace", "f must be the function of fxattr.functionalize (a FunctionalModel), "
+                            f"got {type(f).__name__}; graph-based methods need the module to trace")
+    cached = _CACHE.get(f)
+    if cached is not None:
+        return cached
+    module = f.module
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(module)
+    except Exception as error:  # noqa: BLE001 - any tracing failure is reported the same way
+        raise fail("trace", f"torch.fx cannot trace {type(module).__name__}: {type(error).__name__}: "
+                            f"{error}. Graph-based methods need a model torch.fx.symbolic_trace can "
+                            "trace (no Python control flow on tensor values, no data-dependent "
+                            "shapes); wrap untraceable parts in a leaf module or use a "
+                            "gradient-based method") from error
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    _purify(gm)
+    gm.meta["module_outputs"] = {
+        name: [None if node is None else node.name for node in nodes]
+        for name, nodes in tracer.module_outputs.items()
+    }
+    gm.meta["state_names"] = _state_names(gm)
+    _CACHE[f] = gm
+    return gm
+
+
+def _state_names(gm: nn.Module) -> frozenset:
+    names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+    return frozenset(names)
+
+
+def _call(gm: fx.GraphModule, params: Mapping[str, Tensor], args, kwargs):
+    # the graph module holds only the submodules the forward pass uses
+    names = gm.meta.get("state_names")
+    if names is None:
+        names = gm.meta["state_names"] = _state_names(gm)
+    own = {k: v for k, v in params.items() if k in names}
+    with _EvalBatchNormAsElementwise():
+        return torch.func.functional_call(gm, own, args, kwargs)
+
+
+def _batched_args(x, extra=()):
+    batched = optree.tree_map(lambda t: t.unsqueeze(0), x, namespace="torch")
+    extra = tuple(optree.tree_map(lambda t: t.unsqueeze(0), e, namespace="torch") for e in extra)
+    if isinstance(batched, tuple):
+        return extra + batched, {}
+    if isinstance(batched, dict):
+        return extra, batched
+    return extra + (batched,), {}
+
+
+def _unbatch_output(f, out) -> Tensor:
+    if f.output is not None:
+        out = f.output(out)
+    if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != 1:
+        raise fail("trace", "the traced model must return a tensor with a batch axis of size 1 "
+                            "(pass output=callable to functionalize to choose one tensor)")
+    return out[0]
+
+
+def run(f, gm: fx.GraphModule, params: Mapping[str, Tensor], x) -> Tensor:
+    """Evaluates the traced graph ``gm = trace(f)`` like ``f(params, x)`` (one example)."""
+    args, kwargs = _batched_args(x)
+    return _unbatch_output(f, _call(gm, params, args, kwargs))
+
+
+def _find_layer(where: str, gm: fx.GraphModule, layer: str) -> fx.Node:
+    """The node whose value is ``layer``'s activation (a module name or a node name)."""
+    if not isinstance(layer, str):
+        raise fail(where, f"layer must be a module name (e.g. 'layer4') or a graph node name, got "
+                          f"{type(layer).__name__}")
+    outputs = gm.meta["module_outputs"]
+    nodes = {node.name: node for node in gm.graph.nodes}
+    if layer in outputs and layer != "":
+        calls = outputs[layer]
+        if len(calls) > 1:
+            raise fail(where, f"layer {layer!r} is called {len(calls)} times in the forward pass; "
+                              f"name one call by its graph node instead: {', '.join(map(repr, calls))}")
+        if calls[0] is None:
+            raise fail(where, f"layer {layer!r} returns a structure, not one tensor; name a node "
+                              "of the graph instead")
+        return nodes[calls[0]]
+    if layer in nodes and nodes[layer].op not in ("placeholder", "output", "get_attr"):
+        return nodes[layer]
+    modules = [name for name, _ in gm.named_modules() if name and not name.startswith("_fxattr")]
+    candidates = [n for n in outputs if n] + [n for n in modules if n not in outputs]
+    close = difflib.get_close_matches(layer, candidates, n=5, cutoff=0.5)
+    close += [n for n in difflib.get_close_matches(layer, list(nodes), n=3, cutoff=0.6)
+              if n not in close]
+    hint = f"; close matches: {', '.join(map(repr, close))}" if close else ""
+    uncalled = " (it is never called in the forward pass)" if layer in modules else ""
+    raise fail(where, f"layer {layer!r} is not a module or graph node of the model{uncalled}{hint}")
+
+
+def _copy_graph(gm: fx.GraphModule) -> tuple[fx.Graph, dict]:
+    graph = fx.Graph()
+    env: dict = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    return graph, env
+
+
+def _pruned(gm: fx.GraphModule, graph: fx.Graph, name: str) -> fx.GraphModule:
+    """``graph`` without dead code, as a module holding only the submodules it calls."""
+    fx.GraphModule(gm, graph, name)  # dead-code elimination needs an owning module
+    graph.eliminate_dead_code()
+    pruned = fx.GraphModule(gm, graph, name)
+    pruned.meta["state_names"] = _state_names(pruned)
+    return pruned
+
+
+def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
+    """Cuts ``f`` at ``layer`` into ``body(params, x) -> activation`` and
+    ``head(params, x, activation) -> output``.
+
+    ``head(params, x, body(params, x)) == f(params, x)``. Both are separate graphs built from
+    ``trace(f)`` by graph surgery: the layer's node returns from ``body`` and is an input of
+    ``head``; each keeps only the nodes it needs (``head`` recomputes only what it needs and does
+    not depend on the layer, such as a skip connection around it; for resnet18's ``layer4``,
+    nothing). Both take and return ONE example (no batch axis), so they compose with
+    ``torch.vmap``, ``torch.func.grad`` and ``torch.compile``.
+
+    Args:
+        f: the function of ``fxattr.functionalize``.
+        layer: a module's qualified name (``"layer4"``, ``"features.10"``; a module traced through
+            names the value its forward returns), or a graph node name for a module called several
+            times (the error lists them).
+
+    Example:
+        >>> body, head = fxattr.graph.split(f, "layer4")
+        >>> a = torch.vmap(body, in_dims=(None, 0))(params, images)
+        >>> grads = torch.vmap(torch.func.grad(lambda a, x: head(params, x, a)[3]))(a, images)
+    """
+    gm = trace(f)
+    node = _find_layer(where, gm, layer)
+    if node.op == "placeholder":
+        raise fail(where, f"layer {layer!r} is an input of the model, not a layer")
+
+    body_graph, env = _copy_graph(gm)
+    output = next(n for n in body_graph.nodes if n.op == "output")
+    output.args = (env[node],)
+    body_gm = _pruned(gm, body_graph, "Body")
+
+    head_graph, env = _copy_graph(gm)
+    cut = env[node]
+    first = next(iter(head_graph.nodes))
+    with head_graph.inserting_before(first):
+        activation = head_graph.placeholder("activation")
+    cut.replace_all_uses_with(activation)
+    head_graph.erase_node(cut)
+    head_gm = _pruned(gm, head_graph, "Head")
+
+    def body(params, x):
+        args, kwargs = _batched_args(x)
+        out = _call(body_gm, params, args, kwargs)
+        return optree.tree_map(lambda t: t[0], out, namespace="torch")
+
+    def head(params, x, activation):
+        args, kwargs = _batched_args(x, (activation,))
+        return _unbatch_output(f, _call(head_gm, params, args, kwargs))
+
+    body.graph_module, head.graph_module = body_gm, head_gm
+    body.layer = head.layer = node.name
+    return body, head
