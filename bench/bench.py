@@ -1,0 +1,660 @@
+#!/usr/bin/env python
+"""fxattr benchmark: every explainer against the autograd floor and its peer, in ONE process.
+
+For each model (torchvision resnet18 and vgg11 with random weights, and a small CNN; eval mode) and
+each method, the script times, interleaved repeat by repeat so that CPU contention hits all alike:
+
+- the **autograd floor**: what a plain-torch user writes for saliency -- one forward of the batch
+  and one ``torch.autograd.grad`` of the selected logits' sum with respect to the input, with the
+  parameters not requiring grad (fxattr's params are detached too, and a frozen model is the
+  fastest plain-torch version, so this is the strictest floor; the variant with parameters
+  requiring grad, nn.Module's default, is timed once per model as ``floor_params_grad``);
+- the fxattr explainer applied to the batch as ``torch.vmap(explain, in_dims=(None, 0, 0))``,
+  eager, and the same under ``torch.compile`` (compile time excluded from the median and reported
+  separately: the first call's time);
+- the peer implementations (captum, zennit, pytorch-grad-cam, or a plain-torch loop), set up the
+  way their docs show, on the same frozen model copy.
+
+It prints medians over ``--repeats`` and ratios to the floor measured in the same block (and to the
+fastest peer), checks that fxattr and a deterministic peer agree (max relative error), and writes a
+markdown table to ``bench/results/<device>.md``. Methods that fxattr does not have yet are skipped
+with a note. ``--sweep-chunks`` measures integrated gradients' and smoothgrad's ``chunk_size``.
+
+    python bench/bench.py --quick                      # smoke test, small images
+    python bench/bench.py                              # full CPU run (tens of minutes on 2 cores)
+    python bench/bench.py --device cuda --repeats 10   # on a GPU
+    python bench/bench.py --models resnet18 --methods ig --sweep-chunks
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections import OrderedDict
+
+os.environ.setdefault("TQDM_DISABLE", "1")   # ScoreCAM's progress bars
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fxattr  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# --------------------------------------------------------------------------------------- models
+
+LAYERS = {"resnet18": "layer4", "vgg11": "features.20", "small_cnn": "relu3"}
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(3, 16, 3, padding=1)), ("bn1", nn.BatchNorm2d(16)), ("relu1", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(16, 32, 3, padding=1)), ("bn2", nn.BatchNorm2d(32)), ("relu2", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2)),
+        ("conv3", nn.Conv2d(32, 64, 3, padding=1)), ("relu3", nn.ReLU()),
+        ("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(64, 10)),
+    ]))
+
+
+def build_model(name: str) -> nn.Module:
+    import torchvision
+    torch.manual_seed(0)
+    if name == "resnet18":
+        model = torchvision.models.resnet18(weights=None)
+    elif name == "vgg11":
+        model = torchvision.models.vgg11(weights=None)
+    elif name == "small_cnn":
+        model = small_cnn()
+    else:
+        raise SystemExit(f"unknown model {name!r}")
+    # Random but non-trivial batch-norm statistics, so the BN path does real work.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model with requires_grad off (the bench's own copy; fxattr never mutates)."""
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ------------------------------------------------------------------------------------- timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def rel_err(a, b) -> float:
+    a = torch.as_tensor(a).detach().to("cpu", torch.float64)
+    b = torch.as_tensor(b).detach().to("cpu", torch.float64).reshape(a.shape)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def fmt_s(s) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_x(r) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+# ------------------------------------------------------------------------------------ methods
+
+class Ctx:
+    """What a method factory gets: the model, its functional form, the batch and the settings."""
+
+    def __init__(self, name, model, frozen, f, params, x, t, args):
+        self.name, self.model, self.frozen, self.f, self.params = name, model, frozen, f, params
+        self.x, self.t, self.args = x, t, args
+        self.layer_name = LAYERS[name]
+        self.layer = frozen.get_submodule(self.layer_name)
+        self.exit = contextlib.ExitStack()   # peers that hold hooks while they are timed
+
+    def model_copy(self):
+        return frozen_copy(self.model)
+
+
+def captum_saliency(c):
+    from captum.attr import Saliency
+    sal = Saliency(c.frozen)
+    return lambda: sal.attribute(c.x, target=c.t, abs=False)
+
+
+def captum_ig(c):
+    from captum.attr import IntegratedGradients
+    ig = IntegratedGradients(c.frozen)
+    # The same number of rows per forward as fxattr's chunks (steps per chunk x batch), so both
+    # hold about the same memory; captum's default (all steps at once) is 256 rows at batch 8.
+    chunk = c.args.ig_chunk or c.args.steps
+    return lambda: ig.attribute(c.x, target=c.t, n_steps=c.args.steps, method=c.args.ig_method,
+                                internal_batch_size=chunk * c.x.shape[0])
+
+
+def captum_smoothgrad(c):
+    from captum.attr import NoiseTunnel, Saliency
+    nt = NoiseTunnel(Saliency(c.frozen))
+    std = 0.15 * float(c.x.max() - c.x.min())
+    return lambda: nt.attribute(c.x, target=c.t, nt_type="smoothgrad", nt_samples=c.args.samples,
+                                stdevs=std, abs=False)
+
+
+def _zennit(c, composite_name):
+    from zennit import composites
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+    canon = {"resnet18": ResNetCanonizer, "vgg11": VGGCanonizer}.get(c.name, SequentialMergeBatchNorm)()
+    composite = getattr(composites, composite_name)(canonizers=[canon])
+    model = c.model_copy()          # canonizers rewrite the model while attached: keep it private
+    attributor = c.exit.enter_context(Gradient(model=model, composite=composite))
+    out_dim = c.frozen(c.x[:1]).shape[1]
+    one_hot = torch.nn.functional.one_hot(c.t, out_dim).to(c.x.dtype)
+    return lambda: attributor(c.x, one_hot)[1]
+
+
+def zennit_epsilon_plus_flat(c):
+    return _zennit(c, "EpsilonPlusFlat")
+
+
+def zennit_epsilon_alpha2_beta1(c):
+    return _zennit(c, "EpsilonAlpha2Beta1")
+
+
+def captum_layer_gradcam(c):
+    from captum.attr import LayerAttribution, LayerGradCam
+    cam = LayerGradCam(c.frozen, c.layer)
+    size = tuple(c.x.shape[-2:])
+    return lambda: LayerAttribution.interpolate(cam.attribute(c.x, target=c.t, relu_attributions=True),
+                                                size, "bilinear")
+
+
+def _pytorch_grad_cam(c, cls, **attrs):
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    # pytorch-grad-cam calls loss.backward() on the output and needs parameters that require grad
+    # (it does not make the input require grad): its documented set-up, weight gradients included.
+    model = copy.deepcopy(c.model)
+    cam = cls(model=model, target_layers=[model.get_submodule(c.layer_name)])
+    for k, v in attrs.items():
+        setattr(cam, k, v)
+    c.exit.callback(cam.activations_and_grads.release)
+    targets = [ClassifierOutputTarget(int(i)) for i in c.t]
+    return lambda: cam(input_tensor=c.x, targets=targets)
+
+
+def gradcam_lib_gradcam(c):
+    from pytorch_grad_cam import GradCAM
+    return _pytorch_grad_cam(c, GradCAM)
+
+
+def gradcam_lib_scorecam(c):
+    from pytorch_grad_cam import ScoreCAM
+    return _pytorch_grad_cam(c, ScoreCAM, batch_size=c.args.mask_chunk)
+
+
+def captum_deeplift(c):
+    from captum.attr import DeepLift
+    dl = DeepLift(c.model_copy())
+    return lambda: dl.attribute(c.x, target=c.t, baselines=0.0)
+
+
+def occlusion_geometry(c):
+    size = c.x.shape[-1]
+    window = max(1, size // 4) if c.args.occlusion_window is None else c.args.occlusion_window
+    stride = window if c.args.occlusion_stride is None else c.args.occlusion_stride
+    return window, stride
+
+
+def captum_occlusion(c):
+    from captum.attr import Occlusion
+    occ = Occlusion(c.frozen)
+    w, s = occlusion_geometry(c)
+    return lambda: occ.attribute(c.x, target=c.t, sliding_window_shapes=(c.x.shape[1], w, w),
+                                 strides=(c.x.shape[1], s, s), baselines=0.0,
+                                 perturbations_per_eval=c.args.mask_chunk)
+
+
+def rise_masks(c):
+    """RISE masks as in Petsiuk et al.: random binary cells, upsampled bilinearly, random shift."""
+    g = torch.Generator().manual_seed(0)
+    n, cell, p = c.args.rise_masks, 7, 0.5
+    h, w = c.x.shape[-2:]
+    ch, cw = -(-h // cell), -(-w // cell)
+    grid = (torch.rand(n, 1, cell, cell, generator=g) >= p).to(c.x.dtype)
+    up = torch.nn.functional.interpolate(grid, size=((cell + 1) * ch, (cell + 1) * cw),
+                                         mode="bilinear", align_corners=False)
+    dx = torch.randint(0, ch, (n,), generator=g)
+    dy = torch.randint(0, cw, (n,), generator=g)
+    masks = torch.stack([up[i, 0, dx[i]:dx[i] + h, dy[i]:dy[i] + w] for i in range(n)])
+    return masks.to(c.x.device)  # (n, h, w)
+
+
+def torch_rise(c):
+    """The reference RISE loop (Petsiuk et al.'s code): masked batches through the model."""
+    masks = rise_masks(c)
+    n, chunk = masks.shape[0], c.args.mask_chunk
+
+    @torch.no_grad()
+    def run():
+        out = []
+        for xi, ti in zip(c.x, c.t):
+            sal = torch.zeros(masks.shape[1:], dtype=c.x.dtype, device=c.x.device)
+            for i in range(0, n, chunk):
+                m = masks[i:i + chunk]
+                p = c.frozen(xi[None] * m[:, None])[:, ti]
+                sal += torch.tensordot(p, m, dims=1)
+            out.append(sal / n / 0.5)
+        return torch.stack(out)
+    return run
+
+
+def fx_gradient(c):
+    return fxattr.gradient(c.f)
+
+
+def fx_ig(c, chunk=None):
+    chunk = c.args.ig_chunk if chunk is None else chunk
+    return fxattr.integrated_gradients(c.f, steps=c.args.steps, method=c.args.ig_method,
+                                       chunk_size=None if chunk == 0 else chunk)
+
+
+def fx_smoothgrad(c, chunk=None):
+    chunk = c.args.sg_chunk if chunk is None else chunk
+    std = 0.15 * float(c.x.max() - c.x.min())  # captum's stdevs is absolute: the same noise level
+    return fxattr.smoothgrad(c.f, samples=c.args.samples, sigma=std, relative=False,
+                             chunk_size=None if chunk == 0 else chunk)
+
+
+def fx_lrp_epf(c):
+    return fxattr.lrp(c.f, composite="epsilon_plus_flat")
+
+
+def fx_lrp_a2b1(c):
+    try:
+        return fxattr.lrp(c.f, composite="epsilon_alpha2_beta1")
+    except (ValueError, TypeError):
+        return fxattr.lrp(c.f, rule="alpha_2_beta_1")
+
+
+def fx_gradcam(c):
+    return fxattr.gradcam(c.f, layer=c.layer_name)
+
+
+def fx_deeplift(c):
+    return fxattr.deeplift(c.f)
+
+
+def fx_occlusion(c):
+    w, s = occlusion_geometry(c)
+    return fxattr.occlusion(c.f, window=w, stride=s)
+
+
+def fx_rise(c):
+    return fxattr.rise(c.f, masks=rise_masks(c))
+
+
+def fx_scorecam(c):
+    return fxattr.scorecam(c.f, layer=c.layer_name)
+
+
+# name: (fxattr attribute it needs, fxattr factory, vmap randomness, [(peer name, factory)],
+#        whether fxattr and the first peer compute the same numbers, target ratio to the floor)
+METHODS = OrderedDict([
+    ("gradient", ("gradient", fx_gradient, "error", [("captum Saliency", captum_saliency)], True, 1.05)),
+    ("ig", ("integrated_gradients", fx_ig, "error", [("captum IntegratedGradients", captum_ig)], True, "steps")),
+    ("smoothgrad", ("smoothgrad", fx_smoothgrad, "different",
+                    [("captum NoiseTunnel(Saliency)", captum_smoothgrad)], False, "samples")),
+    ("lrp_epsilon_plus_flat", ("lrp", fx_lrp_epf, "error",
+                               [("zennit EpsilonPlusFlat", zennit_epsilon_plus_flat)], False, 2.0)),
+    ("lrp_epsilon_alpha2_beta1", ("lrp", fx_lrp_a2b1, "error",
+                                  [("zennit EpsilonAlpha2Beta1", zennit_epsilon_alpha2_beta1)], False, 2.0)),
+    ("gradcam", ("gradcam", fx_gradcam, "error", [("captum LayerGradCam", captum_layer_gradcam),
+                                                  ("pytorch-grad-cam GradCAM", gradcam_lib_gradcam)], False, 1.1)),
+    ("deeplift", ("deeplift", fx_deeplift, "error", [("captum DeepLift", captum_deeplift)], False, None)),
+    ("occlusion", ("occlusion", fx_occlusion, "error", [("captum Occlusion", captum_occlusion)], False, None)),
+    ("rise", ("rise", fx_rise, "error", [("torch loop (RISE reference)", torch_rise)], False, None)),
+    ("scorecam", ("scorecam", fx_scorecam, "error", [("pytorch-grad-cam ScoreCAM", gradcam_lib_scorecam)],
+                  False, None)),
+])
+
+
+# ------------------------------------------------------------------------------------ running
+
+class Collector:
+    """Catches vmap's 'performance drop' fallback warnings and names the ops."""
+
+    def __init__(self):
+        self.ops = set()
+
+    @contextlib.contextmanager
+    def watch(self):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            msg = str(w.message)
+            if "performance drop" in msg and "batching rule" in msg:
+                op = msg.split("for ")[1].split(".")[0] if "for " in msg else msg[:60]
+                self.ops.add(op.strip())
+
+
+def compile_fn(fn, fullgraph=True):
+    return torch.compile(fn, fullgraph=fullgraph)
+
+
+def run_block(rows, model_name, method, c, floor, args, device):
+    attr, fx_factory, randomness, peers, same_numbers, target = METHODS[method]
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{stamp}] {model_name} / {method}", flush=True)
+    impls = OrderedDict()   # label -> callable
+    notes = {}
+    compile_s = {}
+    outputs = {}
+    fallbacks = Collector()
+    if hasattr(fxattr, attr):
+        try:
+            explain = fx_factory(c)
+            batched = torch.vmap(explain, in_dims=(None, 0, 0), randomness=randomness)
+            with fallbacks.watch():
+                _, outputs["fxattr eager"] = timed(lambda: batched(c.params, c.x, c.t), device)
+            impls["fxattr eager"] = lambda: batched(c.params, c.x, c.t)
+            if fallbacks.ops:
+                notes["fxattr eager"] = "vmap fallback: " + ", ".join(sorted(fallbacks.ops))
+        except Exception as error:  # noqa: BLE001 - reported in the table
+            notes["fxattr eager"] = f"error: {type(error).__name__}: {str(error)[:160]}"
+            traceback.print_exc()
+        if "fxattr eager" in impls and not args.no_compile:
+            torch._dynamo.reset()
+            for fullgraph in (True, False):
+                try:
+                    comp = compile_fn(batched, fullgraph=fullgraph)
+                    seconds, outputs["fxattr compiled"] = timed(lambda: comp(c.params, c.x, c.t), device)
+                    impls["fxattr compiled"] = lambda: comp(c.params, c.x, c.t)
+                    compile_s["fxattr compiled"] = seconds
+                    if not fullgraph:
+                        notes["fxattr compiled"] = "fullgraph=False (graph breaks)"
+                    break
+                except Exception as error:  # noqa: BLE001
+                    notes["fxattr compiled"] = f"error: {type(error).__name__}: {str(error)[:160]}"
+                    if fullgraph:
+                        print(f"  fullgraph compile failed ({type(error).__name__}); retrying fullgraph=False")
+                    else:
+                        traceback.print_exc()
+    else:
+        notes["fxattr eager"] = f"skipped: fxattr.{attr} does not exist yet"
+        print(f"  {notes['fxattr eager']}")
+    for label, factory in peers:
+        try:
+            fn = factory(c)
+            _, outputs[label] = timed(fn, device)   # warm-up (and the agreement check)
+            impls[label] = fn
+        except Exception as error:  # noqa: BLE001
+            notes[label] = f"error: {type(error).__name__}: {str(error)[:160]}"
+            print(f"  {label}: {notes[label]}")
+    if "fxattr compiled" in outputs and "fxattr eager" in outputs:
+        err = rel_err(outputs["fxattr compiled"], outputs["fxattr eager"])
+        if err > 1e-3 and randomness == "error":
+            notes["fxattr compiled"] = (notes.get("fxattr compiled", "") + f" MISMATCH vs eager {err:.1e}").strip()
+    check = None
+    if same_numbers and peers and "fxattr eager" in outputs and peers[0][0] in outputs:
+        check = rel_err(outputs["fxattr eager"], outputs[peers[0][0]])
+    outputs.clear()
+    times = {label: [] for label in impls}
+    floors = []
+    if impls:
+        for _ in range(args.repeats):
+            floors.append(timed(floor, device)[0])
+            for label, fn in impls.items():
+                times[label].append(timed(fn, device)[0])
+                if args.verbose:
+                    print(f"    {label}: {fmt_s(times[label][-1])}", flush=True)
+    c.exit.close()
+    floor_med = statistics.median(floors) if floors else None
+    peer_meds = [statistics.median(times[p]) for p, _ in peers if p in times]
+    best_peer = min(peer_meds) if peer_meds else None
+    if isinstance(target, str):
+        target = float(getattr(args, target))
+    for label in ["fxattr eager", "fxattr compiled"] + [p for p, _ in peers]:
+        if label not in impls and label not in notes:
+            continue
+        med = statistics.median(times[label]) if label in times else None
+        is_fx = label.startswith("fxattr")
+        row = {
+            "model": model_name, "method": method, "impl": label, "median": med, "floor": floor_med,
+            "x_floor": None if med is None or not floor_med else med / floor_med,
+            "x_peer": None if med is None or not best_peer or not is_fx else med / best_peer,
+            "compile": compile_s.get(label), "target": target if is_fx else None,
+            "check": check if label == "fxattr eager" else None, "note": notes.get(label, ""),
+            "spread": None if med is None else (min(times[label]), max(times[label])),
+        }
+        rows.append(row)
+        print(f"  {label:<30} {fmt_s(med):>10}  {fmt_x(row['x_floor']):>8} floor"
+              f"  {fmt_x(row['x_peer']):>7} peer  compile {fmt_s(row['compile']):>9}  {row['note']}",
+              flush=True)
+    if floor_med:
+        print(f"  {'(floor in this block)':<30} {fmt_s(floor_med):>10}")
+    if check is not None:
+        print(f"  fxattr vs {peers[0][0]}: max rel err {check:.1e}")
+    gc.collect()
+
+
+def sweep_chunks(sweep_rows, model_name, c, floor, args, device):
+    """Times IG and smoothgrad for several chunk sizes, interleaved with the floor."""
+    variants = []
+    for chunk in args.ig_chunks:
+        variants.append((f"ig steps={args.steps} chunk={chunk or 'all'}", fx_ig(c, chunk), "error"))
+    for chunk in args.sg_chunks:
+        variants.append((f"smoothgrad samples={args.samples} chunk={chunk or 'all'}",
+                         fx_smoothgrad(c, chunk), "different"))
+    fns = OrderedDict()
+    for label, explain, randomness in variants:
+        batched = torch.vmap(explain, in_dims=(None, 0, 0), randomness=randomness)
+        fns[label] = (lambda b=batched: b(c.params, c.x, c.t))
+        timed(fns[label], device)   # warm-up
+        if args.sweep_compiled and not args.no_compile:
+            torch._dynamo.reset()
+            comp = compile_fn(batched, fullgraph=False)
+            fn = (lambda b=comp: b(c.params, c.x, c.t))
+            timed(fn, device)
+            fns[label + " compiled"] = fn
+    times = {label: [] for label in fns}
+    floors = []
+    print(f"[{time.strftime('%H:%M:%S')}] {model_name} / chunk sweep", flush=True)
+    for _ in range(args.repeats):
+        for label, fn in fns.items():
+            floors.append(timed(floor, device)[0])
+            times[label].append(timed(fn, device)[0])
+    floor_med = statistics.median(floors)
+    for label in fns:
+        med = statistics.median(times[label])
+        sweep_rows.append({"model": model_name, "variant": label, "median": med, "x_floor": med / floor_med})
+        print(f"  {label:<40} {fmt_s(med):>10}  {med / floor_med:6.2f}x floor", flush=True)
+    print(f"  {'(floor)':<40} {fmt_s(floor_med):>10}")
+
+
+# ------------------------------------------------------------------------------------ report
+
+def ok_mark(row) -> str:
+    t = row["target"]
+    if t is None or row["x_floor"] is None:
+        return ""
+    return " ok" if row["x_floor"] <= t else " MISS"
+
+
+def markdown(rows, sweep_rows, extra, args, device) -> str:
+    lines = [f"# fxattr benchmark on {device.type}", ""]
+    lines.append(f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}; torch {torch.__version__}; "
+                 f"fxattr {fxattr.__version__}; python {platform.python_version()}; "
+                 f"{platform.machine()} {torch.get_num_threads()} threads"
+                 + (f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    lines.append(f"- batch {args.batch}, input 3x{args.size}x{args.size}, float32, eval mode, random weights; "
+                 f"medians over {args.repeats} interleaved repeats; IG {args.steps} steps ({args.ig_method}, "
+                 f"fxattr chunk_size={args.ig_chunk or 'None'}, captum internal_batch_size=chunk x batch); "
+                 f"smoothgrad {args.samples} samples (fxattr chunk_size={args.sg_chunk or 'None'})")
+    lines.append("- floor = one forward + one torch.autograd.grad of the selected logits' sum w.r.t. the "
+                 "input, parameters frozen, timed inside each block; x floor = median / that block's floor "
+                 "median; x peer = median / fastest peer's median; compile = first call of the compiled "
+                 "function (tracing + compiling + one run), excluded from the median")
+    for line in extra:
+        lines.append(f"- {line}")
+    lines += ["", "| model | method | implementation | median | x floor | target | x peer | compile | note |",
+              "|---|---|---|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        target = "" if r["target"] is None else f"<= {r['target']:g}x{ok_mark(r)}"
+        note = r["note"]
+        if r["check"] is not None:
+            note = (note + f" agrees with peer to {r['check']:.0e}").strip()
+        lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {fmt_s(r['median'])} | "
+                     f"{fmt_x(r['x_floor'])} | {target} | {fmt_x(r['x_peer'])} | {fmt_s(r['compile'])} | "
+                     f"{note.replace('|', '/')} |")
+    if sweep_rows:
+        lines += ["", "## chunk_size sweep (eager unless marked)", "",
+                  "| model | variant | median | x floor |", "|---|---|---:|---:|"]
+        for r in sweep_rows:
+            lines.append(f"| {r['model']} | {r['variant']} | {fmt_s(r['median'])} | {r['x_floor']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="resnet18,vgg11,small_cnn")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when present)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=32, help="IG steps")
+    p.add_argument("--ig-method", default="gausslegendre")
+    p.add_argument("--ig-chunk", type=int, default=8, help="fxattr IG chunk_size (0 = None, all steps)")
+    p.add_argument("--samples", type=int, default=16, help="smoothgrad samples")
+    p.add_argument("--sg-chunk", type=int, default=0, help="fxattr smoothgrad chunk_size (0 = None)")
+    p.add_argument("--occlusion-window", type=int, default=None, help="default size/4")
+    p.add_argument("--occlusion-stride", type=int, default=None, help="default = window")
+    p.add_argument("--rise-masks", type=int, default=256)
+    p.add_argument("--mask-chunk", type=int, default=16,
+                   help="masks/windows per forward for the perturbation peers")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small images, batch 2, 2 repeats: a smoke test")
+    p.add_argument("--sweep-chunks", action="store_true", help="also sweep IG / smoothgrad chunk_size")
+    p.add_argument("--sweep-only", action="store_true", help="only the chunk sweep")
+    p.add_argument("--sweep-compiled", action="store_true", help="sweep compiled variants too")
+    p.add_argument("--ig-chunks", default="0,2,4,8,16")
+    p.add_argument("--sg-chunks", default="0,4,8")
+    p.add_argument("--out", default=None, help="markdown path (default bench/results/<device>.md)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size = min(args.size, 64)
+        args.batch = min(args.batch, 2)
+        args.repeats = min(args.repeats, 2)
+    args.ig_chunks = [int(v) for v in args.ig_chunks.split(",")]
+    args.sg_chunks = [int(v) for v in args.sg_chunks.split(",")]
+    args.sweep_chunks = args.sweep_chunks or args.sweep_only
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    torch._dynamo.config.cache_size_limit = 64
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
+    # vmap's "performance drop ... batching rule" warnings name the ops that fall back to a loop.
+    for name in ("_set_vmap_fallback_warning_enabled", "_set_vmap_fallback_warn_enabled"):
+        if hasattr(torch._C._functorch, name):
+            getattr(torch._C._functorch, name)(True)
+            break
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    rows, sweep_rows, extra = [], [], []
+    out_path = args.out or os.path.join(HERE, "results", f"{device.type}{'-quick' if args.quick else ''}.md")
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+          f"batch {args.batch}, size {args.size}, repeats {args.repeats}", flush=True)
+    for model_name in args.models.split(","):
+        model = build_model(model_name).to(device)
+        frozen = frozen_copy(model)
+        f, params = fxattr.functionalize(model, input_shape=(3, args.size, args.size))
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device)
+        with torch.no_grad():
+            t = frozen(x).argmax(1)
+        # Different targets per example so that a per-example target matters.
+        t = (t + torch.arange(args.batch, device=device)) % frozen(x[:1]).shape[1]
+
+        def floor(model=frozen, x=x, t=t):
+            xr = x.detach().requires_grad_(True)
+            out = model(xr)
+            return torch.autograd.grad(out.gather(1, t[:, None]).sum(), xr)[0]
+
+        def floor_params_grad(model=model, x=x, t=t):
+            xr = x.detach().requires_grad_(True)
+            out = model(xr)
+            return torch.autograd.grad(out.gather(1, t[:, None]).sum(), xr)[0]
+
+        timed(floor, device)
+        timed(floor_params_grad, device)
+        a, b = [], []
+        for _ in range(args.repeats):
+            a.append(timed(floor, device)[0])
+            b.append(timed(floor_params_grad, device)[0])
+        extra.append(f"{model_name}: floor {fmt_s(statistics.median(a))} (parameters frozen), "
+                     f"{fmt_s(statistics.median(b))} with parameters requiring grad")
+        print(f"{model_name}: floor {fmt_s(statistics.median(a))}, params requiring grad "
+              f"{fmt_s(statistics.median(b))}", flush=True)
+        c = Ctx(model_name, model, frozen, f, params, x, t, args)
+        if not args.sweep_only:
+            for method in methods:
+                try:
+                    run_block(rows, model_name, method, c, floor, args, device)
+                except Exception:  # noqa: BLE001 - keep the other rows
+                    traceback.print_exc()
+                with open(out_path, "w") as fh:
+                    fh.write(markdown(rows, sweep_rows, extra, args, device))
+        if args.sweep_chunks:
+            sweep_chunks(sweep_rows, model_name, c, floor, args, device)
+        with open(out_path, "w") as fh:
+            fh.write(markdown(rows, sweep_rows, extra, args, device))
+        del c, model, frozen, f, params
+        torch._dynamo.reset()
+        gc.collect()
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
