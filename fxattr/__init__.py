@@ -16,6 +16,7 @@ from fxattr.expected import expected_gradients, gradient_shap
 from fxattr.functional import FunctionalModel, functionalize
 from fxattr.gradient import gradient, input, input_x_gradient, random
 from fxattr.integrated import QUADRATURES, integrated_gradients, quadrature
+from fxattr.lrp import deconvnet, deep_taylor, deep_taylor_bounded, guided_backprop, lrp
 from fxattr.noise import noise_tunnel, smoothgrad, smoothgrad_sq, vargrad
 from fxattr.perturbation import feature_ablation, occlusion, rise, rise_masks
 from fxattr.targets import select
@@ -26,14 +27,19 @@ __all__ = [
     "QUADRATURES",
     "FunctionalModel",
     "FxattrError",
+    "deconvnet",
+    "deep_taylor",
+    "deep_taylor_bounded",
     "expected_gradients",
     "feature_ablation",
     "functionalize",
     "gradient",
     "gradient_shap",
+    "guided_backprop",
     "input",
     "input_x_gradient",
     "integrated_gradients",
+    "lrp",
     "noise_tunnel",
     "occlusion",
     "quadrature",

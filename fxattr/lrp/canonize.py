@@ -1,0 +1,37 @@
+"""Canonization: folding eval-mode batch norm into the kernel layer before it, purely.
+
+LRP rules are defined for linear layers ``z = W x + b``. An eval batch norm right after a
+convolution or dense layer is an affine map per output channel, ``bn(z) = z * s + t`` with
+``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``, so the pair is ONE linear layer with
+``W' = s W`` (scaled per output channel) and ``b' = s b + t`` (zennit's MergeBatchNorm canonizer).
+fxattr computes ``W'`` and ``b'`` as new tensors from ``params`` at explain time: the module is
+never touched, and derivatives w.r.t. the batch-norm parameters flow through the fold.
+
+A batch norm that does not directly follow a kernel layer whose output it alone reads (DenseNet's
+``norm1`` after a concatenation) is left alone and treated as a linear layer of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def batch_norm_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                      eps: float) -> tuple[Tensor, Tensor]:
+    """``(s, t)`` with ``batch_norm(z) = z * s + t`` per channel (eval mode)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def fold(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernel layer ``(weight, bias)`` followed by ``z * scale + shift`` on its output channels
+    (axis 0 of ``weight``), as one layer ``(scale * weight, scale * bias + shift)``."""
+    folded_weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    folded_bias = shift if bias is None else bias * scale + shift
+    return folded_weight, folded_bias

@@ -1,0 +1,387 @@
+"""LRP rules as data: how one linear layer passes relevance from its output to its input.
+
+A rule is a :class:`Rule`: a name, the parameter modifier, input modifier and stabiliser that define
+it, and its ``reverse(layer, params, x, z, relevance) -> relevance at x``, a pure function written with
+plain torch ops. ``layer`` is a :class:`Layer`: the layer as a function ``forward(x, params)`` and its
+transpose ``transpose(s, params, x) = W^T s`` (the vector-Jacobian product of ``forward`` w.r.t. its
+input, i.e. the "gradient trick" of LRP: ``R_in = x * W^T (R_out / z)``), so one rule serves Linear,
+Conv1d/2d/3d and (unfolded) batch norm alike. ``params`` holds ``weight`` and ``bias`` (``None`` when
+the layer has none), ``x`` is the layer's input and ``z = forward(x, params)`` its output from the
+forward pass (reused, never recomputed, where the rule does not modify the layer).
+
+Notation in the docstrings: ``W+ = max(W, 0)``, ``W- = min(W, 0)``, likewise ``x+``, ``x-``, ``b+``,
+``b-``; ``R`` the relevance of the layer's output; products and quotients are element-wise except
+``W x`` (the layer) and ``W^T s`` (its transpose).
+
+Conventions (iNNvestigate's unless said otherwise; see each rule):
+
+- stabilisers: ``safe(eps)`` replaces exact zeros of the denominator by ``eps`` (iNNvestigate's
+  ``SafeDivide``, eps = 1e-7); ``signed(eps)`` adds ``eps * sign(z)`` with ``sign(0) = +1``
+  (iNNvestigate's epsilon rule, and zennit's stabiliser with eps = 1e-6);
+- ``alpha_beta`` with bias puts the whole bias in both the activator and the inhibitor denominator
+  (iNNvestigate); ``bias="split"`` puts ``b+`` in the activator and ``b-`` in the inhibitor (zennit);
+- ``w_square`` and ``flat`` ignore the bias (``w_square(bias=True)`` adds ``b^2``, as zennit does);
+- ``z_plus`` is ``alpha_beta(1, 0, bias=False)``; ``z_plus_fast`` applies ``W+`` to the raw input.
+
+Example:
+    >>> from fxattr.lrp import rules
+    >>> composite = fxattr.lrp.Composite(kinds={"conv": rules.gamma(0.25), "linear": rules.epsilon(0.1)})
+    >>> explain = fxattr.lrp(f, composite=composite)
+    >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from numbers import Real
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from fxattr.errors import fail
+
+__all__ = [
+    "Layer", "Rule", "alpha_beta", "epsilon", "flat", "gamma", "gradient", "norm", "pass_", "safe",
+    "signed", "w_square", "z", "z_plus", "z_plus_fast", "zb",
+]
+
+Stabiliser = Callable[[Tensor], Tensor]
+Params = Mapping[str, Optional[Tensor]]
+
+
+class Layer(NamedTuple):
+    """A linear layer as the rules see it.
+
+    Attributes:
+        kind: ``"conv"``, ``"linear"`` or ``"batchnorm"`` (an unfolded eval batch norm,
+            ``x * weight + bias`` per channel).
+        forward: ``forward(x, params) -> z``; ``params`` holds ``weight`` and ``bias`` (or ``None``).
+        transpose: ``transpose(s, params, x) -> W^T s``, the vector-Jacobian product of ``forward``
+            w.r.t. its input (``x`` only gives the shape).
+        bias: ``bias(b, z) -> b`` broadcast against the output ``z``.
+        nonnegative_input: ``True`` when the input is known to be ``>= 0`` (it comes from a ReLU),
+            so rules may skip their ``x-`` terms (they are exactly zero).
+    """
+
+    kind: str
+    forward: Callable[[Tensor, Params], Tensor]
+    transpose: Callable[[Tensor, Params, Tensor], Tensor]
+    bias: Callable[[Tensor, Tensor], Tensor]
+    nonnegative_input: bool = False
+
+
+class Rule(NamedTuple):
+    """One LRP rule (build it with the constructors of this module, or write your own).
+
+    Attributes:
+        name: the rule's name (``"epsilon"``, ...), used in error messages and reprs.
+        reverse: ``reverse(layer, params, x, z, relevance) -> relevance of x`` (see the module doc).
+        stabilise: the denominator's stabiliser ``z -> z'``; parameter-free linear layers
+            (average pooling, additions) under this rule use ``R_i = a_i * d z/d a_i (R / stabilise(z))``.
+        params: the parameter modifier ``params -> params`` that defines the rule (or ``None``).
+        input: the input modifier ``x -> x'`` that defines the rule (or ``None``).
+        config: the rule's settings, as ``(name, value)`` pairs.
+    """
+
+    name: str
+    reverse: Callable[..., Tensor]
+    stabilise: Optional[Stabiliser] = None
+    params: Optional[Callable[[Params], Params]] = None
+    input: Optional[Callable[[Tensor], Tensor]] = None
+    config: tuple = ()
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config)
+        return f"rules.{self.name}({settings})"
+
+
+# --- stabilisers -------------------------------------------------------------------------------
+
+def signed(epsilon: float) -> Stabiliser:
+    """``z -> z + epsilon * sign(z)`` with ``sign(0) = +1`` (the epsilon rule's stabiliser)."""
+    def stabilise(z: Tensor) -> Tensor:
+        return z + epsilon * (2 * (z >= 0).to(z) - 1)
+    stabilise.epsilon = epsilon
+    stabilise.__qualname__ = f"signed({epsilon!r})"
+    return stabilise
+
+
+def safe(epsilon: float = 1e-7) -> Stabiliser:
+    """``z -> z + epsilon * (z == 0)``: only exact zeros are replaced (iNNvestigate's SafeDivide)."""
+    def stabilise(z: Tensor) -> Tensor:
+        return z + epsilon * (z == 0).to(z)
+    stabilise.epsilon = epsilon
+    stabilise.__qualname__ = f"safe({epsilon!r})"
+    return stabilise
+
+
+def _stabiliser(where: str, value) -> Stabiliser:
+    if callable(value):
+        return value
+    if isinstance(value, Real) and not isinstance(value, bool) and value >= 0:
+        return signed(float(value))
+    raise fail(where, f"stabiliser must be a number >= 0 or a callable z -> z', got {value!r}")
+
+
+def _number(where: str, name: str, value, minimum: float | None = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise fail(where, f"{name} must be a number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise fail(where, f"{name} must be >= {minimum}, got {value!r}")
+    return float(value)
+
+
+# --- parameter helpers -------------------------------------------------------------------------
+
+def _with(params: Params, weight: Tensor, bias: Tensor | None) -> dict:
+    out = dict(params)
+    out["weight"], out["bias"] = weight, bias
+    return out
+
+
+def _bias(params: Params) -> Tensor | None:
+    return params.get("bias")
+
+
+def _positive(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _negative(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+def _no_bias_output(layer: Layer, params: Params, z: Tensor) -> Tensor:
+    b = _bias(params)
+    return z if b is None else z - layer.bias(b, z)
+
+
+# --- rules -------------------------------------------------------------------------------------
+
+def z(*, bias: bool = True, stabiliser=None) -> Rule:
+    """LRP-0: ``R_x = x * W^T (R / z)`` with ``z = W x + b`` (``bias=False``: ``z = W x``, the ``_IB``
+    variant). Default stabiliser ``safe(1e-7)`` (iNNvestigate's SafeDivide)."""
+    stabilise = safe() if stabiliser is None else _stabiliser("lrp.rules.z", stabiliser)
+
+    def reverse(layer, params, x, out, relevance):
+        denominator = out if bias else _no_bias_output(layer, params, out)
+        return x * layer.transpose(relevance / stabilise(denominator), params, x)
+
+    return Rule("z" if bias else "z_IB", reverse, stabilise, config=(("bias", bias),))
+
+
+def epsilon(epsilon: float = 1e-7, *, bias: bool = True) -> Rule:
+    """LRP-epsilon: ``R_x = x * W^T (R / (z + epsilon * sign(z)))``, ``sign(0) = +1``, ``z = W x + b``
+    (``bias=False``: ``z = W x``). Default ``epsilon = 1e-7`` (iNNvestigate; zennit's is 1e-6)."""
+    eps = _number("lrp.rules.epsilon", "epsilon", epsilon)
+    stabilise = signed(eps)
+
+    def reverse(layer, params, x, out, relevance):
+        denominator = out if bias else _no_bias_output(layer, params, out)
+        return x * layer.transpose(relevance / stabilise(denominator), params, x)
+
+    return Rule("epsilon" if bias else "epsilon_IB", reverse, stabilise,
+                config=(("epsilon", eps), ("bias", bias)))
+
+
+def norm(stabiliser=1e-6) -> Rule:
+    """zennit's Norm: the z rule with zennit's stabiliser, ``R_x = x * W^T (R / (z + 1e-6 sign(z)))``;
+    meant for parameter-free layers (average pooling, additions)."""
+    stabilise = _stabiliser("lrp.rules.norm", stabiliser)
+
+    def reverse(layer, params, x, out, relevance):
+        return x * layer.transpose(relevance / stabilise(out), params, x)
+
+    return Rule("norm", reverse, stabilise)
+
+
+def gamma(gamma: float = 0.25, *, stabiliser=1e-6) -> Rule:
+    """zennit's generalised gamma rule (sign-aware for signed inputs; Montavon et al. 2019 for x >= 0).
+
+    With ``W^g+ = W + gamma W+`` and ``W^g- = W + gamma W-``:
+    where the output ``z > 0``: ``z' = W^g+ x+ + W^g- x- + b + gamma b+``,
+    ``R_x = x+ * (W^g+)^T s + x- * (W^g-)^T s`` with ``s = R / stabilise(z')``;
+    where ``z < 0``: ``z' = W^g- x+ + W^g+ x- + b + gamma b-``,
+    ``R_x = x+ * (W^g-)^T s + x- * (W^g+)^T s``. Default stabiliser ``signed(1e-6)`` (zennit).
+    """
+    g = _number("lrp.rules.gamma", "gamma", gamma)
+    stabilise = _stabiliser("lrp.rules.gamma", stabiliser)
+
+    def reverse(layer, params, x, out, relevance):
+        weight, b = params["weight"], _bias(params)
+        w_up = weight + g * weight.clamp(min=0)
+        w_down = weight + g * weight.clamp(max=0)
+        b_up = None if b is None else b + g * b.clamp(min=0)
+        b_down = None if b is None else b + g * b.clamp(max=0)
+        p_up, p_down = _with(params, w_up, b_up), _with(params, w_down, b_down)
+        p_up_nb, p_down_nb = _with(params, w_up, None), _with(params, w_down, None)
+        xp = x.clamp(min=0)
+        positive, negative = (out > 0).to(out), (out < 0).to(out)
+        if layer.nonnegative_input:
+            s_pos = positive * relevance / stabilise(layer.forward(xp, p_up))
+            s_neg = negative * relevance / stabilise(layer.forward(xp, p_down))
+            return xp * (layer.transpose(s_pos, p_up, x) + layer.transpose(s_neg, p_down, x))
+        xn = x.clamp(max=0)
+        s_pos = positive * relevance / stabilise(layer.forward(xp, p_up) + layer.forward(xn, p_down_nb))
+        s_neg = negative * relevance / stabilise(layer.forward(xp, p_down) + layer.forward(xn, p_up_nb))
+        return (xp * (layer.transpose(s_pos, p_up, x) + layer.transpose(s_neg, p_down, x))
+                + xn * (layer.transpose(s_pos, p_down, x) + layer.transpose(s_neg, p_up, x)))
+
+    return Rule("gamma", reverse, stabilise, config=(("gamma", g),))
+
+
+def alpha_beta(alpha: float = 2.0, beta: float = 1.0, *, bias=True, stabiliser=None) -> Rule:
+    """LRP-alpha-beta: ``R_x = alpha R_x^act - beta R_x^inh`` with ``alpha - beta = 1``.
+
+    Activator: ``z^a = W+ x+ + W- x- (+ bias)``, ``R_x^act = x+ * W+^T s_a + x- * W-^T s_a``,
+    ``s_a = R / stabilise(z^a)``. Inhibitor: ``z^i = W- x+ + W+ x- (+ bias)``,
+    ``R_x^inh = x+ * W-^T s_i + x- * W+^T s_i``, ``s_i = R / stabilise(z^i)``.
+
+    Args:
+        alpha, beta: weights of the activating and inhibiting parts, ``alpha - beta = 1``.
+        bias: ``True`` (iNNvestigate): the whole bias ``b`` in both denominators (it splits into
+            ``b+`` and ``b-`` with the kernel, and both halves are summed); ``False``: none (the
+            ``_IB`` rules); ``"split"`` (zennit): ``b+`` in the activator, ``b-`` in the inhibitor.
+        stabiliser: default ``safe(1e-7)``; a number gives ``signed(number)`` (zennit: 1e-6).
+    """
+    where = "lrp.rules.alpha_beta"
+    a, bt = _number(where, "alpha", alpha), _number(where, "beta", beta)
+    if abs(a - bt - 1) > 1e-12:
+        raise fail(where, f"alpha - beta must equal 1, got alpha={alpha!r}, beta={beta!r}")
+    if bias not in (True, False, "split"):
+        raise fail(where, f"bias must be True, False or 'split', got {bias!r}")
+    stabilise = safe() if stabiliser is None else _stabiliser(where, stabiliser)
+
+    def reverse(layer, params, x, out, relevance):
+        weight, b = params["weight"], _bias(params)
+        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        if b is None or bias is False:
+            b_act = b_inh = None
+        elif bias == "split":
+            b_act, b_inh = b.clamp(min=0), b.clamp(max=0)
+        else:
+            b_act = b_inh = b
+        pp, pn = _with(params, wp, None), _with(params, wn, None)
+        xp = x.clamp(min=0)
+
+        def with_bias(value, extra):
+            return value if extra is None else value + layer.bias(extra, value)
+
+        if layer.nonnegative_input:
+            s_act = relevance / stabilise(with_bias(layer.forward(xp, pp), b_act))
+            grad_p = layer.transpose(a * s_act, pp, x)
+            if bt == 0:
+                return xp * grad_p
+            s_inh = relevance / stabilise(with_bias(layer.forward(xp, pn), b_inh))
+            return xp * (grad_p - layer.transpose(bt * s_inh, pn, x))
+        xn = x.clamp(max=0)
+        s_act = a * relevance / stabilise(with_bias(layer.forward(xp, pp) + layer.forward(xn, pn), b_act))
+        if bt == 0:
+            return xp * layer.transpose(s_act, pp, x) + xn * layer.transpose(s_act, pn, x)
+        s_inh = bt * relevance / stabilise(with_bias(layer.forward(xp, pn) + layer.forward(xn, pp), b_inh))
+        return (xp * (layer.transpose(s_act, pp, x) - layer.transpose(s_inh, pn, x))
+                + xn * (layer.transpose(s_act, pn, x) - layer.transpose(s_inh, pp, x)))
+
+    name = {True: "alpha_beta", False: "alpha_beta_IB", "split": "alpha_beta"}[bias]
+    return Rule(name, reverse, stabilise,
+                config=(("alpha", a), ("beta", bt), ("bias", bias)))
+
+
+def z_plus(*, bias=False, stabiliser=None) -> Rule:
+    """LRP-z+ (iNNvestigate's ``z_plus`` = ``alpha_1_beta_0_IB``): ``z^a = W+ x+ + W- x-``,
+    ``R_x = x+ * W+^T s + x- * W-^T s``, ``s = R / stabilise(z^a)``; for x >= 0 the classic
+    ``x * W+^T (R / W+ x)``. ``bias="split"`` adds ``b+`` to the denominator (zennit's ZPlus)."""
+    rule = alpha_beta(1.0, 0.0, bias=bias, stabiliser=stabiliser)
+    return rule._replace(name="z_plus", config=(("bias", bias),))
+
+
+def z_plus_fast(*, stabiliser=None) -> Rule:
+    """iNNvestigate's ``z_plus_fast``: ``R_x = x * W+^T (R / W+ x)`` on the raw (signed) input,
+    no bias."""
+    stabilise = safe() if stabiliser is None else _stabiliser("lrp.rules.z_plus_fast", stabiliser)
+
+    def reverse(layer, params, x, out, relevance):
+        pp = _with(params, params["weight"].clamp(min=0), None)
+        return x * layer.transpose(relevance / stabilise(layer.forward(x, pp)), pp, x)
+
+    return Rule("z_plus_fast", reverse, stabilise)
+
+
+def w_square(*, bias: bool = False, stabiliser=None) -> Rule:
+    """LRP-w^2 (Montavon et al. 2017): ``R_x = (W^2)^T (R / W^2 1)``; the input does not enter.
+    ``bias=True`` adds ``b^2`` to the denominator (zennit's WSquare; iNNvestigate ignores it)."""
+    stabilise = safe() if stabiliser is None else _stabiliser("lrp.rules.w_square", stabiliser)
+
+    def reverse(layer, params, x, out, relevance):
+        b = _bias(params)
+        p2 = _with(params, params["weight"] ** 2, None if (b is None or not bias) else b ** 2)
+        return layer.transpose(relevance / stabilise(layer.forward(torch.ones_like(x), p2)), p2, x)
+
+    return Rule("w_square", reverse, stabilise, config=(("bias", bias),))
+
+
+def flat(*, stabiliser=None) -> Rule:
+    """LRP-flat (Lapuschkin et al. 2019): ``w_square`` with every weight set to 1 and no bias:
+    each output's relevance is spread uniformly over its receptive field, ``R_x = 1^T (R / 1 1)``."""
+    stabilise = safe() if stabiliser is None else _stabiliser("lrp.rules.flat", stabiliser)
+
+    def reverse(layer, params, x, out, relevance):
+        ones = _with(params, torch.ones_like(params["weight"]), None)
+        return layer.transpose(relevance / stabilise(layer.forward(torch.ones_like(x), ones)), ones, x)
+
+    return Rule("flat", reverse, stabilise)
+
+
+def zb(low, high, *, stabiliser=None) -> Rule:
+    """LRP-z^B for inputs bounded by ``low <= x <= high`` (Montavon et al. 2017), no bias:
+    ``z' = W x - W+ l - W- h``, ``R_x = x * W^T s - l * W+^T s - h * W-^T s``, ``s = R / z'``.
+
+    ``low`` and ``high`` are numbers or tensors broadcastable to ONE example (e.g. shape (3, 1, 1)
+    for per-channel bounds of an image).
+    """
+    where = "lrp.rules.zb"
+    for name, value in (("low", low), ("high", high)):
+        if not isinstance(value, (Real, Tensor)) or isinstance(value, bool):
+            raise fail(where, f"{name} must be a number or a tensor, got {value!r}")
+    if isinstance(low, Real) and isinstance(high, Real) and low > high:
+        raise fail(where, f"low must be <= high, got low={low!r}, high={high!r}")
+    stabilise = safe() if stabiliser is None else _stabiliser(where, stabiliser)
+
+    def reverse(layer, params, x, out, relevance):
+        weight = params["weight"]
+        lo = torch.zeros_like(x) + torch.as_tensor(low, dtype=x.dtype, device=x.device)
+        hi = torch.zeros_like(x) + torch.as_tensor(high, dtype=x.dtype, device=x.device)
+        p, pp, pn = (_with(params, weight, None), _with(params, weight.clamp(min=0), None),
+                     _with(params, weight.clamp(max=0), None))
+        s = relevance / stabilise(layer.forward(x, p) - layer.forward(lo, pp) - layer.forward(hi, pn))
+        return (x * layer.transpose(s, p, x) - lo * layer.transpose(s, pp, x)
+                - hi * layer.transpose(s, pn, x))
+
+    return Rule("zb", reverse, stabilise, config=(("low", low), ("high", high)))
+
+
+def pass_() -> Rule:
+    """Pass: ``R_x = R`` (shape-preserving layers only; zennit's Pass)."""
+
+    def reverse(layer, params, x, out, relevance):
+        if relevance.shape != x.shape:
+            raise fail("lrp", f"the pass rule needs a layer whose input and output shapes agree, got "
+                              f"{tuple(x.shape)} -> {tuple(relevance.shape)}")
+        return relevance
+
+    return Rule("pass", reverse, None)
+
+
+def gradient() -> Rule:
+    """The plain gradient: ``R_x = W^T R`` (DeepTaylor's average pooling and additions, and every
+    layer of guided backprop and deconvnet)."""
+
+    def reverse(layer, params, x, out, relevance):
+        return layer.transpose(relevance, params, x)
+
+    return Rule("gradient", reverse, None)
+
+
+def describe(rule: Any) -> str:
+    return repr(rule) if isinstance(rule, Rule) else type(rule).__name__
