@@ -20,6 +20,7 @@ from fxattr.lrp import deconvnet, deep_taylor, deep_taylor_bounded, guided_backp
 from fxattr.noise import noise_tunnel, smoothgrad, smoothgrad_sq, vargrad
 from fxattr.perturbation import feature_ablation, occlusion, rise, rise_masks
 from fxattr.targets import select
+from fxattr import viz
 
 __version__ = "0.1.0"
 
@@ -50,4 +51,5 @@ __all__ = [
     "smoothgrad",
     "smoothgrad_sq",
     "vargrad",
+    "viz",
 ]
