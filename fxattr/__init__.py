@@ -11,6 +11,9 @@ higher-order derivatives) and ``torch.compile``::
     attributions = batch_explain(params, images, labels)
 """
 
+from fxattr.analyzer import Analyzer, create_analyzer, list_analyzers
+from fxattr.cam import cam, gradcam, gradcam_plus_plus, guided_gradcam, layercam, scorecam, xgradcam
+from fxattr.deeplift import deeplift, deeplift_shap
 from fxattr.errors import FxattrError
 from fxattr.expected import expected_gradients, gradient_shap
 from fxattr.functional import FunctionalModel, functionalize
@@ -25,21 +28,31 @@ from fxattr import viz
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analyzer",
     "QUADRATURES",
     "FunctionalModel",
     "FxattrError",
+    "cam",
+    "create_analyzer",
     "deconvnet",
+    "deeplift",
+    "deeplift_shap",
     "deep_taylor",
     "deep_taylor_bounded",
     "expected_gradients",
     "feature_ablation",
     "functionalize",
+    "gradcam",
+    "gradcam_plus_plus",
     "gradient",
     "gradient_shap",
     "guided_backprop",
+    "guided_gradcam",
     "input",
     "input_x_gradient",
     "integrated_gradients",
+    "layercam",
+    "list_analyzers",
     "lrp",
     "noise_tunnel",
     "occlusion",
@@ -47,9 +60,11 @@ __all__ = [
     "random",
     "rise",
     "rise_masks",
+    "scorecam",
     "select",
     "smoothgrad",
     "smoothgrad_sq",
     "vargrad",
     "viz",
+    "xgradcam",
 ]
