@@ -43,6 +43,10 @@ import warnings
 from collections import OrderedDict
 
 os.environ.setdefault("TQDM_DISABLE", "1")   # ScoreCAM's progress bars
+# On a CPU shared with other processes, OpenMP's default spin-waiting makes every parallel region
+# wait for a descheduled thread: resnet18's floor measured 6x slower with 2 threads than with 1
+# (and 10x noisier). Passive waiting avoids the worst of it; --threads defaults to 1 on CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -241,37 +245,37 @@ def captum_occlusion(c):
                                  perturbations_per_eval=c.args.mask_chunk)
 
 
-def rise_masks(c):
-    """RISE masks as in Petsiuk et al.: random binary cells, upsampled bilinearly, random shift."""
-    g = torch.Generator().manual_seed(0)
-    n, cell, p = c.args.rise_masks, 7, 0.5
-    h, w = c.x.shape[-2:]
-    ch, cw = -(-h // cell), -(-w // cell)
-    grid = (torch.rand(n, 1, cell, cell, generator=g) >= p).to(c.x.dtype)
-    up = torch.nn.functional.interpolate(grid, size=((cell + 1) * ch, (cell + 1) * cw),
-                                         mode="bilinear", align_corners=False)
-    dx = torch.randint(0, ch, (n,), generator=g)
-    dy = torch.randint(0, cw, (n,), generator=g)
-    masks = torch.stack([up[i, 0, dx[i]:dx[i] + h, dy[i]:dy[i] + w] for i in range(n)])
-    return masks.to(c.x.device)  # (n, h, w)
+def bench_rise_masks(c):
+    """Fixed RISE masks ``(N, H, W)`` shared by fxattr and the reference loop (Petsiuk et al.'s
+    masks: 7x7 cells kept with p=0.5, upsampled bilinearly, shifted by less than a cell)."""
+    if not hasattr(c, "_rise_masks"):
+        torch.manual_seed(0)
+        if hasattr(fxattr, "rise_masks"):
+            masks = fxattr.rise_masks(tuple(c.x.shape[-2:]), num_masks=c.args.rise_masks,
+                                      cell_size=7, p=0.5)
+        else:
+            masks = (torch.rand(c.args.rise_masks, *c.x.shape[-2:]) < 0.5).float()
+        c._rise_masks = masks.to(c.x.device, c.x.dtype)
+    return c._rise_masks
 
 
 def torch_rise(c):
-    """The reference RISE loop (Petsiuk et al.'s code): masked batches through the model."""
-    masks = rise_masks(c)
+    """The reference RISE loop (Petsiuk et al.'s code), batched over the examples: chunks of masked
+    copies (batch x mask_chunk rows per forward, as fxattr's vmap) through the model."""
+    masks = bench_rise_masks(c)
     n, chunk = masks.shape[0], c.args.mask_chunk
+    rows = torch.arange(c.x.shape[0], device=c.x.device)
 
     @torch.no_grad()
     def run():
-        out = []
-        for xi, ti in zip(c.x, c.t):
-            sal = torch.zeros(masks.shape[1:], dtype=c.x.dtype, device=c.x.device)
-            for i in range(0, n, chunk):
-                m = masks[i:i + chunk]
-                p = c.frozen(xi[None] * m[:, None])[:, ti]
-                sal += torch.tensordot(p, m, dims=1)
-            out.append(sal / n / 0.5)
-        return torch.stack(out)
+        b, ch, h, w = c.x.shape
+        sal = torch.zeros(b, h * w, dtype=c.x.dtype, device=c.x.device)
+        for i in range(0, n, chunk):
+            m = masks[i:i + chunk]
+            out = c.frozen((c.x[:, None] * m[None, :, None]).reshape(-1, ch, h, w))
+            p = out.reshape(b, m.shape[0], -1)[rows, :, c.t]          # (b, chunk)
+            sal += p @ m.reshape(m.shape[0], -1)
+        return (sal / (n * 0.5)).reshape(b, 1, h, w).expand(b, ch, h, w)
     return run
 
 
@@ -313,11 +317,12 @@ def fx_deeplift(c):
 
 def fx_occlusion(c):
     w, s = occlusion_geometry(c)
-    return fxattr.occlusion(c.f, window=w, stride=s)
+    ch = c.x.shape[1]
+    return fxattr.occlusion(c.f, window=(ch, w, w), stride=(ch, s, s), chunk_size=c.args.mask_chunk)
 
 
 def fx_rise(c):
-    return fxattr.rise(c.f, masks=rise_masks(c))
+    return fxattr.rise(c.f, masks=bench_rise_masks(c), p=0.5, chunk_size=c.args.mask_chunk)
 
 
 def fx_scorecam(c):
@@ -325,7 +330,8 @@ def fx_scorecam(c):
 
 
 # name: (fxattr attribute it needs, fxattr factory, vmap randomness, [(peer name, factory)],
-#        whether fxattr and the first peer compute the same numbers, target ratio to the floor)
+#        whether fxattr and the first peer compute the same numbers, target: a ratio to the floor,
+#        the name of the argument that gives it, or ("peer", ratio to the fastest peer))
 METHODS = OrderedDict([
     ("gradient", ("gradient", fx_gradient, "error", [("captum Saliency", captum_saliency)], True, 1.05)),
     ("ig", ("integrated_gradients", fx_ig, "error", [("captum IntegratedGradients", captum_ig)], True, "steps")),
@@ -338,10 +344,10 @@ METHODS = OrderedDict([
     ("gradcam", ("gradcam", fx_gradcam, "error", [("captum LayerGradCam", captum_layer_gradcam),
                                                   ("pytorch-grad-cam GradCAM", gradcam_lib_gradcam)], False, 1.1)),
     ("deeplift", ("deeplift", fx_deeplift, "error", [("captum DeepLift", captum_deeplift)], False, None)),
-    ("occlusion", ("occlusion", fx_occlusion, "error", [("captum Occlusion", captum_occlusion)], False, None)),
-    ("rise", ("rise", fx_rise, "error", [("torch loop (RISE reference)", torch_rise)], False, None)),
+    ("occlusion", ("occlusion", fx_occlusion, "error", [("captum Occlusion", captum_occlusion)], True, ("peer", 0.5))),
+    ("rise", ("rise", fx_rise, "error", [("torch loop (RISE reference)", torch_rise)], True, ("peer", 0.5))),
     ("scorecam", ("scorecam", fx_scorecam, "error", [("pytorch-grad-cam ScoreCAM", gradcam_lib_scorecam)],
-                  False, None)),
+                  False, ("peer", 0.5))),
 ])
 
 
@@ -378,12 +384,23 @@ def run_block(rows, model_name, method, c, floor, args, device):
     compile_s = {}
     outputs = {}
     fallbacks = Collector()
+    warm = {}
+    floors = [timed(floor, device)[0]]
+    if (method == "scorecam" and device.type == "cpu" and model_name != "small_cnn"
+            and not args.force):
+        note = ("skipped on CPU: Score-CAM runs one forward per channel of the layer per image "
+                "(512 x 8 passes here, hours on 2 cores); --force or --device cuda")
+        print(f"  {note}")
+        rows.append({"model": model_name, "method": method, "impl": "(all)", "median": None,
+                     "floor": None, "x_floor": None, "x_peer": None, "compile": None, "target": None,
+                     "check": None, "note": note, "spread": None, "n": 0})
+        return
     if hasattr(fxattr, attr):
         try:
             explain = fx_factory(c)
             batched = torch.vmap(explain, in_dims=(None, 0, 0), randomness=randomness)
             with fallbacks.watch():
-                _, outputs["fxattr eager"] = timed(lambda: batched(c.params, c.x, c.t), device)
+                warm["fxattr eager"], outputs["fxattr eager"] = timed(lambda: batched(c.params, c.x, c.t), device)
             impls["fxattr eager"] = lambda: batched(c.params, c.x, c.t)
             if fallbacks.ops:
                 notes["fxattr eager"] = "vmap fallback: " + ", ".join(sorted(fallbacks.ops))
@@ -413,7 +430,7 @@ def run_block(rows, model_name, method, c, floor, args, device):
     for label, factory in peers:
         try:
             fn = factory(c)
-            _, outputs[label] = timed(fn, device)   # warm-up (and the agreement check)
+            warm[label], outputs[label] = timed(fn, device)   # warm-up (and the agreement check)
             impls[label] = fn
         except Exception as error:  # noqa: BLE001
             notes[label] = f"error: {type(error).__name__}: {str(error)[:160]}"
@@ -426,10 +443,16 @@ def run_block(rows, model_name, method, c, floor, args, device):
     if same_numbers and peers and "fxattr eager" in outputs and peers[0][0] in outputs:
         check = rel_err(outputs["fxattr eager"], outputs[peers[0][0]])
     outputs.clear()
-    times = {label: [] for label in impls}
-    floors = []
+    # Slow blocks (IG on vgg11 is minutes a call on 2 shared cores): the warm-up call counts as a
+    # sample (not for compiled: it compiles), and repeats are cut to fit --block-budget seconds.
+    heavy = sum(warm.values()) > args.heavy_s
+    times = {label: [warm[label]] if heavy and label in warm else [] for label in impls}
+    if heavy:
+        floors.append(timed(floor, device)[0])
+    per_repeat = floors[0] + sum(warm.values()) + warm.get("fxattr eager", 0.0) * ("fxattr compiled" in impls)
+    repeats = max(1, min(args.repeats - heavy, int(args.block_budget / max(per_repeat, 1e-9))))
     if impls:
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             floors.append(timed(floor, device)[0])
             for label, fn in impls.items():
                 times[label].append(timed(fn, device)[0])
@@ -453,10 +476,11 @@ def run_block(rows, model_name, method, c, floor, args, device):
             "compile": compile_s.get(label), "target": target if is_fx else None,
             "check": check if label == "fxattr eager" else None, "note": notes.get(label, ""),
             "spread": None if med is None else (min(times[label]), max(times[label])),
+            "n": len(times.get(label, ())),
         }
         rows.append(row)
         print(f"  {label:<30} {fmt_s(med):>10}  {fmt_x(row['x_floor']):>8} floor"
-              f"  {fmt_x(row['x_peer']):>7} peer  compile {fmt_s(row['compile']):>9}  {row['note']}",
+              f"  {fmt_x(row['x_peer']):>7} peer  compile {fmt_s(row['compile']):>9}  {target_str(row)}  {row['note']}",
               flush=True)
     if floor_med:
         print(f"  {'(floor in this block)':<30} {fmt_s(floor_med):>10}")
@@ -501,11 +525,14 @@ def sweep_chunks(sweep_rows, model_name, c, floor, args, device):
 
 # ------------------------------------------------------------------------------------ report
 
-def ok_mark(row) -> str:
+def target_str(row) -> str:
     t = row["target"]
-    if t is None or row["x_floor"] is None:
+    if t is None:
         return ""
-    return " ok" if row["x_floor"] <= t else " MISS"
+    kind, value = t if isinstance(t, tuple) else ("floor", t)
+    ratio = row["x_peer"] if kind == "peer" else row["x_floor"]
+    mark = "" if ratio is None else (" ok" if ratio <= value else " MISS")
+    return f"<= {value:g}x {kind}{mark}"
 
 
 def markdown(rows, sweep_rows, extra, args, device) -> str:
@@ -524,14 +551,16 @@ def markdown(rows, sweep_rows, extra, args, device) -> str:
                  "function (tracing + compiling + one run), excluded from the median")
     for line in extra:
         lines.append(f"- {line}")
-    lines += ["", "| model | method | implementation | median | x floor | target | x peer | compile | note |",
+    lines += ["", "| model | method | implementation | median (min-max, n) | x floor | target | x peer | compile | note |",
               "|---|---|---|---:|---:|---|---:|---:|---|"]
     for r in rows:
-        target = "" if r["target"] is None else f"<= {r['target']:g}x{ok_mark(r)}"
+        target = target_str(r)
         note = r["note"]
         if r["check"] is not None:
             note = (note + f" agrees with peer to {r['check']:.0e}").strip()
-        lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {fmt_s(r['median'])} | "
+        spread = "" if r["spread"] is None else (f" ({fmt_s(r['spread'][0])}-{fmt_s(r['spread'][1])}, "
+                                                 f"{r['n']})")
+        lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {fmt_s(r['median'])}{spread} | "
                      f"{fmt_x(r['x_floor'])} | {target} | {fmt_x(r['x_peer'])} | {fmt_s(r['compile'])} | "
                      f"{note.replace('|', '/')} |")
     if sweep_rows:
@@ -552,7 +581,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: see OMP_WAIT_POLICY above; 2 cores shared here)")
     p.add_argument("--steps", type=int, default=32, help="IG steps")
     p.add_argument("--ig-method", default="gausslegendre")
     p.add_argument("--ig-chunk", type=int, default=8, help="fxattr IG chunk_size (0 = None, all steps)")
@@ -560,9 +590,16 @@ def parse_args(argv=None):
     p.add_argument("--sg-chunk", type=int, default=0, help="fxattr smoothgrad chunk_size (0 = None)")
     p.add_argument("--occlusion-window", type=int, default=None, help="default size/4")
     p.add_argument("--occlusion-stride", type=int, default=None, help="default = window")
-    p.add_argument("--rise-masks", type=int, default=256)
+    p.add_argument("--rise-masks", type=int, default=None,
+                   help="fixed RISE masks (default 32 on CPU, 1000 on CUDA)")
+    p.add_argument("--force", action="store_true",
+                   help="run ScoreCAM on the torchvision models on CPU too (hours on 2 cores)")
     p.add_argument("--mask-chunk", type=int, default=16,
                    help="masks/windows per forward for the perturbation peers")
+    p.add_argument("--block-budget", type=float, default=1200.0,
+                   help="seconds of timed repeats per (model, method) block; fewer repeats past it")
+    p.add_argument("--heavy-s", type=float, default=60.0,
+                   help="blocks whose warm-ups take longer count the warm-up call as a sample")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--quick", action="store_true", help="small images, batch 2, 2 repeats: a smoke test")
     p.add_argument("--sweep-chunks", action="store_true", help="also sweep IG / smoothgrad chunk_size")
@@ -589,6 +626,8 @@ def main(argv=None):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    if args.rise_masks is None:
+        args.rise_masks = 1000 if device.type == "cuda" else 32
     torch._dynamo.config.cache_size_limit = 64
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
