@@ -114,6 +114,40 @@ def timed(fn, device):
     return time.perf_counter() - start, out
 
 
+class PeakRSS:
+    """Samples this process's resident memory every 10 ms while a call runs (CPU memory only)."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self.page
+
+    def __call__(self, fn):
+        import ctypes
+        import threading
+        gc.collect()
+        try:   # give freed heap pages back to the OS, so that the peak counts fresh pages only
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        base, peak, stop = self.rss(), [0], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], self.rss())
+                stop.wait(0.01)
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            fn()
+        finally:
+            stop.set()
+            thread.join()
+        return max(0, peak[0] - base)
+
+
 def rel_err(a, b) -> float:
     a = torch.as_tensor(a).detach().to("cpu", torch.float64)
     b = torch.as_tensor(b).detach().to("cpu", torch.float64).reshape(a.shape)
@@ -326,7 +360,7 @@ def fx_rise(c):
 
 
 def fx_scorecam(c):
-    return fxattr.scorecam(c.f, layer=c.layer_name)
+    return fxattr.scorecam(c.f, layer=c.layer_name, chunk_size=c.args.mask_chunk)
 
 
 # name: (fxattr attribute it needs, fxattr factory, vmap randomness, [(peer name, factory)],
@@ -498,10 +532,19 @@ def sweep_chunks(sweep_rows, model_name, c, floor, args, device):
         variants.append((f"smoothgrad samples={args.samples} chunk={chunk or 'all'}",
                          fx_smoothgrad(c, chunk), "different"))
     fns = OrderedDict()
+    memory = {}
+    peak = PeakRSS()
     for label, explain, randomness in variants:
         batched = torch.vmap(explain, in_dims=(None, 0, 0), randomness=randomness)
         fns[label] = (lambda b=batched: b(c.params, c.x, c.t))
-        timed(fns[label], device)   # warm-up
+        gc.collect()
+        if device.type == "cpu":
+            memory[label] = peak(fns[label])   # warm-up, measuring the memory it adds
+        else:
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            timed(fns[label], device)
+            memory[label] = torch.cuda.max_memory_allocated(device) - base
         if args.sweep_compiled and not args.no_compile:
             torch._dynamo.reset()
             comp = compile_fn(batched, fullgraph=False)
@@ -518,8 +561,11 @@ def sweep_chunks(sweep_rows, model_name, c, floor, args, device):
     floor_med = statistics.median(floors)
     for label in fns:
         med = statistics.median(times[label])
-        sweep_rows.append({"model": model_name, "variant": label, "median": med, "x_floor": med / floor_med})
-        print(f"  {label:<40} {fmt_s(med):>10}  {med / floor_med:6.2f}x floor", flush=True)
+        mem = memory.get(label)
+        sweep_rows.append({"model": model_name, "variant": label, "median": med, "x_floor": med / floor_med,
+                           "memory": mem, "n": len(times[label]), "batch": args.batch, "size": args.size})
+        print(f"  {label:<40} {fmt_s(med):>10}  {med / floor_med:6.2f}x floor  "
+              f"peak +{(mem or 0) / 2**20:.0f} MiB", flush=True)
     print(f"  {'(floor)':<40} {fmt_s(floor_med):>10}")
 
 
@@ -564,10 +610,12 @@ def markdown(rows, sweep_rows, extra, args, device) -> str:
                      f"{fmt_x(r['x_floor'])} | {target} | {fmt_x(r['x_peer'])} | {fmt_s(r['compile'])} | "
                      f"{note.replace('|', '/')} |")
     if sweep_rows:
-        lines += ["", "## chunk_size sweep (eager unless marked)", "",
-                  "| model | variant | median | x floor |", "|---|---|---:|---:|"]
+        lines += ["", "## chunk_size sweep (eager unless marked; memory = peak added by the first call)", "",
+                  "| model | batch | variant | median (n) | x floor | peak memory |", "|---|---|---|---:|---:|---:|"]
         for r in sweep_rows:
-            lines.append(f"| {r['model']} | {r['variant']} | {fmt_s(r['median'])} | {r['x_floor']:.2f}x |")
+            mem = "-" if r.get("memory") is None else f"+{r['memory'] / 2**20:.0f} MiB"
+            lines.append(f"| {r['model']} | {r['batch']}x3x{r['size']}x{r['size']} | {r['variant']} | "
+                         f"{fmt_s(r['median'])} ({r['n']}) | {r['x_floor']:.2f}x | {mem} |")
     return "\n".join(lines) + "\n"
 
 
