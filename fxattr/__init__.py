@@ -12,6 +12,7 @@ higher-order derivatives) and ``torch.compile``::
 """
 
 from fxattr.analyzer import Analyzer, create_analyzer, list_analyzers
+from fxattr.deeplift import deeplift, deeplift_shap
 from fxattr.errors import FxattrError
 from fxattr.expected import expected_gradients, gradient_shap
 from fxattr.functional import FunctionalModel, functionalize
@@ -32,6 +33,8 @@ __all__ = [
     "FxattrError",
     "create_analyzer",
     "deconvnet",
+    "deeplift",
+    "deeplift_shap",
     "deep_taylor",
     "deep_taylor_bounded",
     "expected_gradients",
