@@ -122,6 +122,9 @@ class Layer:
         """(W, b, M) of the layer at input x (max pooling: its winner-selection matrix at x)."""
         if self.kind != "maxpool" and getattr(self, "_cached", None) is not None:
             return self._cached  # a linear layer's matrices do not depend on x
+        if self.kind == "maxpool":
+            W = self.fn(x, None)  # the selection matrix (out, in) of the winners at x
+            return W, torch.zeros(W.shape[0], dtype=x.dtype), W
         W = torch.func.jacrev(lambda v: self.fn(v, self.kernel))(x)
         if self.kernel is None:
             M = (W != 0).to(W)
@@ -132,6 +135,8 @@ class Layer:
         return W, b, M
 
     def forward(self, x):
+        if self.kind == "maxpool":
+            return self.fn(x, None) @ x
         W, b, _ = self.matrices(x)
         z = W @ x + b
         if self.relu:
@@ -310,12 +315,21 @@ def oracle_layer(layer_name, data, dtype=torch.float64):
 
         n_pix = (H - kernel.shape[2] + 1) * (Wd - kernel.shape[3] + 1)
         return Layer("conv", fn, kernel, b.repeat(n_pix), relu)
-    pool = torch.nn.functional.avg_pool2d if layer_name == "AveragePooling2D" else torch.nn.functional.max_pool2d
+    if layer_name == "AveragePooling2D":
+        def avg_fn(v, k):
+            return torch.nn.functional.avg_pool2d(as_img(v)[None], 2)[0].permute(1, 2, 0).reshape(-1)
 
-    def pool_fn(v, k):
-        return pool(as_img(v)[None], 2)[0].permute(1, 2, 0).reshape(-1)
+        return Layer("avgpool", avg_fn)
 
-    return Layer("avgpool" if layer_name == "AveragePooling2D" else "maxpool", pool_fn)
+    def max_selection(v, k):
+        # One-hot rows picking each 2x2 window's winner, rows in Keras' channels-last order.
+        _, idx = torch.nn.functional.max_pool2d(as_img(v)[None], 2, return_indices=True)
+        flat = (idx[0] + torch.arange(C)[:, None, None] * H * Wd).permute(1, 2, 0).reshape(-1)
+        S = torch.zeros(flat.numel(), v.numel(), dtype=v.dtype)
+        S[torch.arange(flat.numel()), flat] = 1.0
+        return S
+
+    return Layer("maxpool", max_selection)
 
 
 @functools.lru_cache(maxsize=None)
@@ -392,7 +406,7 @@ def test_innvestigate_smoothgrad(layer_name):
     f, params = fxattr.functionalize(keras_model(layer_name, data))
     x = _nchw(data["input"])
     target = torch.from_numpy(data[f"{layer_name}__output"]).argmax(1)
-    explain = fxattr.smoothgrad(f, samples=1024, sigma=1.0, relative=False)
+    explain = fxattr.smoothgrad(f, samples=256, sigma=1.0, relative=False)
     torch.manual_seed(0)
     got = torch.vmap(explain, in_dims=(None, 0, 0), randomness="different")(params, x, target)
     ref = _nchw(data[f"{layer_name}__attribution"])
