@@ -1,0 +1,381 @@
+"""Class activation maps: CAM, Grad-CAM and its variants, Score-CAM, guided Grad-CAM.
+
+All of them weigh the channels of one layer's activation ``A`` (shape ``(K, *spatial)`` for one
+example) and sum them. fxattr cuts the model at the layer with :func:`fxattr.graph.split` into
+``body(params, x) -> A`` and ``head(params, x, A) -> output``; the gradient of the target w.r.t.
+``A`` is one ``torch.func.grad`` of the head, so Grad-CAM costs one body forward plus one head
+forward and backward -- the autograd floor -- and composes with ``torch.vmap``, higher-order
+``torch.func.grad`` (no hooks, no custom backward) and ``torch.compile``.
+
+Conventions (matched to pytorch-grad-cam and captum, checked in the tests):
+
+- the map is computed at the layer's resolution, then (``relu=True``) rectified, then
+  (``upsample=True``) resized to x's trailing spatial size with ``F.interpolate`` (bilinear,
+  ``align_corners=False``: what pytorch-grad-cam's ``cv2.resize`` and captum's
+  ``LayerAttribution.interpolate`` do), then (``normalize=True``) min-max scaled to [0, 1]
+  (pytorch-grad-cam's ``scale_cam_image``, eps 1e-7). pytorch-grad-cam always rectifies and
+  normalises; captum's ``LayerGradCam`` does neither by default (``relu_attributions=False``) and
+  does not upsample. fxattr's defaults: ``relu=True, upsample=True, normalize=False`` (the
+  unnormalised map keeps its scale, so it can be differentiated and compared across examples).
+- upsampled maps are returned broadcast to x's shape (an expanded view: every channel holds the
+  same ``(H, W)`` map; take ``[0]``), so they compose with everything that expects an attribution
+  of x's shape; without upsampling the map has the layer's spatial shape.
+- ``layer`` may be a list of layers: one map per layer, stacked on a new leading axis (upsampled,
+  so they share a shape). pytorch-grad-cam instead averages the normalised maps and normalises
+  again: ``normalize(mean(stack))`` reproduces that from ``normalize=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fxattr._explainer import check_choice, check_int, check_model, explainer, fixed_target
+from fxattr.errors import fail
+from fxattr.targets import check_target, select
+
+__all__ = ["cam", "gradcam", "gradcam_plus_plus", "guided_gradcam", "layercam", "scorecam", "xgradcam"]
+
+_INTERPOLATE = ("bilinear", "nearest", "bicubic", "area", "nearest-exact")
+_EPS_NORMALIZE = 1e-7  # pytorch-grad-cam's scale_cam_image
+
+
+# ---------------------------------------------------------------------------------------- shared
+
+def _layer_names(where: str, layer) -> list[str]:
+    if isinstance(layer, str):
+        return [layer]
+    if isinstance(layer, Sequence) and layer and all(isinstance(name, str) for name in layer):
+        return list(layer)
+    raise fail(where, "layer must be a module name (e.g. 'layer4'), a graph node name, or a non-empty "
+                      f"list of them; got {layer!r}")
+
+
+def _split_layers(where: str, f, names):
+    from fxattr import graph  # noqa: PLC0415 - graph imports torch.fx; load it only when needed
+    return [graph.split(f, name, where=where) for name in names]
+
+
+def _check_options(where, relu, upsample, interpolate, normalize):
+    for name, value in (("relu", relu), ("upsample", upsample), ("normalize", normalize)):
+        if not isinstance(value, bool):
+            raise fail(where, f"{name} must be True or False, got {value!r}")
+    check_choice(where, "interpolate", interpolate, _INTERPOLATE)
+
+
+def _activation(where: str, body, params, x) -> Tensor:
+    a = body(params, x)
+    if not isinstance(a, Tensor) or a.ndim < 2:
+        shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+        raise fail(where, f"the activation of layer {body.layer!r} has shape {shape}; CAM methods need "
+                          "(channels, *spatial) per example -- choose a convolutional layer")
+    return a
+
+
+def _grad_at_layer(where: str, head, params, x, a, target) -> Tensor:
+    """d head(params, x, a)[target] / da: the head's vjp, nothing else."""
+    return torch.func.grad(lambda a_: select(where, head(params, x, a_), target))(a)
+
+
+def _spatial_sum(t: Tensor) -> Tensor:
+    return t.sum(dim=tuple(range(1, t.ndim)), keepdim=True)
+
+
+def _weighted(weights: Tensor, a: Tensor) -> Tensor:
+    """sum_k w_k A_k for channel weights ``(K,)`` (or per-position weights of A's shape)."""
+    if weights.ndim == 1:
+        weights = weights.reshape(-1, *(1,) * (a.ndim - 1))
+    return (weights * a).sum(0)
+
+
+def _upsample(where: str, m: Tensor, x, interpolate: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise fail(where, "upsample=True needs a tensor x (to read its spatial size); pass "
+                          "upsample=False for a pytree input")
+    k = m.ndim
+    if x.ndim < k:
+        raise fail(where, f"a map of spatial shape {tuple(m.shape)} cannot be upsampled to x of shape "
+                          f"{tuple(x.shape)}; pass upsample=False")
+    size = tuple(x.shape[-k:])
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}.get(k) if interpolate == "bilinear" else interpolate
+    if mode is None:
+        raise fail(where, f"cannot interpolate a map with {k} spatial dimensions")
+    extra = {"align_corners": False} if mode in ("linear", "bilinear", "bicubic", "trilinear") else {}
+    up = F.interpolate(m[None, None], size=size, mode=mode, **extra)[0, 0]
+    return up.expand(x.shape)
+
+
+def _normalize(m: Tensor) -> Tensor:
+    m = m - m.min()
+    return m / (m.max() + _EPS_NORMALIZE)
+
+
+def _finish(where, maps, x, relu, upsample, interpolate, normalize):
+    out = []
+    for m in maps:
+        if relu:
+            m = torch.relu(m)
+        if upsample:
+            m = _upsample(where, m, x, interpolate)
+        if normalize:
+            m = _normalize(m)
+        out.append(m)
+    if len(out) == 1:
+        return out[0]
+    shapes = {tuple(m.shape) for m in out}
+    if len(shapes) > 1:
+        raise fail(where, f"the layers' maps have different shapes {sorted(shapes)}; pass "
+                          "upsample=True to stack them at x's size")
+    return torch.stack(out)
+
+
+def _gradient_cam(name: str, f, layer, relu, upsample, interpolate, normalize, mapper):
+    """The Grad-CAM family: ``mapper(a, g) -> map`` from the activation and its gradient."""
+    check_model(name, f)
+    _check_options(name, relu, upsample, interpolate, normalize)
+    names = _layer_names(name, layer)
+    splits = _split_layers(name, f, names)
+
+    def explain(params, x, target=None):
+        check_target(name, target)
+        maps = []
+        for body, head in splits:
+            a = _activation(name, body, params, x)
+            g = _grad_at_layer(name, head, params, x, a, target)
+            maps.append(mapper(a, g))
+        return _finish(name, maps, x, relu, upsample, interpolate, normalize)
+
+    config = {"layer": layer, "relu": relu, "upsample": upsample, "interpolate": interpolate,
+              "normalize": normalize}
+    return explainer(name, f, config, explain)
+
+
+# ----------------------------------------------------------------------------------- explainers
+
+def gradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: str = "bilinear",
+            normalize: bool = False):
+    """Grad-CAM (Selvaraju et al. 2017): channels weighted by their mean gradient.
+
+    ``map = sum_k alpha_k A_k`` with ``alpha_k = mean_ij dy/dA_kij``, ``y`` the target output;
+    then ReLU, upsampling and normalisation as set (see the module docstring). With
+    ``relu=False, upsample=False`` it is captum's ``LayerGradCam`` (default options) without its
+    channel axis; with ``normalize=True`` pytorch-grad-cam's ``GradCAM``. On a global-average-pool
+    + linear head it is :func:`cam` divided by the number of positions ``H * W``.
+
+    Args:
+        f: the function of ``fxattr.functionalize`` (its module must be traceable by torch.fx).
+        layer: a module name (``"layer4"``), a graph node name, or a list of them (maps stacked).
+        relu: rectify the map (pytorch-grad-cam: always; captum: ``relu_attributions=False``).
+        upsample: resize the map to x's trailing spatial size and broadcast it to x's shape.
+        interpolate: the ``F.interpolate`` mode of the upsampling (``"bilinear"`` means linear in
+            every spatial dimension, ``align_corners=False``).
+        normalize: min-max scale each map to [0, 1] (pytorch-grad-cam).
+
+    Example:
+        >>> f, params = fxattr.functionalize(torchvision.models.resnet18().eval())
+        >>> explain = fxattr.gradcam(f, layer="layer4")
+        >>> maps = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)  # (B, 3, H, W)
+    """
+    return _gradient_cam("gradcam", f, layer, relu, upsample, interpolate, normalize,
+                         lambda a, g: _weighted(g.mean(dim=tuple(range(1, g.ndim))), a))
+
+
+def gradcam_plus_plus(f, *, layer, relu: bool = True, upsample: bool = True,
+                      interpolate: str = "bilinear", normalize: bool = False):
+    """Grad-CAM++ (Chattopadhyay et al. 2018) in pytorch-grad-cam's form.
+
+    ``alpha_kij = g^2 / (2 g^2 + (sum_ij A_kij) g^3 + 1e-6)`` (0 where ``g = 0``), channel weights
+    ``w_k = sum_ij alpha_kij relu(g_kij)``, ``map = sum_k w_k A_k``; ``g = dy/dA``. This is the
+    paper's closed form with the exponential's derivatives replaced by powers of the gradient, as
+    pytorch-grad-cam does. Options as :func:`gradcam`.
+
+    Example:
+        >>> torch.vmap(fxattr.gradcam_plus_plus(f, layer="layer4"), in_dims=(None, 0, 0))(params, images, labels)
+    """
+    def mapper(a, g):
+        g2 = g * g
+        alpha = g2 / (2 * g2 + _spatial_sum(a) * g2 * g + 1e-6)
+        alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+        weights = (alpha * torch.relu(g)).sum(dim=tuple(range(1, g.ndim)))
+        return _weighted(weights, a)
+
+    return _gradient_cam("gradcam_plus_plus", f, layer, relu, upsample, interpolate, normalize,
+                         mapper)
+
+
+def xgradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: str = "bilinear",
+             normalize: bool = False):
+    """XGrad-CAM (Fu et al. 2020): ``w_k = sum_ij g_kij A_kij / (sum_ij A_kij + 1e-7)``,
+    ``map = sum_k w_k A_k`` (pytorch-grad-cam's ``XGradCAM``). Options as :func:`gradcam`.
+
+    Example:
+        >>> torch.vmap(fxattr.xgradcam(f, layer="layer4"), in_dims=(None, 0, 0))(params, images, labels)
+    """
+    def mapper(a, g):
+        weights = (g * a / (_spatial_sum(a) + 1e-7)).sum(dim=tuple(range(1, g.ndim)))
+        return _weighted(weights, a)
+
+    return _gradient_cam("xgradcam", f, layer, relu, upsample, interpolate, normalize, mapper)
+
+
+def layercam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: str = "bilinear",
+             normalize: bool = False):
+    """LayerCAM (Jiang et al. 2021): position-wise weights, ``map = sum_k relu(g_k) * A_k``
+    (pytorch-grad-cam's ``LayerCAM``). Options as :func:`gradcam`.
+
+    Example:
+        >>> torch.vmap(fxattr.layercam(f, layer="layer3"), in_dims=(None, 0, 0))(params, images, labels)
+    """
+    return _gradient_cam("layercam", f, layer, relu, upsample, interpolate, normalize,
+                         lambda a, g: (torch.relu(g) * a).sum(0))
+
+
+def cam(f, *, layer, fc: str | None = None, relu: bool = False, upsample: bool = True,
+        interpolate: str = "bilinear", normalize: bool = False):
+    """CAM (Zhou et al. 2016) for a network ending in global average pooling and a linear layer.
+
+    ``map = sum_k W[t, k] A_k`` with ``W`` the weight of the linear layer ``fc`` and ``t`` the
+    target class; no gradient is taken. Grad-CAM of the same layer is this map divided by the number
+    of positions. ``target`` must be a class index (int, 0-d tensor, or ``None`` for the argmax);
+    CAM has no meaning for a callable target.
+
+    Args:
+        f: the function of ``fxattr.functionalize``.
+        layer: the layer feeding the pooling (a module or node name, or a list of them).
+        fc: the qualified name of the final ``nn.Linear`` (default: the last ``nn.Linear`` of the
+            module); its weight is read from ``params`` at every call, so the map is differentiable
+            w.r.t. it.
+        relu, upsample, interpolate, normalize: as :func:`gradcam` (``relu=False`` by default: the
+            original CAM is not rectified).
+
+    Example:
+        >>> explain = fxattr.cam(f, layer="layer4", fc="fc")
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "cam"
+    check_model(where, f)
+    _check_options(where, relu, upsample, interpolate, normalize)
+    names = _layer_names(where, layer)
+    module = getattr(f, "module", None)
+    if not isinstance(module, nn.Module):
+        raise fail(where, "f must be the function of fxattr.functionalize")
+    linears = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if fc is None:
+        if not linears:
+            raise fail(where, "the model has no nn.Linear; name the classifier's weight with fc=")
+        fc = linears[-1]
+    elif fc not in linears:
+        raise fail(where, f"fc={fc!r} is not an nn.Linear of the model; its linear layers are "
+                          f"{', '.join(map(repr, linears)) or 'none'}")
+    splits = _split_layers(where, f, names)
+    key = f"{fc}.weight"
+
+    def explain(params, x, target=None):
+        check_target(where, target)
+        if callable(target) and not isinstance(target, Tensor):
+            raise fail(where, "target must be a class index (int, 0-d tensor) or None; CAM reads the "
+                              "classifier's weight row of the class, a callable target has none")
+        if key not in params:
+            raise fail(where, f"params has no {key!r}")
+        weight = params[key]
+        if target is None:
+            target = f(params, x).detach().reshape(-1).argmax()
+        elif isinstance(target, int) and not 0 <= target < weight.shape[0]:
+            raise fail(where, f"target {target} is out of range for {weight.shape[0]} classes of {fc!r}")
+        row = weight[target]
+        maps = []
+        for body, _ in splits:
+            a = _activation(where, body, params, x)
+            if a.shape[0] != row.shape[0]:
+                raise fail(where, f"layer {body.layer!r} has {a.shape[0]} channels but {fc!r} takes "
+                                  f"{row.shape[0]} features; CAM needs the layer feeding the global "
+                                  "average pool before fc")
+            maps.append(_weighted(row.to(a.dtype), a))
+        return _finish(where, maps, x, relu, upsample, interpolate, normalize)
+
+    config = {"layer": layer, "fc": fc, "relu": relu, "upsample": upsample,
+              "interpolate": interpolate, "normalize": normalize}
+    return explainer(where, f, config, explain)
+
+
+def scorecam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: str = "bilinear",
+             normalize: bool = False, chunk_size: int | None = 32):
+    """Score-CAM (Wang et al. 2020) in pytorch-grad-cam's form: channels weighted by the softmax of
+    the target output on the input masked by each channel.
+
+    Every activation channel ``A_k`` is upsampled to x's trailing spatial size (bilinear,
+    ``align_corners=True``, as pytorch-grad-cam's ``UpsamplingBilinear2d``), min-max normalised
+    (eps 1e-8) into a mask ``M_k``, and scored ``s_k = f(x * M_k)[t]``; ``map = sum_k
+    softmax(s)_k A_k`` (the paper subtracts the baseline score, which the softmax ignores). The K
+    masked copies are evaluated with ``torch.vmap``, ``chunk_size`` at a time, each building its own
+    mask (memory does not grow with K). ``target=None`` is the argmax at x, held fixed. Options as
+    :func:`gradcam`.
+
+    Example:
+        >>> explain = fxattr.scorecam(f, layer="layer4", chunk_size=64)
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "scorecam"
+    check_model(where, f)
+    _check_options(where, relu, upsample, interpolate, normalize)
+    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    names = _layer_names(where, layer)
+    splits = _split_layers(where, f, names)
+
+    def explain(params, x, target=None):
+        check_target(where, target)
+        if not isinstance(x, Tensor):
+            raise fail(where, "x must be a tensor (masks multiply it)")
+        target = fixed_target(f, params, x, target)
+        maps = []
+        for body, _ in splits:
+            a = _activation(where, body, params, x)
+            k = a.ndim - 1
+            if k not in (1, 2, 3) or x.ndim < k:
+                raise fail(where, f"cannot build masks for x of shape {tuple(x.shape)} from an "
+                                  f"activation of shape {tuple(a.shape)}")
+            size = tuple(x.shape[-k:])
+            mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[k]
+
+            def score(channel):
+                up = F.interpolate(channel[None, None], size=size, mode=mode, align_corners=True)[0, 0]
+                lo, hi = up.min(), up.max()
+                mask = (up - lo) / (hi - lo + 1e-8)
+                return select(where, f(params, x * mask), target)
+
+            scores = torch.vmap(score, chunk_size=chunk_size)(a)
+            maps.append(_weighted(torch.softmax(scores, 0), a))
+        return _finish(where, maps, x, relu, upsample, interpolate, normalize)
+
+    config = {"layer": layer, "relu": relu, "upsample": upsample, "interpolate": interpolate,
+              "normalize": normalize, "chunk_size": chunk_size}
+    return explainer(where, f, config, explain)
+
+
+def guided_gradcam(f, *, layer, interpolate: str = "nearest"):
+    """Guided Grad-CAM (Selvaraju et al. 2017): guided backpropagation times the rectified Grad-CAM
+    map upsampled to x, as captum's ``GuidedGradCam`` (nearest-neighbour upsampling by default,
+    captum's ``interpolate_mode``; guided backprop seeded with 1).
+
+    Example:
+        >>> explain = fxattr.guided_gradcam(f, layer="layer4")
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)  # x's shape
+    """
+    from fxattr.lrp import guided_backprop  # noqa: PLC0415 - the LRP engine imports this package
+
+    where = "guided_gradcam"
+    check_model(where, f)
+    check_choice(where, "interpolate", interpolate, _INTERPOLATE)
+    if not isinstance(layer, str):
+        raise fail(where, f"layer must be one module or graph node name, got {layer!r}")
+    grad_cam = gradcam(f, layer=layer, relu=True, upsample=True, interpolate=interpolate)
+    guided = guided_backprop(f, seed="one")
+
+    def explain(params, x, target=None):
+        check_target(where, target)
+        return guided(params, x, target) * grad_cam(params, x, target)
+
+    return explainer(where, f, {"layer": layer, "interpolate": interpolate}, explain)
