@@ -12,7 +12,6 @@ higher-order derivatives) and ``torch.compile``::
 """
 
 from fxattr.analyzer import Analyzer, create_analyzer, list_analyzers
-from fxattr.cam import cam, gradcam, gradcam_plus_plus, guided_gradcam, layercam, scorecam, xgradcam
 from fxattr.deeplift import deeplift, deeplift_shap
 from fxattr.errors import FxattrError
 from fxattr.expected import expected_gradients, gradient_shap
@@ -21,6 +20,7 @@ from fxattr.gradient import gradient, input, input_x_gradient, random
 from fxattr.integrated import QUADRATURES, integrated_gradients, quadrature
 from fxattr.lrp import deconvnet, deep_taylor, deep_taylor_bounded, guided_backprop, lrp
 from fxattr.noise import noise_tunnel, smoothgrad, smoothgrad_sq, vargrad
+from fxattr.pattern import pattern_attribution, patternnet
 from fxattr.perturbation import feature_ablation, occlusion, rise, rise_masks
 from fxattr.targets import select
 from fxattr import viz
@@ -32,7 +32,6 @@ __all__ = [
     "QUADRATURES",
     "FunctionalModel",
     "FxattrError",
-    "cam",
     "create_analyzer",
     "deconvnet",
     "deeplift",
@@ -42,29 +41,25 @@ __all__ = [
     "expected_gradients",
     "feature_ablation",
     "functionalize",
-    "gradcam",
-    "gradcam_plus_plus",
     "gradient",
     "gradient_shap",
     "guided_backprop",
-    "guided_gradcam",
     "input",
     "input_x_gradient",
     "integrated_gradients",
-    "layercam",
     "list_analyzers",
     "lrp",
     "noise_tunnel",
     "occlusion",
+    "pattern_attribution",
+    "patternnet",
     "quadrature",
     "random",
     "rise",
     "rise_masks",
-    "scorecam",
     "select",
     "smoothgrad",
     "smoothgrad_sq",
     "vargrad",
     "viz",
-    "xgradcam",
 ]

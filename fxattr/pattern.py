@@ -1,0 +1,226 @@
+"""PatternNet and PatternAttribution (Kindermans et al. 2017, "Learning how to explain neural
+networks"), with the patterns fitted in one streaming pass over data.
+
+For a kernel layer ``y = W x`` (a linear layer, or a convolution on its input patches) the signal
+``s`` of the input is estimated by a *pattern* ``a_j`` per output neuron ``j``:
+
+- ``pattern_type="linear"``: ``a_j = cov(x, y_j) / (w_j^T cov(x, y_j))``;
+- ``pattern_type="relu"`` (the two-component estimator, the default as in iNNvestigate): the same
+  with the statistics taken only over the samples where the neuron is active (``y_j > 0``, ``y``
+  the layer's output including its bias, i.e. the pre-activation of the ReLU that follows).
+  iNNvestigate 1.x takes ``E[y]`` over all samples there; fxattr follows the paper and takes
+  every statistic over the active samples (``E+[x y] - E+[x] E+[y]``).
+
+Patterns are kept as a params-like dict ``{layer name: pattern shaped like the layer's weight}``
+(the layer name is the module's qualified name, e.g. ``"features.0"``), saved and loaded with
+:func:`save` / :func:`load` (safetensors: no pickle).
+
+Explanations run the reverse engine's graph (:mod:`fxattr.lrp.graph`): one forward pass, then the
+output's value (iNNvestigate's seed) is passed back, through kernel layers by their transpose with
+the weight replaced by the pattern (PatternNet: the signal) or by ``pattern * weight``
+(PatternAttribution: its contributions), through ReLUs and max pooling by their gradient (gating
+and routing as in the forward pass), through other linear ops by their gradient. iNNvestigate's
+optional rescaling of bottleneck layers to [-1, 1] is not applied.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import optree
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from fxattr._explainer import check_choice, check_model, explainer
+from fxattr.deeplift import _Walk
+from fxattr.errors import fail
+from fxattr.targets import check_target
+
+__all__ = ["PATTERN_TYPES", "load", "pattern_attribution", "patternnet", "save"]
+
+PATTERN_TYPES = ("relu", "linear")
+
+
+def _layer_name(walk: _Walk, node) -> str:
+    return node.target if node.op == "call_module" else node.name
+
+
+def _kernels(walk: _Walk) -> list:
+    return [n for n in walk.order if walk.nodes[n].kind == "kernel" and n in walk.path]
+
+
+def _check_patterns(where: str, walk: _Walk, patterns, params) -> dict:
+    if not isinstance(patterns, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in patterns.items()):
+        raise fail(where, "patterns must be a dict {layer name: pattern tensor}, as returned by "
+                          f"explain.fit(params, data) or fxattr.pattern.load; got {type(patterns).__name__}")
+    return dict(patterns)
+
+
+def _fit(where: str, walk: _Walk, params, data: Iterable, pattern_type: str) -> dict:
+    kernels = _kernels(walk)
+    static = {node: _static_params(where, walk, node, params) for node in kernels}
+    inputs = [node.args[0] for node in kernels]
+    one_input = len(walk.plan.placeholders) == 1
+
+    def activations(x):
+        values, _, _ = walk.plan.forward(params, x)
+        return [values[n] for n in inputs], [values[n] for n in kernels]
+
+    stats: dict = {}
+    seen = 0
+    for batch in data:
+        if one_input and isinstance(batch, (tuple, list)):
+            batch = batch[0]  # (inputs, labels) batches of a DataLoader
+        leaves = optree.tree_leaves(batch, namespace="torch")
+        if not leaves or not all(isinstance(t, Tensor) and t.ndim >= 1 for t in leaves):
+            raise fail(where, "data must be an iterable of batches: tensors with the examples "
+                              f"along the first axis; got a {type(batch).__name__}")
+        with torch.no_grad():
+            xs, zs = torch.vmap(activations)(batch)
+        seen += leaves[0].shape[0]
+        for node, x, z in zip(kernels, xs, zs):
+            info = walk.nodes[node]
+            p = static[node]
+            x, z = x.flatten(0, 1).double(), z.flatten(0, 1).double()  # (batch, 1, ...) -> batch
+            weight = p["weight"].detach().double()
+            mask = (z > 0).double() if pattern_type == "relu" else torch.ones_like(z)
+            _, back = torch.func.vjp(lambda w: info.layer.forward(x, {"weight": w, "bias": None}), weight)
+            # d/dW <c, W x> = sum over samples and positions of c_j x_patch: the neuron-wise sums
+            (sum_x,), (sum_xy,) = back(mask), back(mask * z)
+            reduce = [0] + list(range(2, z.ndim))
+            entry = (sum_x, sum_xy, (mask * z).sum(reduce), mask.sum(reduce))
+            key = _layer_name(walk, node)
+            stats[key] = entry if key not in stats else tuple(a + b for a, b in zip(stats[key], entry))
+    if seen == 0:
+        raise fail(where, "data gave no examples to fit the patterns on")
+    patterns = {}
+    for node in kernels:
+        key = _layer_name(walk, node)
+        if key in patterns:
+            continue
+        sum_x, sum_xy, sum_y, count = stats[key]
+        weight = static[node]["weight"].detach()
+        shape = (-1,) + (1,) * (weight.ndim - 1)
+        n = _safe(count).reshape(shape)
+        cov = sum_xy / n - (sum_x / n) * (sum_y.reshape(shape) / n)
+        scale = (weight.double() * cov).flatten(1).sum(1)  # w_j^T cov(x, y_j)
+        patterns[key] = (cov / _safe(scale).reshape(shape)).to(weight.dtype)
+    return patterns
+
+
+def _static_params(where: str, walk: _Walk, node, params) -> dict:
+    """The kernel layer's (batch-norm folded) weight and bias, read from ``params``."""
+    info = walk.nodes[node]
+    if not getattr(info.params, "needs_values", False):
+        return info.params(params)
+    values = {}
+    for arg in (*node.args[1:3], *node.kwargs.values()):
+        if isinstance(arg, fx.Node):
+            if arg.op != "get_attr" or arg.target not in params:
+                raise fail(where, f"the weight of functional layer {node.name!r} is computed in the "
+                                  "forward pass; patterns are fitted for layers whose weight is a parameter")
+            values[arg] = params[arg.target]
+    return info.params(params, values)
+
+
+def _safe(t: Tensor) -> Tensor:
+    return t + (t == 0).to(t.dtype)  # iNNvestigate's safe division: 0 / 0 -> 0
+
+
+def _pattern_explainer(where: str, f, patterns, pattern_type: str, attribution: bool):
+    check_model(where, f)
+    check_choice(where, "pattern_type", pattern_type, PATTERN_TYPES)
+    walk = _Walk(f, where, "PatternNet")
+    kernels = _kernels(walk)
+    if patterns is not None:
+        patterns = _check_patterns(where, walk, patterns, None)
+        for node in kernels:
+            if _layer_name(walk, node) not in patterns:
+                raise fail(where, f"patterns have no entry for layer {_layer_name(walk, node)!r}; "
+                                  f"they cover {', '.join(map(repr, patterns)) or 'nothing'}")
+
+    def kernel_params(node, p):
+        name = _layer_name(walk, node)
+        pattern = patterns[name].to(dtype=p["weight"].dtype, device=p["weight"].device)
+        if pattern.shape != p["weight"].shape:
+            raise fail(where, f"the pattern of layer {name!r} has shape {tuple(pattern.shape)}, its "
+                              f"weight {tuple(p['weight'].shape)}")
+        return {"weight": pattern * p["weight"] if attribution else pattern, "bias": None}
+
+    def explain(params, x, target=None):
+        check_target(where, target)
+        if patterns is None:
+            raise fail(where, "no patterns: fit them first, explain = explain.fit(params, data), or "
+                              "pass patterns=fxattr.pattern.load(path)")
+        if not torch.compiler.is_compiling():
+            f.check_input(x, where)
+        values, _, _ = walk.plan.forward(params, x)
+        walk._constants(params, values)
+        seeds = {node: g * values[node] for node, g in walk.seed(values, target).items()}
+        grads = walk.reverse(params, values, seeds, kernel_params=kernel_params)
+        return walk.to_input(x, values, grads, lambda g, ph: g)
+
+    def fit(params, data):
+        """Fits the patterns on ``data`` (an iterable of batches) in one pass; returns a new
+        explainer holding them (this one is unchanged)."""
+        return _pattern_explainer(where, f, _fit(where, walk, params, data, pattern_type),
+                                  pattern_type, attribution)
+
+    config = {"patterns": patterns, "pattern_type": pattern_type}
+    fn = explainer(where, f, config, explain)
+    fn.fit = fit
+    fn.patterns = patterns
+    return fn
+
+
+def patternnet(f, *, patterns: Mapping[str, Tensor] | None = None, pattern_type: str = "relu"):
+    """PatternNet: the signal of the input that the explained output responds to.
+
+    ``explain = fxattr.patternnet(f)`` has no patterns yet; ``explain = explain.fit(params, data)``
+    fits them in one pass over ``data`` (an iterable of batches, e.g. a DataLoader; ``(x, label)``
+    batches are read as ``x``) and returns a new explainer. ``explain(params, x, target)`` passes the
+    target output's value back with every kernel layer's weight replaced by its pattern, ReLUs and
+    max pooling gating as in the forward pass.
+
+    Args:
+        f: the function of ``fxattr.functionalize`` (traceable by ``torch.fx``).
+        patterns: ``{layer name: pattern}`` from a previous fit or :func:`load`, or ``None``.
+        pattern_type: ``"relu"`` (two-component estimator) or ``"linear"``.
+
+    Example:
+        >>> explain = fxattr.patternnet(f).fit(params, loader)
+        >>> fxattr.pattern.save(explain.patterns, "patterns.safetensors")
+        >>> signal = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    return _pattern_explainer("patternnet", f, patterns, pattern_type, attribution=False)
+
+
+def pattern_attribution(f, *, patterns: Mapping[str, Tensor] | None = None, pattern_type: str = "relu"):
+    """PatternAttribution: the contributions of the signal, with weights replaced by
+    ``pattern * weight`` in the backward pass (see :func:`patternnet` for fitting and arguments).
+
+    Example:
+        >>> explain = fxattr.pattern_attribution(f).fit(params, loader)
+        >>> relevance = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    return _pattern_explainer("pattern_attribution", f, patterns, pattern_type, attribution=True)
+
+
+def save(patterns: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Saves patterns to a safetensors file (tensors only, no pickle)."""
+    from safetensors.torch import save_file
+
+    if not isinstance(patterns, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in patterns.items()):
+        raise fail("pattern.save", "patterns must be a dict {layer name: tensor}")
+    save_file({k: v.detach().contiguous() for k, v in patterns.items()}, os.fspath(path))
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Loads patterns saved by :func:`save`."""
+    from safetensors.torch import load_file
+
+    return load_file(os.fspath(path), device=str(device))
