@@ -12,6 +12,7 @@ higher-order derivatives) and ``torch.compile``::
 """
 
 from fxattr.analyzer import Analyzer, create_analyzer, list_analyzers
+from fxattr.cam import cam, gradcam, gradcam_plus_plus, guided_gradcam, layercam, scorecam, xgradcam
 from fxattr.deeplift import deeplift, deeplift_shap
 from fxattr.errors import FxattrError
 from fxattr.expected import expected_gradients, gradient_shap
@@ -32,6 +33,7 @@ __all__ = [
     "QUADRATURES",
     "FunctionalModel",
     "FxattrError",
+    "cam",
     "create_analyzer",
     "deconvnet",
     "deeplift",
@@ -41,12 +43,16 @@ __all__ = [
     "expected_gradients",
     "feature_ablation",
     "functionalize",
+    "gradcam",
+    "gradcam_plus_plus",
     "gradient",
     "gradient_shap",
     "guided_backprop",
+    "guided_gradcam",
     "input",
     "input_x_gradient",
     "integrated_gradients",
+    "layercam",
     "list_analyzers",
     "lrp",
     "noise_tunnel",
@@ -57,9 +63,11 @@ __all__ = [
     "random",
     "rise",
     "rise_masks",
+    "scorecam",
     "select",
     "smoothgrad",
     "smoothgrad_sq",
     "vargrad",
     "viz",
+    "xgradcam",
 ]
