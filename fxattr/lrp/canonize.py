@@ -29,9 +29,14 @@ def batch_norm_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Te
     return scale, shift
 
 
-def fold(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    """The kernel layer ``(weight, bias)`` followed by ``z * scale + shift`` on its output channels
-    (axis 0 of ``weight``), as one layer ``(scale * weight, scale * bias + shift)``."""
+def fold(weight: Tensor, bias: Tensor | None, mean: Tensor, var: Tensor, bn_weight: Tensor | None,
+         bn_bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """The kernel layer ``(weight, bias)`` followed by an eval batch norm on its output channels
+    (axis 0 of ``weight``), as one layer ``(s * weight, (bias - mean) * s + beta)`` with
+    ``s = gamma / sqrt(var + eps)`` (evaluated in the order zennit's MergeBatchNorm uses, so that
+    float32 results agree to rounding)."""
+    scale = 1 / (var + eps) ** 0.5 if bn_weight is None else bn_weight / (var + eps) ** 0.5
     folded_weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-    folded_bias = shift if bias is None else bias * scale + shift
+    centred = -mean if bias is None else bias - mean
+    folded_bias = centred * scale if bn_bias is None else centred * scale + bn_bias
     return folded_weight, folded_bias

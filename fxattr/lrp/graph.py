@@ -201,6 +201,11 @@ def _batch_norm_layer(nonnegative: bool) -> R.Layer:
     return R.Layer("batchnorm", forward, transpose, bias, nonnegative)
 
 
+def source_bn_state(target: str, gm: fx.GraphModule):
+    module = gm.get_submodule(target)
+    return target, module.eps, module.affine
+
+
 def _vjp_transpose(forward, s, p, x):
     _, vjp = torch.func.vjp(lambda t: forward(t, p), x)
     return vjp(s)[0]
@@ -373,13 +378,17 @@ class Plan:
                     and kernel.fold is None):
                 kernel.fold = node
                 info.kind = "folded"
-                kernel.params = self._folded_params(kernel.params, info.params)
+                kernel.params = self._folded_params(kernel.params, source_bn_state(node.target, self.gm))
 
     @staticmethod
-    def _folded_params(kernel_params, bn_params):
+    def _folded_params(kernel_params, bn):
+        target, eps, affine = bn
+
         def params(p):
-            k, bn = kernel_params(p), bn_params(p)
-            weight, bias = fold(k["weight"], k["bias"], bn["weight"], bn["bias"])
+            k = kernel_params(p)
+            weight, bias = fold(k["weight"], k["bias"], p[f"{target}.running_mean"],
+                                p[f"{target}.running_var"], p[f"{target}.weight"] if affine else None,
+                                p[f"{target}.bias"] if affine else None, eps)
             return {"weight": weight, "bias": bias}
         return params
 

@@ -221,7 +221,7 @@ def gamma(gamma: float = 0.25, *, stabiliser=1e-6) -> Rule:
         if layer.nonnegative_input:
             s_pos = positive * relevance / stabilise(layer.forward(xp, p_up))
             s_neg = negative * relevance / stabilise(layer.forward(xp, p_down))
-            return xp * (layer.transpose(s_pos, p_up, x) + layer.transpose(s_neg, p_down, x))
+            return xp * layer.transpose(s_pos, p_up, x) + xp * layer.transpose(s_neg, p_down, x)
         xn = x.clamp(max=0)
         s_pos = positive * relevance / stabilise(layer.forward(xp, p_up) + layer.forward(xn, p_down_nb))
         s_neg = negative * relevance / stabilise(layer.forward(xp, p_down) + layer.forward(xn, p_up_nb))
