@@ -67,197 +67,281 @@ def _describe(plan, node: fx.Node) -> str:
     return f"function {getattr(node.target, '__name__', repr(node.target))}"
 
 
-class _Walk:
-    """A reverse pass over ``Plan``'s classified graph with per-kind overrides.
+class _Slot:
+    """A reference to the value of graph node ``i`` inside an argument template."""
 
-    ``values`` (the forward values at the explained point, with a batch axis of 1) come from
-    ``Plan.forward`` or from :meth:`pair_values`; ``reverse`` pushes a cotangent from the output
-    back to the inputs: linear nodes by their vector-Jacobian product, kernel layers by their
-    transpose (with the layer's own or replaced parameters), and whatever ``override`` returns for
-    the other nodes.
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+def _fill_template(t, vals, local=None):
+    """``t`` with every :class:`_Slot` replaced by its value (``local`` overrides ``vals``)."""
+    if isinstance(t, _Slot):
+        if local is not None and t.i in local:
+            return local[t.i]
+        return vals[t.i]
+    if isinstance(t, tuple):
+        return tuple(_fill_template(a, vals, local) for a in t)
+    if isinstance(t, list):
+        return [_fill_template(a, vals, local) for a in t]
+    if isinstance(t, dict):
+        return {k: _fill_template(v, vals, local) for k, v in t.items()}
+    if isinstance(t, slice):
+        return slice(_fill_template(t.start, vals, local), _fill_template(t.stop, vals, local),
+                     _fill_template(t.step, vals, local))
+    return t
+
+
+class _Step:
+    """One graph node as plain data: what the passes need at run time, without torch.fx (dynamo
+    does not trace ``fx.Node`` attributes, so nothing below reads them while explaining)."""
+
+    __slots__ = ("i", "name", "kind", "data", "x", "args", "kwargs", "call", "layer", "params",
+                 "needs_values", "value_slots", "module_name", "constant")
+
+
+class _Walk:
+    """A forward and a reverse pass over ``Plan``'s classified graph, with per-kind overrides.
+
+    Construction reads the graph once (kinds, kernel layers, folded batch norms from
+    :class:`fxattr.lrp.graph.Plan`) into a list of :class:`_Step`; values live in a list indexed
+    by node position. ``reverse`` pushes a cotangent from the output back to the inputs: linear
+    nodes by their vector-Jacobian product, kernel layers by their transpose (with the layer's own
+    or replaced parameters), and whatever ``override`` returns for the other nodes.
     """
 
     def __init__(self, f, where: str, what: str):
         self.f = f
         self.where = where
-        self.plan = _plan(where, f)
-        self.nodes = self.plan.nodes
-        self.order = self.plan.graph_nodes
-        self.path = self._on_path()
-        for node in self.order:
-            kind = self.nodes[node].kind
+        self.plan = plan = _plan(where, f)
+        nodes = plan.nodes
+        order = plan.graph_nodes
+        self.index = {node: i for i, node in enumerate(order)}
+        path = self._on_path()
+        for node in order:
+            kind = nodes[node].kind
             # the engine takes x * x for a scaling by a constant (one distinct data input); it is not
             bilinear = kind == "scale" and sum(
-                isinstance(a, fx.Node) and self.nodes[a].data for a in node.args) > 1
-            if node in self.path and (kind == "unsupported" or bilinear):
+                isinstance(a, fx.Node) and nodes[a].data for a in node.args) > 1
+            if node in path and (kind == "unsupported" or bilinear):
                 raise fail(where, f"no {what} rule for graph node {node.name!r}: "
-                                  f"{_describe(self.plan, node)}. Supported: linear and convolution "
+                                  f"{_describe(plan, node)}. Supported: linear and convolution "
                                   "layers, batch norm, element-wise activations, max/average pooling, "
                                   "additions, scaling by constants and routing ops (cat, view, ...)")
-        self.data_nodes = [n for n in self.order if self.nodes[n].data and n.op != "placeholder"]
+        self.size = len(order)
+        self._data_args = [[self.index[a] for a in nodes[node].data_args] for node in order]
+        self.steps: list[_Step] = [self._step(node) for node in order]
+        self.placeholders = [self.index[ph] for ph in plan.placeholders]
+        self.placeholder_names = [ph.target for ph in plan.placeholders]
+        self.placeholder_defaults = [ph.args[0] if ph.args else None for ph in plan.placeholders]
+        self.on_path = frozenset(self.index[n] for n in path)
+        runnable = [st for st in self.steps if st.kind not in ("placeholder", "output")]
+        self.forward_steps = runnable
+        self.constant_steps = [st for st in runnable if not st.data]
+        self.data_steps = [st.i for st in runnable if st.data]
+        self.reverse_steps = [st for st in reversed(self.steps)
+                              if st.data and st.kind not in ("placeholder", "output")]
+        out = plan.output.args[0]
+        leaves, self.out_tree = pytree.tree_flatten(out)
+        self.out_leaves = [_Slot(self.index[leaf]) if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
+        self.out_data = [j for j, leaf in enumerate(leaves)
+                         if isinstance(leaf, fx.Node) and nodes[leaf].data]
 
     def _on_path(self) -> set:
         keep: set = set()
         stack = list(self.plan.output.all_input_nodes)
         while stack:
             node = stack.pop()
-            if node in keep or not self.nodes[node].data:
+            if node in keep or not self.plan.nodes[node].data:
                 continue
             keep.add(node)
-            stack.extend(self.nodes[node].data_args)
+            stack.extend(self.plan.nodes[node].data_args)
         return keep
 
+    def _step(self, node: fx.Node) -> _Step:
+        info = self.plan.nodes[node]
+        st = _Step()
+        st.i, st.name = self.index[node], node.name
+        st.kind = "placeholder" if node.op == "placeholder" else ("output" if node.op == "output" else info.kind)
+        st.data = bool(info.data)
+        st.x = self.index[node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else None
+        slot = lambda n: _Slot(self.index[n])  # noqa: E731
+        st.args = map_arg(node.args, slot)
+        st.kwargs = map_arg(node.kwargs, slot)
+        st.layer, st.params, st.needs_values, st.value_slots = info.layer, info.params, False, {}
+        st.module_name = node.target if node.op == "call_module" else None
+        st.constant = None
+        if info.kind in ("kernel", "batchnorm") and info.params is not None:
+            st.needs_values = getattr(info.params, "needs_values", False)
+            if st.needs_values:  # functional layer: its weight and bias are values of the graph
+                st.value_slots = {n: self.index[n] for n in node.all_input_nodes}
+        st.call = self._caller(node)
+        return st
+
+    def _caller(self, node: fx.Node):
+        if node.op == "get_attr":
+            target = node.target
+            obj = self.plan.gm
+            for part in target.split("."):
+                obj = getattr(obj, part, None)
+            value = obj
+
+            def get(args, kwargs, params):
+                return params[target] if target in params else value
+            return get
+        if node.op == "call_module":
+            module = self.plan.gm.get_submodule(node.target)
+            prefix = node.target
+            names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+
+            def call_module(args, kwargs, params):
+                own = {n: params[f"{prefix}.{n}"] for n in names if f"{prefix}.{n}" in params}
+                if own:
+                    return torch.func.functional_call(module, own, args, kwargs)
+                return module(*args, **kwargs)
+            return call_module
+        if node.op == "call_method":
+            method = node.target
+            return lambda args, kwargs, params: getattr(args[0], method)(*args[1:], **kwargs)
+        if node.op == "call_function":
+            fn = _batch_norm if node.target is torch.nn.functional.batch_norm else node.target
+            return lambda args, kwargs, params: fn(*args, **kwargs)
+        return None
+
     # forward values
+
+    def kernel_params(self, st: _Step, params, vals) -> dict:
+        if st.needs_values:
+            return st.params(params, {n: vals[i] for n, i in st.value_slots.items()})
+        return st.params(params)
+
+    def _run(self, st: _Step, vals, params):
+        if st.kind == "kernel" or (st.kind == "batchnorm" and st.layer is not None):
+            return st.layer.forward(vals[st.x], self.kernel_params(st, params, vals))
+        if st.kind == "folded":
+            return vals[st.x]
+        return st.call(_fill_template(st.args, vals), _fill_template(st.kwargs, vals), params)
+
+    def _inputs(self, x) -> list:
+        vals: list = [None] * self.size
+        batched = tree_map(lambda t: t.unsqueeze(0), x)
+        for k, (i, name, default) in enumerate(zip(self.placeholders, self.placeholder_names,
+                                                   self.placeholder_defaults)):
+            if isinstance(batched, dict):
+                vals[i] = batched[name] if name in batched else default
+            elif isinstance(batched, tuple):
+                vals[i] = batched[k] if k < len(batched) else default
+            else:
+                vals[i] = batched if k == 0 else default
+        return vals
+
+    def forward(self, params, x) -> list:
+        """Every node's value at ``x`` (with a batch axis of 1), as a list by node position."""
+        vals = self._inputs(x)
+        for st in self.forward_steps:
+            vals[st.i] = self._run(st, vals, params)
+        return vals
 
     def pair_values(self, params, x, base):
         """Forward values at ``x`` and at ``base`` from ONE vmapped forward pass."""
         pair = tree_map(lambda a, b: torch.stack([a, b]), x, base)
 
         def one(xi):
-            values, _, _ = self.plan.forward(params, xi)
-            return [values[n] for n in self.data_nodes]
+            vals = self.forward(params, xi)
+            return [vals[i] for i in self.data_steps]
 
         stacked = torch.vmap(one)(pair)
-        at_x = {ph: t.unsqueeze(0) for ph, t in self._placeholders(x).items()}
-        at_b = {ph: t.unsqueeze(0) for ph, t in self._placeholders(base).items()}
-        for node, v in zip(self.data_nodes, stacked):
-            at_x[node] = tree_map(lambda t: t[0], v)
-            at_b[node] = tree_map(lambda t: t[1], v)
-        self._constants(params, at_x)
-        for node, v in at_x.items():  # shapes and constants are the same at both points
-            at_b.setdefault(node, v)
+        at_x, at_b = self._inputs(x), self._inputs(base)
+        for i, v in zip(self.data_steps, stacked):
+            at_x[i] = tree_map(lambda t: t[0], v)
+            at_b[i] = tree_map(lambda t: t[1], v)
+        # shapes, constants and attributes do not depend on the data: the same at both points
+        for st in self.constant_steps:
+            at_x[st.i] = at_b[st.i] = self._run(st, at_x, params)
         return at_x, at_b
 
-    def _placeholders(self, x) -> dict:
-        phs = self.plan.placeholders
-        if isinstance(x, dict):
-            return {ph: x[ph.target] for ph in phs if ph.target in x}
-        if isinstance(x, tuple):
-            return dict(zip(phs, x))
-        return {phs[0]: x}
+    def bound(self, st: _Step, vals, params) -> tuple[Callable, list]:
+        """The node as a function of its data inputs, the rest read from ``vals``."""
+        data = self.data_args(st)
 
-    def _constants(self, params, values) -> None:
-        """Values of the nodes that do not depend on the data (shapes, constants, attributes)."""
-        for node in self.order:
-            if node in values or node.op in ("placeholder", "output"):
-                continue
-            if node.op == "get_attr":
-                values[node] = params[node.target] if node.target in params else self._attr(node.target)
-                continue
-            values[node] = self.call(node, map_arg(node.args, values.__getitem__),
-                                     map_arg(node.kwargs, values.__getitem__), params)
+        def fn(*dv):
+            local = dict(zip(data, dv))
+            return st.call(_fill_template(st.args, vals, local), _fill_template(st.kwargs, vals, local),
+                           params)
+        return fn, [vals[i] for i in data]
 
-    def _attr(self, target: str):
-        obj = self.plan.gm
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
+    def data_args(self, st: _Step) -> list:
+        return self._data_args[st.i]
 
-    def call(self, node: fx.Node, args, kwargs, params):
-        if node.op == "call_module":
-            module = self.plan.gm.get_submodule(node.target)
-            names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
-            own = {n: params[f"{node.target}.{n}"] for n in names if f"{node.target}.{n}" in params}
-            if own:
-                return torch.func.functional_call(module, own, args, kwargs)
-            return module(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.target is torch.nn.functional.batch_norm:
-            return _batch_norm(*args, **kwargs)
-        return node.target(*args, **kwargs)
-
-    def bound(self, node: fx.Node, values: dict, params) -> tuple[Callable, list]:
-        """The node as a function of its data inputs, the rest read from ``values``."""
-        data = self.nodes[node].data_args
-
-        def fn(*vals):
-            lookup = dict(zip(data, vals))
-
-            def value(n):
-                return lookup[n] if n in lookup else values[n]
-            return self.call(node, map_arg(node.args, value), map_arg(node.kwargs, value), params)
-        return fn, [values[a] for a in data]
-
-    def vjp(self, node, values, params, g):
-        fn, primals = self.bound(node, values, params)
+    def vjp(self, st: _Step, vals, params, g):
+        fn, primals = self.bound(st, vals, params)
         out, back = torch.func.vjp(fn, *primals)
-        return list(zip(self.nodes[node].data_args, back(_fill(g, out))))
-
-    def kernel_params(self, node, params, values) -> dict:
-        info = self.nodes[node]
-        if getattr(info.params, "needs_values", False):
-            return info.params(params, values)
-        return info.params(params)
+        return list(zip(self.data_args(st), back(_fill(g, out))))
 
     # the reverse pass
 
-    def seed(self, values, target) -> dict:
+    def seed(self, vals, target) -> dict:
         """d output[target] / d (each data leaf of the graph's output) at the explained point."""
-        spec = self.plan.output.args[0]
-        leaves, tree = pytree.tree_flatten(spec)
-        data = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node) and self.nodes[leaf].data]
-        current = [values[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
+        current = [_fill_template(leaf, vals) for leaf in self.out_leaves]
 
-        def selected(*vals):
+        def selected(*dv):
             leaf_values = list(current)
-            for i, v in zip(data, vals):
-                leaf_values[i] = v
-            raw = pytree.tree_unflatten(leaf_values, tree)
+            for j, v in zip(self.out_data, dv):
+                leaf_values[j] = v
+            raw = pytree.tree_unflatten(leaf_values, self.out_tree)
             out = self.f.output(raw) if self.f.output is not None else raw
             if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != 1:
                 raise fail(self.where, "the model must return a tensor with a batch axis (pass "
                                        "output=callable to functionalize to choose one)")
             return select(self.where, out[0], target)
 
-        grads = torch.func.grad(selected, argnums=tuple(range(len(data))))(*[current[i] for i in data])
+        grads = torch.func.grad(selected, argnums=tuple(range(len(self.out_data))))(
+            *[current[j] for j in self.out_data])
         seeds: dict = {}
-        for i, g in zip(data, grads):
-            _accumulate(seeds, leaves[i], g)
+        for j, g in zip(self.out_data, grads):
+            _accumulate(seeds, self.out_leaves[j].i, g)
         return seeds
 
-    def reverse(self, params, values, seeds: dict, override=None, kernel_params=None) -> dict:
-        """Pushes ``seeds`` back to the placeholders; returns {placeholder: cotangent}.
+    def reverse(self, params, vals, seeds: dict, override=None, kernel_params=None) -> dict:
+        """Pushes ``seeds`` ({node position: cotangent}) back to the inputs.
 
-        ``override(node, info, g)`` may return a list of ``(input node, cotangent)`` for a node
-        (``None``: the default). ``kernel_params(node, p)`` may replace a kernel layer's parameters
+        ``override(step, g)`` may return a list of ``(input position, cotangent)`` for a node
+        (``None``: the default). ``kernel_params(step, p)`` may replace a kernel layer's parameters
         in its transpose.
         """
         g_of = dict(seeds)
-        for node in reversed(self.order):
-            if node not in g_of or node.op == "placeholder":
+        for st in self.reverse_steps:
+            if st.i not in g_of:
                 continue
-            g = g_of.pop(node)
-            info = self.nodes[node]
-            incoming = override(node, info, g) if override is not None else None
+            g = g_of.pop(st.i)
+            incoming = override(st, g) if override is not None else None
             if incoming is None:
-                if info.kind == "folded":
-                    incoming = [(node.args[0], g)]
-                elif info.kind in _LINEAR_LAYERS:
-                    x_node = node.args[0]
-                    p = self.kernel_params(node, params, values)
-                    if kernel_params is not None and info.kind == "kernel":
-                        p = kernel_params(node, p)
-                    incoming = [(x_node, info.layer.transpose(g, p, values[x_node]))]
+                if st.kind == "folded":
+                    incoming = [(st.x, g)]
+                elif st.kind in _LINEAR_LAYERS and st.layer is not None:
+                    p = self.kernel_params(st, params, vals)
+                    if kernel_params is not None and st.kind == "kernel":
+                        p = kernel_params(st, p)
+                    incoming = [(st.x, st.layer.transpose(g, p, vals[st.x]))]
                 else:
-                    incoming = self.vjp(node, values, params, g)
-            for arg, r in incoming:
-                if self.nodes[arg].data:
-                    _accumulate(g_of, arg, r)
-        return {ph: g_of.get(ph) for ph in self.plan.placeholders}
+                    incoming = self.vjp(st, vals, params, g)
+            for i, r in incoming:
+                _accumulate(g_of, i, r)
+        return {i: g_of.get(i) for i in self.placeholders}
 
-    def to_input(self, x, values, grads: dict, combine):
-        """``combine(cotangent, placeholder)`` per input of ``x``'s structure (batch axis removed)."""
-        def one(ph):
-            g = grads.get(ph)
-            g = torch.zeros_like(values[ph][0]) if g is None else g[0]
-            return combine(g, ph)
-        phs = self.plan.placeholders
+    def to_input(self, x, vals, grads: dict, combine):
+        """``combine(cotangent, position)`` per input of ``x``'s structure (batch axis removed)."""
+        def one(i):
+            g = grads.get(i)
+            g = torch.zeros_like(vals[i][0]) if g is None else g[0]
+            return combine(g, i)
         if isinstance(x, dict):
-            return {ph.target: one(ph) for ph in phs if ph.target in x}
+            return {name: one(i) for i, name in zip(self.placeholders, self.placeholder_names) if name in x}
         if isinstance(x, tuple):
-            return tuple(one(ph) for ph in phs[:len(x)])
-        return one(phs[0])
+            return tuple(one(i) for i in self.placeholders[:len(x)])
+        return one(self.placeholders[0])
 
 
 def _fill(g, out):
@@ -266,11 +350,11 @@ def _fill(g, out):
     return type(out)(_fill(r, o) if r is not None else torch.zeros_like(o) for r, o in zip(g, out))
 
 
-def _accumulate(store: dict, node, r) -> None:
-    if node in store:
-        store[node] = optree.tree_map(torch.add, store[node], r, namespace="torch")
+def _accumulate(store: dict, key, r) -> None:
+    if key in store:
+        store[key] = optree.tree_map(torch.add, store[key], r, namespace="torch")
     else:
-        store[node] = r
+        store[key] = r
 
 
 def _safe_ratio(num: Tensor, den: Tensor, fallback: Tensor, eps: float) -> Tensor:
@@ -282,85 +366,83 @@ def _safe_ratio(num: Tensor, den: Tensor, fallback: Tensor, eps: float) -> Tenso
 
 class _DeepLift:
     def __init__(self, f, where: str, rule: str, eps: float):
-        self.walk = _Walk(f, where, "DeepLIFT")
+        self.walk = walk = _Walk(f, where, "DeepLIFT")
         self.rule = rule
         self.eps = eps
         self.where = where
-        nodes = self.walk.nodes
+        plan, nodes = walk.plan, walk.plan.nodes
         # reveal-cancel pairs: activation -> the kernel layer feeding it (through a folded batch norm)
         self.pairs: dict = {}
         if rule == "reveal_cancel":
-            for node in self.walk.order:
-                if nodes[node].kind != "activation" or node not in self.walk.path:
+            for node in plan.graph_nodes:
+                if nodes[node].kind != "activation" or walk.index[node] not in walk.on_path:
                     continue
                 source = node.args[0]
                 if nodes[source].kind == "folded" and len(source.users) == 1:
                     source = source.args[0]
-                if nodes[source].kind in _LINEAR_LAYERS and len(source.users) == 1:
-                    self.pairs[node] = source
+                if nodes[source].kind in _LINEAR_LAYERS and len(source.users) == 1 \
+                        and nodes[source].layer is not None:
+                    self.pairs[walk.index[node]] = walk.steps[walk.index[source]]
 
     def __call__(self, params, x, base, target):
         walk = self.walk
         at_x, at_b = walk.pair_values(params, x, base)
 
-        def override(node, info, g):
-            if info.kind == "activation":
-                if node in self.pairs:
-                    return self._reveal_cancel(node, self.pairs[node], params, at_x, at_b, g)
-                return self._rescale(node, params, at_x, at_b, g)
-            if info.kind == "maxpool":
-                return self._maxpool(node, params, at_x, at_b, g)
+        def override(st, g):
+            if st.kind == "activation":
+                if st.i in self.pairs:
+                    return self._reveal_cancel(st, self.pairs[st.i], params, at_x, at_b, g)
+                return self._rescale(st, params, at_x, at_b, g)
+            if st.kind == "maxpool":
+                return self._maxpool(st, params, at_x, at_b, g)
             return None
 
         grads = walk.reverse(params, at_x, walk.seed(at_x, target), override)
-        return walk.to_input(x, at_x, grads, lambda g, ph: g * (at_x[ph][0] - at_b[ph][0]))
+        return walk.to_input(x, at_x, grads, lambda g, i: g * (at_x[i][0] - at_b[i][0]))
 
-    def _rescale(self, node, params, at_x, at_b, g):
-        x_node = node.args[0]
-        (_, gradient), = self.walk.vjp(node, at_x, params, g)
-        dx = at_x[x_node] - at_b[x_node]
-        dy = at_x[node] - at_b[node]
-        return [(x_node, _safe_ratio(g * dy, dx, gradient, self.eps))]
+    def _rescale(self, st, params, at_x, at_b, g):
+        (_, gradient), = self.walk.vjp(st, at_x, params, g)
+        dx = at_x[st.x] - at_b[st.x]
+        dy = at_x[st.i] - at_b[st.i]
+        return [(st.x, _safe_ratio(g * dy, dx, gradient, self.eps))]
 
-    def _maxpool(self, node, params, at_x, at_b, g):
+    def _maxpool(self, st, params, at_x, at_b, g):
         # captum's rule: split the output difference at the cross maximum and route each part
         # through the winners of its own forward pass.
-        x_node = self.walk.nodes[node].data_args[0]
-        out, ref = at_x[node], at_b[node]
+        x = self.walk.data_args(st)[0]
+        out, ref = at_x[st.i], at_b[st.i]
         cross = torch.maximum(out, ref)
-        (_, gradient), = self.walk.vjp(node, at_x, params, g)
-        (_, via_x), = self.walk.vjp(node, at_x, params, g * (cross - ref))
-        (_, via_b), = self.walk.vjp(node, at_b, params, g * (out - cross))
-        dx = at_x[x_node] - at_b[x_node]
-        return [(x_node, _safe_ratio(via_x + via_b, dx, gradient, self.eps))]
+        (_, gradient), = self.walk.vjp(st, at_x, params, g)
+        (_, via_x), = self.walk.vjp(st, at_x, params, g * (cross - ref))
+        (_, via_b), = self.walk.vjp(st, at_b, params, g * (out - cross))
+        dx = at_x[x] - at_b[x]
+        return [(x, _safe_ratio(via_x + via_b, dx, gradient, self.eps))]
 
-    def _reveal_cancel(self, node, layer_node, params, at_x, at_b, g):
+    def _reveal_cancel(self, st, layer_st, params, at_x, at_b, g):
         walk, eps = self.walk, self.eps
-        info = walk.nodes[layer_node]
-        in_node = layer_node.args[0]
-        p = walk.kernel_params(layer_node, params, at_x)
-        layer = info.layer
-        w = p["weight"]
+        inp = layer_st.x
+        layer = layer_st.layer
+        w = walk.kernel_params(layer_st, params, at_x)["weight"]
         plus = {"weight": w.clamp(min=0), "bias": None}
         minus = {"weight": w.clamp(max=0), "bias": None}
-        dx = at_x[in_node] - at_b[in_node]
+        dx = at_x[inp] - at_b[inp]
         dx_pos, dx_neg = dx.clamp(min=0), dx.clamp(max=0)
         # the positive and negative parts of the pre-activation's difference
         dz_pos = layer.forward(dx_pos, plus) + layer.forward(dx_neg, minus)
         dz_neg = layer.forward(dx_pos, minus) + layer.forward(dx_neg, plus)
-        act, (z0,) = walk.bound(node, at_b, params)
-        y0, y1 = at_b[node], at_x[node]
+        act, (z0,) = walk.bound(st, at_b, params)
+        y0, y1 = at_b[st.i], at_x[st.i]
         y_pos, y_neg = act(z0 + dz_pos), act(z0 + dz_neg)
         dy_pos = 0.5 * (y_pos - y0) + 0.5 * (y1 - y_neg)
         dy_neg = 0.5 * (y_neg - y0) + 0.5 * (y1 - y_pos)
         # where a part vanishes its multiplier does not matter: the activation's slope at x
-        (_, slope), = walk.vjp(node, at_x, params, torch.ones_like(g))
+        (_, slope), = walk.vjp(st, at_x, params, torch.ones_like(g))
         g_pos = g * _safe_ratio(dy_pos, dz_pos, slope, eps)
         g_neg = g * _safe_ratio(dy_neg, dz_neg, slope, eps)
-        x_in = at_x[in_node]
+        x_in = at_x[inp]
         up = layer.transpose(g_pos, plus, x_in) + layer.transpose(g_neg, minus, x_in)
         down = layer.transpose(g_pos, minus, x_in) + layer.transpose(g_neg, plus, x_in)
-        return [(in_node, torch.where(dx >= 0, up, down))]
+        return [(inp, torch.where(dx >= 0, up, down))]
 
 
 def _check_eps(where, eps):

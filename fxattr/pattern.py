@@ -30,7 +30,6 @@ from collections.abc import Iterable, Mapping
 
 import optree
 import torch
-import torch.fx as fx
 from torch import Tensor
 
 from fxattr._explainer import check_choice, check_model, explainer
@@ -43,12 +42,12 @@ __all__ = ["PATTERN_TYPES", "load", "pattern_attribution", "patternnet", "save"]
 PATTERN_TYPES = ("relu", "linear")
 
 
-def _layer_name(walk: _Walk, node) -> str:
-    return node.target if node.op == "call_module" else node.name
+def _layer_name(walk: _Walk, st) -> str:
+    return st.module_name if st.module_name is not None else st.name
 
 
 def _kernels(walk: _Walk) -> list:
-    return [n for n in walk.order if walk.nodes[n].kind == "kernel" and n in walk.path]
+    return [st for st in walk.steps if st.kind == "kernel" and st.i in walk.on_path]
 
 
 def _check_patterns(where: str, walk: _Walk, patterns, params) -> dict:
@@ -61,13 +60,12 @@ def _check_patterns(where: str, walk: _Walk, patterns, params) -> dict:
 
 def _fit(where: str, walk: _Walk, params, data: Iterable, pattern_type: str) -> dict:
     kernels = _kernels(walk)
-    static = {node: _static_params(where, walk, node, params) for node in kernels}
-    inputs = [node.args[0] for node in kernels]
-    one_input = len(walk.plan.placeholders) == 1
+    static = {st: _static_params(where, walk, st, params) for st in kernels}
+    one_input = len(walk.placeholders) == 1
 
     def activations(x):
-        values, _, _ = walk.plan.forward(params, x)
-        return [values[n] for n in inputs], [values[n] for n in kernels]
+        vals = walk.forward(params, x)
+        return [vals[st.x] for st in kernels], [vals[st.i] for st in kernels]
 
     stats: dict = {}
     seen = 0
@@ -82,12 +80,12 @@ def _fit(where: str, walk: _Walk, params, data: Iterable, pattern_type: str) -> 
             xs, zs = torch.vmap(activations)(batch)
         seen += leaves[0].shape[0]
         for node, x, z in zip(kernels, xs, zs):
-            info = walk.nodes[node]
+            layer = node.layer
             p = static[node]
             x, z = x.flatten(0, 1).double(), z.flatten(0, 1).double()  # (batch, 1, ...) -> batch
             weight = p["weight"].detach().double()
             mask = (z > 0).double() if pattern_type == "relu" else torch.ones_like(z)
-            _, back = torch.func.vjp(lambda w: info.layer.forward(x, {"weight": w, "bias": None}), weight)
+            _, back = torch.func.vjp(lambda w: layer.forward(x, {"weight": w, "bias": None}), weight)
             # d/dW <c, W x> = sum over samples and positions of c_j x_patch: the neuron-wise sums
             (sum_x,), (sum_xy,) = back(mask), back(mask * z)
             reduce = [0] + list(range(2, z.ndim))
@@ -111,19 +109,20 @@ def _fit(where: str, walk: _Walk, params, data: Iterable, pattern_type: str) -> 
     return patterns
 
 
-def _static_params(where: str, walk: _Walk, node, params) -> dict:
+def _static_params(where: str, walk: _Walk, st, params) -> dict:
     """The kernel layer's (batch-norm folded) weight and bias, read from ``params``."""
-    info = walk.nodes[node]
-    if not getattr(info.params, "needs_values", False):
-        return info.params(params)
+    if not st.needs_values:
+        return st.params(params)
     values = {}
-    for arg in (*node.args[1:3], *node.kwargs.values()):
-        if isinstance(arg, fx.Node):
-            if arg.op != "get_attr" or arg.target not in params:
-                raise fail(where, f"the weight of functional layer {node.name!r} is computed in the "
-                                  "forward pass; patterns are fitted for layers whose weight is a parameter")
+    for arg in st.value_slots:
+        if arg is not None and arg.op == "get_attr" and arg.target in params:
             values[arg] = params[arg.target]
-    return info.params(params, values)
+        elif walk.plan.nodes[arg].data:
+            continue
+        else:
+            raise fail(where, f"the weight of functional layer {st.name!r} is computed in the "
+                              "forward pass; patterns are fitted for layers whose weight is a parameter")
+    return st.params(params, values)
 
 
 def _safe(t: Tensor) -> Tensor:
@@ -157,11 +156,10 @@ def _pattern_explainer(where: str, f, patterns, pattern_type: str, attribution: 
                               "pass patterns=fxattr.pattern.load(path)")
         if not torch.compiler.is_compiling():
             f.check_input(x, where)
-        values, _, _ = walk.plan.forward(params, x)
-        walk._constants(params, values)
-        seeds = {node: g * values[node] for node, g in walk.seed(values, target).items()}
-        grads = walk.reverse(params, values, seeds, kernel_params=kernel_params)
-        return walk.to_input(x, values, grads, lambda g, ph: g)
+        vals = walk.forward(params, x)
+        seeds = {i: g * vals[i] for i, g in walk.seed(vals, target).items()}
+        grads = walk.reverse(params, vals, seeds, kernel_params=kernel_params)
+        return walk.to_input(x, vals, grads, lambda g, i: g)
 
     def fit(params, data):
         """Fits the patterns on ``data`` (an iterable of batches) in one pass; returns a new
