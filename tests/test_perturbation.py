@@ -148,11 +148,12 @@ def test_feature_ablation_agrees_with_captum(mask):
     captum = pytest.importorskip("captum.attr")
     model = _cnn(activation=nn.ReLU)
     f, params = fxattr.functionalize(model)
-    x = torch.randn(3, 8, 8, dtype=torch.float64)
+    size = 4 if mask == "none" else 8  # captum runs one forward per feature: keep "none" small
+    x = torch.randn(3, size, size, dtype=torch.float64)
     feature_mask = {"none": None, "channels": torch.tensor([2, 0, 1])[:, None, None].expand(3, 8, 8),
                     "superpixels": torch.arange(16).reshape(1, 4, 4).repeat_interleave(2, 1)
                     .repeat_interleave(2, 2)}[mask]
-    baseline = torch.randn(3, 8, 8, dtype=torch.float64)
+    baseline = torch.randn(3, size, size, dtype=torch.float64)
     ours = fxattr.feature_ablation(f, feature_mask=feature_mask, baseline=baseline)(params, x, 4)
     theirs = captum.FeatureAblation(model).attribute(
         x[None], baselines=baseline[None], target=4,
@@ -215,7 +216,7 @@ def test_derivatives_match_finite_differences(name):
     f, params = fxattr.functionalize(model)
     explain = _explainers(torch.float64, torch.rand(4, 8, 8, dtype=torch.float64))[name](f)
     assert_second_order(explain, params, torch.randn(3, 8, 8, dtype=torch.float64), 1,
-                        param_names=["0.weight", "8.bias", "4.weight"], gradgrad=name == "rise")
+                        param_names=["0.weight", "8.bias", "4.weight"])
 
 
 def test_drawn_rise_derivatives_match_finite_differences():
