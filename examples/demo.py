@@ -94,7 +94,7 @@ def build(name: str, attribute: str, config: dict, f, params, x_train):
         return None, f"fxattr.{attribute} is not in this version of fxattr"
     explain = method(f, **config)
     if hasattr(explain, "fit"):  # the pattern methods learn their patterns from data
-        explain = explain.fit(params, x_train)
+        explain = explain.fit(params, x_train.split(200))  # an iterable of batches
     return explain, None
 
 
