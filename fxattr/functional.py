@@ -107,19 +107,27 @@ class FunctionalModel:
             args, kwargs = (), batched
         else:
             args, kwargs = (batched,), {}
+        return self._unbatch(self.guarded(x, lambda: self._forward(params, args, kwargs)))
+
+    def guarded(self, x, forward: Callable[[], Any], where: str = "functionalize"):
+        """Runs ``forward()``, a pass of this model over ``x``, with the input checked and a
+        failure inside the model reported as one clear error (not a deep torch trace).
+
+        Graph-based explainers wrap their own forward passes in it, so that a batch passed as one
+        example fails the same way everywhere.
+        """
         if torch.compiler.is_compiling():
-            out = self._forward(params, args, kwargs)
-        else:
-            self.check_input(x)
-            try:
-                out = self._forward(params, args, kwargs)
-            except (RuntimeError, ValueError, TypeError, IndexError) as error:
-                raise fail(
-                    "functionalize",
-                    f"the model failed on one example of shape {_shape_str(x)} (given a batch axis "
-                    f"of 1 by fxattr): {error}. An explainer takes ONE example without batch "
-                    "axis; use torch.vmap(explain, in_dims=(None, 0, 0)) for a batch.") from error
-        return self._unbatch(out)
+            return forward()
+        self.check_input(x, where)
+        try:
+            return forward()
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            if "fxattr." in str(error):
+                raise
+            raise fail(where,
+                       f"the model failed on one example of shape {_shape_str(x)} (given a batch axis "
+                       f"of 1 by fxattr): {error}. An explainer takes ONE example without batch "
+                       "axis; use torch.vmap(explain, in_dims=(None, 0, 0)) for a batch.") from error
 
     def _forward(self, params, args, kwargs):
         with _EvalBatchNormAsElementwise():
