@@ -98,8 +98,8 @@ class _Step:
     """One graph node as plain data: what the passes need at run time, without torch.fx (dynamo
     does not trace ``fx.Node`` attributes, so nothing below reads them while explaining)."""
 
-    __slots__ = ("i", "name", "kind", "data", "x", "args", "kwargs", "call", "layer", "params",
-                 "needs_values", "value_slots", "module_name", "constant")
+    __slots__ = ("i", "name", "kind", "is_data", "x", "args", "kwargs", "call", "layer", "params",
+                 "needs_values", "value_slots", "module_name")
 
 
 class _Walk:
@@ -139,10 +139,10 @@ class _Walk:
         self.on_path = frozenset(self.index[n] for n in path)
         runnable = [st for st in self.steps if st.kind not in ("placeholder", "output")]
         self.forward_steps = runnable
-        self.constant_steps = [st for st in runnable if not st.data]
-        self.data_steps = [st.i for st in runnable if st.data]
+        self.constant_steps = [st for st in runnable if not st.is_data]
+        self.data_steps = [st.i for st in runnable if st.is_data]
         self.reverse_steps = [st for st in reversed(self.steps)
-                              if st.data and st.kind not in ("placeholder", "output")]
+                              if st.is_data and st.kind not in ("placeholder", "output")]
         out = plan.output.args[0]
         leaves, self.out_tree = pytree.tree_flatten(out)
         self.out_leaves = [_Slot(self.index[leaf]) if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
@@ -164,15 +164,14 @@ class _Walk:
         info = self.plan.nodes[node]
         st = _Step()
         st.i, st.name = self.index[node], node.name
-        st.kind = "placeholder" if node.op == "placeholder" else ("output" if node.op == "output" else info.kind)
-        st.data = bool(info.data)
+        st.kind = node.op if node.op in ("placeholder", "output") else info.kind
+        st.is_data = bool(info.data)
         st.x = self.index[node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else None
         slot = lambda n: _Slot(self.index[n])  # noqa: E731
         st.args = map_arg(node.args, slot)
         st.kwargs = map_arg(node.kwargs, slot)
         st.layer, st.params, st.needs_values, st.value_slots = info.layer, info.params, False, {}
         st.module_name = node.target if node.op == "call_module" else None
-        st.constant = None
         if info.kind in ("kernel", "batchnorm") and info.params is not None:
             st.needs_values = getattr(info.params, "needs_values", False)
             if st.needs_values:  # functional layer: its weight and bias are values of the graph

@@ -166,7 +166,8 @@ def test_baselines_like_integrated_gradients():
     torch.testing.assert_close(number, tensor)
     torch.testing.assert_close(number, call)
     # at x == baseline, nothing changes: zero attributions, not nan
-    assert torch.equal(fxattr.deeplift(f, baseline=lambda x_: x_)(params, x, 1), torch.zeros(6, dtype=torch.float64))
+    same = fxattr.deeplift(f, baseline=lambda x_: x_)(params, x, 1)
+    assert torch.equal(same, torch.zeros(6, dtype=torch.float64))
 
 
 def test_pytree_input():
@@ -238,7 +239,8 @@ def test_errors():
     with pytest.raises(fxattr.FxattrError, match=r"fxattr.deeplift: target 9 is out of range"):
         fxattr.deeplift(f)(params, torch.randn(6), 9)
     with pytest.raises(fxattr.FxattrError, match=r"fxattr.deeplift: .*batch"):
-        fxattr.deeplift(fxattr.functionalize(models.relu_mlp(), input_shape=(6,))[0])(params, torch.randn(2, 6), 0)
+        shaped = fxattr.functionalize(models.relu_mlp(), input_shape=(6,))[0]
+        fxattr.deeplift(shaped)(params, torch.randn(2, 6), 0)
     with pytest.raises(fxattr.FxattrError, match=r"fxattr.deeplift: no DeepLIFT rule for graph node 'mul'"):
         fxattr.deeplift(fxattr.functionalize(Square())[0])
     with pytest.raises(fxattr.FxattrError, match=r"fxattr.deeplift: f must be"):

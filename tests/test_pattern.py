@@ -89,7 +89,8 @@ def test_fit_is_invariant_to_batching_and_matches_a_direct_computation():
     data = torch.randn(24, 3, 8, 8, dtype=torch.float64)
     one = fxattr.pattern_attribution(f).fit(params, [data]).patterns
     many = fxattr.pattern_attribution(f).fit(params, _batches(data, 7)).patterns
-    labelled = fxattr.pattern_attribution(f).fit(params, [(b, torch.zeros(len(b))) for b in _batches(data, 13)]).patterns
+    pairs = [(b, torch.zeros(len(b))) for b in _batches(data, 13)]  # (inputs, labels) batches
+    labelled = fxattr.pattern_attribution(f).fit(params, pairs).patterns
     assert set(one) == {"0", "4", "8"}
     for name in one:
         torch.testing.assert_close(one[name], many[name], atol=1e-10, rtol=1e-9)
