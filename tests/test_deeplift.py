@@ -249,3 +249,16 @@ def test_errors():
         fxattr.deeplift_shap(f, baselines=0.0)
     with pytest.raises(fxattr.FxattrError, match=r"fxattr.deeplift_shap: baselines have shape"):
         fxattr.deeplift_shap(f, baselines=torch.zeros(2, 5))(params, torch.randn(6), 0)
+
+
+def test_callable_target_and_dict_output():
+    model = models.DictOutput().double().eval()
+    f, params = fxattr.functionalize(model, output=lambda out: out["logits"])
+    x, base = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    difference = lambda out: out[1] - out[0]  # noqa: E731 - linear in the output: summation holds
+    attribution = fxattr.deeplift(f, baseline=base)(params, x, difference)
+    expected = difference(f(params, x)) - difference(f(params, base))
+    torch.testing.assert_close(attribution.sum(), expected, atol=1e-10, rtol=0)
+    # a linear model: DeepLIFT is exactly gradient * (x - baseline)
+    torch.testing.assert_close(attribution, params["body.weight"][1] * (x - base)
+                               - params["body.weight"][0] * (x - base))
