@@ -110,6 +110,17 @@ def test_fit_is_invariant_to_batching_and_matches_a_direct_computation():
         cov = (xa * ya[:, None]).mean(0) - xa.mean(0) * ya.mean()
         torch.testing.assert_close(one["8"][j], cov / (w[j] @ cov))
     assert checked >= 2
+    # the convolution "4" (4 -> 6 channels, 3x3, padding 1) on explicit input patches
+    h = torch.vmap(lambda x: model[:4](x[None])[0])(data)
+    y = torch.vmap(lambda t: model[4](t[None])[0])(h).flatten(2)            # (N, 6, 16)
+    patches = F.unfold(h, 3, padding=1)                                     # (N, 36, 16)
+    w = params["4.weight"].flatten(1)
+    for j in range(6):
+        active = y[:, j] > 0
+        xa = patches.permute(0, 2, 1)[active]                                # (samples, 36)
+        ya = y[:, j][active]
+        cov = (xa * ya[:, None]).mean(0) - xa.mean(0) * ya.mean()
+        torch.testing.assert_close(one["4"][j].flatten(), cov / (w[j] @ cov))
 
 
 def test_save_and_load_round_trip(tmp_path):
