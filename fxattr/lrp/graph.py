@@ -244,6 +244,8 @@ class Plan:
         self._nonnegative()
         self._layer_infos()
         self._check_and_assign()
+        self.param_names = set(self.gm.meta.get("state_names", ()))
+        self._compile()
 
     # classification
 
@@ -474,96 +476,8 @@ class Plan:
             stack.extend(self.nodes[node].data_args)
         return keep
 
-    # evaluation
-
-    def _inputs(self, x) -> dict:
-        batched = optree.tree_map(lambda t: t.unsqueeze(0), x, namespace="torch")
-        values: dict = {}
-        if isinstance(batched, dict):
-            for ph in self.placeholders:
-                if ph.target in batched:
-                    values[ph] = batched[ph.target]
-                elif ph.args:
-                    values[ph] = ph.args[0]
-                else:
-                    raise fail(self.where, f"x has no entry {ph.target!r} for the model's input")
-            return values
-        args = batched if isinstance(batched, tuple) else (batched,)
-        for i, ph in enumerate(self.placeholders):
-            if i < len(args):
-                values[ph] = args[i]
-            elif ph.args:
-                values[ph] = ph.args[0]
-            else:
-                raise fail(self.where, f"the model takes {len(self.placeholders)} inputs, x gives {len(args)}")
-        return values
-
-    def _call(self, node: fx.Node, args, kwargs, params):
-        info = self.nodes[node]
-        if node.op == "call_module":
-            module = self.gm.get_submodule(node.target)
-            own = _module_params(module, node.target, params)
-            if own:
-                return torch.func.functional_call(module, own, args, kwargs)
-            return module(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.target is F.batch_norm or info.kind in ("batchnorm_f",):
-            return _batch_norm(*args, **kwargs)
-        return node.target(*args, **kwargs)
-
-    def _bound(self, node: fx.Node, values: dict, params):
-        """``fn(*data_values)``: the node as a function of its data inputs (others fixed)."""
-        data = self.nodes[node].data_args
-
-        def fn(*vals):
-            lookup = dict(zip(data, vals))
-
-            def value(n):
-                return lookup[n] if n in lookup else values[n]
-            return self._call(node, map_arg(node.args, value), map_arg(node.kwargs, value), params)
-        return fn, [values[a] for a in data]
-
-    def forward(self, params, x):
-        """One forward pass storing every node's value; returns ``(values, layer cache, output)``."""
-        values = self._inputs(x)
-        cache: dict = {}
-        for node in self.graph_nodes:
-            op = node.op
-            if op == "placeholder":
-                continue
-            if op == "output":
-                break
-            if op == "get_attr":
-                values[node] = params[node.target] if node.target in params else self._attr(node.target)
-                continue
-            info = self.nodes[node]
-            if info.kind == "kernel":
-                x_in = values[node.args[0]]
-                if getattr(info.params, "needs_values", False):
-                    p = info.params(params, values)
-                else:
-                    p = info.params(params)
-                if info.fold is not None and info.layer.kind == "linear" and x_in.ndim != 2:
-                    raise fail(self.where, f"batch norm {info.fold.name!r} follows linear layer "
-                                           f"{node.name!r} on a {x_in.ndim}-d input; fxattr folds it "
-                                           "only for (batch, features) inputs")
-                values[node] = info.layer.forward(x_in, p)
-                cache[node] = p
-                continue
-            if info.kind == "folded":
-                values[node] = values[node.args[0]]
-                continue
-            if info.kind == "batchnorm":
-                p = info.params(params)
-                values[node] = info.layer.forward(values[node.args[0]], p)
-                cache[node] = p
-                continue
-            args = map_arg(node.args, values.__getitem__)
-            kwargs = map_arg(node.kwargs, values.__getitem__)
-            values[node] = self._call(node, args, kwargs, params)
-        out = map_arg(self.output.args[0], values.__getitem__)
-        return values, cache, out
+    # the runtime program: plain Python steps over integer slots (nothing of torch.fx is touched
+    # while explaining, so that dynamo traces the whole explanation into one graph)
 
     def _attr(self, target: str):
         obj = self.gm
@@ -571,7 +485,60 @@ class Plan:
             obj = getattr(obj, part)
         return obj
 
-    # the reverse pass
+    def _compile(self):
+        slots = {node: i for i, node in enumerate(self.graph_nodes)}
+        self.n_slots = len(self.graph_nodes)
+        self.input_slots = [(slots[ph], ph.target, ph.args[0] if ph.args else _NO_DEFAULT)
+                            for ph in self.placeholders]
+        self.steps = []
+        for node in self.graph_nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            self.steps.append(_Step(self, node, slots))
+        self.output_template = _template(self.output.args[0], slots)
+        self.output_slots = [s for s in _refs(self.output_template) if self.nodes[self.graph_nodes[s]].data]
+
+    def _inputs(self, x) -> list:
+        values = [None] * self.n_slots
+        batched = optree.tree_map(lambda t: t.unsqueeze(0), x, namespace="torch")
+        positional = batched if isinstance(batched, tuple) else (None if isinstance(batched, dict) else (batched,))
+        for i, (slot, name, default) in enumerate(self.input_slots):
+            if positional is None:
+                value = batched[name] if name in batched else default
+            else:
+                value = positional[i] if i < len(positional) else default
+            if value is _NO_DEFAULT:
+                raise fail(self.where, f"x gives no value for the model's input {name!r}")
+            values[slot] = value
+        return values
+
+    def forward(self, params, x):
+        """One forward pass storing every node's value; returns ``(values, layer params, output)``."""
+        values = self._inputs(x)
+        cache: dict = {}
+        for step in self.steps:
+            kind = step.kind
+            if kind == "get_attr":
+                values[step.slot] = params[step.target] if step.target in params else step.constant
+            elif kind == "kernel":
+                x_in = values[step.x]
+                p = step.params(params, values) if step.params_need_values else step.params(params)
+                if step.fold_linear and x_in.ndim != 2:
+                    raise fail(self.where, f"a batch norm follows linear layer {step.name!r} on a "
+                                           f"{x_in.ndim}-d input; fxattr folds it only for (batch, "
+                                           "features) inputs")
+                values[step.slot] = step.layer.forward(x_in, p)
+                cache[step.slot] = p
+            elif kind == "folded":
+                values[step.slot] = values[step.x]
+            elif kind == "batchnorm":
+                p = step.params(params)
+                values[step.slot] = step.layer.forward(values[step.x], p)
+                cache[step.slot] = p
+            else:
+                values[step.slot] = step.call(_resolve(step.args, values), _resolve(step.kwargs, values),
+                                              params)
+        return values, cache, _resolve(self.output_template, values)
 
     def explain(self, params, x, target, *, seed: str = "value"):
         """Relevance (or modified gradient) at ``x`` for ``target``; ``seed`` is ``"value"``
@@ -589,91 +556,191 @@ class Plan:
 
         relevance: dict = {}
         self._seed_output(relevance, values, relevance_y)
-        for node in reversed(self.graph_nodes):
-            if node not in relevance or node.op == "placeholder":
+        for step in reversed(self.steps):
+            if step.slot not in relevance:
                 continue
-            info = self.nodes[node]
-            incoming = self._reverse(node, info, values, cache, params, relevance.pop(node))
-            for arg, r in incoming:
-                _accumulate(relevance, arg, r)
+            for slot, r in self._reverse(step, values, cache, params, relevance.pop(step.slot)):
+                _accumulate(relevance, slot, r)
         return self._input_relevance(x, values, relevance)
 
     def _seed_output(self, relevance, values, relevance_y):
-        spec = self.output.args[0]
-        if isinstance(spec, fx.Node) and self.f.output is None:
-            relevance[spec] = relevance_y
+        template = self.output_template
+        if isinstance(template, _Ref) and self.f.output is None:
+            if template.slot in self.output_slots:
+                relevance[template.slot] = relevance_y
             return
-        leaves, tree = pytree.tree_flatten(spec)
-        data = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node) and self.nodes[leaf].data]
-        leaf_values = [values[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
+        data = self.output_slots
 
         def pick(*vals):
-            current = list(leaf_values)
-            for i, v in zip(data, vals):
-                current[i] = v
-            raw = pytree.tree_unflatten(current, tree)
+            raw = _resolve(template, values, dict(zip(data, vals)))
             return self.f.output(raw) if self.f.output is not None else raw
-        _, vjp = torch.func.vjp(pick, *[leaf_values[i] for i in data])
-        for i, r in zip(data, vjp(relevance_y)):
-            _accumulate(relevance, leaves[i], r)
+        _, vjp = torch.func.vjp(pick, *[values[s] for s in data])
+        for slot, r in zip(data, vjp(relevance_y)):
+            _accumulate(relevance, slot, r)
 
     def _input_relevance(self, x, values, relevance):
-        def one(ph):
-            r = relevance.get(ph)
-            return torch.zeros_like(values[ph][0]) if r is None else r[0]
+        def one(slot):
+            r = relevance.get(slot)
+            return torch.zeros_like(values[slot][0]) if r is None else r[0]
         if isinstance(x, dict):
-            return {ph.target: one(ph) for ph in self.placeholders if ph.target in x}
+            return {name: one(slot) for slot, name, _ in self.input_slots if name in x}
         if isinstance(x, tuple):
-            return tuple(one(ph) for ph in self.placeholders[:len(x)])
-        return one(self.placeholders[0])
+            return tuple(one(slot) for slot, _, _ in self.input_slots[:len(x)])
+        return one(self.input_slots[0][0])
 
-    def _reverse(self, node, info, values, cache, params, rel):
-        kind = info.kind
+    def _reverse(self, step, values, cache, params, rel):
+        kind = step.kind
         gradient_mode = self.composite is None
         if kind == "folded":
-            return [(node.args[0], rel)]
+            return [(step.x, rel)]
         if kind in ("kernel", "batchnorm"):
-            x_node = node.args[0]
-            x_in, p = values[x_node], cache[node]
+            x_in, p = values[step.x], cache[step.slot]
             if gradient_mode:
-                return [(x_node, info.layer.transpose(rel, p, x_in))]
-            return [(x_node, info.rule.reverse(info.layer, p, x_in, values[node], rel))]
+                return [(step.x, step.layer.transpose(rel, p, x_in))]
+            return [(step.x, step.rule.reverse(step.layer, p, x_in, values[step.slot], rel))]
         if kind == "activation":
-            x_node = node.args[0]
             if not gradient_mode:
-                return [(x_node, rel)]
-            if info.relu and self.relu_mode == "deconvnet":
-                return [(x_node, rel.clamp(min=0))]
-            if info.relu and self.relu_mode == "guided":
+                return [(step.x, rel)]
+            if step.relu and self.relu_mode == "deconvnet":
+                return [(step.x, rel.clamp(min=0))]
+            if step.relu and self.relu_mode == "guided":
                 rel = rel.clamp(min=0)
-            return self._vjp(node, values, params, rel)
-        if kind == "identity":
-            return [(node.args[0], rel)] if not gradient_mode or node.op == "call_module" \
-                else self._vjp(node, values, params, rel)
+            return self._vjp(step, values, params, rel)
+        if kind == "identity" and (not gradient_mode or step.op == "module"):
+            return [(step.x, rel)]
         if kind in ("avgpool", "add", "batchnorm_f", "scale") and not gradient_mode:
-            rule = info.rule if info.rule is not None else _SCALE_RULE
+            rule = step.rule if step.rule is not None else _SCALE_RULE
             if rule.name == "gradient":
-                return self._vjp(node, values, params, rel)
+                return self._vjp(step, values, params, rel)
             if rule.name == "pass":
-                if len(info.data_args) != 1:
+                if len(step.data) != 1:
                     raise fail(self.where, f"the pass rule cannot split relevance over the "
-                                           f"{len(info.data_args)} inputs of {node.name!r}")
-                return [(info.data_args[0], rel)]
-            fn, primals = self._bound(node, values, params)
+                                           f"{len(step.data)} inputs of {step.name!r}")
+                return [(step.data[0], rel)]
+            fn, primals = self._bound(step, values, params)
             _, vjp = torch.func.vjp(fn, *primals)
-            grads = vjp(rel / rule.stabilise(values[node]))
-            return [(a, v * g) for a, v, g in zip(info.data_args, primals, grads)]
+            grads = vjp(rel / rule.stabilise(values[step.slot]))
+            return [(s, v * g) for s, v, g in zip(step.data, primals, grads)]
         # routing, max pooling (winner takes all) and, in gradient mode, everything else
-        return self._vjp(node, values, params, rel)
+        return self._vjp(step, values, params, rel)
 
-    def _vjp(self, node, values, params, rel):
-        fn, primals = self._bound(node, values, params)
+    def _bound(self, step, values, params):
+        """``fn(*data_values)``: the node as a function of its data inputs (others fixed)."""
+        data = step.data
+
+        def fn(*vals):
+            override = dict(zip(data, vals))
+            return step.call(_resolve(step.args, values, override), _resolve(step.kwargs, values, override),
+                             params)
+        return fn, [values[s] for s in data]
+
+    def _vjp(self, step, values, params, rel):
+        fn, primals = self._bound(step, values, params)
         out, vjp = torch.func.vjp(fn, *primals)
-        rel = _fill(rel, out)
-        return list(zip(self.nodes[node].data_args, vjp(rel)))
+        return list(zip(step.data, vjp(_fill(rel, out))))
 
 
+_NO_DEFAULT = object()
 _SCALE_RULE = R.z()
+
+
+class _Ref:
+    """A reference to a node's value (its slot) inside an argument template."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: int):
+        self.slot = slot
+
+
+def _template(arg, slots):
+    return _plain(map_arg(arg, lambda n: _Ref(slots[n])))
+
+
+def _plain(t):
+    # torch.fx's immutable containers -> plain ones (dynamo traces plain Python containers)
+    if isinstance(t, tuple) and not hasattr(t, "_fields"):
+        return tuple(_plain(a) for a in t)
+    if isinstance(t, list):
+        return [_plain(a) for a in t]
+    if isinstance(t, dict):
+        return {k: _plain(v) for k, v in t.items()}
+    return t
+
+
+def _refs(t) -> list:
+    if isinstance(t, _Ref):
+        return [t.slot]
+    if isinstance(t, (tuple, list)):
+        return [s for a in t for s in _refs(a)]
+    if isinstance(t, dict):
+        return [s for v in t.values() for s in _refs(v)]
+    if isinstance(t, slice):
+        return _refs((t.start, t.stop, t.step))
+    return []
+
+
+def _resolve(t, values, override=None):
+    if isinstance(t, _Ref):
+        if override is not None and t.slot in override:
+            return override[t.slot]
+        return values[t.slot]
+    if isinstance(t, tuple):
+        return tuple(_resolve(a, values, override) for a in t)
+    if isinstance(t, list):
+        return [_resolve(a, values, override) for a in t]
+    if isinstance(t, dict):
+        return {k: _resolve(v, values, override) for k, v in t.items()}
+    if isinstance(t, slice):
+        return slice(_resolve(t.start, values, override), _resolve(t.stop, values, override),
+                     _resolve(t.step, values, override))
+    return t
+
+
+class _Step:
+    """One node of the runtime program."""
+
+    def __init__(self, plan: Plan, node: fx.Node, slots: dict):
+        info = plan.nodes[node]
+        self.slot = slots[node]
+        self.name = node.name
+        self.kind = "get_attr" if node.op == "get_attr" else (info.kind if info.data else "constant")
+        self.target = node.target
+        self.args = _template(node.args, slots)
+        self.kwargs = _template(node.kwargs, slots)
+        self.data = [slots[a] for a in info.data_args]
+        first = node.args[0] if node.args else None
+        self.x = slots[first] if isinstance(first, fx.Node) else None
+        self.layer, self.rule, self.relu = info.layer, info.rule, info.relu
+        self.params = info.params
+        self.params_need_values = getattr(info.params, "needs_values", False)
+        self.fold_linear = info.fold is not None and info.layer is not None and info.layer.kind == "linear"
+        self.constant = plan._attr(node.target) if node.op == "get_attr" and node.target not in plan.param_names else None
+        self.op = {"call_module": "module", "call_method": "method", "call_function": "function",
+                   "get_attr": "get_attr"}[node.op]
+        if node.op == "call_module":
+            module = plan.gm.get_submodule(node.target)
+            names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+            prefix = node.target
+
+            def call(args, kwargs, params):
+                own = {n: params[f"{prefix}.{n}"] for n in names if f"{prefix}.{n}" in params}
+                if own:
+                    return torch.func.functional_call(module, own, args, kwargs)
+                return module(*args, **kwargs)
+        elif node.op == "call_method":
+            method = node.target
+
+            def call(args, kwargs, params):
+                return getattr(args[0], method)(*args[1:], **kwargs)
+        elif node.op == "call_function":
+            fn = _batch_norm if node.target is F.batch_norm else node.target
+
+            def call(args, kwargs, params):
+                return fn(*args, **kwargs)
+        else:
+            call = None
+        self.call = call
 
 
 def _fill(rel, out):
@@ -683,8 +750,11 @@ def _fill(rel, out):
     return type(out)(_fill(r, o) if r is not None else torch.zeros_like(o) for r, o in zip(rel, out))
 
 
-def _accumulate(relevance: dict, node: fx.Node, r) -> None:
-    if node in relevance:
-        relevance[node] = optree.tree_map(torch.add, relevance[node], r, namespace="torch")
-    else:
-        relevance[node] = r
+def _add(a, b):
+    if isinstance(a, Tensor):
+        return a + b
+    return type(a)(_add(x, y) for x, y in zip(a, b))
+
+
+def _accumulate(relevance: dict, slot: int, r) -> None:
+    relevance[slot] = _add(relevance[slot], r) if slot in relevance else r

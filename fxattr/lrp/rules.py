@@ -152,9 +152,9 @@ def _negative(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
-def _no_bias_output(layer: Layer, params: Params, z: Tensor) -> Tensor:
-    b = _bias(params)
-    return z if b is None else z - layer.bias(b, z)
+def _no_bias_output(layer: Layer, params: Params, x: Tensor, z: Tensor) -> Tensor:
+    # W x computed afresh, not z - b: no cancellation where the bias dominates
+    return z if _bias(params) is None else layer.forward(x, _with(params, params["weight"], None))
 
 
 # --- rules -------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def z(*, bias: bool = True, stabiliser=None) -> Rule:
     stabilise = safe() if stabiliser is None else _stabiliser("lrp.rules.z", stabiliser)
 
     def reverse(layer, params, x, out, relevance):
-        denominator = out if bias else _no_bias_output(layer, params, out)
+        denominator = out if bias else _no_bias_output(layer, params, x, out)
         return x * layer.transpose(relevance / stabilise(denominator), params, x)
 
     return Rule("z" if bias else "z_IB", reverse, stabilise, config=(("bias", bias),))
@@ -178,7 +178,7 @@ def epsilon(epsilon: float = 1e-7, *, bias: bool = True) -> Rule:
     stabilise = signed(eps)
 
     def reverse(layer, params, x, out, relevance):
-        denominator = out if bias else _no_bias_output(layer, params, out)
+        denominator = out if bias else _no_bias_output(layer, params, x, out)
         return x * layer.transpose(relevance / stabilise(denominator), params, x)
 
     return Rule("epsilon" if bias else "epsilon_IB", reverse, stabilise,
