@@ -262,11 +262,13 @@ def test_derivatives_match_finite_differences(name):
                         param_names=["features.0.weight", "fc.weight"], gradgrad=name == "gradcam")
 
 
-def test_compile_equals_eager():
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gradcam", "scorecam", "cam", "guided_gradcam"])
+def test_compile_equals_eager(name):
     f, params = fxattr.functionalize(GapNet(torch.float32, nn.ReLU).eval())
-    for name in ("gradcam", "scorecam"):
-        explain = _make(name, f, layer="features", normalize=True)
-        assert_compile_equals_eager(explain, params, torch.randn(2, 3, 6, 6), torch.tensor([1, 3]))
+    options = {} if name == "guided_gradcam" else {"normalize": True}
+    explain = _make(name, f, layer="features", **options)
+    assert_compile_equals_eager(explain, params, torch.randn(2, 3, 6, 6), torch.tensor([1, 3]))
 
 
 def test_unnormalised_map_keeps_its_scale():

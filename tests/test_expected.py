@@ -141,6 +141,7 @@ def test_second_order_derivatives_match_finite_differences():
                         param_names=["0.weight", "2.bias"])
 
 
+@pytest.mark.slow
 def test_compile_equals_eager():
     f, params = fxattr.functionalize(smooth_mlp(torch.float32))
     refs = torch.randn(3, 5)

@@ -236,6 +236,7 @@ def _tiny_cnn():
                          nn.Linear(2, 5)).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["occlusion", "feature_ablation", "rise", "rise_drawn"])
 def test_compile_equals_eager(name):
     f, params = fxattr.functionalize(_tiny_cnn())
