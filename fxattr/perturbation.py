@@ -139,8 +139,7 @@ def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 
         grids = torch.meshgrid(*[torch.arange(c, device=x.device) for c in counts], indexing="ij")
         rows = [a[g.reshape(-1)] for a, g in zip(indicators, grids)]  # (positions, size_d) each
 
-        target = fixed_target(f, params, x, target)
-        reference = select(where, f(params, x), target)
+        target, reference = _reference(where, f, params, x, target)
 
         def occluded(*row):
             mask = _outer(row)
@@ -153,6 +152,14 @@ def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 
 
     config = {"window": window, "stride": stride, "baseline": baseline, "chunk_size": chunk_size}
     return explainer(where, f, config, explain)
+
+
+def _reference(where, f, params, x, target):
+    """The target (``None`` -> the argmax at x, without gradient) and its value at x: one forward."""
+    out = f(params, x)
+    if target is None:
+        target = out.detach().reshape(-1).argmax()
+    return target, select(where, out, target)
 
 
 def _outer(rows):
@@ -218,8 +225,7 @@ def feature_ablation(f, *, feature_mask=None, baseline=0.0, chunk_size: int | No
                                   f"broadcast to x's shape {tuple(x.shape)}")
             group_of, count = inverse.to(x.device), groups
         base = _baseline(where, baseline, x)
-        target = fixed_target(f, params, x, target)
-        reference = select(where, f(params, x), target)
+        target, reference = _reference(where, f, params, x, target)
 
         def ablated(group):
             mask = (group_of == group).to(x.dtype)
