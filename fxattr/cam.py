@@ -14,15 +14,18 @@ Conventions (matched to pytorch-grad-cam and captum, checked in the tests):
   ``align_corners=False``: what pytorch-grad-cam's ``cv2.resize`` and captum's
   ``LayerAttribution.interpolate`` do), then (``normalize=True``) min-max scaled to [0, 1]
   (pytorch-grad-cam's ``scale_cam_image``, eps 1e-7). pytorch-grad-cam always rectifies and
-  normalises; captum's ``LayerGradCam`` does neither by default (``relu_attributions=False``) and
-  does not upsample. fxattr's defaults: ``relu=True, upsample=True, normalize=False`` (the
+  normalises -- twice, at the layer's resolution and again after upsampling, so its maps differ
+  from ``normalize=True`` by O(1e-7 / range of the map); captum's ``LayerGradCam`` does neither by
+  default (``relu_attributions=False``) and does not upsample. fxattr's defaults: ``relu=True, upsample=True, normalize=False`` (the
   unnormalised map keeps its scale, so it can be differentiated and compared across examples).
 - upsampled maps are returned broadcast to x's shape (an expanded view: every channel holds the
   same ``(H, W)`` map; take ``[0]``), so they compose with everything that expects an attribution
   of x's shape; without upsampling the map has the layer's spatial shape.
 - ``layer`` may be a list of layers: one map per layer, stacked on a new leading axis (upsampled,
-  so they share a shape). pytorch-grad-cam instead averages the normalised maps and normalises
-  again: ``normalize(mean(stack))`` reproduces that from ``normalize=True``.
+  so they share a shape); each layer costs its own body forward and head backward.
+  pytorch-grad-cam instead normalises each layer's map at the layer's resolution, upsamples,
+  averages and normalises again: that is ``upsample=False, normalize=True`` per layer, then
+  ``F.interpolate``, mean and min-max (as tests/test_cam.py does).
 """
 
 from __future__ import annotations
