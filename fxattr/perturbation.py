@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fxattr._explainer import check_int, check_model, explainer, fixed_target
 from fxattr.errors import fail
-from fxattr.targets import check_target, select
+from fxattr.targets import _is_concrete, check_target, select
 
 __all__ = ["feature_ablation", "occlusion", "rise", "rise_masks"]
 
@@ -325,10 +325,12 @@ def _check_rise_noise(where, noise, num_masks, cell_size, height, width):
             or tuple(shift.shape) != (num_masks, 2)):
         raise fail(where, f"noise['shift'] must be an integer tensor of shape {(num_masks, 2)}")
     limits = (math.ceil(height / cell_size), math.ceil(width / cell_size))
-    if (not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(shift)
-            and shift.numel() and not ((shift >= 0).all() and (shift[:, 0] < limits[0]).all()
-                                        and (shift[:, 1] < limits[1]).all())):
+    if _is_concrete(shift) and shift.numel() and not _inside(shift, limits):
         raise fail(where, f"noise['shift'] must lie in [0, {limits[0]}) x [0, {limits[1]}) (one cell)")
+
+
+def _inside(shift, limits) -> bool:
+    return bool((shift >= 0).all() and (shift[:, 0] < limits[0]).all() and (shift[:, 1] < limits[1]).all())
 
 
 def rise(f, *, masks=None, num_masks: int | None = None, cell_size: int = 7, p: float = 0.5,
