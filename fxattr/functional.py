@@ -48,14 +48,21 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
         return F.batch_norm(input, None, None, weight, bias, True, momentum, eps)
     if running_mean is None or running_var is None:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    scale = torch.rsqrt(running_var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -running_mean * scale
-    if bias is not None:
-        shift = shift + bias
+    scale, shift = batch_norm_affine(running_mean, running_var, weight, bias, eps)
     shape = (1, -1) + (1,) * (input.ndim - 2)
     return input * scale.reshape(shape) + shift.reshape(shape)
+
+
+def batch_norm_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                      eps: float) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` with ``batch_norm(z) = z * scale + shift`` per channel (eval mode)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
 
 
 def _add_batch_axis(x):
