@@ -148,6 +148,29 @@ def test_zennit_composite(name, composite_name):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("bounds", ["per_channel", "per_pixel"])
+def test_zennit_gamma_box_tensor_bounds(bounds):
+    """EpsilonGammaBox with tensor bounds (normalised images have per-channel boxes): fxattr takes
+    them per example, (3, 1, 1) or (3, H, W); zennit takes them with a batch axis."""
+    model, x, out, targets = setup("resnet18")
+    gen = torch.Generator().manual_seed(6)
+    shape = (3, 1, 1) if bounds == "per_channel" else tuple(x.shape[1:])
+    low = -1.5 - torch.rand(shape, generator=gen)
+    high = 1.5 + torch.rand(shape, generator=gen)
+    seed = torch.zeros_like(out).scatter(1, targets[:, None], out.gather(1, targets[:, None]))
+    composite = EpsilonGammaBox(low=low[None], high=high[None], canonizers=[ResNetCanonizer()])
+    with Gradient(model=copy.deepcopy(model), composite=composite) as attributor:
+        _, want = attributor(x, seed)
+    f, params = fxattr.functionalize(model)
+    explain = fxattr.lrp(f, composite="epsilon_gamma_box", low=low, high=high)
+    got = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, targets)
+    rel = (got - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1)
+    assert float(rel.max()) < 1e-5, rel
+    scalar = torch.vmap(fxattr.lrp(f, composite="epsilon_gamma_box", low=LOW, high=HIGH),
+                        in_dims=(None, 0, 0))(params, x, targets)
+    assert float(((scalar - want).norm() / want.norm())) > 1e-3  # the bounds really matter
+
+
 def test_zennit_seeding_is_value():
     """The seeding convention itself, on a small CNN (cheap): zennit seeded with one_hot(target)
     gives relevance / value, fxattr's LRP seeds with the value; and the pair differ (the check
