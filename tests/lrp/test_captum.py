@@ -177,6 +177,28 @@ def test_captum_alpha1_beta0(kind):
     assert (want - want_ib).abs().max() > 1e-3 * want.abs().max()
 
 
+@pytest.mark.parametrize("preset", ["sequential_preset_a", "sequential_preset_b"])
+def test_captum_mixed_rules_equal_preset(preset):
+    """iNNvestigate's presets rebuilt from captum's per-layer rules on x >= 0 (with biases):
+    alpha-beta on the convolutions, EpsilonRule(0.1) on the dense layers. captum has only
+    alpha 1 beta 0, so preset B (alpha 2 beta 1) must differ from it."""
+    model = _build("cnn", seed=6)
+    x = _inputs("cnn", signed=False)
+    targets, _ = _targets(model, x)
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, nn.Conv2d):
+            m.rule = Alpha1_Beta0_Rule()
+        elif isinstance(m, nn.Linear):
+            m.rule = EpsilonRule(epsilon=0.1)
+    want = LRP(twin).attribute(x.clone(), target=targets)
+    got = fx(model, lambda f: fxattr.lrp(f, composite=preset), x, targets)
+    if preset == "sequential_preset_a":
+        _close(got, want, rtol=1e-4)
+    else:
+        assert (got - want).abs().max() > 1e-3 * want.abs().max()
+
+
 @pytest.mark.parametrize("method,captum_cls", [("guided_backprop", GuidedBackprop),
                                                ("deconvnet", Deconvolution)])
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
