@@ -347,31 +347,36 @@ def _nchw(a):
     return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).to(torch.float64)
 
 
-def _assert_matches(got, ref, rtol=1e-4, what=""):
+def _assert_matches(got, ref, rtol=1e-4, what="", floor=1e-6):
     # rtol 1e-4 elementwise; the absolute floor (1e-6 of the largest entry) only covers entries
     # that cancel to ~0 in Keras' float32 arithmetic.
-    atol = 1e-6 * float(ref.abs().max())
+    atol = floor * float(ref.abs().max())
     torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 LRP_ANALYZERS = sorted(set(EXPLAINERS) - {"Gradient", "InputTimesGradient", "IntegratedGradients"})
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("layer_name", LAYERS)
 @pytest.mark.parametrize("analyzer", sorted(EXPLAINERS))
-def test_innvestigate_reference(analyzer, layer_name):
+def test_innvestigate_reference(analyzer, layer_name, dtype):
     data = _load(analyzer)
-    model = keras_model(layer_name, data)
+    model = keras_model(layer_name, data, dtype)
     f, params = fxattr.functionalize(model)
-    x = _nchw(data["input"])
+    x = _nchw(data["input"]).to(dtype)
     out_ref = torch.from_numpy(data[f"{layer_name}__output"]).to(torch.float64)
     out = torch.vmap(f, in_dims=(None, 0))(params, x)
-    _assert_matches(out, out_ref, what=f"{analyzer}/{layer_name} model output")
+    assert out.dtype == dtype
+    # float32 (Keras' own precision): the absolute floor covers float32 rounding of ~30-term sums.
+    floor = 1e-6 if dtype == torch.float64 else 1e-5
+    _assert_matches(out.double(), out_ref, what=f"{analyzer}/{layer_name} model output", floor=floor)
     target = out_ref.argmax(1)  # iNNvestigate explains the max neuron of the flattened output
     explain = EXPLAINERS[analyzer](f)
     got = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
+    assert got.dtype == dtype
     ref = _nchw(data[f"{layer_name}__attribution"])
-    _assert_matches(got, ref, what=f"{analyzer}/{layer_name}")
+    _assert_matches(got.double(), ref, what=f"{analyzer}/{layer_name}", floor=floor)
 
 
 @pytest.mark.parametrize("layer_name", LAYERS)
