@@ -683,3 +683,20 @@ def test_deep_taylor_with_bias(mlp):
     bounded = lambda *a: rule_bounded(*a, low=-4.0, high=4.0)  # noqa: E731
     torch.testing.assert_close(got, _oracle_batch(layers, [bounded, "z_plus"], x, targets),
                                rtol=1e-9, atol=1e-12)
+
+
+def test_deep_taylor_negative_output_is_zero(mlp):
+    """iNNvestigate's DeepTaylor appends a ReLU to the model's outputs ("Deep-Taylor expects only
+    positive outputs", ``DeepTaylor._prepare_model``), so it seeds with relu(y): an output < 0 is
+    explained by zeros (bounded or not). LRP itself seeds with the signed value."""
+    model, layers, x = mlp
+    with torch.no_grad():
+        out = model(x)
+    targets = out.argmin(1)
+    assert (out.gather(1, targets[:, None]) < 0).all()
+    for make in (lambda f: fxattr.deep_taylor(f), lambda f: fxattr.deep_taylor_bounded(f, low=-4.0, high=4.0)):
+        got = _fx_batch(model, make, x, targets)
+        torch.testing.assert_close(got, torch.zeros_like(got), rtol=0, atol=0)
+    got = _fx_batch(model, lambda f: fxattr.lrp(f, rule="z_plus"), x, targets)
+    torch.testing.assert_close(got, _oracle_batch(layers, ["z_plus"] * 2, x, targets), rtol=1e-9, atol=1e-12)
+    assert got.abs().max() > 0
