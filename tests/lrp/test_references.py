@@ -700,3 +700,24 @@ def test_deep_taylor_negative_output_is_zero(mlp):
     got = _fx_batch(model, lambda f: fxattr.lrp(f, rule="z_plus"), x, targets)
     torch.testing.assert_close(got, _oracle_batch(layers, ["z_plus"] * 2, x, targets), rtol=1e-9, atol=1e-12)
     assert got.abs().max() > 0
+
+
+def test_input_layer_rule_only_on_a_layer_fed_by_the_input():
+    """iNNvestigate's ``is_input_layer``: a kernel layer whose inputs are the model input, looking
+    through Flatten/Permute/Reshape only. Behind a pooling layer the first convolution is not an
+    input layer, so input_layer_rule changes nothing (zennit's first-layer maps differ, see
+    test_zennit.py); behind a permute (the Dense twins above) it is."""
+    gen = torch.Generator().manual_seed(13)
+    conv, lin = _conv(2, 3, 3, gen), _linear(3 * 2 * 2, 4, gen)
+    x = torch.randn(3, 2, 8, 8, generator=gen, dtype=torch_dtype)
+    pooled = nn.Sequential(nn.MaxPool2d(2), conv, nn.ReLU(), nn.Flatten(), lin).eval()
+    targets = _targets(pooled, x)
+    plain = _fx_batch(pooled, lambda f: fxattr.lrp(f, rule="z"), x, targets)
+    for rule in ("flat", (-3.0, 3.0)):
+        got = _fx_batch(pooled, lambda f: fxattr.lrp(f, rule="z", input_layer_rule=rule), x, targets)
+        torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    direct = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4).to(torch_dtype)).eval()
+    t2 = _targets(direct, x)
+    a = _fx_batch(direct, lambda f: fxattr.lrp(f, rule="z", input_layer_rule="flat"), x, t2)
+    b = _fx_batch(direct, lambda f: fxattr.lrp(f, rule="z"), x, t2)
+    assert (a - b).abs().max() > 1e-3 * b.abs().max()

@@ -171,6 +171,30 @@ def test_zennit_gamma_box_tensor_bounds(bounds):
     assert float(((scalar - want).norm() / want.norm())) > 1e-3  # the bounds really matter
 
 
+@pytest.mark.parametrize("composite_name", ["epsilon_plus_flat", "epsilon_gamma_box"])
+def test_zennit_first_layer_behind_pooling(composite_name):
+    """zennit's first-layer map takes the first Linear/Convolution module, whatever precedes it
+    (here an average pooling); iNNvestigate's input_layer_rule would not (test_references.py)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = randomize(nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1),
+                                    nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 4)), seed=5)
+    x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model(x)
+    targets = out.argmax(1)
+    seed = torch.zeros_like(out).scatter(1, targets[:, None], out.gather(1, targets[:, None]))
+    cls, kwargs = COMPOSITES[composite_name]
+    with Gradient(model=copy.deepcopy(model), composite=cls(**kwargs)) as attributor:
+        _, want = attributor(x, seed)
+    f, params = fxattr.functionalize(model)
+    got = torch.vmap(fxattr.lrp(f, composite=composite_name, **kwargs), in_dims=(None, 0, 0))(params, x, targets)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    # without the first-layer rule (epsilon_plus: z+ on every convolution) the answer differs
+    plain = torch.vmap(fxattr.lrp(f, composite="epsilon_plus"), in_dims=(None, 0, 0))(params, x, targets)
+    assert float((plain - want).norm() / want.norm()) > 1e-3
+
+
 def test_zennit_seeding_is_value():
     """The seeding convention itself, on a small CNN (cheap): zennit seeded with one_hot(target)
     gives relevance / value, fxattr's LRP seeds with the value; and the pair differ (the check
