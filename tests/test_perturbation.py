@@ -2,6 +2,8 @@ import itertools
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,6 +143,34 @@ def test_occlusion_agrees_with_captum(window, stride, baseline):
     # captum returns float32 for occlusion (it divides attributions.float() by the window counts).
     assert theirs.dtype == torch.float32
     torch.testing.assert_close(ours, theirs.double(), rtol=1e-6, atol=1e-7)
+
+
+@st.composite
+def _occlusion_geometry(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.integers(1, 6)) for _ in range(ndim))
+    window = tuple(draw(st.integers(1, s)) for s in shape)
+    stride = tuple(draw(st.integers(1, w)) for w in window)
+    return shape, window, stride
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(geometry=_occlusion_geometry())
+def test_occlusion_geometry_agrees_with_captum(geometry):
+    """Any shape, window and stride (clipped last windows included), on a model where every
+    feature matters differently: a linear map followed by a square."""
+    captum = pytest.importorskip("captum.attr")
+    shape, window, stride = geometry
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 2)).double().eval()
+    square = lambda x: model(x) ** 2  # noqa: E731
+    f, params = fxattr.functionalize(model)
+    x = torch.randn(shape, dtype=torch.float64)
+    ours = fxattr.occlusion(lambda p, x_: f(p, x_) ** 2, window=window, stride=stride, baseline=0.3,
+                            chunk_size=4)(params, x, 1)
+    theirs = captum.Occlusion(square).attribute(x[None], sliding_window_shapes=window, strides=stride,
+                                                baselines=0.3, target=1)[0]
+    torch.testing.assert_close(ours, theirs.double(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mask", ["none", "channels", "superpixels"])
