@@ -258,11 +258,22 @@ def test_gradient_family_matches_innvestigate_through_the_core(network, label, m
 # ---------------------------------------------------------------------------------------------
 
 
-def _kwargs(entry: dict) -> dict:
+def _kwargs(entry: dict, description: dict) -> dict:
     kwargs = dict(entry["kwargs"])
     if isinstance(kwargs.get("input_layer_rule"), list):  # JSON turned the (low, high) tuple into a list
         kwargs["input_layer_rule"] = tuple(kwargs["input_layer_rule"])
+    if "until_layer_idx" in kwargs:
+        kwargs["until_layer_idx"] = _kernel_index(kwargs["until_layer_idx"], description)
     return kwargs
+
+
+def _kernel_index(keras_index: int, description: dict) -> int:
+    """A deliberate difference: iNNvestigate's until_layer_idx counts positions in Keras'
+    model.layers (the InputLayer is 0; pooling and Flatten count), fxattr's counts kernel layers
+    (convolutions and dense layers) from 0, as a torch model has no Keras layer list."""
+    positions = [i + 1 for i, layer in enumerate(description["layers"])
+                 if layer["type"] in ("Dense", "Conv2D")]
+    return sum(p <= keras_index for p in positions) - 1
 
 
 @pytest.mark.parametrize(("network", "label", "mode"), list(_cases()))
@@ -271,7 +282,8 @@ def test_analyzer_matches_innvestigate(network, label, mode):
     entry = next(e for e in description["analyzers"] if e["label"] == label)
     model = build(network)
     x = inputs(network)
-    analyzer = fxattr.create_analyzer(entry["name"], model, neuron_selection_mode=mode, **_kwargs(entry))
+    analyzer = fxattr.create_analyzer(entry["name"], model, neuron_selection_mode=mode,
+                                      **_kwargs(entry, description))
     selection = arrays["index"].tolist() if mode == "index" else None
     if entry["name"] == "smoothgrad":
         # analyze() draws fresh noise; replay iNNvestigate's through the analyzer's own explainer
