@@ -109,6 +109,17 @@ def test_drawn_rise_masks_are_torchrays(height, width, cells):
     assert 0 <= ours.min() and ours.max() <= 1 and 0 < ours.mean() < 1
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(height=st.integers(2, 20), width=st.integers(2, 20), cells=st.integers(2, 6),
+       p=st.floats(0.1, 1.0))
+def test_drawn_rise_masks_are_torchrays_for_any_geometry(height, width, cells, p):
+    torch.manual_seed(11)
+    reference = _torchray_masks(6, cells, p, height, width)
+    torch.manual_seed(11)
+    ours = fxattr.rise_masks((height, width), num_masks=6, cell_size=cells, p=p, dtype=torch.float64)
+    torch.testing.assert_close(ours, reference)
+
+
 def test_drawn_masks_explain_like_the_materialised_ones():
     model = _cnn()
     f, params = fxattr.functionalize(model)
