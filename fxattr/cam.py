@@ -48,13 +48,24 @@ _EPS_NORMALIZE = 1e-7  # pytorch-grad-cam's scale_cam_image
 
 # ---------------------------------------------------------------------------------------- shared
 
-def _layer_names(where: str, layer) -> list[str]:
-    if isinstance(layer, str):
-        return [layer]
-    if isinstance(layer, Sequence) and layer and all(isinstance(name, str) for name in layer):
-        return list(layer)
-    raise fail(where, "layer must be a module name (e.g. 'layer4'), a graph node name, or a non-empty "
-                      f"list of them; got {layer!r}")
+def _layer_names(where: str, f, layer) -> list[str]:
+    if isinstance(layer, (str, nn.Module)):
+        layer = [layer]
+    if not (isinstance(layer, Sequence) and layer and all(isinstance(n, (str, nn.Module)) for n in layer)):
+        raise fail(where, "layer must be a module name (e.g. 'layer4'), a graph node name, a submodule "
+                          f"of the model, or a non-empty list of them; got {layer!r:.100}")
+    return [_module_name(where, f, n) if isinstance(n, nn.Module) else n for n in layer]
+
+
+def _module_name(where: str, f, module: nn.Module) -> str:
+    """The qualified name of a submodule passed as an object (pytorch-grad-cam's style)."""
+    root = getattr(f, "module", None)
+    if isinstance(root, nn.Module):
+        for name, m in root.named_modules():
+            if m is module and name:
+                return name
+    raise fail(where, f"layer {type(module).__name__} is not a submodule of the model; pass its "
+                      "qualified name (e.g. 'layer4')")
 
 
 def _split_layers(where: str, f, names):
@@ -139,7 +150,7 @@ def _gradient_cam(name: str, f, layer, relu, upsample, interpolate, normalize, m
     """The Grad-CAM family: ``mapper(a, g) -> map`` from the activation and its gradient."""
     check_model(name, f)
     _check_options(name, relu, upsample, interpolate, normalize)
-    names = _layer_names(name, layer)
+    names = _layer_names(name, f, layer)
     splits = _split_layers(name, f, names)
 
     def explain(params, x, target=None):
@@ -170,7 +181,8 @@ def gradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: 
 
     Args:
         f: the function of ``fxattr.functionalize`` (its module must be traceable by torch.fx).
-        layer: a module name (``"layer4"``), a graph node name, or a list of them (maps stacked).
+        layer: a module name (``"layer4"``), a graph node name, the submodule itself
+            (``model.layer4``), or a list of them (maps stacked).
         relu: rectify the map (pytorch-grad-cam: always; captum: ``relu_attributions=False``).
         upsample: resize the map to x's trailing spatial size and broadcast it to x's shape.
         interpolate: the ``F.interpolate`` mode of the upsampling (``"bilinear"`` means linear in
@@ -261,7 +273,7 @@ def cam(f, *, layer, fc: str | None = None, relu: bool = False, upsample: bool =
     where = "cam"
     check_model(where, f)
     _check_options(where, relu, upsample, interpolate, normalize)
-    names = _layer_names(where, layer)
+    names = _layer_names(where, f, layer)
     module = getattr(f, "module", None)
     if not isinstance(module, nn.Module):
         raise fail(where, "f must be the function of fxattr.functionalize")
@@ -325,7 +337,7 @@ def scorecam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate:
     check_model(where, f)
     _check_options(where, relu, upsample, interpolate, normalize)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
-    names = _layer_names(where, layer)
+    names = _layer_names(where, f, layer)
     splits = _split_layers(where, f, names)
 
     def explain(params, x, target=None):
@@ -372,8 +384,8 @@ def guided_gradcam(f, *, layer, interpolate: str = "nearest"):
     where = "guided_gradcam"
     check_model(where, f)
     check_choice(where, "interpolate", interpolate, _INTERPOLATE)
-    if not isinstance(layer, str):
-        raise fail(where, f"layer must be one module or graph node name, got {layer!r}")
+    if not isinstance(layer, (str, nn.Module)):
+        raise fail(where, f"layer must be one module or graph node name (or submodule), got {layer!r}")
     grad_cam = gradcam(f, layer=layer, relu=True, upsample=True, interpolate=interpolate)
     guided = guided_backprop(f, seed="one")
 

@@ -280,6 +280,17 @@ def test_unnormalised_map_keeps_its_scale():
     torch.testing.assert_close(normalised, (plain - plain.min()) / (plain.max() - plain.min() + 1e-7))
 
 
+def test_layer_given_as_a_submodule():
+    model = GapNet().eval()
+    f, params = fxattr.functionalize(model)
+    x = torch.randn(3, 6, 6, dtype=torch.float64)
+    by_name = fxattr.gradcam(f, layer=["features.1", "features"])(params, x, 2)
+    by_module = fxattr.gradcam(f, layer=[model.features[1], model.features])(params, x, 2)
+    torch.testing.assert_close(by_module, by_name)
+    with pytest.raises(fxattr.FxattrError, match="gradcam: layer Conv2d is not a submodule of the model"):
+        fxattr.gradcam(f, layer=nn.Conv2d(1, 1, 1))
+
+
 # ---------------------------------------------------------------------------------------- errors
 
 def test_clear_errors():
