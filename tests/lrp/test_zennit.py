@@ -195,6 +195,45 @@ def test_zennit_first_layer_behind_pooling(composite_name):
     assert float((plain - want).norm() / want.norm()) > 1e-3
 
 
+def _small_cnn(seed, hidden_relu=True):
+    nn = torch.nn
+    torch.manual_seed(seed)
+    # without the last ReLU, negative hidden outputs carry relevance (gamma's negative branch)
+    act = [nn.ReLU()] if hidden_relu else []
+    return randomize(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                   nn.Conv2d(6, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 3 * 3, 5),
+                                   *act, nn.Linear(5, 4)), seed=seed)
+
+
+@pytest.mark.parametrize("hidden_relu", [True, False], ids=["relu", "linear_head"])
+@pytest.mark.parametrize("rule", ["gamma", "norm", "flat"])
+def test_zennit_single_rule_signed_input(rule, hidden_relu):
+    """One zennit rule on every linear/conv layer, signed inputs, random biases: zennit's
+    generalised Gamma (x+/x- split, gamma b+ added for positive outputs, W + gamma W- for negative
+    ones), Norm (z with 1e-6 sign stabiliser, bias included) and Flat (weights 1, no bias)."""
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import Flat, Gamma, Norm, Pass
+    from zennit.types import Activation
+    from zennit.types import Linear as AnyLinear
+
+    zrule = {"gamma": Gamma(gamma=0.25), "norm": Norm(), "flat": Flat()}[rule]
+    model = _small_cnn(seed=8, hidden_relu=hidden_relu)
+    x = torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        out = model(x)
+    targets = out.argmax(1)
+    seed = torch.zeros_like(out).scatter(1, targets[:, None], out.gather(1, targets[:, None]))
+    composite = LayerMapComposite([(Activation, Pass()), (AnyLinear, zrule)])
+    with Gradient(model=copy.deepcopy(model), composite=composite) as attributor:
+        _, want = attributor(x, seed)
+    f, params = fxattr.functionalize(model)
+    kwargs = {"gamma": 0.25} if rule == "gamma" else {}
+    got = torch.vmap(fxattr.lrp(f, rule=rule, **kwargs), in_dims=(None, 0, 0))(params, x, targets)
+    scale = want.abs().amax(dim=(1, 2, 3), keepdim=True)
+    bad = (got - want).abs() > 1e-5 * want.abs() + 1e-5 * scale
+    assert not bad.any(), f"{int(bad.sum())} elements off"
+
+
 def test_zennit_seeding_is_value():
     """The seeding convention itself, on a small CNN (cheap): zennit seeded with one_hot(target)
     gives relevance / value, fxattr's LRP seeds with the value; and the pair differ (the check
