@@ -118,8 +118,7 @@ def _upsample(where: str, m: Tensor, x, interpolate: str) -> Tensor:
     if mode is None:
         raise fail(where, f"cannot interpolate a map with {k} spatial dimensions")
     extra = {"align_corners": False} if mode in ("linear", "bilinear", "bicubic", "trilinear") else {}
-    up = F.interpolate(m[None, None], size=size, mode=mode, **extra)[0, 0]
-    return up.expand(x.shape)
+    return F.interpolate(m[None, None], size=size, mode=mode, **extra)[0, 0]
 
 
 def _normalize(m: Tensor) -> Tensor:
@@ -136,6 +135,8 @@ def _finish(where, maps, x, relu, upsample, interpolate, normalize):
             m = _upsample(where, m, x, interpolate)
         if normalize:
             m = _normalize(m)
+        if upsample:  # broadcast last: an expanded view, no copy per channel
+            m = m.expand(x.shape)
         out.append(m)
     if len(out) == 1:
         return out[0]
