@@ -263,6 +263,27 @@ def test_zennit_composite_float64_exact(composite_name):
     assert (want_other - want).abs().max() > 1e-10 * want.abs().max()
 
 
+@pytest.mark.parametrize("composite_name", ["epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1_flat"])
+def test_zennit_resnet_float64_exact(composite_name):
+    """A one-block-per-stage torchvision ResNet in float64 to 1e-10: residual sums under zennit's
+    Norm (stabiliser 1e-6), merged BN on the downsample branches, overlapping max pooling."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    model = randomize(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5), seed=7).double()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+    targets = out.argmax(1)
+    seed = torch.zeros_like(out).scatter(1, targets[:, None], out.gather(1, targets[:, None]))
+    cls, kwargs = COMPOSITES[composite_name]
+    with Gradient(model=copy.deepcopy(model), composite=cls(canonizers=[ResNetCanonizer()], **kwargs)) as attributor:
+        _, want = attributor(x, seed)
+    f, params = fxattr.functionalize(model)
+    got = torch.vmap(fxattr.lrp(f, composite=composite_name, **kwargs), in_dims=(None, 0, 0))(params, x, targets)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+
+
 def test_zennit_seeding_is_value():
     """The seeding convention itself, on a small CNN (cheap): zennit seeded with one_hot(target)
     gives relevance / value, fxattr's LRP seeds with the value; and the pair differ (the check
