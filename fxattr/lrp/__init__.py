@@ -167,7 +167,8 @@ def lrp(f, *, rule: str | Rule | None = None, composite: str | Composite | None 
 def deep_taylor(f):
     """Deep Taylor decomposition for ReLU networks (Montavon et al. 2017), iNNvestigate's
     ``deep_taylor``: z+ without bias on every kernel layer, the gradient through average pooling
-    and additions, seeded with the selected output's value.
+    and additions, seeded with the positive part of the selected output's value (iNNvestigate
+    appends a ReLU to the outputs: a negative output is explained by zeros).
 
     Example:
         >>> torch.vmap(fxattr.deep_taylor(f), in_dims=(None, 0, 0))(params, images, labels)
@@ -175,7 +176,7 @@ def deep_taylor(f):
     plan = _plan("deep_taylor", f, deep_taylor_composite())
 
     def explain(params, x, target=None):
-        return plan.explain(params, x, target, seed="value")
+        return plan.explain(params, x, target, seed="positive")
 
     return explainer("deep_taylor", f, {}, explain)
 
@@ -183,7 +184,7 @@ def deep_taylor(f):
 def deep_taylor_bounded(f, *, low, high):
     """Deep Taylor decomposition with the z^B rule on the input layer, for inputs bounded by
     ``low <= x <= high`` (numbers, or tensors broadcastable to one example), iNNvestigate's
-    ``deep_taylor.bounded``.
+    ``deep_taylor.bounded`` (seeded like :func:`deep_taylor`).
 
     Example:
         >>> explain = fxattr.deep_taylor_bounded(f, low=-2.1, high=2.6)
@@ -194,7 +195,7 @@ def deep_taylor_bounded(f, *, low, high):
     plan = _plan(where, f, deep_taylor_composite(low, high))
 
     def explain(params, x, target=None):
-        return plan.explain(params, x, target, seed="value")
+        return plan.explain(params, x, target, seed="positive")
 
     return explainer(where, f, {"low": low, "high": high}, explain)
 

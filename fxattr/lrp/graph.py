@@ -542,7 +542,8 @@ class Plan:
 
     def explain(self, params, x, target, *, seed: str = "value"):
         """Relevance (or modified gradient) at ``x`` for ``target``; ``seed`` is ``"value"``
-        (the selected output's value: LRP) or ``"one"`` (gradient-type)."""
+        (the selected output's value: LRP), ``"positive"`` (its positive part: DeepTaylor) or
+        ``"one"`` (gradient-type)."""
         if not torch.compiler.is_compiling():
             self.f.check_input(x, self.where)
         values, cache, raw = self.forward(params, x)
@@ -552,7 +553,13 @@ class Plan:
                                    "output=callable to functionalize to choose one)")
         y = out[0]
         grad = torch.func.grad(lambda t: select(self.where, t, target))(y)
-        relevance_y = (y * grad if seed == "value" else grad).unsqueeze(0)
+        if seed == "value":
+            relevance_y = y * grad
+        elif seed == "positive":  # DeepTaylor: iNNvestigate appends a ReLU to the outputs
+            relevance_y = y.clamp(min=0) * grad
+        else:
+            relevance_y = grad
+        relevance_y = relevance_y.unsqueeze(0)
 
         relevance: dict = {}
         self._seed_output(relevance, values, relevance_y)
