@@ -482,10 +482,8 @@ def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10):
 
     def explain(params, x, target=None):
         check_target(where, target)
-        if not torch.compiler.is_compiling():
-            f.check_input(x, where)
         base = make_baseline(where, baseline, x)
-        return engine(params, x, base, target)
+        return f.guarded(x, lambda: engine(params, x, base, target), where)
 
     config = {"baseline": baseline, "rule": rule, "eps": eps}
     return explainer(where, f, config, explain)

@@ -154,9 +154,7 @@ def _pattern_explainer(where: str, f, patterns, pattern_type: str, attribution: 
         if patterns is None:
             raise fail(where, "no patterns: fit them first, explain = explain.fit(params, data), or "
                               "pass patterns=fxattr.pattern.load(path)")
-        if not torch.compiler.is_compiling():
-            f.check_input(x, where)
-        vals = walk.forward(params, x)
+        vals = f.guarded(x, lambda: walk.forward(params, x), where)
         seeds = {i: g * vals[i] for i, g in walk.seed(vals, target).items()}
         grads = walk.reverse(params, vals, seeds, kernel_params=kernel_params)
         return walk.to_input(x, vals, grads, lambda g, i: g)

@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+# Tiny models dominate the suite: one thread per test process (xdist runs two) avoids OpenMP
+# spinning that made small convolutions 1000x slower on a shared 2-core machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():

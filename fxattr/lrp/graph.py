@@ -544,9 +544,7 @@ class Plan:
         """Relevance (or modified gradient) at ``x`` for ``target``; ``seed`` is ``"value"``
         (the selected output's value: LRP), ``"positive"`` (its positive part: DeepTaylor) or
         ``"one"`` (gradient-type)."""
-        if not torch.compiler.is_compiling():
-            self.f.check_input(x, self.where)
-        values, cache, raw = self.forward(params, x)
+        values, cache, raw = self.f.guarded(x, lambda: self.forward(params, x), self.where)
         out = self.f.output(raw) if self.f.output is not None else raw
         if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != 1:
             raise fail(self.where, "the model must return a tensor with a batch axis (pass "
