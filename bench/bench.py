@@ -448,10 +448,11 @@ def run_block(rows, model_name, method, c, floor, args, device):
         except Exception as error:  # noqa: BLE001 - reported in the table
             notes["fxattr eager"] = f"error: {type(error).__name__}: {str(error)[:160]}"
             traceback.print_exc()
-        compile_here = not args.no_compile and (args.compile_models is None
-                                                or model_name in args.compile_models.split(","))
+        compile_here = (not args.no_compile
+                        and (args.compile_models is None or model_name in args.compile_models.split(","))
+                        and (args.compile_methods is None or method in args.compile_methods.split(",")))
         if "fxattr eager" in impls and not compile_here:
-            notes["fxattr compiled"] = "not compiled in this run (--no-compile / --compile-models)"
+            notes["fxattr compiled"] = "not compiled in this run (compile time; see --compile-methods)"
         if "fxattr eager" in impls and compile_here:
             torch._dynamo.reset()
             for fullgraph in (True, False):
@@ -672,6 +673,8 @@ def parse_args(argv=None):
     p.add_argument("--heavy-s", type=float, default=60.0,
                    help="blocks whose warm-ups take longer count the warm-up call as a sample")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-methods", default=None,
+                   help="compile only these methods (IG's unrolled chunks compiled for 20+ min here)")
     p.add_argument("--compile-models", default=None,
                    help="compile only for these models (compiling resnet18 took ~8 min on the shared CPU)")
     p.add_argument("--quick", action="store_true", help="small images, batch 2, 2 repeats: a smoke test")
