@@ -124,7 +124,7 @@ class _Walk:
             kind = nodes[node].kind
             # the engine takes x * x for a scaling by a constant (one distinct data input); it is not
             bilinear = kind == "scale" and sum(
-                isinstance(a, fx.Node) and nodes[a].data for a in node.args) > 1
+                isinstance(a, fx.Node) and nodes[a].is_data for a in node.args) > 1
             if node in path and (kind == "unsupported" or bilinear):
                 raise fail(where, f"no {what} rule for graph node {node.name!r}: "
                                   f"{_describe(plan, node)}. Supported: linear and convolution "
@@ -147,14 +147,14 @@ class _Walk:
         leaves, self.out_tree = pytree.tree_flatten(out)
         self.out_leaves = [_Slot(self.index[leaf]) if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
         self.out_data = [j for j, leaf in enumerate(leaves)
-                         if isinstance(leaf, fx.Node) and nodes[leaf].data]
+                         if isinstance(leaf, fx.Node) and nodes[leaf].is_data]
 
     def _on_path(self) -> set:
         keep: set = set()
         stack = list(self.plan.output.all_input_nodes)
         while stack:
             node = stack.pop()
-            if node in keep or not self.plan.nodes[node].data:
+            if node in keep or not self.plan.nodes[node].is_data:
                 continue
             keep.add(node)
             stack.extend(self.plan.nodes[node].data_args)
@@ -165,7 +165,7 @@ class _Walk:
         st = _Step()
         st.i, st.name = self.index[node], node.name
         st.kind = node.op if node.op in ("placeholder", "output") else info.kind
-        st.is_data = bool(info.data)
+        st.is_data = bool(info.is_data)
         st.x = self.index[node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else None
         slot = lambda n: _Slot(self.index[n])  # noqa: E731
         st.args = map_arg(node.args, slot)

@@ -117,7 +117,7 @@ def _static_params(where: str, walk: _Walk, st, params) -> dict:
     for arg in st.value_slots:
         if arg is not None and arg.op == "get_attr" and arg.target in params:
             values[arg] = params[arg.target]
-        elif walk.plan.nodes[arg].data:
+        elif walk.plan.nodes[arg].is_data:
             continue
         else:
             raise fail(where, f"the weight of functional layer {st.name!r} is computed in the "

@@ -13,20 +13,9 @@ A batch norm that does not directly follow a kernel layer whose output it alone 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-
-def batch_norm_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-                      eps: float) -> tuple[Tensor, Tensor]:
-    """``(s, t)`` with ``batch_norm(z) = z * s + t`` per channel (eval mode)."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
-    return scale, shift
+from fxattr.functional import batch_norm_affine  # noqa: F401 - re-exported for the engine
 
 
 def fold(weight: Tensor, bias: Tensor | None, mean: Tensor, var: Tensor, bn_weight: Tensor | None,

@@ -115,13 +115,13 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
 class _Node:
     """What the engine knows about one graph node."""
 
-    __slots__ = ("node", "kind", "data", "data_args", "layer", "info", "rule", "fold",
+    __slots__ = ("node", "kind", "is_data", "data_args", "layer", "info", "rule", "fold",
                  "params", "nonnegative", "relu", "module")
 
     def __init__(self, node: fx.Node):
         self.node = node
         self.kind = "constant"
-        self.data = False
+        self.is_data = False
         self.data_args: list[fx.Node] = []
         self.layer: R.Layer | None = None
         self.info: LayerInfo | None = None
@@ -253,7 +253,7 @@ class Plan:
         info = _Node(node)
         inputs = [a for a in node.all_input_nodes]
         if node.op == "placeholder":
-            info.kind, info.data = "input", True
+            info.kind, info.is_data = "input", True
             return info
         if node.op in ("get_attr", "output"):
             info.kind = node.op
@@ -261,16 +261,16 @@ class Plan:
         meta = ((node.op == "call_function" and node.target is getattr
                  and len(node.args) > 1 and node.args[1] in _META_ATTRIBUTES)
                 or (node.op == "call_method" and node.target in _META_METHODS))
-        info.data_args = [a for a in inputs if self.nodes[a].data]
-        info.data = bool(info.data_args) and not meta
-        if not info.data:
+        info.data_args = [a for a in inputs if self.nodes[a].is_data]
+        info.is_data = bool(info.data_args) and not meta
+        if not info.is_data:
             return info
         info.kind = self._kind(node, info)
         return info
 
     def _kind(self, node: fx.Node, info: _Node) -> str:
         target = node.target
-        first_is_data = bool(node.args) and isinstance(node.args[0], fx.Node) and self.nodes[node.args[0]].data
+        first_is_data = bool(node.args) and isinstance(node.args[0], fx.Node) and self.nodes[node.args[0]].is_data
         only_first = first_is_data and info.data_args == [node.args[0]]
         if node.op == "call_module":
             module = self.gm.get_submodule(target)
@@ -308,7 +308,7 @@ class Plan:
         key = target if is_method else target
         if not is_method and target in (F.conv1d, F.conv2d, F.conv3d, F.linear) and only_first:
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            if isinstance(weight, fx.Node) and not self.nodes[weight].data:
+            if isinstance(weight, fx.Node) and not self.nodes[weight].is_data:
                 kind = "linear" if target is F.linear else "conv"
                 rest = tuple(node.args[3:])
                 info.layer = ("functional", kind, target, rest, dict(node.kwargs))
@@ -399,7 +399,7 @@ class Plan:
         can skip their exactly-zero ``x-`` terms."""
         keep = ("maxpool", "avgpool", "route", "identity")
         for node, info in self.nodes.items():
-            if info.data and info.kind in keep:
+            if info.is_data and info.kind in keep:
                 info.nonnegative = all(self.nodes[a].nonnegative for a in info.data_args)
         for node, info in self.nodes.items():
             if info.kind in ("kernel", "batchnorm") and info.layer is not None:
@@ -424,7 +424,7 @@ class Plan:
                 input_layer=self._reads_input(node.args[0]), first_of_kind=kind not in seen_kinds)
             seen_kinds.add(kind)
         for node, info in self.nodes.items():
-            if info.data and info.kind in ("batchnorm", "avgpool", "add", "activation", "maxpool",
+            if info.is_data and info.kind in ("batchnorm", "avgpool", "add", "activation", "maxpool",
                                            "functional_batchnorm"):
                 kind = "batchnorm" if info.kind == "functional_batchnorm" else info.kind
                 info.info = LayerInfo(kind=kind, module=type(info.module) if info.module is not None else None,
@@ -470,7 +470,7 @@ class Plan:
         stack = [a for a in self.output.all_input_nodes]
         while stack:
             node = stack.pop()
-            if node in keep or not self.nodes[node].data:
+            if node in keep or not self.nodes[node].is_data:
                 continue
             keep.add(node)
             stack.extend(self.nodes[node].data_args)
@@ -496,7 +496,7 @@ class Plan:
                 continue
             self.steps.append(_Step(self, node, slots))
         self.output_template = _template(self.output.args[0], slots)
-        self.output_slots = [s for s in _refs(self.output_template) if self.nodes[self.graph_nodes[s]].data]
+        self.output_slots = [s for s in _refs(self.output_template) if self.nodes[self.graph_nodes[s]].is_data]
 
     def _inputs(self, x) -> list:
         values = [None] * self.n_slots
@@ -618,20 +618,20 @@ class Plan:
             if rule.name == "gradient":
                 return self._vjp(step, values, params, rel)
             if rule.name == "pass":
-                if len(step.data) != 1:
+                if len(step.data_slots) != 1:
                     raise fail(self.where, f"the pass rule cannot split relevance over the "
-                                           f"{len(step.data)} inputs of {step.name!r}")
-                return [(step.data[0], rel)]
+                                           f"{len(step.data_slots)} inputs of {step.name!r}")
+                return [(step.data_slots[0], rel)]
             fn, primals = self._bound(step, values, params)
             _, vjp = torch.func.vjp(fn, *primals)
             grads = vjp(rel / rule.stabilise(values[step.slot]))
-            return [(s, v * g) for s, v, g in zip(step.data, primals, grads)]
+            return [(s, v * g) for s, v, g in zip(step.data_slots, primals, grads)]
         # routing, max pooling (winner takes all) and, in gradient mode, everything else
         return self._vjp(step, values, params, rel)
 
     def _bound(self, step, values, params):
         """``fn(*data_values)``: the node as a function of its data inputs (others fixed)."""
-        data = step.data
+        data = step.data_slots
 
         def fn(*vals):
             override = dict(zip(data, vals))
@@ -642,7 +642,7 @@ class Plan:
     def _vjp(self, step, values, params, rel):
         fn, primals = self._bound(step, values, params)
         out, vjp = torch.func.vjp(fn, *primals)
-        return list(zip(step.data, vjp(_fill(rel, out))))
+        return list(zip(step.data_slots, vjp(_fill(rel, out))))
 
 
 _NO_DEFAULT = object()
@@ -709,11 +709,11 @@ class _Step:
         info = plan.nodes[node]
         self.slot = slots[node]
         self.name = node.name
-        self.kind = "get_attr" if node.op == "get_attr" else (info.kind if info.data else "constant")
+        self.kind = "get_attr" if node.op == "get_attr" else (info.kind if info.is_data else "constant")
         self.target = node.target
         self.args = _template(node.args, slots)
         self.kwargs = _template(node.kwargs, slots)
-        self.data = [slots[a] for a in info.data_args]
+        self.data_slots = [slots[a] for a in info.data_args]
         first = node.args[0] if node.args else None
         self.x = slots[first] if isinstance(first, fx.Node) else None
         self.layer, self.rule, self.relu = info.layer, info.rule, info.relu
