@@ -626,8 +626,11 @@ def markdown(rows, sweep_rows, extra, args, device) -> str:
         note = r["note"]
         if r["check"] is not None:
             errs = r["check"]
-            worst = f"; worst example {errs[-1]:.0e}" if errs[-1] > 10 * errs[len(errs) // 2] and errs[-1] > 1e-4 else ""
-            note = (note + f" agrees with peer to {errs[len(errs) // 2]:.0e} (median example){worst}").strip()
+            if len(errs) <= 8:
+                text = "/".join(f"{e:.0e}" for e in errs) + " per example"
+            else:
+                text = f"{errs[len(errs) // 2]:.0e} (median example), worst {errs[-1]:.0e}"
+            note = (note + f" max rel err vs peer {text}").strip()
         spread = "" if r["spread"] is None else (f" ({fmt_s(r['spread'][0])}-{fmt_s(r['spread'][1])}, "
                                                  f"{r['n']})")
         lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {fmt_s(r['median'])}{spread} | "
