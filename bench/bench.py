@@ -430,7 +430,7 @@ def run_block(rows, model_name, method, c, floor, args, device):
     if (method == "scorecam" and device.type == "cpu" and model_name != "small_cnn"
             and not args.force):
         note = ("skipped on CPU: Score-CAM runs one forward per channel of the layer per image "
-                "(512 x 8 passes here, hours on 2 cores); --force or --device cuda")
+                f"(512 x {c.x.shape[0]} passes here, hours on 2 shared cores); --force or --device cuda")
         print(f"  {note}")
         rows.append({"model": model_name, "method": method, "impl": "(all)", "median": None,
                      "floor": None, "x_floor": None, "x_peer": None, "compile": None, "target": None,
