@@ -367,7 +367,9 @@ def fx_rise(c):
 
 
 def fx_scorecam(c):
-    return fxattr.scorecam(c.f, layer=c.layer_name, chunk_size=c.args.mask_chunk)
+    # pytorch-grad-cam runs batch_size masks of ONE image per forward; fxattr's chunk is per example
+    # inside the outer vmap (chunk x batch rows), so match rows per forward, not chunk numbers.
+    return fxattr.scorecam(c.f, layer=c.layer_name, chunk_size=max(1, c.args.mask_chunk // c.x.shape[0]))
 
 
 # name: (fxattr attribute it needs, fxattr factory, vmap randomness, [(peer name, factory)],
