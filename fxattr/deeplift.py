@@ -39,6 +39,7 @@ from fxattr.errors import FxattrError, fail
 from fxattr.functional import _batch_norm
 from fxattr.integrated import _check_baseline, make_baseline
 from fxattr.targets import check_target, select
+from fxattr.lrp.graph import _Ref, _resolve  # the engine's argument templates
 
 __all__ = ["deeplift", "deeplift_shap"]
 
@@ -65,33 +66,6 @@ def _describe(plan, node: fx.Node) -> str:
     if node.op == "call_method":
         return f"method Tensor.{node.target}"
     return f"function {getattr(node.target, '__name__', repr(node.target))}"
-
-
-class _Slot:
-    """A reference to the value of graph node ``i`` inside an argument template."""
-
-    __slots__ = ("i",)
-
-    def __init__(self, i: int):
-        self.i = i
-
-
-def _fill_template(t, vals, local=None):
-    """``t`` with every :class:`_Slot` replaced by its value (``local`` overrides ``vals``)."""
-    if isinstance(t, _Slot):
-        if local is not None and t.i in local:
-            return local[t.i]
-        return vals[t.i]
-    if isinstance(t, tuple):
-        return tuple(_fill_template(a, vals, local) for a in t)
-    if isinstance(t, list):
-        return [_fill_template(a, vals, local) for a in t]
-    if isinstance(t, dict):
-        return {k: _fill_template(v, vals, local) for k, v in t.items()}
-    if isinstance(t, slice):
-        return slice(_fill_template(t.start, vals, local), _fill_template(t.stop, vals, local),
-                     _fill_template(t.step, vals, local))
-    return t
 
 
 class _Step:
@@ -145,7 +119,7 @@ class _Walk:
                               if st.is_data and st.kind not in ("placeholder", "output")]
         out = plan.output.args[0]
         leaves, self.out_tree = pytree.tree_flatten(out)
-        self.out_leaves = [_Slot(self.index[leaf]) if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
+        self.out_leaves = [_Ref(self.index[leaf]) if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
         self.out_data = [j for j, leaf in enumerate(leaves)
                          if isinstance(leaf, fx.Node) and nodes[leaf].is_data]
 
@@ -167,7 +141,7 @@ class _Walk:
         st.kind = node.op if node.op in ("placeholder", "output") else info.kind
         st.is_data = bool(info.is_data)
         st.x = self.index[node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else None
-        slot = lambda n: _Slot(self.index[n])  # noqa: E731
+        slot = lambda n: _Ref(self.index[n])  # noqa: E731
         st.args = map_arg(node.args, slot)
         st.kwargs = map_arg(node.kwargs, slot)
         st.layer, st.params, st.needs_values, st.value_slots = info.layer, info.params, False, {}
@@ -221,7 +195,7 @@ class _Walk:
             return st.layer.forward(vals[st.x], self.kernel_params(st, params, vals))
         if st.kind == "folded":
             return vals[st.x]
-        return st.call(_fill_template(st.args, vals), _fill_template(st.kwargs, vals), params)
+        return st.call(_resolve(st.args, vals), _resolve(st.kwargs, vals), params)
 
     def _inputs(self, x) -> list:
         vals: list = [None] * self.size
@@ -267,7 +241,7 @@ class _Walk:
 
         def fn(*dv):
             local = dict(zip(data, dv))
-            return st.call(_fill_template(st.args, vals, local), _fill_template(st.kwargs, vals, local),
+            return st.call(_resolve(st.args, vals, local), _resolve(st.kwargs, vals, local),
                            params)
         return fn, [vals[i] for i in data]
 
@@ -283,7 +257,7 @@ class _Walk:
 
     def seed(self, vals, target) -> dict:
         """d output[target] / d (each data leaf of the graph's output) at the explained point."""
-        current = [_fill_template(leaf, vals) for leaf in self.out_leaves]
+        current = [_resolve(leaf, vals) for leaf in self.out_leaves]
 
         def selected(*dv):
             leaf_values = list(current)
@@ -300,7 +274,7 @@ class _Walk:
             *[current[j] for j in self.out_data])
         seeds: dict = {}
         for j, g in zip(self.out_data, grads):
-            _accumulate(seeds, self.out_leaves[j].i, g)
+            _accumulate(seeds, self.out_leaves[j].slot, g)
         return seeds
 
     def reverse(self, params, vals, seeds: dict, override=None, kernel_params=None) -> dict:
