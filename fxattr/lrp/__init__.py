@@ -203,6 +203,17 @@ def deep_taylor_bounded(f, *, low, high):
 _SEEDS = ("value", "one")
 
 
+def _modified_gradient(where: str, f, relu: str, seed: str):
+    """The gradient with the reverse pass of every ReLU replaced (``relu`` names how)."""
+    check_choice(where, "seed", seed, _SEEDS)
+    plan = _plan(where, f, None, relu=relu)
+
+    def explain(params, x, target=None):
+        return plan.explain(params, x, target, seed=seed)
+
+    return explainer(where, f, {"seed": seed}, explain)
+
+
 def guided_backprop(f, *, seed: str = "value"):
     """Guided backpropagation (Springenberg et al. 2015): the gradient, with every ReLU passing
     only positive signal where its input was positive (``relu'(x) * max(R, 0)``).
@@ -215,13 +226,7 @@ def guided_backprop(f, *, seed: str = "value"):
     Example:
         >>> torch.vmap(fxattr.guided_backprop(f), in_dims=(None, 0, 0))(params, images, labels)
     """
-    check_choice("guided_backprop", "seed", seed, _SEEDS)
-    plan = _plan("guided_backprop", f, None, relu="guided")
-
-    def explain(params, x, target=None):
-        return plan.explain(params, x, target, seed=seed)
-
-    return explainer("guided_backprop", f, {"seed": seed}, explain)
+    return _modified_gradient("guided_backprop", f, "guided", seed)
 
 
 def deconvnet(f, *, seed: str = "value"):
@@ -235,13 +240,7 @@ def deconvnet(f, *, seed: str = "value"):
     Example:
         >>> torch.vmap(fxattr.deconvnet(f), in_dims=(None, 0, 0))(params, images, labels)
     """
-    check_choice("deconvnet", "seed", seed, _SEEDS)
-    plan = _plan("deconvnet", f, None, relu="deconvnet")
-
-    def explain(params, x, target=None):
-        return plan.explain(params, x, target, seed=seed)
-
-    return explainer("deconvnet", f, {"seed": seed}, explain)
+    return _modified_gradient("deconvnet", f, "deconvnet", seed)
 
 
 # ``fxattr.lrp`` is this function; its rules and composites ride along as attributes.
