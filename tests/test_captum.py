@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fxattr
+from tests.models import with_fxattr_batch_norm
 
 captum_attr = pytest.importorskip("captum.attr")
 torchvision = pytest.importorskip("torchvision")
@@ -29,7 +30,8 @@ def setup(request):
     f, params = fxattr.functionalize(model)
     xs = torch.randn(2, 3, size, size)
     ts = torch.tensor([3, 7])
-    return model, f, params, xs, ts
+    # captum runs on a copy whose batch norms round like fxattr's (see with_fxattr_batch_norm)
+    return with_fxattr_batch_norm(model), f, params, xs, ts
 
 
 def _close(got, expected):
