@@ -151,7 +151,7 @@ def _conv_layer(module: nn.Module, nonnegative: bool) -> R.Layer:
     def bias(b, z):
         return b.reshape((-1,) + (1,) * (z.ndim - 2))
 
-    return R.Layer("conv", forward, transpose, bias, nonnegative)
+    return R.Layer("conv", forward, transpose, bias, nonnegative, groups=module.groups)
 
 
 def _linear_layer(nonnegative: bool) -> R.Layer:
@@ -164,7 +164,7 @@ def _linear_layer(nonnegative: bool) -> R.Layer:
     def bias(b, z):
         return b
 
-    return R.Layer("linear", forward, transpose, bias, nonnegative)
+    return R.Layer("linear", forward, transpose, bias, nonnegative, groups=1)
 
 
 def _functional_kernel_layer(kind: str, fn, rest_args: tuple, rest_kwargs: dict,
@@ -180,7 +180,10 @@ def _functional_kernel_layer(kind: str, fn, rest_args: tuple, rest_kwargs: dict,
     def bias(b, z):
         return b if kind == "linear" else b.reshape((-1,) + (1,) * (z.ndim - 2))
 
-    return R.Layer(kind, forward, transpose, bias, nonnegative)
+    # F.conv*(input, weight, bias, stride, padding, dilation, groups): groups from the call
+    groups = 1 if kind == "linear" else (rest_args[3] if len(rest_args) > 3 else rest_kwargs.get("groups", 1))
+    return R.Layer(kind, forward, transpose, bias, nonnegative,
+                   groups=groups if type(groups) is int else None)
 
 
 def _channel_shape(t: Tensor) -> tuple:

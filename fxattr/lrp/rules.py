@@ -62,6 +62,10 @@ class Layer(NamedTuple):
         bias: ``bias(b, z) -> b`` broadcast against the output ``z``.
         nonnegative_input: ``True`` when the input is known to be ``>= 0`` (it comes from a ReLU),
             so rules may skip their ``x-`` terms (they are exactly zero).
+        groups: ``1`` for a dense layer or a convolution with ``groups == 1`` whose ``forward`` and
+            ``transpose`` accept any number of channels (input axis 1 of a convolution, the last
+            axis of a dense layer); ``None`` when unknown. With ``1`` the flat rule computes its
+            all-ones sums on one channel instead of a full layer.
     """
 
     kind: str
@@ -69,6 +73,7 @@ class Layer(NamedTuple):
     transpose: Callable[[Tensor, Params, Tensor], Tensor]
     bias: Callable[[Tensor, Tensor], Tensor]
     nonnegative_input: bool = False
+    groups: Optional[int] = None
 
 
 class Rule(NamedTuple):
@@ -101,7 +106,10 @@ class Rule(NamedTuple):
 def signed(epsilon: float) -> Stabiliser:
     """``z -> z + epsilon * sign(z)`` with ``sign(0) = +1`` (the epsilon rule's stabiliser)."""
     def stabilise(z: Tensor) -> Tensor:
-        return z + epsilon * (2 * (z >= 0).to(z) - 1)
+        # z + eps * sign(z), sign(0) = +1, without boolean masks (they cost several passes on CPU):
+        # copysign takes the sign of z + 0.0, which turns -0.0 into +0.0; its derivative w.r.t.
+        # the sign source is 0, so d stabilise / dz = 1 as before
+        return z + torch.copysign(torch.tensor(epsilon, dtype=z.dtype, device=z.device), z + 0.0)
     stabilise.epsilon = epsilon
     stabilise.__qualname__ = f"signed({epsilon!r})"
     return stabilise
@@ -110,7 +118,9 @@ def signed(epsilon: float) -> Stabiliser:
 def safe(epsilon: float = 1e-7) -> Stabiliser:
     """``z -> z + epsilon * (z == 0)``: only exact zeros are replaced (iNNvestigate's SafeDivide)."""
     def stabilise(z: Tensor) -> Tensor:
-        return z + epsilon * (z == 0).to(z)
+        # 1 - |sign(z)| is 1 exactly where z == 0 (and 0 elsewhere): no boolean mask; sign has
+        # derivative 0, so d stabilise / dz = 1 as before
+        return torch.add(z, 1 - torch.sign(z).abs(), alpha=epsilon)
     stabilise.epsilon = epsilon
     stabilise.__qualname__ = f"safe({epsilon!r})"
     return stabilise
@@ -150,6 +160,12 @@ def _positive(t: Tensor | None) -> Tensor | None:
 
 def _negative(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(max=0)
+
+
+def _ones(x: Tensor) -> Tensor:
+    # ones of x's (per-example) shape; a factory call, so under vmap it is not batched and layer
+    # passes on it run once for the whole batch
+    return torch.ones(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _no_bias_output(layer: Layer, params: Params, x: Tensor, z: Tensor) -> Tensor:
@@ -216,13 +232,12 @@ def gamma(gamma: float = 0.25, *, stabiliser=1e-6) -> Rule:
         b_down = None if b is None else b + g * b.clamp(max=0)
         p_up, p_down = _with(params, w_up, b_up), _with(params, w_down, b_down)
         p_up_nb, p_down_nb = _with(params, w_up, None), _with(params, w_down, None)
-        xp = x.clamp(min=0)
         positive, negative = (out > 0).to(out), (out < 0).to(out)
-        if layer.nonnegative_input:
-            s_pos = positive * relevance / stabilise(layer.forward(xp, p_up))
-            s_neg = negative * relevance / stabilise(layer.forward(xp, p_down))
-            return xp * layer.transpose(s_pos, p_up, x) + xp * layer.transpose(s_neg, p_down, x)
-        xn = x.clamp(max=0)
+        if layer.nonnegative_input:  # x >= 0: x+ = x, x- = 0
+            s_pos = positive * relevance / stabilise(layer.forward(x, p_up))
+            s_neg = negative * relevance / stabilise(layer.forward(x, p_down))
+            return x * (layer.transpose(s_pos, p_up, x) + layer.transpose(s_neg, p_down, x))
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
         s_pos = positive * relevance / stabilise(layer.forward(xp, p_up) + layer.forward(xn, p_down_nb))
         s_neg = negative * relevance / stabilise(layer.forward(xp, p_down) + layer.forward(xn, p_up_nb))
         return (xp * (layer.transpose(s_pos, p_up, x) + layer.transpose(s_neg, p_down, x))
@@ -256,30 +271,41 @@ def alpha_beta(alpha: float = 2.0, beta: float = 1.0, *, bias=True, stabiliser=N
     def reverse(layer, params, x, out, relevance):
         weight, b = params["weight"], _bias(params)
         wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-        if b is None or bias is False:
-            b_act = b_inh = None
-        elif bias == "split":
-            b_act, b_inh = b.clamp(min=0), b.clamp(max=0)
-        else:
-            b_act = b_inh = b
+        b_act = None if (b is None or bias is False) else (b.clamp(min=0) if bias == "split" else b)
         pp, pn = _with(params, wp, None), _with(params, wn, None)
-        xp = x.clamp(min=0)
-
-        def with_bias(value, extra):
-            return value if extra is None else value + layer.bias(extra, value)
-
-        if layer.nonnegative_input:
-            s_act = relevance / stabilise(with_bias(layer.forward(xp, pp), b_act))
-            grad_p = layer.transpose(a * s_act, pp, x)
-            if bt == 0:
-                return xp * grad_p
-            s_inh = relevance / stabilise(with_bias(layer.forward(xp, pn), b_inh))
-            return xp * (grad_p - layer.transpose(bt * s_inh, pn, x))
-        xn = x.clamp(max=0)
-        s_act = a * relevance / stabilise(with_bias(layer.forward(xp, pp) + layer.forward(xn, pn), b_act))
+        nonnegative = layer.nonnegative_input  # x >= 0: x+ = x and the x- terms vanish
+        xp = x if nonnegative else x.clamp(min=0)
+        xn = None if nonnegative else x.clamp(max=0)
+        # the activator's pre-activation, its bias fused into the layer pass
+        z_act = layer.forward(xp, _with(params, wp, b_act))
+        if xn is not None:
+            z_act = z_act + layer.forward(xn, pn)
+        s_act = relevance / stabilise(z_act)
+        if a != 1:
+            s_act = a * s_act
         if bt == 0:
+            if xn is None:
+                return x * layer.transpose(s_act, pp, x)
             return xp * layer.transpose(s_act, pp, x) + xn * layer.transpose(s_act, pn, x)
-        s_inh = bt * relevance / stabilise(with_bias(layer.forward(xp, pn) + layer.forward(xn, pp), b_inh))
+        if bias is True and b is not None:
+            # the whole b in both: z_inh = out - W+ x would cancel W+ x against out (where z_inh
+            # crosses 0 near -b its float32 error grows ~|W+ x| / |b|): a layer pass of its own
+            z_inh = layer.forward(xp, _with(params, wn, b))
+            if xn is not None:
+                z_inh = z_inh + layer.forward(xn, pp)
+        else:
+            # W+ x+ + W- x- + W- x+ + W+ x- = W x = out - b, so the inhibitor's pre-activation
+            # (b- with "split", no bias with False) follows from the activator's and the layer's
+            # output without a layer pass. Exact algebra: derivatives of every order are those of
+            # a separate pass, and the float32 error stays that of one (z_act holds b+ = b - b-).
+            z_inh = out - z_act
+            if bias is False and b is not None:
+                z_inh = z_inh - layer.bias(b, z_inh)
+        s_inh = relevance / stabilise(z_inh)
+        if bt != 1:
+            s_inh = bt * s_inh
+        if xn is None:
+            return x * (layer.transpose(s_act, pp, x) - layer.transpose(s_inh, pn, x))
         return (xp * (layer.transpose(s_act, pp, x) - layer.transpose(s_inh, pn, x))
                 + xn * (layer.transpose(s_act, pn, x) - layer.transpose(s_inh, pp, x)))
 
@@ -316,7 +342,8 @@ def w_square(*, bias: bool = False, stabiliser=None) -> Rule:
     def reverse(layer, params, x, out, relevance):
         b = _bias(params)
         p2 = _with(params, params["weight"] ** 2, None if (b is None or not bias) else b ** 2)
-        return layer.transpose(relevance / stabilise(layer.forward(torch.ones_like(x), p2)), p2, x)
+        # the denominator does not depend on x: one pass for the whole batch under vmap
+        return layer.transpose(relevance / stabilise(layer.forward(_ones(x), p2)), p2, x)
 
     return Rule("w_square", reverse, stabilise, config=(("bias", bias),))
 
@@ -327,8 +354,25 @@ def flat(*, stabiliser=None) -> Rule:
     stabilise = safe() if stabiliser is None else _stabiliser("lrp.rules.flat", stabiliser)
 
     def reverse(layer, params, x, out, relevance):
-        ones = _with(params, torch.ones_like(params["weight"]), None)
-        return layer.transpose(relevance / stabilise(layer.forward(torch.ones_like(x), ones)), ones, x)
+        weight = params["weight"]
+        if layer.groups == 1 and layer.kind == "linear":
+            # every output sums in_features ones; the transpose of all ones sums the seed
+            den = torch.full((1,), float(x.shape[-1]), dtype=x.dtype, device=x.device)
+            return (relevance.sum(-1, keepdim=True) / stabilise(den)).expand(x.shape).contiguous()
+        if layer.groups == 1 and layer.kind == "conv" and x.ndim == weight.ndim:
+            # all weights 1 and groups == 1: every output channel sums the same window over all
+            # C_in input channels, so the denominator is C_in times a one-channel sum of ones, and
+            # the transpose sums the seed over the output channels, transposes one channel and
+            # repeats it over the input channels (same values; padding, stride and dilation as the
+            # layer's, since it is the layer's own forward and transpose on one channel)
+            x1 = x[:, :1]
+            ones = _with(params, torch.ones((1, 1) + tuple(weight.shape[2:]), dtype=weight.dtype,
+                                            device=weight.device), None)
+            den = layer.forward(_ones(x1), ones) * x.shape[1]
+            seed = relevance.sum(1, keepdim=True) / stabilise(den)
+            return layer.transpose(seed, ones, x1).expand(x.shape).contiguous()
+        ones = _with(params, torch.ones_like(weight), None)
+        return layer.transpose(relevance / stabilise(layer.forward(_ones(x), ones)), ones, x)
 
     return Rule("flat", reverse, stabilise)
 
@@ -350,8 +394,9 @@ def zb(low, high, *, stabiliser=None) -> Rule:
 
     def reverse(layer, params, x, out, relevance):
         weight = params["weight"]
-        lo = torch.zeros_like(x) + torch.as_tensor(low, dtype=x.dtype, device=x.device)
-        hi = torch.zeros_like(x) + torch.as_tensor(high, dtype=x.dtype, device=x.device)
+        # the bounds are the same for every example: unbatched under vmap, one pass each
+        lo = _ones(x) * torch.as_tensor(low, dtype=x.dtype, device=x.device)
+        hi = _ones(x) * torch.as_tensor(high, dtype=x.dtype, device=x.device)
         p, pp, pn = (_with(params, weight, None), _with(params, weight.clamp(min=0), None),
                      _with(params, weight.clamp(max=0), None))
         s = relevance / stabilise(layer.forward(x, p) - layer.forward(lo, pp) - layer.forward(hi, pn))

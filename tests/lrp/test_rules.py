@@ -8,6 +8,8 @@ fxattr seeds ``R = out * c``. float64, to 1e-10.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -256,3 +258,207 @@ def test_biases_absorb_relevance():
     out = f(params, x)
     got = fxattr.lrp(f, rule="z")(params, x, 0)
     assert abs(float(got.sum() - out[0])) > 1e-6
+
+
+# ---- layers behind a ReLU (``nonnegative_input``): the rules' x >= 0 branches -------------------
+
+from torch.nn import functional as F  # noqa: E402
+
+from fxattr.lrp.graph import Plan, _conv_layer, _functional_kernel_layer, _linear_layer  # noqa: E402
+
+
+NONNEG_LAYERS = {
+    "linear": (lambda bias: nn.Linear(7, 5, bias=bias), (7,)),
+    "conv1d": (lambda bias: nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2, bias=bias), (3, 11)),
+    "conv2d": (lambda bias: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1),
+                                      bias=bias), (3, 6, 5)),
+    "conv2d_groups": (lambda bias: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias), (4, 5, 5)),
+    # padding beyond the kernel: windows that lie wholly in the padding (flat's denominator is 0)
+    "conv2d_wide_pad": (lambda bias: nn.Conv2d(2, 3, 2, padding=2, bias=bias), (2, 3, 3)),
+    "conv3d": (lambda bias: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), bias=bias), (2, 3, 4, 3)),
+}
+
+
+def _nonneg_layer(kind, bias, seed=0):
+    torch.manual_seed(seed)
+    build, shape = NONNEG_LAYERS[kind]
+    layer = build(bias).to(torch_dtype).eval()
+    if bias:
+        with torch.no_grad():
+            layer.bias.normal_()
+    return layer, shape
+
+
+# z_plus_fast and zb are not defined by what they do to x+ / x-: the same on either branch
+NONNEG_COMBINATIONS = [(name, kind) for name in CASES for kind in NONNEG_LAYERS]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("name,kind", NONNEG_COMBINATIONS)
+def test_rule_matches_matrix_form_behind_relu(name, kind, bias):
+    """``ReLU -> layer``: the layer's input is marked ``>= 0`` (with exact zeros), so the rules
+    take their ``nonnegative_input`` branch (alpha-beta's inhibitor from ``out``, flat's one-channel
+    sums, ...); the ReLU passes relevance on unchanged, so the reference is the rule at relu(x)."""
+    rule, reference = CASES[name]
+    layer, shape = _nonneg_layer(kind, bias)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen, dtype=torch_dtype)
+    f, params = fxattr.functionalize(nn.Sequential(nn.ReLU(), layer))
+    plan = Plan(f, "lrp", Composite(kinds={"conv": rule, "linear": rule}))
+    kernels = [s.layer for s in plan.steps if s.kind == "kernel"]
+    assert len(kernels) == 1 and kernels[0].nonnegative_input
+    assert kernels[0].groups == (2 if kind == "conv2d_groups" else 1)
+    out = f(params, x)
+    c = torch.randn(out.shape, generator=gen, dtype=torch_dtype)
+    explain = fxattr.lrp(f, composite=Composite(kinds={"conv": rule, "linear": rule}))
+    got = explain(params, x, lambda o: (o * c).sum())
+    W, b, M = matrices(layer, shape)
+    want = reference(W, b, M, x.clamp(min=0).reshape(-1), (out * c).reshape(-1)).reshape(shape)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def _module_layer(module, nonnegative, groups="keep"):
+    layer = _linear_layer(nonnegative) if isinstance(module, nn.Linear) else _conv_layer(module, nonnegative)
+    return layer if groups == "keep" else layer._replace(groups=groups)
+
+
+def _params(module):
+    return {"weight": module.weight.detach(), "bias": None if module.bias is None else module.bias.detach()}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv2d_wide_pad", "conv3d"])
+@pytest.mark.parametrize("stabiliser", [None, 1e-6])
+def test_flat_one_channel_sums_equal_the_full_layer(kind, stabiliser):
+    """The flat rule's one-channel path (groups == 1) against its general formula (a full layer
+    pass with all-ones weights, taken when ``groups`` is unknown), batched, to 1e-12."""
+    module, shape = _nonneg_layer(kind, True)
+    rule = rules.flat(stabiliser=stabiliser)
+    fast, general = _module_layer(module, False), _module_layer(module, False, groups=None)
+    assert fast.groups == 1
+    gen = torch.Generator().manual_seed(3)
+    xs = torch.randn((4, 1) + shape, generator=gen, dtype=torch_dtype)
+    outs = torch.vmap(lambda x: fast.forward(x, _params(module)))(xs)
+    rs = torch.randn(outs.shape, generator=gen, dtype=torch_dtype)
+
+    def run(layer):
+        return torch.vmap(lambda x, o, r: rule.reverse(layer, _params(module), x, o, r))(xs, outs, rs)
+
+    got, want = run(fast), run(general)
+    assert got.shape == xs.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+
+
+def _old_alpha_beta(layer, params, x, out, relevance, a, bt, bias, stabilise):
+    """alpha-beta with a layer pass per pre-activation (the formula before the inhibitor came from
+    ``out``): the precision baseline."""
+    weight, b = params["weight"], params["bias"]
+    pp, pn = {"weight": weight.clamp(min=0), "bias": None}, {"weight": weight.clamp(max=0), "bias": None}
+    if b is None or bias is False:
+        b_act = b_inh = 0
+    elif bias == "split":
+        b_act, b_inh = layer.bias(b.clamp(min=0), out), layer.bias(b.clamp(max=0), out)
+    else:
+        b_act = b_inh = layer.bias(b, out)
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    s_act = a * relevance / stabilise(layer.forward(xp, pp) + layer.forward(xn, pn) + b_act)
+    s_inh = bt * relevance / stabilise(layer.forward(xp, pn) + layer.forward(xn, pp) + b_inh)
+    return (xp * (layer.transpose(s_act, pp, x) - layer.transpose(s_inh, pn, x))
+            + xn * (layer.transpose(s_act, pn, x) - layer.transpose(s_inh, pp, x)))
+
+
+@pytest.mark.parametrize("nonnegative", [True, False], ids=["relu_input", "signed_input"])
+@pytest.mark.parametrize("bias", [True, False, "split"], ids=["bias", "IB", "split"])
+def test_alpha_beta_inhibitor_from_output_is_precise_in_float32(bias, nonnegative):
+    """The inhibitor's pre-activation ``out - z_act (- b)`` cancels (bias False and "split"; with
+    the whole bias in both denominators it keeps its own layer pass): in float64 it equals the
+    formula with a separate pass, and on random conv layers with ReLU-like inputs (half zeros)
+    its float32 error against float64 stays at that formula's level."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(16, 24, 3, padding=1).double()
+    with torch.no_grad():
+        module.bias.normal_(0, 0.5)
+    rule = rules.alpha_beta(2, 1, bias=bias, stabiliser=1e-6)
+    x64 = torch.randn(2, 1, 16, 12, 12, dtype=torch.float64)
+    if nonnegative:
+        x64 = x64.clamp(min=0)
+    r64 = torch.randn(2, 1, 24, 12, 12, dtype=torch.float64)
+    copies = {dtype: copy.deepcopy(module).to(dtype) for dtype in (torch.float64, torch.float32)}
+    errors = {}
+    for name in ("new", "old"):
+        results = {}
+        for dtype, m in copies.items():
+            layer, params = _module_layer(m, nonnegative), _params(m)
+            x, r = x64.to(dtype), r64.to(dtype)
+
+            def one(x, r):
+                out = layer.forward(x, params)
+                if name == "new":
+                    return rule.reverse(layer, params, x, out, r)
+                return _old_alpha_beta(layer, params, x, out, r, 2.0, 1.0, bias, rule.stabilise)
+            results[dtype] = torch.vmap(one)(x, r)
+        errors[name] = float((results[torch.float32].double() - results[torch.float64]).abs().max()
+                             / results[torch.float64].abs().max())
+        if name == "new":
+            new64 = results[torch.float64]
+        else:
+            torch.testing.assert_close(new64, results[torch.float64], rtol=1e-10, atol=1e-12)
+    if bias is not True:  # with b in both, z_act and z_inh cross 0: float32 is ill-conditioned
+        assert errors["new"] < 2e-6 and errors["new"] < 1.5 * errors["old"] + 1e-7, errors
+
+
+@pytest.mark.parametrize("nonnegative", [True, False], ids=["relu_input", "signed_input"])
+@pytest.mark.parametrize("rule", [rules.alpha_beta(2, 1), rules.alpha_beta(2, 1, bias=False),
+                                  rules.alpha_beta(3, 2, bias="split", stabiliser=1e-6), rules.z_plus(),
+                                  rules.gamma(0.25), rules.flat(), rules.w_square(bias=True)],
+                         ids=repr)
+def test_rule_second_order_exact(rule, nonnegative):
+    """gradgradcheck of a conv layer's rule w.r.t. its input and weight (float64): the
+    algebraic shortcuts (inhibitor from ``out``, one-channel flat sums) keep derivatives exact."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(2, 3, 2, stride=2, padding=1).double()
+    layer = _module_layer(module, nonnegative)
+    # inputs away from 0 (x+/x- and the stabilisers' kinks) and denominators away from 0
+    x = (torch.rand(1, 2, 4, 4, dtype=torch.float64) + 0.5) * (1 if nonnegative else torch.tensor(
+        [1.0, -1.0], dtype=torch.float64).repeat(8)[:16].reshape(1, 1, 4, 4))
+    weight = module.weight.detach().clone().requires_grad_()
+    bias = module.bias.detach().clone()
+    r = torch.randn(1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, weight, r):
+        params = {"weight": weight, "bias": bias}
+        return rule.reverse(layer, params, x, layer.forward(x, params), r)
+
+    inputs = (x.requires_grad_(), weight, r)
+    torch.autograd.gradcheck(fn, inputs)
+    torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_stabilisers_values_and_derivative():
+    """``signed``: ``sign(0) = +1`` for +0 and -0; ``safe``: only exact zeros move; both have
+    derivative 1 (the shift does not depend on z) and batch under vmap without a fallback."""
+    z = torch.tensor([-2.0, -0.0, 0.0, 3.0, 1e-30], dtype=torch_dtype)
+    eps = 0.5
+    torch.testing.assert_close(rules.signed(eps)(z), torch.tensor([-2.5, 0.5, 0.5, 3.5, 0.5 + 1e-30],
+                                                                   dtype=torch_dtype), rtol=0, atol=0)
+    torch.testing.assert_close(rules.safe(eps)(z), torch.tensor([-2.0, 0.5, 0.5, 3.0, 1e-30],
+                                                                 dtype=torch_dtype), rtol=0, atol=0)
+    for stabilise in (rules.signed(eps), rules.safe(eps)):
+        assert torch.equal(torch.func.grad(lambda t: stabilise(t).sum())(z), torch.ones_like(z))
+        hess = torch.func.hessian(lambda t: stabilise(t).sum())(z)
+        assert torch.equal(hess, torch.zeros_like(hess))
+        torch._C._functorch._set_vmap_fallback_enabled(False)
+        try:
+            torch.testing.assert_close(torch.vmap(stabilise)(z[:, None]), stabilise(z)[:, None])
+        finally:
+            torch._C._functorch._set_vmap_fallback_enabled(True)
+    # float32 keeps float32's epsilon
+    assert rules.signed(1e-7)(torch.zeros(1)).dtype == torch.float32
+
+
+def test_functional_conv_layer_knows_its_groups():
+    """``F.conv*`` layers read ``groups`` from the call (positional or keyword); only a plain
+    int 1 enables the one-channel shortcuts."""
+    cases = [((1, 0, 1, 2), {}, 2), ((1, 0, 1), {"groups": 1}, 1), ((1, 0), {}, 1), ((), {}, 1)]
+    for rest, kwargs, groups in cases:
+        assert _functional_kernel_layer("conv", F.conv2d, rest, kwargs, True).groups == groups
+    assert _functional_kernel_layer("linear", F.linear, (), {}, False).groups == 1
