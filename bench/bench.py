@@ -207,8 +207,9 @@ def captum_smoothgrad(c):
     from captum.attr import NoiseTunnel, Saliency
     nt = NoiseTunnel(Saliency(c.frozen))
     std = 0.15 * float(c.x.max() - c.x.min())
+    # the same rows per forward as fxattr's chunks (samples per chunk x batch)
     return lambda: nt.attribute(c.x, target=c.t, nt_type="smoothgrad", nt_samples=c.args.samples,
-                                stdevs=std, abs=False)
+                                nt_samples_batch_size=c.args.sg_chunk or None, stdevs=std, abs=False)
 
 
 def _zennit(c, composite_name):
@@ -662,9 +663,9 @@ def parse_args(argv=None):
                    help="torch CPU threads (1: see OMP_WAIT_POLICY above; 2 cores shared here)")
     p.add_argument("--steps", type=int, default=32, help="IG steps")
     p.add_argument("--ig-method", default="gausslegendre")
-    p.add_argument("--ig-chunk", type=int, default=8, help="fxattr IG chunk_size (0 = None, all steps)")
+    p.add_argument("--ig-chunk", type=int, default=4, help="fxattr IG chunk_size (0 = None, all steps)")
     p.add_argument("--samples", type=int, default=16, help="smoothgrad samples")
-    p.add_argument("--sg-chunk", type=int, default=0, help="fxattr smoothgrad chunk_size (0 = None)")
+    p.add_argument("--sg-chunk", type=int, default=4, help="fxattr smoothgrad chunk_size (0 = None)")
     p.add_argument("--occlusion-window", type=int, default=None, help="default size/4")
     p.add_argument("--occlusion-stride", type=int, default=None, help="default = window")
     p.add_argument("--rise-masks", type=int, default=None,

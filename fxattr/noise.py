@@ -32,7 +32,7 @@ _REDUCE = {
 
 
 def noise_tunnel(explain, *, kind: str = "smoothgrad", samples: int = 16, sigma: float = 0.15,
-                 relative: bool = True, chunk_size: int | None = 8):
+                 relative: bool = True, chunk_size: int | None = 4):
     """Averages ``explain`` over ``samples`` copies of x with Gaussian noise added.
 
     The returned explainer is ``explain(params, x, target=None, *, noise=None)``. Each copy is
@@ -48,9 +48,11 @@ def noise_tunnel(explain, *, kind: str = "smoothgrad", samples: int = 16, sigma:
         samples: number of noisy copies (>= 1).
         sigma: noise standard deviation, relative to the input's range or absolute.
         relative: whether ``sigma`` is relative to ``max(x) - min(x)``.
-        chunk_size: how many copies are evaluated at once (``None``: all). 8 by measurement: on
-            resnet18 16 samples cost 16.8x the floor in chunks of 8 and 19.0x all at once, with
-            +593 MiB instead of +966 MiB (bench/RESULTS.md).
+        chunk_size: how many copies are evaluated at once, per example (``None``: all). Under
+            ``torch.vmap`` over a batch, one forward holds ``batch x chunk_size`` rows; on CPU
+            8-16 rows were fastest. 4 by measurement (resnet18, batch 2, 224 px): 16 samples cost
+            16.8x the floor in chunks of 4, 18.7x in chunks of 8 and 19.0x all at once, and memory
+            grows with the chunk (bench/RESULTS.md). On a GPU larger chunks pay.
 
     The noise can be passed in explicitly: ``noise`` is a tensor (a pytree for a pytree x) of shape
     ``(samples, *x.shape)`` of standard-normal draws, scaled by ``s`` as above.
@@ -108,7 +110,7 @@ def _check_noise(noise, x, samples) -> None:
 
 
 def smoothgrad(f, *, samples: int = 16, sigma: float = 0.15, relative: bool = True,
-               chunk_size: int | None = 8):
+               chunk_size: int | None = 4):
     """SmoothGrad (Smilkov et al. 2017): ``noise_tunnel(gradient(f), kind="smoothgrad", ...)``.
 
     Example:
@@ -120,14 +122,14 @@ def smoothgrad(f, *, samples: int = 16, sigma: float = 0.15, relative: bool = Tr
 
 
 def smoothgrad_sq(f, *, samples: int = 16, sigma: float = 0.15, relative: bool = True,
-                  chunk_size: int | None = 8):
+                  chunk_size: int | None = 4):
     """SmoothGrad-squared: ``noise_tunnel(gradient(f), kind="smoothgrad_sq", ...)``."""
     return noise_tunnel(gradient(f), kind="smoothgrad_sq", samples=samples, sigma=sigma,
                         relative=relative, chunk_size=chunk_size)
 
 
 def vargrad(f, *, samples: int = 16, sigma: float = 0.15, relative: bool = True,
-            chunk_size: int | None = 8):
+            chunk_size: int | None = 4):
     """VarGrad (Adebayo et al. 2018): ``noise_tunnel(gradient(f), kind="vargrad", ...)``."""
     return noise_tunnel(gradient(f), kind="vargrad", samples=samples, sigma=sigma,
                         relative=relative, chunk_size=chunk_size)
