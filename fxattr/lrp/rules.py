@@ -442,11 +442,23 @@ def zb(low, high, *, stabiliser=None) -> Rule:
         # the bounds are the same for every example: unbatched under vmap, one pass each
         lo = _ones(x) * torch.as_tensor(low, dtype=x.dtype, device=x.device)
         hi = _ones(x) * torch.as_tensor(high, dtype=x.dtype, device=x.device)
-        p, pp, pn = (_with(params, weight, None), _with(params, weight.clamp(min=0), None),
-                     _with(params, weight.clamp(max=0), None))
-        s = relevance / stabilise(layer.forward(x, p) - layer.forward(lo, pp) - layer.forward(hi, pn))
-        return (x * layer.transpose(s, p, x) - lo * layer.transpose(s, pp, x)
-                - hi * layer.transpose(s, pn, x))
+        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        p, pp, pn = _with(params, weight, None), _with(params, wp, None), _with(params, wn, None)
+        axis = _channel_axis(layer, x, weight)
+        if axis is None:
+            s = relevance / stabilise(layer.forward(x, p) - layer.forward(lo, pp) - layer.forward(hi, pn))
+            return (x * layer.transpose(s, p, x) - lo * layer.transpose(s, pp, x)
+                    - hi * layer.transpose(s, pn, x))
+        # groups == 1: W+ l + W- h in one call on [l; h], the three transposes in one call with
+        # [W, W+, W-] (the first layer: few input channels, so one call is much cheaper)
+        bound = layer.forward(torch.cat([lo, hi], axis), _with(params, torch.cat([wp, wn], 1), None))
+        s = relevance / stabilise(layer.forward(x, p) - bound)
+        shape = list(x.shape)
+        shape[axis] *= 3
+        g = layer.transpose(s, _with(params, torch.cat([weight, wp, wn], 1), None),
+                            torch.zeros(shape, dtype=x.dtype, device=x.device))
+        n = x.shape[axis]
+        return x * g.narrow(axis, 0, n) - lo * g.narrow(axis, n, n) - hi * g.narrow(axis, 2 * n, n)
 
     return Rule("zb", reverse, stabilise, config=(("low", low), ("high", high)))
 

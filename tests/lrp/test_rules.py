@@ -409,7 +409,8 @@ def test_alpha_beta_inhibitor_from_output_is_precise_in_float32(bias, nonnegativ
 @pytest.mark.parametrize("nonnegative", [True, False], ids=["relu_input", "signed_input"])
 @pytest.mark.parametrize("rule", [rules.alpha_beta(2, 1), rules.alpha_beta(2, 1, bias=False),
                                   rules.alpha_beta(3, 2, bias="split", stabiliser=1e-6), rules.z_plus(),
-                                  rules.gamma(0.25), rules.flat(), rules.w_square(bias=True)],
+                                  rules.gamma(0.25), rules.flat(), rules.w_square(bias=True),
+                                  rules.zb(-1.5, 2.0)],
                          ids=repr)
 def test_rule_second_order_exact(rule, nonnegative):
     """gradgradcheck of a conv layer's rule w.r.t. its input and weight (float64): the
@@ -474,6 +475,27 @@ def test_signed_input_concatenated_pass_equals_separate_passes(rule, kind):
     module, shape = _nonneg_layer(kind, True)
     fused, general = _module_layer(module, False), _module_layer(module, False, groups=None)
     gen = torch.Generator().manual_seed(5)
+    xs = torch.randn((3, 1) + shape, generator=gen, dtype=torch_dtype)
+    outs = torch.vmap(lambda x: fused.forward(x, _params(module)))(xs)
+    rs = torch.randn(outs.shape, generator=gen, dtype=torch_dtype)
+
+    def run(layer):
+        return torch.vmap(lambda x, o, r: rule.reverse(layer, _params(module), x, o, r))(xs, outs, rs)
+
+    got, want = run(fused), run(general)
+    assert got.shape == xs.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv3d"])
+def test_zb_concatenated_pass_equals_separate_passes(kind):
+    """z^B with groups == 1: the bounds' pass on ``[l; h]`` and one transpose with ``[W, W+, W-]``
+    agree with the separate passes (``groups`` unknown) to 1e-12, with per-channel bounds."""
+    module, shape = _nonneg_layer(kind, True)
+    low = -torch.rand(shape[:1] + (1,) * (len(shape) - 1), dtype=torch_dtype) - 0.5
+    rule = rules.zb(low, 2.0)
+    fused, general = _module_layer(module, False), _module_layer(module, False, groups=None)
+    gen = torch.Generator().manual_seed(6)
     xs = torch.randn((3, 1) + shape, generator=gen, dtype=torch_dtype)
     outs = torch.vmap(lambda x: fused.forward(x, _params(module)))(xs)
     rs = torch.randn(outs.shape, generator=gen, dtype=torch_dtype)
