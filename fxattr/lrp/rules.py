@@ -248,28 +248,34 @@ def gamma(gamma: float = 0.25, *, stabiliser=1e-6) -> Rule:
 
     def reverse(layer, params, x, out, relevance):
         weight, b = params["weight"], _bias(params)
-        w_up = weight + g * weight.clamp(min=0)
-        w_down = weight + g * weight.clamp(max=0)
-        b_up = None if b is None else b + g * b.clamp(min=0)
+        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        w_up, w_down = weight + g * wp, weight + g * wn
+        b_plus = None if b is None else b.clamp(min=0)
+        b_up = None if b is None else b + g * b_plus
         b_down = None if b is None else b + g * b.clamp(max=0)
         p_up, p_down = _with(params, w_up, b_up), _with(params, w_down, b_down)
-        p_up_nb, p_down_nb = _with(params, w_up, None), _with(params, w_down, None)
         positive, negative = (out > 0).to(out), (out < 0).to(out)
         axis = None if layer.nonnegative_input else _channel_axis(layer, x, weight)
         if layer.nonnegative_input:  # x >= 0: x+ = x, x- = 0
-            xs, p_up_s, p_down_s = x, p_up, p_down
-        elif axis is not None:  # [x+; x-] with [W^g+, W^g-] (and swapped): one pass each
-            xs = torch.cat([x.clamp(min=0), x.clamp(max=0)], axis)
-            p_up_s = _with(params, torch.cat([w_up, w_down], 1), b_up)
-            p_down_s = _with(params, torch.cat([w_down, w_up], 1), b_down)
+            xs, w_act, p_up_s, p_down_s = x, wp, p_up, p_down
+        elif axis is not None:  # [x+; x-] with [W^g+, W^g-] (and swapped): one call each
+            xs, w_act = torch.cat([x.clamp(min=0), x.clamp(max=0)], axis), torch.cat([wp, wn], 1)
+            p_up_s = _with(params, torch.cat([w_up, w_down], 1), None)
+            p_down_s = _with(params, torch.cat([w_down, w_up], 1), None)
         else:
             xp, xn = x.clamp(min=0), x.clamp(max=0)
+            p_up_nb, p_down_nb = _with(params, w_up, None), _with(params, w_down, None)
             s_pos = positive * relevance / stabilise(layer.forward(xp, p_up) + layer.forward(xn, p_down_nb))
             s_neg = negative * relevance / stabilise(layer.forward(xp, p_down) + layer.forward(xn, p_up_nb))
             return (xp * (layer.transpose(s_pos, p_up, x) + layer.transpose(s_neg, p_down, x))
                     + xn * (layer.transpose(s_pos, p_down, x) + layer.transpose(s_neg, p_up, x)))
-        s_pos = positive * relevance / stabilise(layer.forward(xs, p_up_s))
-        s_neg = negative * relevance / stabilise(layer.forward(xs, p_down_s))
+        # both denominators from the output and ONE layer pass, a = W+ x+ + W- x- + b+ >= 0:
+        # z' = out + gamma a where out > 0, z' = out + gamma (out - a) where out < 0
+        # (out - a = W- x+ + W+ x- + b- <= 0): sums of same-signed terms, no cancellation where
+        # they are used; exact algebra, so derivatives of every order are those of two passes
+        act = layer.forward(xs, _with(params, w_act, b_plus))
+        s_pos = positive * relevance / stabilise(out + g * act)
+        s_neg = negative * relevance / stabilise(out + g * (out - act))
         return _split_sum(xs * (layer.transpose(s_pos, p_up_s, xs) + layer.transpose(s_neg, p_down_s, xs)),
                           axis)
 

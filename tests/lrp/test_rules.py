@@ -506,3 +506,28 @@ def test_zb_concatenated_pass_equals_separate_passes(kind):
     got, want = run(fused), run(general)
     assert got.shape == xs.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("nonnegative", [True, False], ids=["relu_input", "signed_input"])
+@pytest.mark.parametrize("g", [0.25, 1.0])
+def test_gamma_denominators_from_output_are_precise_in_float32(g, nonnegative):
+    """gamma's two denominators come from ``out`` and one pass ``a = W+ x+ + W- x- + b+``
+    (``out + g a`` where out > 0, ``out + g (out - a)`` where out < 0: same-signed sums), so float32
+    stays at float32's level against float64 on a random conv layer with signed biases."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(16, 24, 3, padding=1).double()
+    with torch.no_grad():
+        module.bias.normal_(0, 0.5)
+    x64 = torch.randn(2, 1, 16, 12, 12, dtype=torch.float64)
+    if nonnegative:
+        x64 = x64.clamp(min=0)
+    r64 = torch.randn(2, 1, 24, 12, 12, dtype=torch.float64)
+    rule, results = rules.gamma(g), {}
+    for dtype in (torch.float64, torch.float32):
+        m = copy.deepcopy(module).to(dtype)
+        layer, params = _module_layer(m, nonnegative), _params(m)
+        results[dtype] = torch.vmap(lambda x, r: rule.reverse(layer, params, x, layer.forward(x, params), r))(
+            x64.to(dtype), r64.to(dtype))
+    want = results[torch.float64]
+    error = float((results[torch.float32].double() - want).abs().max() / want.abs().max())
+    assert error < 2e-6, error
