@@ -249,7 +249,7 @@ def gamma(gamma: float = 0.25, *, stabiliser=1e-6) -> Rule:
     def reverse(layer, params, x, out, relevance):
         weight, b = params["weight"], _bias(params)
         wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-        w_up, w_down = weight + g * wp, weight + g * wn
+        w_up, w_down = torch.add(weight, wp, alpha=g), torch.add(weight, wn, alpha=g)
         b_plus = None if b is None else b.clamp(min=0)
         b_up = None if b is None else b + g * b_plus
         b_down = None if b is None else b + g * b.clamp(max=0)
@@ -306,7 +306,9 @@ def alpha_beta(alpha: float = 2.0, beta: float = 1.0, *, bias=True, stabiliser=N
 
     def reverse(layer, params, x, out, relevance):
         weight, b = params["weight"], _bias(params)
-        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        # W- only where it is used (not by z+ behind a ReLU): weights can outweigh activations
+        wp = weight.clamp(min=0)
+        wn = weight.clamp(max=0) if (bt != 0 or not layer.nonnegative_input) else None
         b_act = None if (b is None or bias is False) else (b.clamp(min=0) if bias == "split" else b)
         axis = None if layer.nonnegative_input else _channel_axis(layer, x, weight)
         if not layer.nonnegative_input and axis is None:
