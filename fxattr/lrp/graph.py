@@ -332,8 +332,9 @@ class Plan:
         if (target in _ADD_METHODS) if is_method else (target in _ADD_FUNCTIONS):
             return "add"
         if (target in _SCALE_METHODS) if is_method else (target in _SCALE_FUNCTIONS):
-            if len(info.data_args) == 1 and not (target in (operator.truediv, torch.div, "div")
-                                                 and not first_is_data):
+            # count references, not distinct nodes: ``h * h`` is a square, not a scaling
+            if self._data_refs(node) == 1 and not (target in (operator.truediv, torch.div, "div")
+                                                   and not first_is_data):
                 return "scale"
             return "unsupported"
         if (target in _IDENTITY_METHODS) if is_method else (target in _IDENTITY_FUNCTIONS):
@@ -341,6 +342,12 @@ class Plan:
         if (target in _ROUTE_METHODS) if is_method else (target in _ROUTE_FUNCTIONS):
             return "route"
         return "unsupported"
+
+    def _data_refs(self, node: fx.Node) -> int:
+        """How many of ``node``'s arguments are data (the same node twice counts twice)."""
+        refs: list = []
+        map_arg((node.args, node.kwargs), lambda a: refs.append(a) or a)
+        return sum(self.nodes[a].is_data for a in refs)
 
     def _module_kernel_params(self, target: str, module: nn.Module):
         w_key, b_key = f"{target}.weight", f"{target}.bias"

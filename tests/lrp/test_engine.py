@@ -173,6 +173,38 @@ def test_product_of_two_data_tensors_has_no_rule():
         fxattr.lrp(f, rule="z")
 
 
+def test_square_of_a_data_tensor_is_not_a_scaling():
+    """``h * h`` names one node twice: it is a product of two data tensors, not a linear scaling."""
+    class Square(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.linear(x)
+            return h * h
+
+    f, _ = fxattr.functionalize(Square())
+    with pytest.raises(fxattr.FxattrError, match=r"graph node 'mul'.*function _operator.mul"):
+        fxattr.lrp(f, rule="z")
+
+    class Double(nn.Module):  # ``h + h`` still splits relevance (half to each reference)
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2, bias=False)
+
+        def forward(self, x):
+            h = self.linear(x)
+            return h + h
+
+    torch.manual_seed(0)
+    f, params = fxattr.functionalize(Double().double())
+    x = torch.randn(3, dtype=torch.float64)
+    relevance = fxattr.lrp(f, rule="z")(params, x, 1)
+    w = params["linear.weight"][1]
+    torch.testing.assert_close(relevance, 2 * w * x)  # z rule, no bias: R = x * W^T (R_out / z) = 2 w x
+
+
 def test_argument_errors():
     model = small_cnn()
     f, params = fxattr.functionalize(model)
