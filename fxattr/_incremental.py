@@ -363,20 +363,27 @@ def _rows(start, size: int, like: Tensor):
 
 
 def _crop(t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``t[..., rows, cols]`` for a (1, C, H, W) tensor and 1-d index tensors."""
-    return t[:, :, rows[:, None], cols[None, :]]
+    """``t[..., rows, cols]`` for a (1, C, H, W) tensor and 1-d index tensors, as ONE
+    ``index_select`` over the flattened map: under vmap (batched rows) 4-5x faster than advanced
+    indexing with two broadcast index tensors."""
+    flat = (rows[:, None] * t.shape[-1] + cols[None, :]).reshape(-1)
+    return t.flatten(-2).index_select(-1, flat).unflatten(-1, (rows.shape[0], cols.shape[0]))
 
 
-def _read(value, ref: Tensor, start_h, start_w, size, pad=(0, 0, 0, 0), fill=0.0):
+def _read(value, ref: Tensor, start_h, start_w, size, pad=(0, 0, 0, 0), fill=0.0, padded=None):
     """A step's per-window value on rows/columns ``start + arange(size)`` of its map padded by
-    ``pad`` = (top, bottom, left, right) with ``fill`` (coordinates in the padded map)."""
+    ``pad`` = (top, bottom, left, right) with ``fill`` (coordinates in the padded map);
+    ``padded``: the reference padded so, when already at hand."""
     top, bottom, left, right = pad
     if value[0] == "full":
         base = value[1]
         if any(pad):
             base = F.pad(base, (left, right, top, bottom), value=fill)
         return _crop(base, _rows(start_h, size[0], base), _rows(start_w, size[1], base))
-    base = F.pad(ref, (left, right, top, bottom), value=fill) if any(pad) else ref
+    if padded is not None:
+        base = padded
+    else:
+        base = F.pad(ref, (left, right, top, bottom), value=fill) if any(pad) else ref
     rows, cols = _rows(start_h, size[0], base), _rows(start_w, size[1], base)
     out = _crop(base, rows, cols)
     if value[0] == "ref":
@@ -399,17 +406,35 @@ def _full(value, ref):
     return _read(value, ref, zero, zero, tuple(ref.shape[-2:]))
 
 
-def _window_patch(st: Step, params, plan_: Plan, value, ref_in: Tensor, start_h, start_w):
+def _padding(plan_: Plan, index: int, ref_in: Tensor):
+    """``(pad, fill)`` of a window step's input: the op's own padding (zeros; -inf for max pool),
+    more at the bottom/right where ceil_mode lets the last windows overhang."""
+    kind, kernel, stride, padding, dilation = plan_.windows[index]
+    extra = [max(0, (o - 1) * s + (k - 1) * d + 1 - (n + 2 * p)) for o, s, k, d, n, p in zip(
+        plan_.out_sizes[index], stride, kernel, dilation, ref_in.shape[-2:], padding)]
+    pad = (padding[0], padding[0] + extra[0], padding[1], padding[1] + extra[1])
+    return pad, float("-inf") if kind == "max" else 0.0
+
+
+def padded_references(steps: list, plan_: Plan, ref: list) -> dict:
+    """The padded reference input of every boxed window step, once (shared by all windows)."""
+    out = {}
+    for i in plan_.windows:
+        if plan_.kinds[i] == "window":
+            src = ref[steps[i].args[0].index]
+            (top, bottom, left, right), fill = _padding(plan_, i, src)
+            out[i] = F.pad(src, (left, right, top, bottom), value=fill)
+    return out
+
+
+def _window_patch(st: Step, params, plan_: Plan, value, ref_in: Tensor, start_h, start_w, padded):
     """A conv/pool's output box from its input region (padded as the op pads), with padding 0."""
     kind, kernel, stride, padding, dilation = plan_.windows[st.index]
     size = tuple((o - 1) * s + (k - 1) * d + 1
                  for o, s, k, d in zip(plan_.sizes[st.index], stride, kernel, dilation))
-    # bottom/right: the op's own padding, more where ceil_mode lets the last windows overhang
-    extra = [max(0, (o - 1) * s + (k - 1) * d + 1 - (n + 2 * p)) for o, s, k, d, n, p in zip(
-        plan_.out_sizes[st.index], stride, kernel, dilation, ref_in.shape[-2:], padding)]
-    pad = (padding[0], padding[0] + extra[0], padding[1], padding[1] + extra[1])
-    fill = float("-inf") if kind == "max" else 0.0
-    region = _read(value, ref_in, start_h * stride[0], start_w * stride[1], size, pad, fill)
+    pad, fill = _padding(plan_, st.index, ref_in)
+    region = _read(value, ref_in, start_h * stride[0], start_w * stride[1], size, pad, fill,
+                   padded.get(st.index))
     if kind == "conv":
         bias = _param(st, params, "bias") if st.module.bias is not None else None
         return F.conv2d(region, _param(st, params, "weight"), bias, stride, 0, dilation,
@@ -419,8 +444,8 @@ def _window_patch(st: Step, params, plan_: Plan, value, ref_in: Tensor, start_h,
     return F.avg_pool2d(region, kernel, stride, 0)
 
 
-def window_output(steps: list, params, plan_: Plan, ref: list, x: Tensor, base: Tensor, mask_rows,
-                  starts):
+def window_output(steps: list, params, plan_: Plan, ref: list, padded: dict, x: Tensor, base: Tensor,
+                  mask_rows, starts):
     """The graph's output for ONE window (vmapped over windows by the caller): ``mask_rows`` are
     the window's indicator rows per dimension of x, ``starts`` its ``(columns, 2)`` box starts."""
     env: list = []
@@ -449,9 +474,9 @@ def window_output(steps: list, params, plan_: Plan, ref: list, x: Tensor, base: 
                 rows, cols = _rows(start_h, size_h, x), _rows(start_w, size_w, x)
                 # the occluded copy on the box only, in captum's form x (1 - m) + b m
                 mask = _outer([*mask_rows[:-2], mask_rows[-2][rows], mask_rows[-1][cols]])
-                xs = x[..., rows[:, None], cols[None, :]]
-                bs = base.expand(x.shape)[..., rows[:, None], cols[None, :]]
-                patch = (xs * (1 - mask) + bs * mask).unsqueeze(0)
+                xs = _crop(x.unsqueeze(0), rows, cols)
+                bs = _crop(base.expand(x.shape).unsqueeze(0), rows, cols)
+                patch = xs * (1 - mask) + bs * mask
             elif kind == "pointwise":
                 patch = _exec(st, params, (env[st.args[0].index][1], *st.args[1:]), st.kwargs)
             elif kind == "binary":
@@ -461,7 +486,7 @@ def window_output(steps: list, params, plan_: Plan, ref: list, x: Tensor, base: 
                 patch = _exec(st, params, args, {})
             else:  # window
                 src = st.args[0].index
-                patch = _window_patch(st, params, plan_, env[src], ref[src], start_h, start_w)
+                patch = _window_patch(st, params, plan_, env[src], ref[src], start_h, start_w, padded)
             env.append(("patch", patch, start_h, start_w))
     raise AssertionError("the graph has no output")
 
@@ -528,8 +553,10 @@ def occlusion_scores(where, f, steps, params, x, base, win, step_, grids, rows, 
     if isinstance(plan_, str):
         return give_up(plan_)
 
+    padded = padded_references(steps, plan_, ref)
+
     def score(starts, *row):
-        out = window_output(steps, params, plan_, ref, x, base, row, starts)
+        out = window_output(steps, params, plan_, ref, padded, x, base, row, starts)
         return select(where, _unbatch_output(f, out), target)
 
     return ref_score, torch.vmap(score, chunk_size=chunk_size)(plan_.starts, *rows)
