@@ -729,6 +729,12 @@ class _Step:
         self.layer, self.rule, self.relu = info.layer, info.rule, info.relu
         self.params = info.params
         self.params_need_values = getattr(info.params, "needs_values", False)
+        if self.params_need_values:  # a functional layer: weight and bias are values of the graph
+            by_node, value_slots = info.params, {n: slots[n] for n in node.all_input_nodes}
+
+            def params_from_values(p, values):
+                return by_node(p, {n: values[s] for n, s in value_slots.items()})
+            self.params = params_from_values
         self.fold_linear = info.fold is not None and info.layer is not None and info.layer.kind == "linear"
         self.constant = plan._attr(node.target) if node.op == "get_attr" and node.target not in plan.param_names else None
         self.op = {"call_module": "module", "call_method": "method", "call_function": "function",

@@ -98,3 +98,44 @@ def test_mlp():
     for rule in ("epsilon", "alpha_2_beta_1", "w_square"):
         out = torch.vmap(fxattr.lrp(f, rule=rule), in_dims=(None, 0, 0))(params, xs, targets)
         assert out.shape == xs.shape and torch.isfinite(out).all()
+
+
+class _FunctionalConvNet(nn.Module):
+    """Convolution and linear layers written as F.conv2d / F.linear with parameter weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_weight = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.5)
+        self.conv_bias = nn.Parameter(torch.randn(4) * 0.1)
+        self.fc_weight = nn.Parameter(torch.randn(5, 4 * 3 * 3) * 0.3)
+
+    def forward(self, x):
+        h = torch.nn.functional.conv2d(x, self.conv_weight, self.conv_bias, stride=2, padding=1)
+        h = torch.nn.functional.relu(h)
+        return torch.nn.functional.linear(h.flatten(1), self.fc_weight)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_gamma_box"])
+def test_functional_kernel_layers_equal_their_module_form(composite):
+    """F.conv2d / F.linear with parameter weights are kernel layers: LRP gives exactly what the
+    same network written with nn.Conv2d / nn.Linear gives."""
+    torch.manual_seed(0)
+    functional = _FunctionalConvNet().double().eval()
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
+    fc = nn.Linear(36, 5, bias=False).double()
+    with torch.no_grad():  # test-side set-up: the same weights in module form
+        conv.weight.copy_(functional.conv_weight)
+        conv.bias.copy_(functional.conv_bias)
+        fc.weight.copy_(functional.fc_weight)
+    modules = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), fc).eval()
+    kwargs = {"low": -3.0, "high": 3.0} if composite == "epsilon_gamma_box" else {}
+    xs = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    targets = torch.tensor([0, 3, 4])
+    results = []
+    for model in (functional, modules):
+        f, params = fxattr.functionalize(model)
+        explain = fxattr.lrp(f, composite=composite, **kwargs)
+        with model_unchanged(model):
+            results.append(torch.vmap(explain, in_dims=(None, 0, 0))(params, xs, targets))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+    assert results[0].abs().sum() > 0
