@@ -473,8 +473,13 @@ def test_signed_input_concatenated_pass_equals_separate_passes(rule, kind):
     """On a signed input, groups == 1 layers run ``[x+; x-]`` through ``[W+, W-]`` (one layer call
     on twice the channels); the separate passes (taken when ``groups`` is unknown) agree to 1e-12."""
     module, shape = _nonneg_layer(kind, True)
+    _assert_fused_equals_general(module, shape, rule, seed=5)
+
+
+def _assert_fused_equals_general(module, shape, rule, seed):
+    """``rule`` on the layer with ``groups`` known (fused passes) == with it unknown (separate)."""
     fused, general = _module_layer(module, False), _module_layer(module, False, groups=None)
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(seed)
     xs = torch.randn((3, 1) + shape, generator=gen, dtype=torch_dtype)
     outs = torch.vmap(lambda x: fused.forward(x, _params(module)))(xs)
     rs = torch.randn(outs.shape, generator=gen, dtype=torch_dtype)
@@ -493,19 +498,7 @@ def test_zb_concatenated_pass_equals_separate_passes(kind):
     agree with the separate passes (``groups`` unknown) to 1e-12, with per-channel bounds."""
     module, shape = _nonneg_layer(kind, True)
     low = -torch.rand(shape[:1] + (1,) * (len(shape) - 1), dtype=torch_dtype) - 0.5
-    rule = rules.zb(low, 2.0)
-    fused, general = _module_layer(module, False), _module_layer(module, False, groups=None)
-    gen = torch.Generator().manual_seed(6)
-    xs = torch.randn((3, 1) + shape, generator=gen, dtype=torch_dtype)
-    outs = torch.vmap(lambda x: fused.forward(x, _params(module)))(xs)
-    rs = torch.randn(outs.shape, generator=gen, dtype=torch_dtype)
-
-    def run(layer):
-        return torch.vmap(lambda x, o, r: rule.reverse(layer, _params(module), x, o, r))(xs, outs, rs)
-
-    got, want = run(fused), run(general)
-    assert got.shape == xs.shape
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    _assert_fused_equals_general(module, shape, rules.zb(low, 2.0), seed=6)
 
 
 @pytest.mark.parametrize("nonnegative", [True, False], ids=["relu_input", "signed_input"])
