@@ -11,7 +11,7 @@ from torch import nn
 import fxattr
 from tests.contract import (assert_compile_equals_eager, assert_second_order, assert_vmap_equals_loop,
                             model_unchanged)
-from tests.models import small_cnn, smooth_mlp
+from tests.models import residual, small_cnn, smooth_mlp
 
 
 def _linear(shape, classes=3, bias=True):
@@ -153,6 +153,21 @@ def test_occlusion_agrees_with_captum(window, stride, baseline):
                                                baselines=captum_baseline, target=2)[0]
     # captum returns float32 for occlusion (it divides attributions.float() by the window counts).
     assert theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs.double(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_occlusion_on_a_residual_model_agrees_with_captum_incremental_or_not(incremental):
+    """Functional ops, a residual add, concatenation, a view and a module called twice (the
+    incremental path boxes the convs and computes the rest on full maps)."""
+    captum = pytest.importorskip("captum.attr")
+    model = residual()
+    f, params = fxattr.functionalize(model)
+    x = torch.randn(3, 8, 8, dtype=torch.float64)
+    ours = fxattr.occlusion(f, window=(3, 3, 2), stride=(3, 2, 2), baseline=-0.5,
+                            incremental=incremental)(params, x, 1)
+    theirs = captum.Occlusion(model).attribute(x[None], sliding_window_shapes=(3, 3, 2),
+                                               strides=(3, 2, 2), baselines=-0.5, target=1)[0]
     torch.testing.assert_close(ours, theirs.double(), rtol=1e-6, atol=1e-7)
 
 
