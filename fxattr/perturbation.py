@@ -88,7 +88,7 @@ def _check_tuple_config(where: str, name: str, value, allow_none=False) -> None:
 
 # -------------------------------------------------------------------------------------- occlusion
 
-def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 64,
+def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 16,
               incremental="auto"):
     """Occlusion (Zeiler and Fergus 2014) with captum's ``Occlusion`` semantics.
 
@@ -105,7 +105,8 @@ def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 
         stride: the step, an int or one per dimension (default 1, as captum); at most the window
             wherever the window is smaller than x, so every feature is covered.
         baseline: the value occluded features take: a number, or a tensor broadcastable to x.
-        chunk_size: how many windows are evaluated at once (``None``: all).
+        chunk_size: how many windows are evaluated at once, per example (``None``: all); one
+            forward holds ``batch x chunk_size`` copies under ``torch.vmap``.
         incremental: ``"auto"`` (default), ``True`` or ``False``. Incremental occlusion (Krypton:
             Nakandala, Kumar and Papakonstantinou, SIGMOD 2019, "Incremental and approximate
             inference for faster occlusion-based deep CNN explanations") evaluates the model once
@@ -212,7 +213,7 @@ def _separable_sum(values: Tensor, indicators) -> Tensor:
 
 # ------------------------------------------------------------------------------- feature ablation
 
-def feature_ablation(f, *, feature_mask=None, baseline=0.0, chunk_size: int | None = 64):
+def feature_ablation(f, *, feature_mask=None, baseline=0.0, chunk_size: int | None = 8):
     """Feature ablation with captum's ``FeatureAblation`` semantics.
 
     Features are groups of x's elements sharing an id in ``feature_mask``; each group in turn is
@@ -223,7 +224,7 @@ def feature_ablation(f, *, feature_mask=None, baseline=0.0, chunk_size: int | No
         feature_mask: an integer tensor broadcastable to x's shape (e.g. ``(1, H, W)`` superpixels
             shared by the channels); any ids. ``None``: every element of x is its own feature.
         baseline: the value ablated features take: a number, or a tensor broadcastable to x.
-        chunk_size: how many groups are ablated at once (``None``: all).
+        chunk_size: how many groups are ablated at once, per example (``None``: all).
 
     Example:
         >>> segments = torch.arange(16).reshape(1, 4, 4).repeat_interleave(8, 1).repeat_interleave(8, 2)
@@ -365,7 +366,7 @@ def _inside(shift, limits) -> bool:
 
 
 def rise(f, *, masks=None, num_masks: int | None = None, cell_size: int = 7, p: float = 0.5,
-         chunk_size: int | None = 64):
+         chunk_size: int | None = 8):
     """RISE (Petsiuk et al. 2018): the target output on randomly masked inputs, averaged per pixel.
 
     ``saliency = sum_k f(x * m_k)[t] * m_k / (N * p)`` over N masks ``m_k``, returned broadcast to
@@ -399,7 +400,9 @@ def rise(f, *, masks=None, num_masks: int | None = None, cell_size: int = 7, p: 
         cell_size: the grid has ``cell_size x cell_size`` cells (TorchRay's ``num_cells``, Petsiuk
             et al.'s ``s``; default 7, as TorchRay).
         p: the probability of keeping a cell, in (0, 1]; also the normalisation of fixed masks.
-        chunk_size: how many masked copies are evaluated at once (``None``: all).
+        chunk_size: how many masked copies are evaluated at once, per example (``None``:
+            all). 8 by measurement: resnet18 at 224 px, batch 2, 64 masks cost 81 ms per
+            masked copy in chunks of 8, 89 ms in 16 and 97 ms in 32 (CPU, 1 thread).
 
     Example:
         >>> explain = fxattr.rise(f, num_masks=2000)
