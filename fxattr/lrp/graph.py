@@ -541,6 +541,9 @@ class Plan:
                 cache[step.slot] = p
             elif kind == "folded":
                 values[step.slot] = values[step.x]
+            elif step.pool_with_indices is not None and values[step.x].ndim == step.pool_ndim:
+                # the winners' indices, so that the reverse pass does not pool again
+                values[step.slot], cache[step.slot] = step.pool_with_indices(values[step.x])
             elif kind == "batchnorm":
                 p = step.params(params)
                 values[step.slot] = step.layer.forward(values[step.x], p)
@@ -636,6 +639,11 @@ class Plan:
             _, vjp = torch.func.vjp(fn, *primals)
             grads = vjp(rel / rule.stabilise(values[step.slot]))
             return [(s, v * g) for s, v, g in zip(step.data_slots, primals, grads)]
+        if step.slot in cache and step.pool_with_indices is not None:  # winner takes all
+            x_in = values[step.x]
+            flat = torch.zeros_like(x_in).flatten(2).scatter_add(2, cache[step.slot].flatten(2),
+                                                                  rel.flatten(2))
+            return [(step.x, flat.view_as(x_in))]
         # routing, max pooling (winner takes all) and, in gradient mode, everything else
         return self._vjp(step, values, params, rel)
 
@@ -656,6 +664,7 @@ class Plan:
 
 
 _NO_DEFAULT = object()
+_INDEXED_MAXPOOL = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}
 _SCALE_RULE = R.z()
 
 
@@ -762,6 +771,15 @@ class _Step:
         else:
             call = None
         self.call = call
+        self.pool_with_indices = None
+        if self.kind == "maxpool" and node.op == "call_module":
+            module = plan.gm.get_submodule(node.target)
+            if type(module) in _INDEXED_MAXPOOL and not module.return_indices:
+                pool = _INDEXED_MAXPOOL[type(module)]
+                settings = (module.kernel_size, module.stride, module.padding, module.dilation,
+                            module.ceil_mode)
+                self.pool_with_indices = lambda t: pool(t, *settings, return_indices=True)
+                self.pool_ndim = {nn.MaxPool1d: 3, nn.MaxPool2d: 4, nn.MaxPool3d: 5}[type(module)]
 
 
 def _fill(rel, out):

@@ -483,3 +483,48 @@ def test_guided_backprop_and_deconvnet_by_hand():
                                torch.tensor([0.0, -2.0], dtype=torch.float64))
     torch.testing.assert_close(fxattr.deconvnet(f)(params, x, 0),
                                torch.tensor([2.0, 0.0], dtype=torch.float64))
+
+
+class _Pooled(nn.Module):
+    """Conv -> ReLU -> max pool (module or functional form) -> linear; overlapping pool windows."""
+
+    def __init__(self, dims: int, functional: bool, **pool):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.conv = conv(2, 3, 3, padding=1)
+        self.pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[dims](**pool)
+        self.pool_fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims]
+        self.settings = pool
+        self.functional = functional
+        self.fc = nn.LazyLinear(4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = self.pool_fn(h, **self.settings) if self.functional else self.pool(h)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("dims,shape,pool", [
+    (1, (2, 11), {"kernel_size": 3, "stride": 2, "padding": 1}),
+    (2, (2, 7, 6), {"kernel_size": 3, "stride": 2, "padding": 1}),
+    (2, (2, 7, 7), {"kernel_size": 2, "stride": 2, "ceil_mode": True}),
+    (2, (2, 9, 9), {"kernel_size": 2, "stride": 1, "dilation": 2}),
+    (3, (2, 5, 5, 5), {"kernel_size": 3, "stride": 2, "padding": 1}),
+], ids=["1d", "2d_overlap", "2d_ceil", "2d_dilated", "3d"])
+def test_module_max_pool_reverse_by_indices_equals_its_vjp(dims, shape, pool):
+    """nn.MaxPoolNd keeps the forward's winner indices and scatters relevance to them; the
+    functional form (reversed by the pooling's vjp) gives the same numbers, overlapping windows
+    (a winner shared by two windows) included."""
+    torch.manual_seed(0)
+    by_module = _Pooled(dims, False, **pool).double()
+    xs = torch.randn((3,) + shape, dtype=torch.float64)
+    by_module(xs)  # materialise the lazy linear layer (test-side set-up)
+    by_function = _Pooled(dims, True, **pool).double()
+    by_function.load_state_dict(by_module.state_dict())
+    targets = torch.tensor([0, 2, 3])
+    for method in (lambda f: fxattr.lrp(f, rule="epsilon"), lambda f: fxattr.lrp(f, composite="epsilon_plus"),
+                   fxattr.guided_backprop):
+        got, want = [torch.vmap(method(f), in_dims=(None, 0, 0))(p, xs, targets)
+                     for f, p in (fxattr.functionalize(m.eval()) for m in (by_module, by_function))]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert got.abs().sum() > 0
