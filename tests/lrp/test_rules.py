@@ -122,9 +122,9 @@ LAYERS = {
 }
 
 
-def _layer(kind, bias, seed=0):
+def _layer(kind, bias, seed=0, table=None):
     torch.manual_seed(seed)
-    build, shape = LAYERS[kind]
+    build, shape = (LAYERS if table is None else table)[kind]
     layer = build(bias).to(torch_dtype).eval()
     if bias:
         with torch.no_grad():
@@ -280,13 +280,7 @@ NONNEG_LAYERS = {
 
 
 def _nonneg_layer(kind, bias, seed=0):
-    torch.manual_seed(seed)
-    build, shape = NONNEG_LAYERS[kind]
-    layer = build(bias).to(torch_dtype).eval()
-    if bias:
-        with torch.no_grad():
-            layer.bias.normal_()
-    return layer, shape
+    return _layer(kind, bias, seed, table=NONNEG_LAYERS)
 
 
 # z_plus_fast and zb are not defined by what they do to x+ / x-: the same on either branch
