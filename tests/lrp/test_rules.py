@@ -326,20 +326,9 @@ def test_flat_one_channel_sums_equal_the_full_layer(kind, stabiliser):
     """The flat rule's one-channel path (groups == 1) against its general formula (a full layer
     pass with all-ones weights, taken when ``groups`` is unknown), batched, to 1e-12."""
     module, shape = _nonneg_layer(kind, True)
-    rule = rules.flat(stabiliser=stabiliser)
-    fast, general = _module_layer(module, False), _module_layer(module, False, groups=None)
-    assert fast.groups == 1
-    gen = torch.Generator().manual_seed(3)
-    xs = torch.randn((4, 1) + shape, generator=gen, dtype=torch_dtype)
-    outs = torch.vmap(lambda x: fast.forward(x, _params(module)))(xs)
-    rs = torch.randn(outs.shape, generator=gen, dtype=torch_dtype)
-
-    def run(layer):
-        return torch.vmap(lambda x, o, r: rule.reverse(layer, _params(module), x, o, r))(xs, outs, rs)
-
-    got, want = run(fast), run(general)
-    assert got.shape == xs.shape and got.is_contiguous()
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    assert _module_layer(module, False).groups == 1
+    got = _assert_fused_equals_general(module, shape, rules.flat(stabiliser=stabiliser), seed=3)
+    assert got.is_contiguous()
 
 
 def _old_alpha_beta(layer, params, x, out, relevance, a, bt, bias, stabilise):
@@ -484,6 +473,7 @@ def _assert_fused_equals_general(module, shape, rule, seed):
     got, want = run(fused), run(general)
     assert got.shape == xs.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    return got
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv3d"])
