@@ -246,16 +246,8 @@ def test_zennit_composite_float64_exact(composite_name):
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(3), nn.Flatten(),
         nn.Linear(72, 16), nn.ReLU(), nn.Linear(16, 5)), seed=3).double()
     x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    with torch.no_grad():
-        out = model(x)
-    targets = out.argmax(1)
-    seed = torch.zeros_like(out).scatter(1, targets[:, None], out.gather(1, targets[:, None]))
+    want, seed = _assert_float64_exact(model, x, composite_name, SequentialMergeBatchNorm)
     cls, kwargs = COMPOSITES[composite_name]
-    with Gradient(model=copy.deepcopy(model), composite=cls(canonizers=[SequentialMergeBatchNorm()], **kwargs)) as attributor:
-        _, want = attributor(x, seed)
-    f, params = fxattr.functionalize(model)
-    got = torch.vmap(fxattr.lrp(f, composite=composite_name, **kwargs), in_dims=(None, 0, 0))(params, x, targets)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
     # epsilon 1e-7 (iNNvestigate's default) instead of zennit's 1e-6 on the dense layers is visible here
     other = cls(canonizers=[SequentialMergeBatchNorm()], epsilon=1e-7, **kwargs)
     with Gradient(model=copy.deepcopy(model), composite=other) as attributor:
@@ -272,16 +264,23 @@ def test_zennit_resnet_float64_exact(composite_name):
     torch.manual_seed(0)
     model = randomize(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5), seed=7).double()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    _assert_float64_exact(model, x, composite_name, ResNetCanonizer)
+
+
+def _assert_float64_exact(model, x, composite_name, canonizer):
+    """fxattr's composite == zennit's (on a copy, canonized) to 1e-10, both seeded with the argmax
+    output's value; returns zennit's attribution and the seed."""
     with torch.no_grad():
         out = model(x)
     targets = out.argmax(1)
     seed = torch.zeros_like(out).scatter(1, targets[:, None], out.gather(1, targets[:, None]))
     cls, kwargs = COMPOSITES[composite_name]
-    with Gradient(model=copy.deepcopy(model), composite=cls(canonizers=[ResNetCanonizer()], **kwargs)) as attributor:
+    with Gradient(model=copy.deepcopy(model), composite=cls(canonizers=[canonizer()], **kwargs)) as attributor:
         _, want = attributor(x, seed)
     f, params = fxattr.functionalize(model)
     got = torch.vmap(fxattr.lrp(f, composite=composite_name, **kwargs), in_dims=(None, 0, 0))(params, x, targets)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+    return want, seed
 
 
 def test_zennit_seeding_is_value():
