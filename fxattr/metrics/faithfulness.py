@@ -1,0 +1,2 @@
+"""Faithfulness metrics (Quantus 0.6.0 names)."""
+__all__: list[str] = []
