@@ -1,0 +1,3 @@
+"""Localisation metrics (Quantus 0.6.0 names)."""
+
+__all__: list[str] = []

@@ -1,2 +1,0 @@
-"""Robustness, localisation, complexity, randomisation and axiomatic metrics (Quantus 0.6.0 names)."""
-__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Robustness metrics (Quantus 0.6.0 names)."""
+
+__all__: list[str] = []
