@@ -11,20 +11,19 @@ higher-order derivatives) and ``torch.compile``::
     attributions = batch_explain(params, images, labels)
 """
 
+from fxattr import graph, viz
 from fxattr.analyzer import Analyzer, create_analyzer, list_analyzers
-from fxattr.cam import cam, gradcam, gradcam_plus_plus, guided_gradcam, layercam, scorecam, xgradcam
-from fxattr.deeplift import deeplift, deeplift_shap
+from fxattr.cams import cam, gradcam, gradcam_plus_plus, guided_gradcam, layercam, scorecam, xgradcam
 from fxattr.errors import FxattrError
-from fxattr.expected import expected_gradients, gradient_shap
 from fxattr.functional import FunctionalModel, functionalize
-from fxattr.gradient import gradient, input, input_x_gradient, random
-from fxattr.integrated import QUADRATURES, integrated_gradients, quadrature
-from fxattr.lrp import deconvnet, deep_taylor, deep_taylor_bounded, guided_backprop, lrp
-from fxattr.noise import noise_tunnel, smoothgrad, smoothgrad_sq, vargrad
-from fxattr.pattern import pattern_attribution, patternnet
+from fxattr.gradients import (QUADRATURES, expected_gradients, gradient, gradient_shap, input,
+                              input_x_gradient, integrated_gradients, noise_tunnel, quadrature,
+                              random, smoothgrad, smoothgrad_sq, vargrad)
 from fxattr.perturbation import feature_ablation, occlusion, rise, rise_masks
+from fxattr.propagation import (deconvnet, deep_taylor, deep_taylor_bounded, deeplift, deeplift_shap,
+                                guided_backprop, load_patterns, lrp, pattern_attribution, patternnet,
+                                save_patterns)
 from fxattr.targets import select
-from fxattr import viz
 
 __version__ = "0.1.0"
 
@@ -46,6 +45,7 @@ __all__ = [
     "gradcam",
     "gradcam_plus_plus",
     "gradient",
+    "graph",
     "gradient_shap",
     "guided_backprop",
     "guided_gradcam",
@@ -54,6 +54,7 @@ __all__ = [
     "integrated_gradients",
     "layercam",
     "list_analyzers",
+    "load_patterns",
     "lrp",
     "noise_tunnel",
     "occlusion",
@@ -63,6 +64,7 @@ __all__ = [
     "random",
     "rise",
     "rise_masks",
+    "save_patterns",
     "scorecam",
     "select",
     "smoothgrad",

@@ -24,7 +24,7 @@ from fxattr.errors import fail
 __all__ = ["FunctionalModel", "functionalize"]
 
 
-class _EvalBatchNormAsElementwise(TorchFunctionMode):
+class EvalBatchNormAsElementwise(TorchFunctionMode):
     """Evaluates eval-mode ``F.batch_norm`` as ``x * scale + shift``.
 
     ``torch.vmap`` has no batching rule for ``aten::_native_batch_norm_legit_no_training`` and
@@ -37,11 +37,11 @@ class _EvalBatchNormAsElementwise(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
-            return _batch_norm(*args, **kwargs)
+            return elementwise_batch_norm(*args, **kwargs)
         return func(*args, **kwargs)
 
 
-def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+def elementwise_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                 momentum=0.1, eps=1e-5):
     if training:
         # Batch statistics, without updating the running ones: those are the module's buffers.
@@ -138,7 +138,7 @@ class FunctionalModel:
                        "axis; use torch.vmap(explain, in_dims=(None, 0, 0)) for a batch.") from error
 
     def _forward(self, params, args, kwargs):
-        with _EvalBatchNormAsElementwise():
+        with EvalBatchNormAsElementwise():
             return torch.func.functional_call(self.module, params, args, kwargs)
 
     def _unbatch(self, out) -> Tensor:

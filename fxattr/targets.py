@@ -23,7 +23,7 @@ __all__ = ["Target", "check_target", "select"]
 Target = Union[int, Tensor, None, Callable[[Tensor], Tensor]]
 
 
-def _is_concrete(t: Tensor) -> bool:
+def is_concrete(t: Tensor) -> bool:
     """True for a plain tensor whose values may be read (not inside vmap, grad or compile)."""
     if torch.compiler.is_compiling():
         return False
@@ -66,7 +66,7 @@ def select(where: str, output: Tensor, target: Target) -> Tensor:
             raise fail(where, f"target {target} is out of range for an output of {flat.shape[0]} "
                               f"elements (shape {tuple(output.shape)})")
         return flat[target]
-    if _is_concrete(target) and not 0 <= int(target) < flat.shape[0]:
+    if is_concrete(target) and not 0 <= int(target) < flat.shape[0]:
         raise fail(where, f"target {int(target)} is out of range for an output of {flat.shape[0]} "
                           f"elements (shape {tuple(output.shape)})")
     return _take(flat, target.to(flat.device))

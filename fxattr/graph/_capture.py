@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxattr.errors import fail
-from fxattr.functional import FunctionalModel, _EvalBatchNormAsElementwise
+from fxattr.functional import FunctionalModel, EvalBatchNormAsElementwise
 
 __all__ = ["split", "trace"]
 
@@ -231,11 +231,11 @@ def _call(gm: fx.GraphModule, params: Mapping[str, Tensor], args, kwargs):
     if names is None:
         names = gm.meta["state_names"] = _state_names(gm)
     own = {k: v for k, v in params.items() if k in names}
-    with _EvalBatchNormAsElementwise():
+    with EvalBatchNormAsElementwise():
         return torch.func.functional_call(gm, own, args, kwargs)
 
 
-def _batched_args(x, extra=()):
+def batched_args(x, extra=()):
     batched = optree.tree_map(lambda t: t.unsqueeze(0), x, namespace="torch")
     extra = tuple(optree.tree_map(lambda t: t.unsqueeze(0), e, namespace="torch") for e in extra)
     if isinstance(batched, tuple):
@@ -245,7 +245,7 @@ def _batched_args(x, extra=()):
     return extra + (batched,), {}
 
 
-def _unbatch_output(f, out) -> Tensor:
+def unbatch_output(f, out) -> Tensor:
     if f.output is not None:
         out = f.output(out)
     if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != 1:
@@ -256,11 +256,11 @@ def _unbatch_output(f, out) -> Tensor:
 
 def run(f, gm: fx.GraphModule, params: Mapping[str, Tensor], x) -> Tensor:
     """Evaluates the traced graph ``gm = trace(f)`` like ``f(params, x)`` (one example)."""
-    args, kwargs = _batched_args(x)
-    return _unbatch_output(f, _call(gm, params, args, kwargs))
+    args, kwargs = batched_args(x)
+    return unbatch_output(f, _call(gm, params, args, kwargs))
 
 
-def _find_layer(where: str, gm: fx.GraphModule, layer: str) -> fx.Node:
+def find_layer(where: str, gm: fx.GraphModule, layer: str) -> fx.Node:
     """The node whose value is ``layer``'s activation (a module name or a node name)."""
     if not isinstance(layer, str):
         raise fail(where, f"layer must be a module name (e.g. 'layer4') or a graph node name, got "
@@ -328,7 +328,7 @@ def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
         >>> grads = torch.vmap(torch.func.grad(lambda a, x: head(params, x, a)[3]))(a, images)
     """
     gm = trace(f)
-    node = _find_layer(where, gm, layer)
+    node = find_layer(where, gm, layer)
     if node.op == "placeholder":
         raise fail(where, f"layer {layer!r} is an input of the model, not a layer")
 
@@ -347,13 +347,13 @@ def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
     head_gm = _pruned(gm, head_graph, "Head")
 
     def body(params, x):
-        args, kwargs = _batched_args(x)
+        args, kwargs = batched_args(x)
         out = _call(body_gm, params, args, kwargs)
         return optree.tree_map(lambda t: t[0], out, namespace="torch")
 
     def head(params, x, activation):
-        args, kwargs = _batched_args(x, (activation,))
-        return _unbatch_output(f, _call(head_gm, params, args, kwargs))
+        args, kwargs = batched_args(x, (activation,))
+        return unbatch_output(f, _call(head_gm, params, args, kwargs))
 
     body.graph_module, head.graph_module = body_gm, head_gm
     body.layer = head.layer = node.name

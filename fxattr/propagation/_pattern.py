@@ -13,9 +13,9 @@ For a kernel layer ``y = W x`` (a linear layer, or a convolution on its input pa
 
 Patterns are kept as a params-like dict ``{layer name: pattern shaped like the layer's weight}``
 (the layer name is the module's qualified name, e.g. ``"features.0"``), saved and loaded with
-:func:`save` / :func:`load` (safetensors: no pickle).
+:func:`save_patterns` / :func:`load_patterns` (safetensors: no pickle).
 
-Explanations run the reverse engine's graph (:mod:`fxattr.lrp.graph`): one forward pass, then the
+Explanations run the reverse engine's graph (:mod:`fxattr.propagation._engine`): one forward pass, then the
 output's value (iNNvestigate's seed) is passed back, through kernel layers by their transpose with
 the weight replaced by the pattern (PatternNet: the signal) or by ``pattern * weight``
 (PatternAttribution: its contributions), through ReLUs and max pooling by their gradient (gating
@@ -33,32 +33,32 @@ import torch
 from torch import Tensor
 
 from fxattr._explainer import check_choice, check_model, explainer
-from fxattr.deeplift import _Walk
+from fxattr.propagation._deeplift import Walk
 from fxattr.errors import fail
 from fxattr.targets import check_target
 
-__all__ = ["PATTERN_TYPES", "load", "pattern_attribution", "patternnet", "save"]
+__all__ = ["PATTERN_TYPES", "load_patterns", "pattern_attribution", "patternnet", "save_patterns"]
 
 PATTERN_TYPES = ("relu", "linear")
 
 
-def _layer_name(walk: _Walk, st) -> str:
+def _layer_name(walk: Walk, st) -> str:
     return st.module_name if st.module_name is not None else st.name
 
 
-def _kernels(walk: _Walk) -> list:
+def _kernels(walk: Walk) -> list:
     return [st for st in walk.steps if st.kind == "kernel" and st.i in walk.on_path]
 
 
-def _check_patterns(where: str, walk: _Walk, patterns, params) -> dict:
+def _check_patterns(where: str, walk: Walk, patterns, params) -> dict:
     if not isinstance(patterns, Mapping) or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in patterns.items()):
         raise fail(where, "patterns must be a dict {layer name: pattern tensor}, as returned by "
-                          f"explain.fit(params, data) or fxattr.pattern.load; got {type(patterns).__name__}")
+                          f"explain.fit(params, data) or fxattr.load_patterns; got {type(patterns).__name__}")
     return dict(patterns)
 
 
-def _fit(where: str, walk: _Walk, params, data: Iterable, pattern_type: str) -> dict:
+def _fit(where: str, walk: Walk, params, data: Iterable, pattern_type: str) -> dict:
     kernels = _kernels(walk)
     static = {st: _static_params(where, walk, st, params) for st in kernels}
     one_input = len(walk.placeholders) == 1
@@ -109,7 +109,7 @@ def _fit(where: str, walk: _Walk, params, data: Iterable, pattern_type: str) -> 
     return patterns
 
 
-def _static_params(where: str, walk: _Walk, st, params) -> dict:
+def _static_params(where: str, walk: Walk, st, params) -> dict:
     """The kernel layer's (batch-norm folded) weight and bias, read from ``params``."""
     if not st.needs_values:
         return st.params(params)
@@ -132,7 +132,7 @@ def _safe(t: Tensor) -> Tensor:
 def _pattern_explainer(where: str, f, patterns, pattern_type: str, attribution: bool):
     check_model(where, f)
     check_choice(where, "pattern_type", pattern_type, PATTERN_TYPES)
-    walk = _Walk(f, where, "PatternNet")
+    walk = Walk(f, where, "PatternNet")
     kernels = _kernels(walk)
     if patterns is not None:
         patterns = _check_patterns(where, walk, patterns, None)
@@ -153,7 +153,7 @@ def _pattern_explainer(where: str, f, patterns, pattern_type: str, attribution: 
         check_target(where, target)
         if patterns is None:
             raise fail(where, "no patterns: fit them first, explain = explain.fit(params, data), or "
-                              "pass patterns=fxattr.pattern.load(path)")
+                              "pass patterns=fxattr.load_patterns(path)")
         vals = f.guarded(x, lambda: walk.forward(params, x), where)
         seeds = {i: g * vals[i] for i, g in walk.seed(vals, target).items()}
         grads = walk.reverse(params, vals, seeds, kernel_params=kernel_params)
@@ -183,12 +183,12 @@ def patternnet(f, *, patterns: Mapping[str, Tensor] | None = None, pattern_type:
 
     Args:
         f: the function of ``fxattr.functionalize`` (traceable by ``torch.fx``).
-        patterns: ``{layer name: pattern}`` from a previous fit or :func:`load`, or ``None``.
+        patterns: ``{layer name: pattern}`` from a previous fit or :func:`load_patterns`, or ``None``.
         pattern_type: ``"relu"`` (two-component estimator) or ``"linear"``.
 
     Example:
         >>> explain = fxattr.patternnet(f).fit(params, loader)
-        >>> fxattr.pattern.save(explain.patterns, "patterns.safetensors")
+        >>> fxattr.save_patterns(explain.patterns, "patterns.safetensors")
         >>> signal = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
     return _pattern_explainer("patternnet", f, patterns, pattern_type, attribution=False)
@@ -205,7 +205,7 @@ def pattern_attribution(f, *, patterns: Mapping[str, Tensor] | None = None, patt
     return _pattern_explainer("pattern_attribution", f, patterns, pattern_type, attribution=True)
 
 
-def save(patterns: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+def save_patterns(patterns: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     """Saves patterns to a safetensors file (tensors only, no pickle)."""
     from safetensors.torch import save_file
 
@@ -215,7 +215,7 @@ def save(patterns: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     save_file({k: v.detach().contiguous() for k, v in patterns.items()}, os.fspath(path))
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+def load_patterns(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Loads patterns saved by :func:`save`."""
     from safetensors.torch import load_file
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fxattr
-from fxattr.lrp import Composite, rules
+from fxattr.propagation import Composite, rules
 
 torch_dtype = torch.float64
 
@@ -264,7 +264,7 @@ def test_biases_absorb_relevance():
 
 from torch.nn import functional as F  # noqa: E402
 
-from fxattr.lrp.graph import Plan, _conv_layer, _functional_kernel_layer, _linear_layer  # noqa: E402
+from fxattr.propagation._engine import Plan, conv_layer, functional_kernel_layer, linear_layer  # noqa: E402
 
 
 NONNEG_LAYERS = {
@@ -312,7 +312,7 @@ def test_rule_matches_matrix_form_behind_relu(name, kind, bias):
 
 
 def _module_layer(module, nonnegative, groups="keep"):
-    layer = _linear_layer(nonnegative) if isinstance(module, nn.Linear) else _conv_layer(module, nonnegative)
+    layer = linear_layer(nonnegative) if isinstance(module, nn.Linear) else conv_layer(module, nonnegative)
     return layer if groups == "keep" else layer._replace(groups=groups)
 
 
@@ -444,8 +444,8 @@ def test_functional_conv_layer_knows_its_groups():
     int 1 enables the one-channel shortcuts."""
     cases = [((1, 0, 1, 2), {}, 2), ((1, 0, 1), {"groups": 1}, 1), ((1, 0), {}, 1), ((), {}, 1)]
     for rest, kwargs, groups in cases:
-        assert _functional_kernel_layer("conv", F.conv2d, rest, kwargs, True).groups == groups
-    assert _functional_kernel_layer("linear", F.linear, (), {}, False).groups == 1
+        assert functional_kernel_layer("conv", F.conv2d, rest, kwargs, True).groups == groups
+    assert functional_kernel_layer("linear", F.linear, (), {}, False).groups == 1
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv3d"])

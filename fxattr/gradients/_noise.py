@@ -16,7 +16,7 @@ import torch
 
 from fxattr._explainer import check_choice, check_int, explainer, fixed_target, tree_map
 from fxattr.errors import fail
-from fxattr.gradient import gradient
+from fxattr.gradients._gradient import gradient
 from fxattr.targets import check_target
 
 __all__ = ["noise_tunnel", "smoothgrad", "smoothgrad_sq", "vargrad"]

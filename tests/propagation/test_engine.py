@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxattr
-from fxattr.lrp import Composite, rules
+from fxattr.propagation import Composite, rules
 from tests.contract import (assert_compile_equals_eager, assert_second_order, assert_vmap_equals_loop,
                             model_unchanged)
 from tests.models import small_cnn

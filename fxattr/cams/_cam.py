@@ -382,7 +382,7 @@ def guided_gradcam(f, *, layer, interpolate: str = "nearest"):
         >>> explain = fxattr.guided_gradcam(f, layer="layer4")
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)  # x's shape
     """
-    from fxattr.lrp import guided_backprop  # noqa: PLC0415 - the LRP engine imports this package
+    from fxattr.propagation import guided_backprop  # noqa: PLC0415 - the LRP engine imports this package
 
     where = "guided_gradcam"
     check_model(where, f)

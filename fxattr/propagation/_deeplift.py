@@ -18,7 +18,7 @@ them ``delta out = J delta in`` exactly; non-linearities use the differences of 
 Summation-to-delta holds for both rules: the attributions sum to ``f(x)[t] - f(baseline)[t]`` (for
 a callable target, to the change of its linearisation at ``x``).
 
-The reverse pass is plain torch ops and ``torch.func.vjp`` over :class:`fxattr.lrp.graph.Plan`'s
+The reverse pass is plain torch ops and ``torch.func.vjp`` over :class:`fxattr.propagation._engine.Plan`'s
 classification of the graph (no hooks, no custom autograd functions), so the explanation composes
 with ``torch.vmap``, ``torch.func.grad`` and ``torch.compile``.
 """
@@ -36,10 +36,10 @@ from torch.utils import _pytree as pytree
 
 from fxattr._explainer import check_choice, check_int, check_model, explainer, tree_map
 from fxattr.errors import FxattrError, fail
-from fxattr.functional import _batch_norm
-from fxattr.integrated import _check_baseline, make_baseline
+from fxattr.functional import elementwise_batch_norm
+from fxattr.gradients._integrated import check_baseline, make_baseline
 from fxattr.targets import check_target, select
-from fxattr.lrp.graph import _Ref, _resolve  # the engine's argument templates
+from fxattr.propagation._engine import ArgRef, resolve_args  # the engine's argument templates
 
 __all__ = ["deeplift", "deeplift_shap"]
 
@@ -48,7 +48,7 @@ _LINEAR_LAYERS = ("kernel", "batchnorm")
 
 
 def _plan(where: str, f):
-    from fxattr.lrp.graph import Plan  # the engine: graph classification and forward pass
+    from fxattr.propagation._engine import Plan  # the engine: graph classification and forward pass
 
     check_model(where, f)
     try:
@@ -76,11 +76,11 @@ class _Step:
                  "needs_values", "value_slots", "module_name")
 
 
-class _Walk:
+class Walk:
     """A forward and a reverse pass over ``Plan``'s classified graph, with per-kind overrides.
 
     Construction reads the graph once (kinds, kernel layers, folded batch norms from
-    :class:`fxattr.lrp.graph.Plan`) into a list of :class:`_Step`; values live in a list indexed
+    :class:`fxattr.propagation._engine.Plan`) into a list of :class:`_Step`; values live in a list indexed
     by node position. ``reverse`` pushes a cotangent from the output back to the inputs: linear
     nodes by their vector-Jacobian product, kernel layers by their transpose (with the layer's own
     or replaced parameters), and whatever ``override`` returns for the other nodes.
@@ -119,7 +119,7 @@ class _Walk:
                               if st.is_data and st.kind not in ("placeholder", "output")]
         out = plan.output.args[0]
         leaves, self.out_tree = pytree.tree_flatten(out)
-        self.out_leaves = [_Ref(self.index[leaf]) if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
+        self.out_leaves = [ArgRef(self.index[leaf]) if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
         self.out_data = [j for j, leaf in enumerate(leaves)
                          if isinstance(leaf, fx.Node) and nodes[leaf].is_data]
 
@@ -141,7 +141,7 @@ class _Walk:
         st.kind = node.op if node.op in ("placeholder", "output") else info.kind
         st.is_data = bool(info.is_data)
         st.x = self.index[node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else None
-        slot = lambda n: _Ref(self.index[n])  # noqa: E731
+        slot = lambda n: ArgRef(self.index[n])  # noqa: E731
         st.args = map_arg(node.args, slot)
         st.kwargs = map_arg(node.kwargs, slot)
         st.layer, st.params, st.needs_values, st.value_slots = info.layer, info.params, False, {}
@@ -179,7 +179,7 @@ class _Walk:
             method = node.target
             return lambda args, kwargs, params: getattr(args[0], method)(*args[1:], **kwargs)
         if node.op == "call_function":
-            fn = _batch_norm if node.target is torch.nn.functional.batch_norm else node.target
+            fn = elementwise_batch_norm if node.target is torch.nn.functional.batch_norm else node.target
             return lambda args, kwargs, params: fn(*args, **kwargs)
         return None
 
@@ -195,7 +195,7 @@ class _Walk:
             return st.layer.forward(vals[st.x], self.kernel_params(st, params, vals))
         if st.kind == "folded":
             return vals[st.x]
-        return st.call(_resolve(st.args, vals), _resolve(st.kwargs, vals), params)
+        return st.call(resolve_args(st.args, vals), resolve_args(st.kwargs, vals), params)
 
     def _inputs(self, x) -> list:
         vals: list = [None] * self.size
@@ -241,7 +241,7 @@ class _Walk:
 
         def fn(*dv):
             local = dict(zip(data, dv))
-            return st.call(_resolve(st.args, vals, local), _resolve(st.kwargs, vals, local),
+            return st.call(resolve_args(st.args, vals, local), resolve_args(st.kwargs, vals, local),
                            params)
         return fn, [vals[i] for i in data]
 
@@ -257,7 +257,7 @@ class _Walk:
 
     def seed(self, vals, target) -> dict:
         """d output[target] / d (each data leaf of the graph's output) at the explained point."""
-        current = [_resolve(leaf, vals) for leaf in self.out_leaves]
+        current = [resolve_args(leaf, vals) for leaf in self.out_leaves]
 
         def selected(*dv):
             leaf_values = list(current)
@@ -339,7 +339,7 @@ def _safe_ratio(num: Tensor, den: Tensor, fallback: Tensor, eps: float) -> Tenso
 
 class _DeepLift:
     def __init__(self, f, where: str, rule: str, eps: float):
-        self.walk = walk = _Walk(f, where, "DeepLIFT")
+        self.walk = walk = Walk(f, where, "DeepLIFT")
         self.rule = rule
         self.eps = eps
         self.where = where
@@ -449,7 +449,7 @@ def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10):
     check_choice(where, "rule", rule, RULES)
     _check_eps(where, eps)
     try:
-        _check_baseline(baseline)
+        check_baseline(baseline)
     except FxattrError as error:
         raise fail(where, str(error).split(": ", 1)[1]) from error
     engine = _DeepLift(f, where, rule, eps)

@@ -66,7 +66,7 @@ def test_hand_values():
 
 
 @pytest.mark.parametrize("name", ["relu", "tanh", "maxpool_relu", "maxpool_tanh", "residual"])
-@pytest.mark.parametrize("rule", fxattr.deeplift.__globals__["RULES"])
+@pytest.mark.parametrize("rule", fxattr.propagation._deeplift.RULES)
 def test_summation_to_delta(name, rule):
     torch.manual_seed(1)
     if name == "relu":

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxattr import _incremental
+from fxattr.perturbation import _incremental
 from fxattr._explainer import check_int, check_model, explainer, fixed_target
 from fxattr.errors import fail
-from fxattr.targets import _is_concrete, check_target, select
+from fxattr.targets import is_concrete, check_target, select
 
 __all__ = ["feature_ablation", "occlusion", "rise", "rise_masks"]
 
@@ -357,7 +357,7 @@ def _check_rise_noise(where, noise, num_masks, cell_size, height, width):
             or tuple(shift.shape) != (num_masks, 2)):
         raise fail(where, f"noise['shift'] must be an integer tensor of shape {(num_masks, 2)}")
     limits = (math.ceil(height / cell_size), math.ceil(width / cell_size))
-    if _is_concrete(shift) and shift.numel() and not _inside(shift, limits):
+    if is_concrete(shift) and shift.numel() and not _inside(shift, limits):
         raise fail(where, f"noise['shift'] must lie in [0, {limits[0]}) x [0, {limits[1]}) (one cell)")
 
 

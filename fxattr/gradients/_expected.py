@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fxattr._explainer import check_int, check_model, explainer, fixed_target, grad_of_target, tree_map
 from fxattr.errors import fail
-from fxattr.targets import _is_concrete, check_target
+from fxattr.targets import is_concrete, check_target
 
 __all__ = ["expected_gradients", "gradient_shap"]
 
@@ -70,7 +70,7 @@ def _check_noise(where, noise, x, samples, count, sigma):
     if not isinstance(alpha, Tensor) or not alpha.dtype.is_floating_point or tuple(alpha.shape) != (samples,):
         raise fail(where, f"noise['alpha'] must be a float tensor of shape ({samples},), got "
                           f"{getattr(alpha, 'dtype', type(alpha).__name__)} {tuple(getattr(alpha, 'shape', ()))}")
-    if _is_concrete(index) and index.numel() and not (0 <= int(index.min()) and int(index.max()) < count):
+    if is_concrete(index) and index.numel() and not (0 <= int(index.min()) and int(index.max()) < count):
         raise fail(where, f"noise['index'] must lie in [0, {count}) (the number of baselines)")
     if sigma > 0 and "normal" not in noise:
         raise fail(where, "noise needs 'normal' (samples, *x.shape) draws when sigma > 0")

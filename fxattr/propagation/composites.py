@@ -1,7 +1,7 @@
 """Composites: which rule each layer of a traced model gets.
 
 A :class:`Composite` maps a :class:`LayerInfo` (what a layer is and where it sits) to a
-:class:`~fxattr.lrp.rules.Rule`. Kernel layers (convolutions and dense layers, with the batch norm
+:class:`~fxattr.propagation.rules.Rule`. Kernel layers (convolutions and dense layers, with the batch norm
 folded into them) are the layers rules are chosen for; parameter-free linear layers (average
 pooling, means and sums, additions) take a rule's stabiliser in the z form (or ``rules.gradient()``);
 element-wise activations pass relevance, max pooling gives it to the winner, and reshapes,
@@ -9,7 +9,7 @@ concatenations and indexing route it.
 
 Writing one's own::
 
-    from fxattr.lrp import Composite, rules
+    from fxattr.propagation import Composite, rules
 
     def choose(layer):
         if layer.first:
@@ -27,8 +27,8 @@ from typing import NamedTuple, Optional
 from torch import nn
 
 from fxattr.errors import fail
-from fxattr.lrp import rules as R
-from fxattr.lrp.rules import Rule
+from fxattr.propagation import rules as R
+from fxattr.propagation.rules import Rule
 
 __all__ = ["COMPOSITES", "Composite", "LayerInfo", "composite"]
 
@@ -96,7 +96,7 @@ class Composite:
                 raise fail("lrp.Composite", f"{label} must be a mapping, got {type(mapping).__name__}")
             for key, rule in (mapping or {}).items():
                 if not isinstance(rule, Rule):
-                    raise fail("lrp.Composite", f"{label}[{key!r}] must be an fxattr.lrp.rules.Rule, "
+                    raise fail("lrp.Composite", f"{label}[{key!r}] must be an fxattr.propagation.rules.Rule, "
                                                 f"got {type(rule).__name__}")
         self.rule_for = rule_for
         self.names = dict(names or {})
@@ -117,7 +117,7 @@ class Composite:
             if chosen is not None:
                 if not isinstance(chosen, Rule):
                     raise fail("lrp", f"composite {self.name!r} returned {type(chosen).__name__} for "
-                                      f"layer {layer.name!r}; expected an fxattr.lrp.rules.Rule or None")
+                                      f"layer {layer.name!r}; expected an fxattr.propagation.rules.Rule or None")
                 return chosen
         if layer.module is not None:
             for kind, rule in self.types.items():
@@ -134,7 +134,7 @@ _DEFAULTS = {"activation": R.pass_(), "maxpool": R.gradient()}
 
 # --- presets -----------------------------------------------------------------------------------
 
-def _single(rule: Rule, input_rule: Rule | None = None, until: tuple[int, Rule] | None = None,
+def single_rule(rule: Rule, input_rule: Rule | None = None, until: tuple[int, Rule] | None = None,
             name: str = "rule", first: Rule | None = None) -> Composite:
     """iNNvestigate's analyzers: ``rule`` on kernel layers (and on batch norm it cannot fold);
     average pooling and additions under the z rule (SafeDivide)."""
@@ -154,7 +154,7 @@ def _single(rule: Rule, input_rule: Rule | None = None, until: tuple[int, Rule] 
 
 
 def _preset(conv: Rule, epsilon: float, input_rule, until, name) -> Composite:
-    composite = _single(conv, input_rule=input_rule, until=until, name=name)
+    composite = single_rule(conv, input_rule=input_rule, until=until, name=name)
     composite.kinds["linear"] = R.epsilon(epsilon)
     return composite
 
@@ -169,7 +169,7 @@ def _first_of_kinds(first: Rule, kinds):
     return rule_for
 
 
-def _rule_option(where: str, value, what: str) -> Rule:
+def rule_option(where: str, value, what: str) -> Rule:
     """``input_layer_rule``: a rule name (case-insensitive, iNNvestigate's "Flat" too), a Rule,
     or a ``(low, high)`` tuple for z^B."""
     if isinstance(value, Rule):
@@ -181,7 +181,7 @@ def _rule_option(where: str, value, what: str) -> Rule:
         if key in _OPTION_RULES:
             return _OPTION_RULES[key]()
     raise fail(where, f"{what} must be a rule name ({', '.join(sorted(_OPTION_RULES))}), an "
-                      f"fxattr.lrp.rules.Rule or a (low, high) tuple for the z^B rule; got {value!r}")
+                      f"fxattr.propagation.rules.Rule or a (low, high) tuple for the z^B rule; got {value!r}")
 
 
 def _normalise(name: str) -> str:
@@ -215,7 +215,7 @@ def composite(where: str, name: str, **options) -> Composite:
 def _innvestigate_preset(conv_rule, flat_input: bool, until: bool = False):
     def build(where, epsilon=0.1, input_layer_rule=None, until_layer_idx=None):
         eps = R._number(where, "epsilon", epsilon)
-        input_rule = _rule_option(where, input_layer_rule, "input_layer_rule") \
+        input_rule = rule_option(where, input_layer_rule, "input_layer_rule") \
             if input_layer_rule is not None else (R.flat() if flat_input else None)
         bound = None
         if until:
@@ -257,7 +257,7 @@ def deep_taylor_composite(low=None, high=None) -> Composite:
     """iNNvestigate's DeepTaylor: z+ without bias on every kernel layer (z^B on the first with
     bounds), the gradient through average pooling and additions."""
     first = None if low is None else R.zb(low, high)
-    composite = _single(R.z_plus(), input_rule=first,
+    composite = single_rule(R.z_plus(), input_rule=first,
                         name="deep_taylor" if first is None else "deep_taylor_bounded")
     composite.kinds.update({"avgpool": R.gradient(), "add": R.gradient()})
     return composite

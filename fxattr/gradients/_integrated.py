@@ -51,7 +51,7 @@ def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
     return [(k + offset) / n for k in range(n)], [1.0 / n] * n
 
 
-def _check_baseline(baseline) -> None:
+def check_baseline(baseline) -> None:
     def ok(b):
         return isinstance(b, (Real, Tensor)) and not isinstance(b, bool)
     if callable(baseline) and not isinstance(baseline, Tensor):
@@ -119,7 +119,7 @@ def integrated_gradients(f, *, steps: int = 32, baseline=0.0, method: str = "gau
     check_choice(where, "method", method, QUADRATURES)
     check_int(where, "steps", steps, 2 if method == "riemann_trapezoid" else 1)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
-    _check_baseline(baseline)
+    check_baseline(baseline)
     alphas, weights = quadrature(method, steps)
 
     def explain(params, x, target=None):

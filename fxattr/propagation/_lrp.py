@@ -3,23 +3,23 @@
 ``fxattr.lrp(f, rule=...)`` / ``fxattr.lrp(f, composite=...)``, ``fxattr.deep_taylor``,
 ``fxattr.deep_taylor_bounded``, ``fxattr.guided_backprop`` and ``fxattr.deconvnet`` trace the
 model once (:func:`fxattr.graph.trace`) and build a reverse pass in which every rule is a pure
-function (:mod:`fxattr.lrp.rules`): no hooks, no custom autograd functions. The explainers compose
+function (:mod:`fxattr.propagation.rules`): no hooks, no custom autograd functions. The explainers compose
 with ``torch.vmap``, ``torch.func.grad`` (exact higher-order derivatives) and ``torch.compile``.
 
-Rules and composites are data: ``fxattr.lrp.rules`` holds the rule constructors,
-``fxattr.lrp.Composite`` chooses a rule per layer (see :mod:`fxattr.lrp.composites`).
+Rules and composites are data: ``fxattr.propagation.rules`` holds the rule constructors,
+``fxattr.lrp.Composite`` chooses a rule per layer (see :mod:`fxattr.propagation.composites`).
 """
 
 from __future__ import annotations
 
 from fxattr._explainer import check_choice, check_model, explainer
 from fxattr.errors import FxattrError, fail
-from fxattr.lrp import rules
-from fxattr.lrp.composites import COMPOSITES, Composite, LayerInfo, _rule_option, _single
-from fxattr.lrp.composites import composite as _preset
-from fxattr.lrp.composites import deep_taylor_composite
-from fxattr.lrp.graph import Plan
-from fxattr.lrp.rules import Rule
+from fxattr.propagation import rules
+from fxattr.propagation.composites import COMPOSITES, Composite, LayerInfo, rule_option, single_rule
+from fxattr.propagation.composites import composite as _preset
+from fxattr.propagation.composites import deep_taylor_composite
+from fxattr.propagation._engine import Plan
+from fxattr.propagation.rules import Rule
 
 __all__ = ["COMPOSITES", "RULES", "Composite", "LayerInfo", "Rule", "deconvnet", "deep_taylor",
            "deep_taylor_bounded", "guided_backprop", "lrp", "rules"]
@@ -88,7 +88,7 @@ def _build_composite(where: str, rule, composite, options: dict) -> Composite:
     else:
         if not isinstance(rule, str) or rule not in _RULES:
             raise fail(where, f"rule must be one of {', '.join(map(repr, RULES))} or an "
-                              f"fxattr.lrp.rules.Rule; got {rule!r}")
+                              f"fxattr.propagation.rules.Rule; got {rule!r}")
         build, allowed = _RULES[rule]
         rule_options = {k: v for k, v in options.items() if k in allowed}
         rest = {k: v for k, v in options.items() if k not in allowed}
@@ -99,8 +99,8 @@ def _build_composite(where: str, rule, composite, options: dict) -> Composite:
         raise fail(where, f"rule {rule!r} takes {', '.join(allowed + ('input_layer_rule',))}; got "
                           f"unknown option(s) {', '.join(sorted(rest))}")
     if input_rule is not None:
-        input_rule = _rule_option(where, input_rule, "input_layer_rule")
-    return _single(chosen, input_rule=input_rule, name=getattr(chosen, "name", "rule"))
+        input_rule = rule_option(where, input_rule, "input_layer_rule")
+    return single_rule(chosen, input_rule=input_rule, name=getattr(chosen, "name", "rule"))
 
 
 def _plan(where, f, composite=None, relu=None) -> Plan:
@@ -133,7 +133,7 @@ def lrp(f, *, rule: str | Rule | None = None, composite: str | Composite | None 
             ``"alpha_beta_IB"``, ``"alpha_1_beta_0"``, ``"alpha_1_beta_0_IB"``,
             ``"alpha_2_beta_1"``, ``"alpha_2_beta_1_IB"``, ``"z_plus"``, ``"z_plus_fast"``,
             ``"w_square"``, ``"flat"``, ``"zb"`` (``low=``, ``high=``), ``"pass"``, ``"norm"``; or an
-            ``fxattr.lrp.rules.Rule``. ``input_layer_rule=`` (a rule name such as ``"Flat"``, a Rule,
+            ``fxattr.propagation.rules.Rule``. ``input_layer_rule=`` (a rule name such as ``"Flat"``, a Rule,
             or ``(low, high)`` for z^B) replaces it on the layers reading the input.
         composite: a preset: iNNvestigate's ``"sequential_preset_a"``, ``"sequential_preset_b"``
             (alpha-beta 1-0 / 2-1 on convolutions, epsilon 0.1 on dense layers; ``epsilon=``,

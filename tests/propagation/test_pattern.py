@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxattr
-import fxattr.pattern
 from tests import models
 from tests.contract import (assert_compile_equals_eager, assert_second_order,
                             assert_vmap_equals_loop, model_unchanged)
@@ -128,8 +127,8 @@ def test_save_and_load_round_trip(tmp_path):
     f, params = fxattr.functionalize(model)
     explain = fxattr.patternnet(f).fit(params, _batches(_relu_data(), 100))
     path = tmp_path / "patterns.safetensors"
-    fxattr.pattern.save(explain.patterns, path)
-    loaded = fxattr.pattern.load(path)
+    fxattr.save_patterns(explain.patterns, path)
+    loaded = fxattr.load_patterns(path)
     assert loaded.keys() == explain.patterns.keys()
     for k in loaded:
         assert torch.equal(loaded[k], explain.patterns[k])

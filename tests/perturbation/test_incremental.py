@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxattr
-from fxattr import _incremental
+from fxattr.perturbation import _incremental
 from fxattr.graph import trace
 from tests.contract import (assert_compile_equals_eager, assert_second_order, assert_vmap_equals_loop,
                             model_unchanged)

@@ -39,7 +39,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxattr.functional import _EvalBatchNormAsElementwise
+from fxattr.functional import EvalBatchNormAsElementwise
 
 _REF = ("ref",)
 
@@ -155,7 +155,7 @@ def reference(steps: list, params, x: Tensor) -> list:
     def value(a):
         return env[a.index] if isinstance(a, _Arg) else a
 
-    with _EvalBatchNormAsElementwise():
+    with EvalBatchNormAsElementwise():
         for step in steps:
             if step.op == "placeholder":
                 env.append(x.unsqueeze(0))
@@ -453,7 +453,7 @@ def window_output(steps: list, params, plan_: Plan, ref: list, padded: dict, x: 
     def full(a):
         return _full(env[a.index], ref[a.index]) if isinstance(a, _Arg) else a
 
-    with _EvalBatchNormAsElementwise():
+    with EvalBatchNormAsElementwise():
         for st in steps:
             kind = plan_.kinds[st.index]
             if kind == "output":
@@ -534,7 +534,7 @@ def occlusion_scores(where, f, steps, params, x, base, win, step_, grids, rows, 
     """``(f(x)[t], f(x_occluded_k)[t] for every window k)`` computed incrementally, or ``None``
     when it does not apply (``required``: an error naming why)."""
     from fxattr.errors import fail
-    from fxattr.graph import _unbatch_output
+    from fxattr.graph import unbatch_output
     from fxattr.targets import select
 
     def give_up(reason):
@@ -545,7 +545,7 @@ def occlusion_scores(where, f, steps, params, x, base, win, step_, grids, rows, 
     if x.ndim != 3:
         return give_up(f"x must be an image (C, H, W), got shape {tuple(x.shape)}")
     ref = f.guarded(x, lambda: reference(steps, params, x), where)
-    out = _unbatch_output(f, ref[-1])
+    out = unbatch_output(f, ref[-1])
     if target is None:
         target = out.detach().reshape(-1).argmax()
     ref_score = select(where, out, target)
@@ -557,6 +557,6 @@ def occlusion_scores(where, f, steps, params, x, base, win, step_, grids, rows, 
 
     def score(starts, *row):
         out = window_output(steps, params, plan_, ref, padded, x, base, row, starts)
-        return select(where, _unbatch_output(f, out), target)
+        return select(where, unbatch_output(f, out), target)
 
     return ref_score, torch.vmap(score, chunk_size=chunk_size)(plan_.starts, *rows)

@@ -24,7 +24,7 @@ Conventions (iNNvestigate's unless said otherwise; see each rule):
 - ``z_plus`` is ``alpha_beta(1, 0, bias=False)``; ``z_plus_fast`` applies ``W+`` to the raw input.
 
 Example:
-    >>> from fxattr.lrp import rules
+    >>> from fxattr.propagation import rules
     >>> composite = fxattr.lrp.Composite(kinds={"conv": rules.gamma(0.25), "linear": rules.epsilon(0.1)})
     >>> explain = fxattr.lrp(f, composite=composite)
     >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)

@@ -2,7 +2,7 @@
 
 The model's pure graph (:func:`fxattr.graph.trace`) is classified once, node by node, into what
 LRP needs to know: kernel layers (Conv1d/2d/3d, Linear, ``F.conv*``, ``F.linear``; an eval batch
-norm right after one is folded into it, see :mod:`fxattr.lrp.canonize`), unfolded batch norms,
+norm right after one is folded into it, see :mod:`fxattr.propagation._canonize`), unfolded batch norms,
 parameter-free linear layers (average pooling, means, sums, additions, scaling by constants),
 element-wise activations, max pooling, and routing ops (concatenation, split, reshape/view/flatten,
 permute, indexing, padding). Each node gets a reverse function written with plain torch ops and
@@ -29,11 +29,11 @@ from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
 from fxattr.errors import fail
-from fxattr.functional import _batch_norm
+from fxattr.functional import elementwise_batch_norm
 from fxattr.graph import trace
-from fxattr.lrp import rules as R
-from fxattr.lrp.canonize import batch_norm_affine, fold
-from fxattr.lrp.composites import KERNEL_KINDS, Composite, LayerInfo
+from fxattr.propagation import rules as R
+from fxattr.propagation._canonize import batch_norm_affine, fold
+from fxattr.propagation.composites import KERNEL_KINDS, Composite, LayerInfo
 from fxattr.targets import select
 
 __all__ = ["Plan"]
@@ -133,7 +133,7 @@ class _Node:
         self.module = None
 
 
-def _conv_layer(module: nn.Module, nonnegative: bool) -> R.Layer:
+def conv_layer(module: nn.Module, nonnegative: bool) -> R.Layer:
     n = module.weight.ndim - 2
     fast = module.padding_mode == "zeros" and not isinstance(module.padding, str)
     input_grad = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
@@ -154,7 +154,7 @@ def _conv_layer(module: nn.Module, nonnegative: bool) -> R.Layer:
     return R.Layer("conv", forward, transpose, bias, nonnegative, groups=module.groups)
 
 
-def _linear_layer(nonnegative: bool) -> R.Layer:
+def linear_layer(nonnegative: bool) -> R.Layer:
     def forward(x, p):
         return F.linear(x, p["weight"], p["bias"])
 
@@ -167,7 +167,7 @@ def _linear_layer(nonnegative: bool) -> R.Layer:
     return R.Layer("linear", forward, transpose, bias, nonnegative, groups=1)
 
 
-def _functional_kernel_layer(kind: str, fn, rest_args: tuple, rest_kwargs: dict,
+def functional_kernel_layer(kind: str, fn, rest_args: tuple, rest_kwargs: dict,
                              nonnegative: bool) -> R.Layer:
     def forward(x, p):
         return fn(x, p["weight"], p["bias"], *rest_args, **rest_kwargs)
@@ -281,11 +281,11 @@ class Plan:
             if not only_first and not isinstance(module, _ROUTE_MODULES):
                 return "unsupported"
             if isinstance(module, _CONV_MODULES):
-                info.layer = _conv_layer(module, False)
+                info.layer = conv_layer(module, False)
                 info.params = self._module_kernel_params(target, module)
                 return "kernel"
             if isinstance(module, nn.Linear):
-                info.layer = _linear_layer(False)
+                info.layer = linear_layer(False)
                 info.params = self._module_kernel_params(target, module)
                 return "kernel"
             if isinstance(module, _BN_MODULES):
@@ -417,7 +417,7 @@ class Plan:
                 if not isinstance(info.layer, R.Layer):
                     _, kind, fn, rest, kwargs = info.layer
                     kwargs = {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
-                    info.layer = _functional_kernel_layer(kind, fn, rest, kwargs, x_nonneg)
+                    info.layer = functional_kernel_layer(kind, fn, rest, kwargs, x_nonneg)
                 else:
                     info.layer = info.layer._replace(nonnegative_input=x_nonneg)
 
@@ -468,7 +468,7 @@ class Plan:
                 info.rule = self.composite.rule(info.info)
                 if not isinstance(info.rule, R.Rule):
                     raise fail(self.where, f"the composite gave {type(info.rule).__name__} for layer "
-                                           f"{node.name!r}; expected an fxattr.lrp.rules.Rule")
+                                           f"{node.name!r}; expected an fxattr.propagation.rules.Rule")
                 if info.kind in ("avgpool", "add") and info.rule.name not in ("gradient", "pass") \
                         and info.rule.stabilise is None:
                     raise fail(self.where, f"rule {info.rule.name!r} cannot be used on the "
@@ -549,9 +549,9 @@ class Plan:
                 values[step.slot] = step.layer.forward(values[step.x], p)
                 cache[step.slot] = p
             else:
-                values[step.slot] = step.call(_resolve(step.args, values), _resolve(step.kwargs, values),
+                values[step.slot] = step.call(resolve_args(step.args, values), resolve_args(step.kwargs, values),
                                               params)
-        return values, cache, _resolve(self.output_template, values)
+        return values, cache, resolve_args(self.output_template, values)
 
     def explain(self, params, x, target, *, seed: str = "value"):
         """Relevance (or modified gradient) at ``x`` for ``target``; ``seed`` is ``"value"``
@@ -583,14 +583,14 @@ class Plan:
 
     def _seed_output(self, relevance, values, relevance_y):
         template = self.output_template
-        if isinstance(template, _Ref) and self.f.output is None:
+        if isinstance(template, ArgRef) and self.f.output is None:
             if template.slot in self.output_slots:
                 relevance[template.slot] = relevance_y
             return
         data = self.output_slots
 
         def pick(*vals):
-            raw = _resolve(template, values, dict(zip(data, vals)))
+            raw = resolve_args(template, values, dict(zip(data, vals)))
             return self.f.output(raw) if self.f.output is not None else raw
         _, vjp = torch.func.vjp(pick, *[values[s] for s in data])
         for slot, r in zip(data, vjp(relevance_y)):
@@ -653,7 +653,7 @@ class Plan:
 
         def fn(*vals):
             override = dict(zip(data, vals))
-            return step.call(_resolve(step.args, values, override), _resolve(step.kwargs, values, override),
+            return step.call(resolve_args(step.args, values, override), resolve_args(step.kwargs, values, override),
                              params)
         return fn, [values[s] for s in data]
 
@@ -668,7 +668,7 @@ _INDEXED_MAXPOOL = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.M
 _SCALE_RULE = R.z()
 
 
-class _Ref:
+class ArgRef:
     """A reference to a node's value (its slot) inside an argument template."""
 
     __slots__ = ("slot",)
@@ -678,7 +678,7 @@ class _Ref:
 
 
 def _template(arg, slots):
-    return _plain(map_arg(arg, lambda n: _Ref(slots[n])))
+    return _plain(map_arg(arg, lambda n: ArgRef(slots[n])))
 
 
 def _plain(t):
@@ -693,7 +693,7 @@ def _plain(t):
 
 
 def _refs(t) -> list:
-    if isinstance(t, _Ref):
+    if isinstance(t, ArgRef):
         return [t.slot]
     if isinstance(t, (tuple, list)):
         return [s for a in t for s in _refs(a)]
@@ -704,20 +704,20 @@ def _refs(t) -> list:
     return []
 
 
-def _resolve(t, values, override=None):
-    if isinstance(t, _Ref):
+def resolve_args(t, values, override=None):
+    if isinstance(t, ArgRef):
         if override is not None and t.slot in override:
             return override[t.slot]
         return values[t.slot]
     if isinstance(t, tuple):
-        return tuple(_resolve(a, values, override) for a in t)
+        return tuple(resolve_args(a, values, override) for a in t)
     if isinstance(t, list):
-        return [_resolve(a, values, override) for a in t]
+        return [resolve_args(a, values, override) for a in t]
     if isinstance(t, dict):
-        return {k: _resolve(v, values, override) for k, v in t.items()}
+        return {k: resolve_args(v, values, override) for k, v in t.items()}
     if isinstance(t, slice):
-        return slice(_resolve(t.start, values, override), _resolve(t.stop, values, override),
-                     _resolve(t.step, values, override))
+        return slice(resolve_args(t.start, values, override), resolve_args(t.stop, values, override),
+                     resolve_args(t.step, values, override))
     return t
 
 
@@ -764,7 +764,7 @@ class _Step:
             def call(args, kwargs, params):
                 return getattr(args[0], method)(*args[1:], **kwargs)
         elif node.op == "call_function":
-            fn = _batch_norm if node.target is F.batch_norm else node.target
+            fn = elementwise_batch_norm if node.target is F.batch_norm else node.target
 
             def call(args, kwargs, params):
                 return fn(*args, **kwargs)
