@@ -410,3 +410,11 @@ def zarr_rows(where: str, path: Path, dtype: torch.dtype):
         return from_numpy_storage(array[start:stop], dtype)
 
     return read_rows, group
+
+
+def read_class_means(out: Path) -> dict[str, Tensor]:
+    """``classes`` (the target classes seen), ``class_count`` and ``class_mean`` (float32)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(out) / CLASS_MEAN))
+    return {"classes": tensors["class"], "class_count": tensors["count"], "class_mean": tensors["mean"]}
