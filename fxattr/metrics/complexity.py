@@ -18,11 +18,11 @@ order; the sort's derivative is a permutation), so they can serve as training ob
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fxattr.metrics.common import check_bool, check_float, check_metric_input, prepare_attribution
+from fxattr.metrics.common import metric as named_metric
+from fxattr.metrics.localisation import check_unused_model
 
 __all__ = ["complexity", "effective_complexity", "sparseness"]
 
@@ -54,7 +54,10 @@ def sparseness(f=None, *, abs: bool = True, normalise: bool = True):  # noqa: A0
     check_bool(where, "abs", abs)
     check_bool(where, "normalise", normalise)
 
-    def metric(params, x, target, attribution):
+    check_unused_model(where, f)
+    config = {"abs": abs, "normalise": normalise}
+
+    def score(params, x, target, attribution):
         check_metric_input(where, attribution)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1) + 1e-7
         n = a.numel()
@@ -62,7 +65,7 @@ def sparseness(f=None, *, abs: bool = True, normalise: bool = True):  # noqa: A0
         weights = 2 * torch.arange(1, n + 1, dtype=a.dtype, device=a.device) - n - 1
         return (weights * ordered).sum() / (n * ordered.sum())
 
-    return metric
+    return named_metric('sparseness', f, config, score)
 
 
 def complexity(f=None, *, abs: bool = True, normalise: bool = True):  # noqa: A002
@@ -89,13 +92,16 @@ def complexity(f=None, *, abs: bool = True, normalise: bool = True):  # noqa: A0
     check_bool(where, "abs", abs)
     check_bool(where, "normalise", normalise)
 
-    def metric(params, x, target, attribution):
+    check_unused_model(where, f)
+    config = {"abs": abs, "normalise": normalise}
+
+    def score(params, x, target, attribution):
         check_metric_input(where, attribution)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
         share = a / a.abs().sum()
         return -(share * torch.log(share + 1e-12)).sum()
 
-    return metric
+    return named_metric('complexity', f, config, score)
 
 
 def effective_complexity(f=None, *, eps: float = 1e-5, abs: bool = True,  # noqa: A002
@@ -128,11 +134,13 @@ def effective_complexity(f=None, *, eps: float = 1e-5, abs: bool = True,  # noqa
     check_bool(where, "abs", abs)
     check_bool(where, "normalise", normalise)
     threshold = float(eps)
-    assert math.isfinite(threshold)
 
-    def metric(params, x, target, attribution):
+    check_unused_model(where, f)
+    config = {"eps": eps, "abs": abs, "normalise": normalise}
+
+    def score(params, x, target, attribution):
         check_metric_input(where, attribution)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs)
         return (a > threshold).sum()
 
-    return metric
+    return named_metric('effective_complexity', f, config, score)

@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 
 from fxattr.errors import fail
-from fxattr.metrics.common import check_bool, check_int, check_metric_input, prepare_attribution
+from fxattr.metrics.common import (check_bool, check_int, check_metric_input, check_model,
+                                   prepare_attribution)
+from fxattr.metrics.common import metric as named_metric
 
 __all__ = [
     "attribution_localisation",
@@ -33,6 +35,12 @@ __all__ = [
     "relevance_rank_accuracy",
     "top_k_intersection",
 ]
+
+
+def check_unused_model(where: str, f) -> None:
+    """``f`` is not called by metrics that read only the attribution: ``None`` or a model function."""
+    if f is not None:
+        check_model(where, f)
 
 
 def flat_mask(where: str, attribution: Tensor, mask) -> Tensor:
@@ -88,7 +96,10 @@ def pointing_game(f=None, *, weighted: bool = False, abs: bool = False,  # noqa:
     check_bool(where, "abs", abs)
     check_bool(where, "normalise", normalise)
 
-    def metric(params, x, target, attribution, mask):
+    check_unused_model(where, f)
+    config = {"weighted": weighted, "abs": abs, "normalise": normalise}
+
+    def score(params, x, target, attribution, mask):
         check_metric_input(where, attribution)
         m = flat_mask(where, attribution, mask)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
@@ -97,7 +108,7 @@ def pointing_game(f=None, *, weighted: bool = False, abs: bool = False,  # noqa:
             hit = hit * (1 - m.to(a.dtype).mean())
         return nan_where_empty(hit, m)
 
-    return metric
+    return named_metric('pointing_game', f, config, score)
 
 
 def attribution_localisation(f=None, *, weighted: bool = False, positive_attributions: bool = False,
@@ -134,7 +145,11 @@ def attribution_localisation(f=None, *, weighted: bool = False, positive_attribu
                         ("abs", abs), ("normalise", normalise)):
         check_bool(where, name, value)
 
-    def metric(params, x, target, attribution, mask):
+    check_unused_model(where, f)
+    config = {"weighted": weighted, "positive_attributions": positive_attributions, "abs": abs,
+              "normalise": normalise}
+
+    def score(params, x, target, attribution, mask):
         check_metric_input(where, attribution)
         m = flat_mask(where, attribution, mask)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
@@ -147,7 +162,7 @@ def attribution_localisation(f=None, *, weighted: bool = False, positive_attribu
             ratio = ratio * m.to(a.dtype).mean()
         return nan_where_empty(ratio, m)
 
-    return metric
+    return named_metric('attribution_localisation', f, config, score)
 
 
 def top_k_intersection(f=None, *, k: int = 1000, concept_influence: bool = False,
@@ -178,7 +193,10 @@ def top_k_intersection(f=None, *, k: int = 1000, concept_influence: bool = False
                         ("normalise", normalise)):
         check_bool(where, name, value)
 
-    def metric(params, x, target, attribution, mask):
+    check_unused_model(where, f)
+    config = {"k": k, "concept_influence": concept_influence, "abs": abs, "normalise": normalise}
+
+    def score(params, x, target, attribution, mask):
         check_metric_input(where, attribution)
         m = flat_mask(where, attribution, mask)
         if k > m.numel():
@@ -190,7 +208,7 @@ def top_k_intersection(f=None, *, k: int = 1000, concept_influence: bool = False
             share = share / m.to(a.dtype).mean()
         return nan_where_empty(share, m)
 
-    return metric
+    return named_metric('top_k_intersection', f, config, score)
 
 
 def relevance_rank_accuracy(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
@@ -217,17 +235,20 @@ def relevance_rank_accuracy(f=None, *, abs: bool = False, normalise: bool = True
     check_bool(where, "abs", abs)
     check_bool(where, "normalise", normalise)
 
-    def metric(params, x, target, attribution, mask):
+    check_unused_model(where, f)
+    config = {"abs": abs, "normalise": normalise}
+
+    def score(params, x, target, attribution, mask):
         check_metric_input(where, attribution)
         m = flat_mask(where, attribution, mask)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
         order = torch.argsort(a, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(a.numel(), device=a.device))
+        rank = torch.empty_like(order).scatter(0, order, torch.arange(a.numel(), device=a.device))
         size = m.sum()
         hits = (m & (rank < size)).sum()
         return nan_where_empty(hits.to(a.dtype) / size.to(a.dtype), m)
 
-    return metric
+    return named_metric('relevance_rank_accuracy', f, config, score)
 
 
 def relevance_mass_accuracy(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
@@ -252,14 +273,17 @@ def relevance_mass_accuracy(f=None, *, abs: bool = False, normalise: bool = True
     check_bool(where, "abs", abs)
     check_bool(where, "normalise", normalise)
 
-    def metric(params, x, target, attribution, mask):
+    check_unused_model(where, f)
+    config = {"abs": abs, "normalise": normalise}
+
+    def score(params, x, target, attribution, mask):
         check_metric_input(where, attribution)
         m = flat_mask(where, attribution, mask)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
         inside = torch.where(m, a, torch.zeros_like(a)).sum()
         return nan_where_empty(inside / a.sum(), m)
 
-    return metric
+    return named_metric('relevance_mass_accuracy', f, config, score)
 
 
 def auc(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
@@ -289,7 +313,10 @@ def auc(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
     check_bool(where, "abs", abs)
     check_bool(where, "normalise", normalise)
 
-    def metric(params, x, target, attribution, mask):
+    check_unused_model(where, f)
+    config = {"abs": abs, "normalise": normalise}
+
+    def score(params, x, target, attribution, mask):
         check_metric_input(where, attribution)
         m = flat_mask(where, attribution, mask)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
@@ -304,7 +331,7 @@ def auc(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
         defined = (positives > 0) & (negatives > 0)
         return torch.where(defined, score, torch.full_like(score, float("nan")))
 
-    return metric
+    return named_metric('auc', f, config, score)
 
 
 def focus(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
@@ -334,7 +361,10 @@ def focus(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
     check_bool(where, "abs", abs)
     check_bool(where, "normalise", normalise)
 
-    def metric(params, x, target, attribution, quadrants):
+    check_unused_model(where, f)
+    config = {"abs": abs, "normalise": normalise}
+
+    def score(params, x, target, attribution, quadrants):
         check_metric_input(where, attribution)
         if attribution.ndim != 3:
             raise fail(where, f"the attribution must be (C, H, W) (a mosaic image's), got shape "
@@ -356,4 +386,4 @@ def focus(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
         on_target = (a * weight).sum()
         return on_target / (a.sum() + 1e-9)
 
-    return metric
+    return named_metric('focus', f, config, score)
