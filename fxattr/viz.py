@@ -403,3 +403,11 @@ def plot_grid(rows: Sequence[Sequence], row_labels: Sequence[str] | None = None,
     if file is not None:
         figure.savefig(file, format="png", dpi=dpi)
     return figure
+
+
+def __getattr__(name: str):
+    """``plot_curves`` and ``plot_metrics`` live in ``fxattr.metrics.plots`` (imported on first use)."""
+    if name in ("plot_curves", "plot_metrics"):
+        from fxattr.metrics import plots
+        return getattr(plots, name)
+    raise AttributeError(f"module 'fxattr.viz' has no attribute {name!r}")

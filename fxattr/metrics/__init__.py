@@ -17,5 +17,7 @@ from fxattr.metrics.randomisation import *  # noqa: F401,F403
 from fxattr.metrics.randomisation import __all__ as _randomisation
 from fxattr.metrics.axiomatic import *  # noqa: F401,F403
 from fxattr.metrics.axiomatic import __all__ as _axiomatic
+from fxattr.metrics.evaluate import MetricTable, evaluate
 
-__all__ = [*_faithfulness, *_robustness, *_localisation, *_complexity, *_randomisation, *_axiomatic]
+__all__ = [*_faithfulness, *_robustness, *_localisation, *_complexity, *_randomisation, *_axiomatic,
+           "MetricTable", "evaluate"]

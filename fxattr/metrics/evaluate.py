@@ -37,8 +37,7 @@ def metric_kind(metric) -> str:
     """
     flag = getattr(metric, "batch_level", None)
     if flag is None:
-        qualname = getattr(metric, "__qualname__", "") or ""
-        flag = qualname.split(".")[0] in BATCH_METRICS
+        flag = getattr(metric, "__name__", None) in BATCH_METRICS
     if flag:
         return "batch"
     try:
@@ -56,6 +55,18 @@ def area(curve: Tensor) -> Tensor:
     if curve.shape[-1] == 1:
         return curve[..., 0]
     return torch.trapezoid(curve, dx=1.0 / (curve.shape[-1] - 1), dim=-1)
+
+
+def per_example_scores(where: str, name: str, value, batch: int, kind: str) -> Tensor:
+    """A metric's output as ``(B,)`` scores or ``(B, T)`` curves (a batch-level metric's scalar as
+    ``(1,)``, its curve as ``(1, T)``)."""
+    value = torch.as_tensor(value).detach()
+    if kind == "batch" and not (value.ndim == 1 and value.shape[0] == batch):
+        value = value.reshape(1, *value.shape)
+    if value.ndim not in (1, 2):
+        raise fail(where, f"metric {name!r} gave shape {tuple(value.shape)}; evaluate takes a scalar or a "
+                          "1-d curve per example")
+    return value
 
 
 def mean_and_stderr(values: Tensor) -> tuple[float, float, int]:
@@ -81,7 +92,7 @@ class MetricTable:
             batch-level metric's single score).
         count: same shape, int64: how many non-NaN scores went into each mean.
         scores: ``scores[explainer][metric]``: the per-example scores (for a curve-valued metric the
-            area under each curve), a 1-d tensor (a 0-d one for a batch-level scalar).
+            area under each curve), a 1-d float64 tensor (of one entry for a batch-level scalar).
         curves: ``curves[explainer][metric]``: the raw ``(B, T)`` curves of curve-valued metrics
             (deletion / insertion curves for :func:`fxattr.viz.plot_curves`).
         attributions: ``attributions[explainer]``: the explanations of the batch.
@@ -109,15 +120,14 @@ class MetricTable:
     def to_markdown(self, digits: int = 3) -> str:
         """A markdown table: one row per explainer, one column per metric, ``mean ± stderr``
         (``(n=k)`` appended where NaN scores were left out)."""
-        full = max((int(self.count[i, j]) for i in range(len(self.explainers))
-                    for j in range(len(self.metrics))), default=0)
-
         def cell(i, j):
             mean, stderr, n = self.mean[i, j].item(), self.stderr[i, j].item(), int(self.count[i, j])
             if math.isnan(mean):
                 return "nan"
             text = f"{mean:.{digits}f}" if math.isnan(stderr) else f"{mean:.{digits}f} ± {stderr:.{digits}f}"
-            return text + (f" (n={n})" if n < full else "")
+            scored = self.scores.get(self.explainers[i], {}).get(self.metrics[j])
+            dropped = scored is not None and n < scored.numel()
+            return text + (f" (n={n})" if dropped else "")
 
         lines = ["| explainer | " + " | ".join(self.metrics) + " |",
                  "|---|" + "---|" * len(self.metrics)]
@@ -222,12 +232,11 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
             else:
                 value = torch.vmap(metric, in_dims=(None, 0, target_dim, 0), randomness="different",
                                    chunk_size=chunk_size)(params, x, target, a)
-            value = torch.as_tensor(value).detach()
-            per_example = kind != "batch" or (value.ndim >= 1 and value.shape[0] == batch)
-            if value.ndim >= (2 if per_example else 1):  # a curve per example (or one for the batch)
+            value = per_example_scores(where, metric_name, value, batch, kind)
+            if value.ndim == 2:  # a curve per example: its area enters the table
                 curves[explainer_name][metric_name] = value
-                value = area(value.reshape(*value.shape[:1 if per_example else 0], -1).to(torch.float64))
-            value = value.to(torch.float64) if value.dtype != torch.bool else value.double()
+                value = area(value.to(torch.float64))
+            value = value.to(torch.float64)
             scores[explainer_name][metric_name] = value
             mean[i, j], stderr[i, j], count[i, j] = mean_and_stderr(value.reshape(-1))
     return MetricTable(explainer_names, metric_names, mean, stderr, count, scores, curves, attributions)
