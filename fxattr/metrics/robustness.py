@@ -32,6 +32,10 @@ import torch
 from torch import Tensor
 
 from fxattr.errors import fail
+from fxattr.metrics.common import (baseline_value, check_baseline, check_bool, check_choice, check_float,
+                                   check_int, check_metric_input, check_model, check_replay,
+                                   normalise_by_max, resolve_target)
+from fxattr.metrics.common import metric as named_metric
 
 __all__ = [
     "avg_sensitivity",
@@ -47,33 +51,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------- checks
 
-def check_flag(where: str, name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise fail(where, f"{name} must be True or False, got {value!r}")
-
-
-def check_count(where: str, name: str, value, minimum: int = 1, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise fail(where, f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, "
-                          f"got {value!r}")
-
-
-def check_number(where: str, name: str, value, minimum: float | None = None,
-                 allow_none: bool = False, strict: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, Real) and not isinstance(value, bool) and value == value \
-        and abs(float(value)) != float("inf")
-    if ok and minimum is not None:
-        ok = value > minimum if strict else value >= minimum
-    if not ok:
-        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
-        raise fail(where, f"{name} must be a finite number{bound}{' or None' if allow_none else ''}, "
-                          f"got {value!r}")
-
-
 def check_explainer(where: str, explain) -> None:
     if explain is None:
         raise fail(where, "explain is required: the explainer that re-explains the perturbed inputs, "
@@ -82,20 +59,10 @@ def check_explainer(where: str, explain) -> None:
         raise fail(where, f"explain must be an explainer explain(params, x, target), got {explain!r}")
 
 
-def check_model_function(where: str, f) -> None:
-    if isinstance(f, torch.nn.Module):
-        raise fail(where, "f must be a function f(params, x), not an nn.Module: "
-                          "use f, params = fxattr.functionalize(model)")
-    if not callable(f):
-        raise fail(where, f"f must be a callable f(params, x), got {type(f).__name__}")
-
-
 def check_attribution(where: str, x: Tensor, attribution) -> None:
     """The attribution has x's shape, or x's with one channel (Quantus's channel-summed maps)."""
-    if not isinstance(attribution, Tensor):
-        raise fail(where, f"attribution must be a tensor, got {type(attribution).__name__}")
-    if not isinstance(x, Tensor):
-        raise fail(where, f"x must be a tensor (one example), got {type(x).__name__}")
+    check_metric_input(where, x, name="x")
+    check_metric_input(where, attribution)
     a_shape, x_shape = tuple(attribution.shape), tuple(x.shape)
     if a_shape == x_shape:
         return
@@ -103,12 +70,6 @@ def check_attribution(where: str, x: Tensor, attribution) -> None:
         return
     raise fail(where, f"attribution has shape {a_shape} but x has shape {x_shape}: pass one example's "
                       "attribution (x's shape, or one channel), and torch.vmap over the batch")
-
-
-def check_noise(where: str, noise, shape: tuple[int, ...]) -> None:
-    if not isinstance(noise, Tensor) or tuple(noise.shape) != shape:
-        got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
-        raise fail(where, f"noise has shape {got}, expected (nr_samples, *x.shape) = {shape}")
 
 
 NORMS = ("fro", "l2", "linf")
@@ -132,12 +93,6 @@ def check_norm(where: str, name: str, value) -> None:
 
 # ------------------------------------------------------------------------------------- attributions
 
-def normalise_by_max(a: Tensor) -> Tensor:
-    """``a / max|a|`` (Quantus's ``normalise_by_max``); an all-zero ``a`` is returned unchanged."""
-    peak = a.abs().amax()
-    return a / torch.where(peak == 0, torch.ones_like(peak), peak)
-
-
 def normalise_by_second_moment(a: Tensor) -> Tensor:
     """``a / sqrt(mean(a^2))`` (Quantus's ``normalise_by_average_second_moment_estimate``, Binder et
     al. 2022); an all-zero ``a`` is returned unchanged."""
@@ -152,13 +107,6 @@ def prepare(a: Tensor, *, normalise: bool, abs: bool, normalise_func=normalise_b
     if abs:
         a = a.abs()
     return a
-
-
-def resolved_target(f, params, x, target):
-    """``target``, with ``None`` the argmax at the clean ``x`` (fixed for every perturbed copy)."""
-    if target is None:
-        return f(params, x).detach().reshape(-1).argmax()
-    return target
 
 
 def predicted_class(f, params, x) -> Tensor:
@@ -200,27 +148,27 @@ def _sensitivity(name: str, reduction: str, f, *, explain, nr_samples, lower_bou
                  norm_numerator, norm_denominator, abs, normalise,  # noqa: A002
                  return_nan_when_prediction_changes, chunk_size):
     where = f"metrics.{name}"
-    check_model_function(where, f)
+    check_model(where, f)
     check_explainer(where, explain)
-    check_count(where, "nr_samples", nr_samples)
-    check_number(where, "lower_bound", lower_bound, 0.0)
-    check_number(where, "upper_bound", upper_bound, allow_none=True)
+    check_int(where, "nr_samples", nr_samples)
+    check_float(where, "lower_bound", lower_bound, 0.0)
+    check_float(where, "upper_bound", upper_bound, allow_none=True)
     if upper_bound is not None and upper_bound <= lower_bound:
         raise fail(where, f"upper_bound must be larger than lower_bound, got {upper_bound!r} <= {lower_bound!r}")
     check_norm(where, "norm_numerator", norm_numerator)
     check_norm(where, "norm_denominator", norm_denominator)
     for flag, value in (("abs", abs), ("normalise", normalise),
                         ("return_nan_when_prediction_changes", return_nan_when_prediction_changes)):
-        check_flag(where, flag, value)
-    check_count(where, "chunk_size", chunk_size, allow_none=True)
+        check_bool(where, flag, value)
+    check_int(where, "chunk_size", chunk_size, allow_none=True)
 
     def metric(params, x, target, attribution, *, noise=None):
         check_attribution(where, x, attribution)
         shape = (nr_samples, *x.shape)
         if noise is None:
             noise = uniform_noise(shape, x, lower_bound, upper_bound)
-        check_noise(where, noise, shape)
-        target = resolved_target(f, params, x, target)
+        check_replay(where, "noise", noise, shape)
+        target = resolve_target(f, params, x, target)
         a = prepare(attribution, normalise=normalise, abs=abs)
         perturbed = prepare_many(explain, params, x + noise, target, a, normalise, abs, chunk_size)
         a_flat = a.reshape(-1)
@@ -230,7 +178,12 @@ def _sensitivity(name: str, reduction: str, f, *, explain, nr_samples, lower_bou
             ratios = nan_where_changed(f, params, x, x + noise, ratios, chunk_size)
         return nan_reduce(ratios, reduction, return_nan_when_prediction_changes)
 
-    return metric
+    config = dict(explain=explain, nr_samples=nr_samples, lower_bound=lower_bound,
+                  upper_bound=upper_bound, norm_numerator=norm_numerator,
+                  norm_denominator=norm_denominator, abs=abs, normalise=normalise,
+                  chunk_size=chunk_size,
+                  return_nan_when_prediction_changes=return_nan_when_prediction_changes)
+    return named_metric(where.removeprefix("metrics."), f, config, metric)
 
 
 def prepare_many(explain, params, points, target, like, normalise, abs, chunk_size,  # noqa: A002
@@ -337,23 +290,23 @@ def local_lipschitz_estimate(f, *, explain=None, nr_samples: int = 200, perturb_
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, x, y, a)
     """
     where = "metrics.local_lipschitz_estimate"
-    check_model_function(where, f)
+    check_model(where, f)
     check_explainer(where, explain)
-    check_count(where, "nr_samples", nr_samples)
-    check_number(where, "perturb_mean", perturb_mean)
-    check_number(where, "perturb_std", perturb_std, 0.0)
+    check_int(where, "nr_samples", nr_samples)
+    check_float(where, "perturb_mean", perturb_mean)
+    check_float(where, "perturb_std", perturb_std, 0.0)
     for flag, value in (("abs", abs), ("normalise", normalise),
                         ("return_nan_when_prediction_changes", return_nan_when_prediction_changes)):
-        check_flag(where, flag, value)
-    check_count(where, "chunk_size", chunk_size, allow_none=True)
+        check_bool(where, flag, value)
+    check_int(where, "chunk_size", chunk_size, allow_none=True)
 
     def metric(params, x, target, attribution, *, noise=None):
         check_attribution(where, x, attribution)
         shape = (nr_samples, *x.shape)
         if noise is None:
             noise = perturb_mean + perturb_std * torch.randn(shape, dtype=x.dtype, device=x.device)
-        check_noise(where, noise, shape)
-        target = resolved_target(f, params, x, target)
+        check_replay(where, "noise", noise, shape)
+        target = resolve_target(f, params, x, target)
         a = prepare(attribution, normalise=normalise, abs=abs)
         perturbed = prepare_many(explain, params, x + noise, target, a, normalise, abs, chunk_size)
         numerator = torch.linalg.vector_norm(a.reshape(1, -1) - perturbed.reshape(nr_samples, -1), dim=-1)
@@ -363,34 +316,13 @@ def local_lipschitz_estimate(f, *, explain=None, nr_samples: int = 200, perturb_
             ratios = nan_where_changed(f, params, x, x + noise, ratios, chunk_size)
         return nan_reduce(ratios, "max", return_nan_when_prediction_changes)
 
-    return metric
+    config = dict(explain=explain, nr_samples=nr_samples, perturb_mean=perturb_mean,
+                  perturb_std=perturb_std, abs=abs, normalise=normalise, chunk_size=chunk_size,
+                  return_nan_when_prediction_changes=return_nan_when_prediction_changes)
+    return named_metric(where.removeprefix("metrics."), f, config, metric)
 
 
 # -------------------------------------------------------------------------------------- continuity
-
-BASELINES = ("black", "white", "mean")
-
-
-def baseline_value(where: str, baseline, x: Tensor) -> Tensor:
-    """Quantus's per-example fill value: "black" = min(x), "white" = max(x), "mean", or a number."""
-    if baseline == "black":
-        return x.amin()
-    if baseline == "white":
-        return x.amax()
-    if baseline == "mean":
-        return x.mean()
-    return torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
-
-
-def check_baseline(where: str, baseline) -> None:
-    if baseline in BASELINES:
-        return
-    if isinstance(baseline, Real) and not isinstance(baseline, bool) and baseline == baseline \
-            and abs(float(baseline)) != float("inf"):
-        return
-    raise fail(where, f"perturb_baseline must be one of {', '.join(map(repr, BASELINES))} or a finite "
-                      f"number, got {baseline!r}")
-
 
 def translations(width: int, nr_steps: int) -> list[int]:
     """Quantus's shifts: ``-W + k * ((2W + 1) // nr_steps)`` for ``k = 1 .. nr_steps``."""
@@ -436,25 +368,26 @@ def continuity(f, *, explain=None, nr_steps: int = 28, perturb_baseline="black",
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0))(params, x, y, a)
     """
     where = "metrics.continuity"
-    check_model_function(where, f)
+    check_model(where, f)
     check_explainer(where, explain)
-    check_count(where, "nr_steps", nr_steps)
+    check_int(where, "nr_steps", nr_steps)
     check_baseline(where, perturb_baseline)
     for flag, value in (("abs", abs), ("normalise", normalise),
                         ("return_nan_when_prediction_changes", return_nan_when_prediction_changes)):
-        check_flag(where, flag, value)
-    check_count(where, "chunk_size", chunk_size, allow_none=True)
+        check_bool(where, flag, value)
+    check_int(where, "chunk_size", chunk_size, allow_none=True)
 
     def metric(params, x, target, attribution):
         check_attribution(where, x, attribution)
         if x.ndim not in (2, 3):
             raise fail(where, f"x must be an image (C, H, W) or a time series (C, W), got shape {tuple(x.shape)}")
         shifts = translations(x.shape[-1], nr_steps)
-        if max(map(abs, shifts)) > x.shape[-1]:
-            raise fail(where, f"nr_steps={nr_steps} gives shifts up to {max(map(abs, shifts))} pixels, "
+        largest = max(max(shifts), -min(shifts))
+        if largest > x.shape[-1]:
+            raise fail(where, f"nr_steps={nr_steps} gives shifts up to {largest} pixels, "
                               f"more than the width {x.shape[-1]}")
-        target = resolved_target(f, params, x, target)
-        fill = baseline_value(where, perturb_baseline, x)
+        target = resolve_target(f, params, x, target)
+        fill = baseline_value(perturb_baseline, x)
         moved = translate(x, torch.tensor(shifts, device=x.device), fill)
         a = prepare(attribution, normalise=normalise, abs=abs)
         perturbed = prepare_many(explain, params, moved, target, a, normalise, abs, chunk_size)
@@ -466,7 +399,10 @@ def continuity(f, *, explain=None, nr_steps: int = 28, perturb_baseline="black",
             ratios = nan_where_changed(f, params, x, moved, ratios, chunk_size, reference=reference)
         return ratios.amax(-1)
 
-    return metric
+    config = dict(explain=explain, nr_steps=nr_steps, perturb_baseline=perturb_baseline, abs=abs,
+                  normalise=normalise, chunk_size=chunk_size,
+                  return_nan_when_prediction_changes=return_nan_when_prediction_changes)
+    return named_metric(where.removeprefix("metrics."), f, config, metric)
 
 
 # ------------------------------------------------------------------------------------- consistency
@@ -495,13 +431,13 @@ def consistency(f, *, discretise_func: str = "top_n_sign", n: int = 5,
         >>> scores = metric(params, x, y, torch.vmap(fxattr.gradient(f), in_dims=(None, 0, 0))(params, x, y))
     """
     where = "metrics.consistency"
-    check_model_function(where, f)
+    check_model(where, f)
     if discretise_func not in DISCRETISERS:
         raise fail(where, f"discretise_func must be one of {', '.join(map(repr, DISCRETISERS))}, "
                           f"got {discretise_func!r}")
-    check_count(where, "n", n)
-    check_flag(where, "abs", abs)
-    check_flag(where, "normalise", normalise)
+    check_int(where, "n", n)
+    check_bool(where, "abs", abs)
+    check_bool(where, "normalise", normalise)
 
     def metric(params, x, target, attribution):
         if not isinstance(attribution, Tensor) or not isinstance(x, Tensor):
@@ -525,7 +461,8 @@ def consistency(f, *, discretise_func: str = "top_n_sign", n: int = 5,
         agree = (same_code & same_class).sum(-1).to(a.dtype)
         return agree / (same_code.sum(-1).to(a.dtype) + 1e-9)
 
-    return metric
+    config = dict(discretise_func=discretise_func, n=n, abs=abs, normalise=normalise)
+    return named_metric(where.removeprefix("metrics."), f, config, metric)
 
 
 # ------------------------------------------------------------------------------ relative stability
@@ -544,20 +481,20 @@ def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_b
                         eps_min, abs, normalise, return_nan_when_prediction_changes,  # noqa: A002
                         softmax, representation, chunk_size):
     where = f"metrics.{name}"
-    check_model_function(where, f)
+    check_model(where, f)
     check_explainer(where, explain)
-    check_count(where, "nr_samples", nr_samples)
-    check_number(where, "lower_bound", lower_bound)
-    check_number(where, "upper_bound", upper_bound, allow_none=True)
+    check_int(where, "nr_samples", nr_samples)
+    check_float(where, "lower_bound", lower_bound)
+    check_float(where, "upper_bound", upper_bound, allow_none=True)
     if upper_bound is not None and upper_bound <= lower_bound:
         raise fail(where, f"upper_bound must be larger than lower_bound, got {upper_bound!r} <= {lower_bound!r}")
     if upper_bound is None:
-        check_number(where, "lower_bound", lower_bound, 0.0)
-    check_number(where, "eps_min", eps_min, 0.0, strict=True)
+        check_float(where, "lower_bound", lower_bound, 0.0)
+    check_float(where, "eps_min", eps_min, 0.0, strict_minimum=True)
     for flag, value in (("abs", abs), ("normalise", normalise), ("softmax", softmax),
                         ("return_nan_when_prediction_changes", return_nan_when_prediction_changes)):
-        check_flag(where, flag, value)
-    check_count(where, "chunk_size", chunk_size, allow_none=True)
+        check_bool(where, flag, value)
+    check_int(where, "chunk_size", chunk_size, allow_none=True)
     if kind == "representation" and not callable(representation):
         raise fail(where, "representation must be a callable (params, x) -> tensor giving the internal "
                           "representation of one example (e.g. the output of a hidden layer), got "
@@ -574,8 +511,8 @@ def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_b
         shape = (nr_samples, *x.shape)
         if noise is None:
             noise = uniform_noise(shape, x, lower_bound, upper_bound)
-        check_noise(where, noise, shape)
-        target = resolved_target(f, params, x, target)
+        check_replay(where, "noise", noise, shape)
+        target = resolve_target(f, params, x, target)
         points = x + noise
         a = prepare(attribution, normalise=normalise, abs=abs, normalise_func=normalise_by_second_moment)
         perturbed = prepare_many(explain, params, points, target, a, normalise, abs, chunk_size,
@@ -593,7 +530,11 @@ def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_b
             ratios = nan_where_changed(f, params, x, points, ratios, chunk_size)
         return nan_reduce(ratios, "max", return_nan_when_prediction_changes)
 
-    return metric
+    config = dict(explain=explain, nr_samples=nr_samples, lower_bound=lower_bound,
+                  upper_bound=upper_bound, eps_min=eps_min, abs=abs, normalise=normalise,
+                  softmax=softmax, representation=representation, chunk_size=chunk_size,
+                  return_nan_when_prediction_changes=return_nan_when_prediction_changes)
+    return named_metric(where.removeprefix("metrics."), f, config, metric)
 
 
 def relative_input_stability(f, *, explain=None, nr_samples: int = 200, lower_bound: float = 0.02,
