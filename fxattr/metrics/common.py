@@ -58,6 +58,7 @@ __all__ = [
     "prepare_attribution",
     "ranks",
     "resolve_target",
+    "scores_along",
     "spearman",
     "target_scores",
     "trapezoid",
@@ -301,6 +302,17 @@ def target_scores(where: str, f, params, copies: Tensor, target, *, softmax: boo
         return fxattr.select(where, model_output(f, params, copy, softmax), target)
 
     return torch.vmap(score, chunk_size=chunk_size)(copies)
+
+
+def scores_along(where: str, f, params, make_copy, steps: Tensor, target, *, softmax: bool,
+                 chunk_size: int | None) -> Tensor:
+    """The target's score on ``make_copy(k)`` for every ``k`` in ``steps``: one vmapped, chunked
+    forward, shape ``(len(steps),)``. Each copy is built inside the vmap from its index, so memory
+    grows with ``chunk_size``, not with the number of copies."""
+    def score(k):
+        return fxattr.select(where, model_output(f, params, make_copy(k), softmax), target)
+
+    return torch.vmap(score, chunk_size=chunk_size)(steps)
 
 
 # ------------------------------------------------------------------------------------ statistics
