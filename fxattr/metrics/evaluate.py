@@ -27,8 +27,10 @@ BATCH_METRICS = ("sensitivity_n", "sufficiency", "consistency")
 
 
 def metric_kind(metric) -> str:
-    """How :func:`evaluate` calls ``metric``: ``"batch"``, ``"extra"`` or ``"example"``.
+    """How :func:`evaluate` calls ``metric``: ``"builder"``, ``"batch"``, ``"extra"`` or ``"example"``.
 
+    ``"builder"``: a function of one argument, the explainer, that builds the metric for it (the
+    metrics that re-explain: ``lambda explain: fxattr.metrics.mprt(f, explain=explain)``);
     ``"batch"``: called once on the whole batch, ``metric(params, X, T, A)`` (a metric with a true
     ``batch_level`` attribute, or one built by ``fxattr.metrics.sensitivity_n`` / ``sufficiency`` /
     ``consistency``); ``"extra"``: per example with a fifth argument (a mask, the quadrant flags,
@@ -46,6 +48,8 @@ def metric_kind(metric) -> str:
         return "example"
     positional = [p for p in parameters
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    if len(positional) == 1:
+        return "builder"
     return "extra" if len(positional) >= 5 else "example"
 
 
@@ -150,7 +154,9 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
     - metrics with a fifth argument (localisation: the ``(1, H, W)`` bool mask; ``focus``: the
       quadrant flags; ``irof``: the segment map) get ``mask`` the same way, per example;
     - batch-level metrics (``sensitivity_n``, ``sufficiency``, ``consistency``) are called once,
-      ``metric(params, X, T, A)``.
+      ``metric(params, X, T, A)``;
+    - a function of one argument builds the metric for each explainer, for the metrics that
+      re-explain (``{"MPRT": lambda explain: fxattr.metrics.mprt(f, explain=explain)}``).
 
     A scalar per example enters the table as is; a curve per example (pixel flipping, ROAD, ...)
     as its area over an evenly spaced [0, 1] axis (trapezoid; the curves are kept in
@@ -159,7 +165,7 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
 
     Args:
         explainers: a mapping name -> explainer ``explain(params, x, target)`` (for one example).
-        metrics: a mapping name -> metric from ``fxattr.metrics``.
+        metrics: a mapping name -> metric from ``fxattr.metrics`` (or name -> ``explain -> metric``).
         params: the model's parameters (``fxattr.functionalize``).
         x: the batch of inputs, ``(B, ...)``.
         target: ``(B,)`` integer targets (or ``None``: each explainer's and metric's argmax).
@@ -197,7 +203,6 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise fail(where, f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    kinds = {name: metric_kind(metric) for name, metric in metrics.items()}
 
     def extra_for(name: str) -> Tensor:
         value = mask.get(name) if isinstance(mask, Mapping) else mask
@@ -223,7 +228,13 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
         attributions[explainer_name] = a
         scores[explainer_name], curves[explainer_name] = {}, {}
         for j, metric_name in enumerate(metric_names):
-            metric, kind = metrics[metric_name], kinds[metric_name]
+            metric = metrics[metric_name]
+            if metric_kind(metric) == "builder":
+                metric = metric(explainers[explainer_name])
+                if not callable(metric) or metric_kind(metric) == "builder":
+                    raise fail(where, f"metrics[{metric_name!r}] given the explainer must build a metric "
+                                      f"(params, x, target, attribution), got {metric!r}")
+            kind = metric_kind(metric)
             if kind == "batch":
                 value = metric(params, x, target, a)
             elif kind == "extra":

@@ -105,10 +105,28 @@ def test_mask_per_metric_and_vmapped_randomness(linear):
     torch.testing.assert_close(table.scores["random"]["corner"], a[:, 0])
 
 
+def test_builders_get_each_explainer(linear):
+    _, f, params, x, target = linear
+    built = []
+
+    def reexplained_sum(explain):
+        built.append(explain)
+        return lambda p, x_, t, a: explain(p, 2 * x_, t).sum() - a.sum()
+
+    explainers = {"gradient": fxattr.gradient(f), "input x gradient": fxattr.input_x_gradient(f)}
+    table = fxattr.metrics.evaluate(explainers, {"re": reexplained_sum}, params, x, target)
+    assert built == list(explainers.values())
+    assert table["gradient", "re"] == (0.0, 0.0)                    # the gradient of a linear model
+    assert table["input x gradient", "re"][0] == pytest.approx(16 / 3)  # 2 x.W - x.W
+    with pytest.raises(FxattrError, match=r"metrics\['bad'\] given the explainer must build a metric"):
+        fxattr.metrics.evaluate(explainers, {"bad": lambda explain: 3}, params, x, target)
+
+
 def test_metric_kind():
     assert metric_kind(fxattr.metrics.pointing_game()) == "extra"
     assert metric_kind(fxattr.metrics.sparseness()) == "example"
     assert metric_kind(total) == "example"
+    assert metric_kind(lambda explain: total) == "builder"
 
     def sufficiency(params, x, target, attribution):
         return attribution.sum()
