@@ -1,0 +1,21 @@
+"""Token attributions for transformers: a front door from token ids, language-model targets,
+generation attribution, attention rollout and token heatmaps.
+
+    f, params = fxattr.text.functionalize(model.eval())            # f(params, embeddings, mask)
+    explain = fxattr.text.attribute(fxattr.integrated_gradients, f, baseline="pad")
+    relevance = torch.vmap(explain, in_dims=(None, 0, 0, 0))(params, ids, mask, targets)   # (B, L)
+
+Padded batches of mixed-length sequences go through ONE vmapped call: the attention mask is an
+argument per example that is never differentiated (see :mod:`fxattr.text._functional`).
+"""
+
+from fxattr.text._functional import TextModel, attribute, functionalize, math_attention
+from fxattr.text._generation import generation_attribution
+from fxattr.text._targets import (ClassLogit, Continuation, Contrast, NextToken, class_logit,
+                                  continuation, contrast, next_token)
+
+__all__ = [
+    "ClassLogit", "Continuation", "Contrast", "NextToken", "TextModel", "attribute", "class_logit",
+    "continuation", "contrast", "functionalize", "generation_attribution", "math_attention",
+    "next_token",
+]
