@@ -339,3 +339,217 @@ def test_monotonicity_follows_the_paper_and_matches_patched_quantus(monkeypatch)
                                              source=x.reshape(4, -1).numpy())
     theirs = _quantus(patched, model_q, x, y, a, softmax=False)
     assert ours.tolist() == theirs.bool().tolist()
+
+
+# ---------------------------------------------------------------------------------- composition
+
+def _replays(x):
+    """Per-example replay arguments and the metrics that take them."""
+    generator = torch.Generator().manual_seed(11)
+    n = x[0].numel()
+    subsets = torch.stack([torch.stack([torch.randperm(n, generator=generator)[:6] for _ in range(5)])
+                           for _ in range(len(x))])
+    draws = torch.rand(len(x), 16, 2, dtype=x.dtype, generator=generator)
+    road_draws = torch.randn(len(x), 3, *x.shape[1:], dtype=x.dtype, generator=generator)
+    segments = torch.randint(0, 5, (len(x), *x.shape[2:]), generator=generator)
+    return {"subsets": subsets, "draws": draws, "road_draws": road_draws, "segments": segments}
+
+
+_CASES = {
+    "pixel_flipping": (lambda f: metrics.pixel_flipping(f, features_in_step=4, perturb_baseline="mean"), None),
+    "region_perturbation": (lambda f: metrics.region_perturbation(f, patch_size=3, regions_evaluation=4), None),
+    "selectivity": (lambda f: metrics.selectivity(f, patch_size=4), None),
+    "irof": (lambda f: metrics.irof(f, max_segments=6), "segments"),
+    "faithfulness_correlation": (lambda f: metrics.faithfulness_correlation(f, nr_runs=5, subset_size=6), "subsets"),
+    "faithfulness_estimate": (lambda f: metrics.faithfulness_estimate(f, features_in_step=8), None),
+    "monotonicity": (lambda f: metrics.monotonicity(f, features_in_step=4), None),
+    "monotonicity_correlation": (lambda f: metrics.monotonicity_correlation(f, nr_samples=2, features_in_step=4), "draws"),
+    "infidelity": (lambda f: metrics.infidelity(f, perturb_patch_sizes=[2, 4]), None),
+    "road": (lambda f: metrics.road(f, percentages=[10, 40, 80], noise=0.05), "road_draws"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_vmap_equals_loop(setup1, name):
+    model, f, params, x, y, a = setup1
+    build, replay = _CASES[name]
+    metric = build(f)
+    extra = () if replay is None else (_replays(x)[replay],)
+    vmapped = _batched(metric, params, x, y, a, *extra)
+    looped = torch.stack([metric(params, x[i], y[i], a[i], *(e[i] for e in extra)) for i in range(len(x))])
+    torch.testing.assert_close(vmapped, looped)
+
+
+def test_float32_and_float64_agree(setup1):
+    model, f, params, x, y, a = setup1
+    f32, params32 = fxattr.functionalize(tiny_cnn(1).float())
+    for build in (lambda g: metrics.pixel_flipping(g, features_in_step=4),
+                  lambda g: metrics.infidelity(g, perturb_patch_sizes=[4]),
+                  lambda g: metrics.faithfulness_estimate(g, features_in_step=4)):
+        out64 = _batched(build(f), params, x, y, a)
+        out32 = _batched(build(f32), params32, x.float(), y, a.float())
+        assert out32.dtype == torch.float32 and out64.dtype == torch.float64
+        torch.testing.assert_close(out32, out64.float(), rtol=1e-3, atol=1e-4)
+
+
+def test_model_unchanged(setup1):
+    model, f, params, x, y, a = setup1
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [(p.requires_grad, m.training) for m in model.modules() for p in m.parameters(recurse=False)]
+    replays = _replays(x)
+    for build, replay in _CASES.values():
+        extra = () if replay is None else (replays[replay],)
+        _batched(build(f), params, x, y, a, *extra)
+    metrics.sensitivity_n(f, features_in_step=4)(params, x, y, a)
+    metrics.sufficiency(f)(params, x, y, a)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert flags == [(p.requires_grad, m.training) for m in model.modules() for p in m.parameters(recurse=False)]
+
+
+_DIFFERENTIABLE = {
+    "infidelity": lambda f: metrics.infidelity(f, perturb_patch_sizes=[4], normalise=True),
+    "faithfulness_correlation": lambda f: metrics.faithfulness_correlation(f, nr_runs=6, subset_size=8),
+    "faithfulness_estimate": lambda f: metrics.faithfulness_estimate(f, features_in_step=16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DIFFERENTIABLE))
+def test_gradients_match_finite_differences(setup1, name):
+    model, f, params, x, y, a = setup1
+    metric = _DIFFERENTIABLE[name](f)
+    extra = ()
+    if name == "faithfulness_correlation":  # fixed subsets: a deterministic function to check
+        extra = (torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(i))[:8]
+                              for i in range(6)]),)
+    names = ["0.weight", "6.bias"]
+
+    def of_attribution(a_):
+        return metric(params, x[0], y[0], a_, *extra)
+
+    def of_params(*chosen):
+        return metric({**params, **dict(zip(names, chosen))}, x[0], y[0], a[0], *extra)
+
+    a0 = a[0].clone().requires_grad_(True)
+    chosen = tuple(params[n].detach().clone().requires_grad_(True) for n in names)
+    assert torch.autograd.gradcheck(of_attribution, (a0,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(of_attribution, (a0,), fast_mode=True)
+    assert torch.autograd.gradcheck(of_params, chosen, fast_mode=True)
+    # torch.func.grad (a metric as a training objective) agrees with autograd, and is not zero.
+    functional = torch.func.grad(of_attribution)(a[0])
+    (autograd,) = torch.autograd.grad(of_attribution(a0), a0)
+    torch.testing.assert_close(functional, autograd)
+    assert functional.abs().sum() > 0
+    batched = torch.func.grad(lambda a_: _batched(metric, params, x, y, a_,
+                                                  *(e.expand(3, *e.shape) for e in extra)).sum())(a)
+    torch.testing.assert_close(batched[0], functional)
+
+
+@pytest.mark.slow
+def test_compile_equals_eager(setup1):
+    model, f, params, x, y, a = setup1
+    torch._dynamo.reset()
+    batch = torch.vmap(metrics.pixel_flipping(f, features_in_step=8), in_dims=(None, 0, 0, 0))
+    torch.testing.assert_close(torch.compile(batch)(params, x, y, a), batch(params, x, y, a))
+
+
+# ------------------------------------------------------------------------- random draws, replay
+
+def test_uniform_baseline_draws_in_range_and_per_example(setup1):
+    model, f, params, x, y, a = setup1
+    fixed = _batched(metrics.pixel_flipping(f, features_in_step=4, perturb_baseline=0.4), params, x, y, a)
+    degenerate = _batched(metrics.pixel_flipping(f, features_in_step=4, perturb_baseline="uniform",
+                                                 uniform_low=0.4, uniform_high=0.4), params, x, y, a)
+    torch.testing.assert_close(degenerate, fixed)
+    same = (x[:1].expand(2, -1, -1, -1), y[:1].expand(2), a[:1].expand(2, -1, -1, -1))
+    drawn = _batched(metrics.pixel_flipping(f, features_in_step=4, perturb_baseline="uniform"), params, *same)
+    assert not torch.allclose(drawn[0], drawn[1])  # randomness="different": one draw per example
+
+
+def test_faithfulness_correlation_draws_distinct_uniform_subsets(setup1):
+    model, f, params, x, y, a = setup1
+    metric = metrics.faithfulness_correlation(f, nr_runs=5, subset_size=6)
+    torch.manual_seed(3)
+    drawn = metric(params, x[0], y[0], a[0])
+    torch.manual_seed(3)
+    subsets = torch.argsort(torch.rand(5, 64), dim=1)[:, :6]
+    assert all(len(s.unique()) == 6 for s in subsets)
+    torch.testing.assert_close(drawn, metric(params, x[0], y[0], a[0], subsets))
+
+
+def test_road_replayed_noise_is_added_to_the_imputed_pixels(setup1):
+    model, f, params, x, y, a = setup1
+    draws = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    ours = metrics.road(f, percentages=[10, 40, 80], noise=0.5)(params, x[0], y[0], a[0], draws)
+    order = np.argsort(-a[0].numpy().reshape(-1))
+    expected = []
+    for p, draw in zip([10, 40, 80], draws):
+        missing = torch.zeros(64, dtype=torch.bool)
+        missing[torch.from_numpy(order[:int(64 * p / 100)])] = True
+        missing = missing.reshape(8, 8)
+        imputed = torch.where(missing, metrics.road_imputation(x[0], missing) + 0.5 * draw, x[0])
+        expected.append(float(model(imputed[None]).argmax() == y[0]))
+    assert ours.tolist() == expected
+
+
+def test_region_perturbation_random_order_removes_the_same_regions(setup3):
+    model, f, params, x, y, a = setup3
+    morf = metrics.region_perturbation(f, patch_size=4, regions_evaluation=4)(params, x[0], y[0], a[0])
+    shuffled = metrics.region_perturbation(f, patch_size=4, regions_evaluation=4, order="random")
+    draws = torch.stack([shuffled(params, x[0], y[0], a[0]) for _ in range(6)])
+    torch.testing.assert_close(draws[:, -1], morf[-1].expand(6))  # all 4 blocks gone: same image
+    assert not torch.allclose(draws, morf.expand(6, 4))
+
+
+# ------------------------------------------------------------------------------------- errors
+
+def test_configuration_errors_are_clear(setup1):
+    model, f, params, x, y, a = setup1
+    cases = [
+        (lambda: metrics.pixel_flipping(model), "not an nn.Module"),
+        (lambda: metrics.pixel_flipping(f, features_in_step=0), "features_in_step must be an int >= 1"),
+        (lambda: metrics.pixel_flipping(f, perturb_baseline="random"), "'random' was removed"),
+        (lambda: metrics.pixel_flipping(f, perturb_baseline=float("inf")), "finite number"),
+        (lambda: metrics.pixel_flipping(f, softmax="yes"), "softmax must be True or False"),
+        (lambda: metrics.region_perturbation(f, order="top"), "order must be one of"),
+        (lambda: metrics.sensitivity_n(f, n_max_percentage=1.5), "n_max_percentage must be <= 1.0"),
+        (lambda: metrics.infidelity(f, perturb_patch_sizes=[]), "perturb_patch_sizes must be"),
+        (lambda: metrics.road(f, percentages=[50, 100]), "percentages must be < 100"),
+        (lambda: metrics.road(f, noise=-1.0), "noise must be >= 0.0"),
+        (lambda: metrics.monotonicity_correlation(f, eps=float("nan")), "eps must be a finite number"),
+        (lambda: metrics.faithfulness_correlation(f, nr_runs=1), "nr_runs must be an int >= 2"),
+        (lambda: metrics.irof(f, max_segments=1), "max_segments must be an int >= 2"),
+        (lambda: metrics.sufficiency(f, threshold="high"), "threshold must be a finite number"),
+        (lambda: metrics.pixel_flipping(f, uniform_low=1.0, uniform_high=0.0), "uniform_high"),
+    ]
+    for build, message in cases:
+        with pytest.raises(FxattrError, match=message):
+            build()
+
+
+def test_call_errors_are_clear(setup1, setup3):
+    model, f, params, x, y, a = setup1
+    _, f3, params3, x3, y3, a3 = setup3
+    cases = [
+        (lambda: metrics.pixel_flipping(f)(params, x[0], y[0], a[0].long()), "attribution must be a floating"),
+        (lambda: metrics.pixel_flipping(f)(params, x[0], y[0], torch.ones(2, 8, 8)), "does not broadcast"),
+        (lambda: metrics.pixel_flipping(f, features_in_step=65)(params, x[0], y[0], a[0]), "exceeds the 64"),
+        (lambda: metrics.region_perturbation(f, patch_size=9)(params, x[0], y[0], a[0]), "larger than x's"),
+        (lambda: metrics.infidelity(f, perturb_patch_sizes=[3])(params, x[0], y[0], a[0]), "not a multiple"),
+        (lambda: metrics.selectivity(f)(params, x[0, 0], y[0], a[0, 0]), r"shape \(C, H, W\)"),
+        (lambda: metrics.faithfulness_correlation(f, nr_runs=3, subset_size=4)(
+            params, x[0], y[0], a[0], torch.zeros(3, 5, dtype=torch.int64)), r"subsets must have shape \(3, 4\)"),
+        (lambda: metrics.faithfulness_correlation(f, subset_size=64)(params, x[0], y[0], a[0]), "smaller than"),
+        (lambda: _batched(metrics.irof(f), params, x, y, a, torch.zeros(3, 8, 8, dtype=torch.int64)),
+         "pass max_segments="),
+        (lambda: metrics.irof(f, max_segments=3)(params, x[0], y[0], a[0], torch.full((8, 8), 3)),
+         r"labels must be in \[0, 3\)"),
+        (lambda: metrics.road(f3)(params3, x3[0], y3[0], a3[0]), "must be one map"),
+        (lambda: metrics.road(f)(params, x[0], lambda out: out[0], a[0]), "class index"),
+        (lambda: metrics.monotonicity_correlation(f, perturb_baseline="black")(
+            params, x[0], y[0], a[0], torch.zeros(64, 100)), "replays the 'uniform' baseline only"),
+        (lambda: metrics.sensitivity_n(f)(params, x[:1], y[:1], a[:1]), "at least 2 examples"),
+        (lambda: metrics.sufficiency(f)(params, x, y, a[:2]), "same length"),
+    ]
+    for call, message in cases:
+        with pytest.raises(FxattrError, match=message):
+            call()
