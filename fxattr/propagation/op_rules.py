@@ -1,0 +1,560 @@
+"""Reverse rules for the operations of today's models, as pure functions.
+
+Each function reverses ONE operation for one propagation method, written with plain torch ops and
+``torch.func.vjp`` (no hooks, no custom autograd functions), so it is differentiable to every order,
+vmappable and compilable. Shapes are whatever the operation takes (a leading batch axis is just an
+axis). Three kinds of reverse:
+
+- **LRP** (``*_lrp``): relevance of the output -> relevance of each data input.
+- **DeepLIFT** (``*_deeplift``): the multiplier ``m_out`` of the output -> the multipliers of the
+  inputs, from the values at the input ``x`` and at the reference ``x0``. Every rule here satisfies
+  ``sum(m_in * (x - x0)) == sum(m_out * (f(x) - f(x0)))`` EXACTLY (to rounding): linear maps by their
+  transpose; element-wise nonlinearities by the rescale rule (secant slopes); products of two data
+  tensors by the Shapley split of their interaction (below); softmax and the normalisations by an
+  exact decomposition into those three. Composed along a graph this gives summation-to-delta.
+- **guided backprop / deconvnet**: only ReLUs are modified; every operation here reverses by its
+  plain vector-Jacobian product (:func:`gradient_reverse`).
+
+The Shapley split of a product (DeepLIFT / Shapley literature: Shrikumar et al. 2017, Sec. 3.5 on
+multiplicative units; Ancona et al. 2019): for ``z = a * b`` with references ``a0``, ``b0``, the two
+players' Shapley values are ``C_a = (a - a0) (b + b0) / 2`` and ``C_b = (b - b0) (a + a0) / 2`` and
+``C_a + C_b = a b - a0 b0`` exactly. For any bilinear map ``f(a, b)`` (matmul, bmm, einsum of two
+operands) the same holds with the Jacobian at the midpoint: ``f(a, b) - f(a0, b0) = J_a(mid) da +
+J_b(mid) db``, because a quadratic function's secant equals its tangent at the midpoint; so the
+multipliers are the vector-Jacobian product of ``f`` at ``((a + a0) / 2, (b + b0) / 2)``
+(:func:`bilinear_deeplift`).
+
+LRP conventions (references at each function): products of two data tensors follow AttnLRP
+(Achtibat et al. 2024, ICML): the *uniform* rule (each factor gets half) or gate-as-constant
+("signal-take-all", Arras et al. 2017 for LSTM gates); normalisations follow AttnLRP's *identity
+rule* on the division by the standard deviation (the std is a constant of the linearisation, the
+centring and the affine are linear and take the epsilon rule); element-wise activations (GELU, SiLU,
+...) pass relevance unchanged (zennit's ``Pass``, AttnLRP's identity rule); softmax takes AttnLRP's
+rule ``R_x = x * (R - s * sum(R))``; linear maps without parameters (interpolation, means, sums) take
+the epsilon / z rule through the map (zennit's ``Norm`` for sums and averages).
+
+Example:
+    >>> from fxattr.propagation import op_rules
+    >>> a, b = torch.randn(8, 16), torch.randn(8, 16)
+    >>> relevance = torch.randn(8, 16)
+    >>> ra, rb = torch.vmap(op_rules.product_uniform_lrp)(a, b, relevance)   # (8, 16) each
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fxattr.errors import fail
+from fxattr.propagation import rules
+
+__all__ = [
+    "activation_pass_lrp", "attention_deeplift", "attention_lrp", "bilinear_deeplift",
+    "bilinear_uniform_lrp", "channel_shuffle_reverse", "conv_transpose_layer", "embedding_reverse",
+    "fold_batch_norm_into_conv_transpose", "gradient_reverse", "group_norm_deeplift", "group_norm_lrp",
+    "layer_norm_deeplift", "layer_norm_lrp", "linear_deeplift", "linear_lrp",
+    "multihead_attention_deeplift", "multihead_attention_lrp", "product_deeplift",
+    "product_gate_lrp", "product_uniform_lrp", "rescale_deeplift", "rms_norm_deeplift",
+    "rms_norm_lrp", "softmax_deeplift", "softmax_lrp", "stabilise", "sum_to_shape",
+]
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def stabilise(z: Tensor, epsilon: float) -> Tensor:
+    """``z + epsilon * sign(z)`` with ``sign(0) = +1``; ``epsilon = 0`` replaces exact zeros by
+    ``1e-12`` instead (the z rule: relevance of a zero output is zero, never NaN)."""
+    if epsilon == 0:
+        return rules.safe(1e-12)(z)
+    return rules.signed(epsilon)(z)
+
+
+def sum_to_shape(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """``t`` summed over the axes that broadcasting added or expanded to reach it from ``shape``
+    (the reverse of broadcasting: relevance and multipliers of a broadcast operand)."""
+    shape = tuple(shape)
+    lead = t.ndim - len(shape)
+    if lead:
+        t = t.sum(dim=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=axes, keepdim=True) if axes else t
+
+
+def _check_epsilon(where: str, epsilon) -> float:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) \
+            or epsilon < 0:
+        raise fail(where, f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    return float(epsilon)
+
+
+# --- generic: linear maps and the plain vector-Jacobian product --------------------------------
+
+def gradient_reverse(fn: Callable[..., Tensor], inputs: Sequence[Tensor], cotangent: Tensor) -> tuple:
+    """The vector-Jacobian product of ``fn`` at ``inputs``: the reverse of every operation of this
+    module under guided backprop and deconvnet (Springenberg et al. 2015; Zeiler & Fergus 2014),
+    which modify ReLUs only."""
+    _, vjp = torch.func.vjp(fn, *inputs)
+    return vjp(cotangent)
+
+
+def linear_lrp(fn: Callable[..., Tensor], inputs: Sequence[Tensor], relevance: Tensor, *,
+               epsilon: float = 0.0, output: Tensor | None = None) -> tuple:
+    """LRP-epsilon (``epsilon = 0``: LRP-0 / the z rule) through a linear map without parameters:
+    ``R_i = x_i * J_i^T (R / stabilise(z))`` with ``z = fn(*inputs)`` (Bach et al. 2015;
+    zennit's ``Norm`` for sums and averages is ``epsilon=1e-6``). For ``F.interpolate`` (nearest,
+    (bi/tri)linear, bicubic), ``mean`` / ``sum`` over dims, additions, average pooling.
+    Conserves: ``sum(R_in) = sum(R * z / stabilise(z))``."""
+    eps = _check_epsilon("op_rules.linear_lrp", epsilon)
+    z, vjp = torch.func.vjp(fn, *inputs)
+    z = z if output is None else output
+    grads = vjp(relevance / stabilise(z, eps))
+    return tuple(x * g for x, g in zip(inputs, grads))
+
+
+def linear_deeplift(fn: Callable[..., Tensor], inputs: Sequence[Tensor], multiplier: Tensor) -> tuple:
+    """DeepLIFT multipliers through a linear map: its transpose (``delta out = J delta in`` exactly)."""
+    return gradient_reverse(fn, inputs, multiplier)
+
+
+# --- element-wise activations ------------------------------------------------------------------
+
+def activation_pass_lrp(relevance: Tensor) -> Tensor:
+    """LRP through an element-wise activation (GELU, SiLU, Hardswish, Hardsigmoid, Mish, ...):
+    relevance passes unchanged (zennit's ``Pass``; AttnLRP's identity rule, Achtibat et al. 2024,
+    Prop. 3.1). Conserves exactly."""
+    return relevance
+
+
+def rescale_deeplift(fn: Callable[[Tensor], Tensor], x: Tensor, x0: Tensor, multiplier: Tensor, *,
+                     eps: float = 1e-10) -> Tensor:
+    """DeepLIFT's rescale rule for an element-wise ``fn``: ``m_in = m_out * (fn(x) - fn(x0)) / (x - x0)``,
+    the gradient ``fn'(x)`` where ``|x - x0| < eps`` (captum's convention, ``eps = 1e-10``).
+    Summation-to-delta holds exactly where ``|x - x0| >= eps`` (and to ``O(eps^2)`` elsewhere)."""
+    delta = x - x0
+    small = delta.abs() < eps
+    y, tangent = torch.func.jvp(fn, (x,), (torch.ones_like(x),))
+    safe_delta = torch.where(small, torch.ones_like(delta), delta)
+    secant = (y - fn(x0)) / safe_delta
+    return multiplier * torch.where(small, tangent, secant)
+
+
+def _exp_secant(u: Tensor, u0: Tensor) -> Tensor:
+    """``(exp(u) - exp(u0)) / (u - u0)``, accurately (``exp(u0) expm1(d) / d``), ``exp(u)`` at ``d = 0``."""
+    d = u - u0
+    zero = d == 0
+    safe_d = torch.where(zero, torch.ones_like(d), d)
+    return torch.where(zero, torch.exp(u), torch.exp(u0) * torch.expm1(safe_d) / safe_d)
+
+
+# --- products of two data tensors --------------------------------------------------------------
+
+def product_gate_lrp(signal: Tensor, gate: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
+    """LRP through ``z = signal * gate`` with the gate a constant (Arras et al. 2017, "signal-take-all";
+    AttnLRP, Achtibat et al. 2024, for gating): ``R_signal = R`` (summed over axes the signal was
+    broadcast along), ``R_gate = 0``. The squeeze-excitation gate ``x * sigmoid(s)``, GLU's
+    ``a * sigmoid(b)``. Conserves exactly."""
+    return sum_to_shape(relevance, signal.shape), torch.zeros_like(gate)
+
+
+def product_uniform_lrp(a: Tensor, b: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
+    """AttnLRP's uniform rule for ``z = a * b`` (Achtibat et al. 2024, Prop. 3.3, N = 2 factors):
+    each factor gets half, ``R_a = R_b = R / 2`` (summed over axes a factor was broadcast along).
+    Conserves exactly. SwiGLU's ``silu(x W1) * (x W2)``, attention's products."""
+    half = relevance / 2
+    return sum_to_shape(half, a.shape), sum_to_shape(half, b.shape)
+
+
+def bilinear_uniform_lrp(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, relevance: Tensor, *,
+                         epsilon: float = 0.0) -> tuple[Tensor, Tensor]:
+    """AttnLRP's uniform rule for a bilinear map ``z = fn(a, b)`` (matmul, bmm, einsum of two operands;
+    Achtibat et al. 2024, Sec. 3.3: the uniform rule on each product ``a_ik b_kj``, the epsilon rule
+    on the sum over ``k``): ``R_a = a * J_a^T (R / stabilise(z)) / 2``, likewise ``R_b``. By Euler's
+    theorem ``sum(a * J_a^T s) = sum(z * s)``, so ``sum(R_a) + sum(R_b) = sum(R * z / stabilise(z))``."""
+    eps = _check_epsilon("op_rules.bilinear_uniform_lrp", epsilon)
+    z, vjp = torch.func.vjp(fn, a, b)
+    ga, gb = vjp(relevance / stabilise(z, eps))
+    return a * ga / 2, b * gb / 2
+
+
+def bilinear_deeplift(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, a0: Tensor, b0: Tensor,
+                      multiplier: Tensor) -> tuple[Tensor, Tensor]:
+    """DeepLIFT through a bilinear ``z = fn(a, b)`` with the Shapley split of the interaction: the
+    vector-Jacobian product at the midpoint ``((a + a0) / 2, (b + b0) / 2)`` (module docstring), so
+    ``sum(m_a * (a - a0)) + sum(m_b * (b - b0)) = sum(m * (fn(a, b) - fn(a0, b0)))`` exactly."""
+    _, vjp = torch.func.vjp(fn, (a + a0) / 2, (b + b0) / 2)
+    return vjp(multiplier)
+
+
+def product_deeplift(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, multiplier: Tensor) -> tuple[Tensor, Tensor]:
+    """DeepLIFT through ``z = a * b``: ``m_a = m (b + b0) / 2``, ``m_b = m (a + a0) / 2`` (summed over
+    broadcast axes): the Shapley split ``C_a = da (b + b0) / 2``, ``C_b = db (a + a0) / 2``."""
+    return (sum_to_shape(multiplier * (b + b0) / 2, a.shape),
+            sum_to_shape(multiplier * (a + a0) / 2, b.shape))
+
+
+# --- softmax -----------------------------------------------------------------------------------
+
+def softmax_lrp(x: Tensor, relevance: Tensor, dim: int = -1) -> Tensor:
+    """AttnLRP's softmax rule (Achtibat et al. 2024, Prop. 3.1, the Taylor decomposition at ``x``
+    without the bias term): ``R_x = x * (R - s * sum_dim(R))`` with ``s = softmax(x, dim)`` —
+    equivalently ``x * J^T (R / s)`` (gradient x input of ``R / s``). Does not conserve (the
+    softmax's bias part absorbs relevance)."""
+    s = torch.softmax(x, dim)
+    return x * (relevance - s * relevance.sum(dim, keepdim=True))
+
+
+def softmax_deeplift(x: Tensor, x0: Tensor, multiplier: Tensor, dim: int = -1) -> Tensor:
+    """DeepLIFT through ``s = softmax(x, dim)``, exact: ``s = e * r`` with ``e = exp(x - c)`` (rescale,
+    secant of exp), ``r = 1 / sum(e)`` (secant ``-1 / (S S0)`` of the reciprocal after the linear sum)
+    and the Shapley split of the product ``e * r``. ``c`` is a shift common to ``x`` and ``x0``
+    (their max; softmax and every multiplier are invariant to it) against overflow."""
+    c = torch.maximum(x.amax(dim, keepdim=True), x0.amax(dim, keepdim=True)).detach()
+    u, u0 = x - c, x0 - c
+    e, e0 = torch.exp(u), torch.exp(u0)
+    total, total0 = e.sum(dim, keepdim=True), e0.sum(dim, keepdim=True)
+    r, r0 = 1 / total, 1 / total0
+    m_e = multiplier * (r + r0) / 2
+    m_r = (multiplier * (e + e0) / 2).sum(dim, keepdim=True)
+    m_e = m_e - m_r / (total * total0)  # through r = 1 / S, S = sum(e)
+    return m_e * _exp_secant(u, u0)
+
+
+# --- normalisations ----------------------------------------------------------------------------
+
+def _layer_norm_dims(x: Tensor, normalized_shape: Sequence[int]) -> tuple:
+    return tuple(range(x.ndim - len(tuple(normalized_shape)), x.ndim))
+
+
+def _norm_lrp(where, x, dims, centre, eps, affine, relevance, rule, epsilon):
+    if rule == "pass":
+        return relevance
+    if rule != "epsilon":
+        raise fail(where, f"rule must be 'epsilon' (AttnLRP) or 'pass' (zennit's Pass), got {rule!r}")
+    epsilon = _check_epsilon(where, epsilon)
+    c = x - x.mean(dims, keepdim=True) if centre else x
+    inverse_std = torch.rsqrt(c.square().mean(dims, keepdim=True) + eps)  # the linearisation's constant
+
+    def frozen(t):  # the norm with its std held at x: a linear map plus the affine's bias
+        centred = t - t.mean(dims, keepdim=True) if centre else t
+        return affine(centred * inverse_std)
+    y, vjp = torch.func.vjp(frozen, x)
+    (g,) = vjp(relevance / stabilise(y, epsilon))
+    return x * g
+
+
+def _norm_deeplift(x, x0, dims, centre, eps, affine, multiplier):
+    # y = affine(c * r), c = centre(x), r = (mean(c^2) + eps)^(-1/2); every step exact
+    c = x - x.mean(dims, keepdim=True) if centre else x
+    c0 = x0 - x0.mean(dims, keepdim=True) if centre else x0
+    count = math.prod(x.shape[d] for d in dims)
+    q = c.square().mean(dims, keepdim=True) + eps
+    q0 = c0.square().mean(dims, keepdim=True) + eps
+    r, r0 = torch.rsqrt(q), torch.rsqrt(q0)
+    root, root0 = torch.sqrt(q), torch.sqrt(q0)
+    secant = -1 / (root * root0 * (root + root0))  # (q^-1/2 - q0^-1/2) / (q - q0), no division by dq
+    _, vjp = torch.func.vjp(affine, (c * r + c0 * r0) / 2)  # affine is linear + constant: exact
+    (m_n,) = vjp(multiplier)
+    mid = (c + c0) / 2
+    m_r = (m_n * mid).sum(dims, keepdim=True)        # Shapley split of n = c * r
+    m_c = m_n * (r + r0) / 2 + (m_r * secant) * (2 * mid / count)  # q = mean(c * c): midpoint again
+    return m_c - m_c.mean(dims, keepdim=True) if centre else m_c
+
+
+def _channel_affine(weight, bias, ndim):
+    shape = (-1,) + (1,) * (ndim - 2)
+
+    def affine(n):
+        out = n if weight is None else n * weight.reshape(shape)
+        return out if bias is None else out + bias.reshape(shape)
+    return affine
+
+
+def _last_affine(weight, bias):
+    def affine(n):
+        out = n if weight is None else n * weight
+        return out if bias is None else out + bias
+    return affine
+
+
+def layer_norm_lrp(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
+                   relevance: Tensor, *, eps: float = 1e-5, rule: str = "epsilon", epsilon: float = 0.0) -> Tensor:
+    """LRP through ``F.layer_norm``. ``rule="epsilon"`` (default): AttnLRP's identity rule on the
+    division by the standard deviation (Achtibat et al. 2024, Sec. 3.3.3; Ali et al. 2022 "XAI for
+    transformers" detach it likewise): with ``std`` held at its value, ``y = W C x / std + b`` is
+    linear (``C`` the centring) and takes the epsilon rule, ``R_x = x * A^T (R / stabilise(y))``,
+    ``A = diag(W / std) C``; conserves up to the bias, ``sum(R_x) = sum(R (y - b) / stabilise(y))``.
+    ``rule="pass"``: zennit's ``Pass`` (relevance unchanged). The std is a constant of the
+    linearisation only: derivatives of the relevance w.r.t. ``x`` still flow through it."""
+    dims = _layer_norm_dims(x, normalized_shape)
+    return _norm_lrp("op_rules.layer_norm_lrp", x, dims, True, eps, _last_affine(weight, bias), relevance,
+                     rule, epsilon)
+
+
+def rms_norm_lrp(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, relevance: Tensor, *,
+                 eps: float = 1e-6, rule: str = "epsilon", epsilon: float = 0.0) -> Tensor:
+    """LRP through RMSNorm ``y = W x / rms(x)`` (Llama): AttnLRP's identity rule (rms held at its
+    value: an element-wise scaling, so ``R_x = R`` up to the stabiliser) or ``rule="pass"``."""
+    dims = _layer_norm_dims(x, normalized_shape)
+    return _norm_lrp("op_rules.rms_norm_lrp", x, dims, False, eps, _last_affine(weight, None), relevance,
+                     rule, epsilon)
+
+
+def _grouped(x: Tensor, groups: int) -> Tensor:
+    return x.reshape(x.shape[0], groups, -1)
+
+
+def group_norm_lrp(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, relevance: Tensor, *,
+                   eps: float = 1e-5, rule: str = "epsilon", epsilon: float = 0.0) -> Tensor:
+    """LRP through ``F.group_norm`` on ``x`` of shape ``(N, C, *)`` (std per sample and group held at
+    its value; see :func:`layer_norm_lrp`)."""
+    affine = _channel_affine(weight, bias, x.ndim)
+
+    def ungrouped_affine(n):
+        return affine(n.reshape(x.shape))
+    r = _norm_lrp("op_rules.group_norm_lrp", _grouped(x, groups), (2,), True, eps, ungrouped_affine, relevance,
+                  rule, epsilon)
+    return r.reshape(x.shape)
+
+
+def layer_norm_deeplift(x: Tensor, x0: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
+                        bias: Tensor | None, multiplier: Tensor, *, eps: float = 1e-5) -> Tensor:
+    """DeepLIFT through ``F.layer_norm``, exact: the centring is linear (its transpose); ``n = c * r``
+    with ``r = (mean(c^2) + eps)^(-1/2)`` is a product (Shapley split), ``q = mean(c * c)`` a
+    quadratic (Jacobian at the midpoint) and ``r(q)`` a scalar function (its secant
+    ``-1 / (sqrt(q q0) (sqrt(q) + sqrt(q0)))``); the affine is linear."""
+    dims = _layer_norm_dims(x, normalized_shape)
+    return _norm_deeplift(x, x0, dims, True, eps, _last_affine(weight, bias), multiplier)
+
+
+def rms_norm_deeplift(x: Tensor, x0: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
+                      multiplier: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """DeepLIFT through RMSNorm, exact (:func:`layer_norm_deeplift` without the centring)."""
+    dims = _layer_norm_dims(x, normalized_shape)
+    return _norm_deeplift(x, x0, dims, False, eps, _last_affine(weight, None), multiplier)
+
+
+def group_norm_deeplift(x: Tensor, x0: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None,
+                        multiplier: Tensor, *, eps: float = 1e-5) -> Tensor:
+    """DeepLIFT through ``F.group_norm``, exact (:func:`layer_norm_deeplift` per sample and group)."""
+    affine = _channel_affine(weight, bias, x.ndim)
+
+    def ungrouped_affine(n):
+        return affine(n.reshape(x.shape))
+    m = _norm_deeplift(_grouped(x, groups), _grouped(x0, groups), (2,), True, eps, ungrouped_affine, multiplier)
+    return m.reshape(x.shape)
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+def _scores(q, k, scale):
+    return (q @ k.transpose(-2, -1)) * scale
+
+
+def _mask_bias(attn_mask, is_causal, q, k):
+    length, source = q.shape[-2], k.shape[-2]
+    bias = None
+    if is_causal:
+        keep = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
+        bias = torch.zeros(length, source, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        extra = (torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+                 if attn_mask.dtype == torch.bool else attn_mask)
+        bias = extra if bias is None else bias + extra
+    return bias
+
+
+def _attention_parts(q, k, v, attn_mask, is_causal, scale):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = _scores(q, k, scale)
+    bias = _mask_bias(attn_mask, is_causal, q, k)
+    probs = torch.softmax(scores if bias is None else scores + bias, -1)
+    return scale, scores, bias, probs
+
+
+def attention_lrp(q: Tensor, k: Tensor, v: Tensor, relevance: Tensor, *, attn_mask: Tensor | None = None,
+                  is_causal: bool = False, scale: float | None = None, epsilon: float = 0.0) -> tuple:
+    """LRP through ``F.scaled_dot_product_attention`` (no dropout) as AttnLRP treats it (Achtibat
+    et al. 2024): the uniform rule on ``probs @ v`` and on ``q @ k^T`` (:func:`bilinear_uniform_lrp`)
+    and the softmax rule (:func:`softmax_lrp`) on the scores; an additive or boolean mask is a
+    constant bias (no relevance; masked entries have ``softmax = 0`` and get none).
+    Returns ``(R_q, R_k, R_v)``."""
+    eps = _check_epsilon("op_rules.attention_lrp", epsilon)
+    scale, scores, bias, probs = _attention_parts(q, k, v, attn_mask, is_causal, scale)
+    r_probs, r_v = bilinear_uniform_lrp(torch.matmul, probs, v, relevance, epsilon=eps)
+    # the softmax rule x * J^T (R / s) with x the data part of the logits (the mask is a bias)
+    _, vjp = torch.func.vjp(lambda t: torch.softmax(t if bias is None else t + bias, -1), scores)
+    (g,) = vjp(r_probs / stabilise(probs, eps))
+    r_scores = scores * g
+    r_q, r_k = bilinear_uniform_lrp(lambda a, b: _scores(a, b, scale), q, k, r_scores, epsilon=eps)
+    return r_q, r_k, r_v
+
+
+def attention_deeplift(q: Tensor, k: Tensor, v: Tensor, q0: Tensor, k0: Tensor, v0: Tensor, multiplier: Tensor, *,
+                       attn_mask: Tensor | None = None, is_causal: bool = False, scale: float | None = None) -> tuple:
+    """DeepLIFT through ``F.scaled_dot_product_attention``, exact: the Shapley split of both bilinear
+    maps (:func:`bilinear_deeplift`) and the exact softmax (:func:`softmax_deeplift`; a mask adds
+    the same constant at ``x`` and ``x0``). Returns ``(m_q, m_k, m_v)``."""
+    scale, scores, bias, probs = _attention_parts(q, k, v, attn_mask, is_causal, scale)
+    _, scores0, _, probs0 = _attention_parts(q0, k0, v0, attn_mask, is_causal, scale)
+    m_probs, m_v = bilinear_deeplift(torch.matmul, probs, v, probs0, v0, multiplier)
+    if bias is None:
+        m_scores = softmax_deeplift(scores, scores0, m_probs)
+    else:  # -inf entries: equal at x and x0, softmax 0 in both; keep them out of the secants
+        finite = torch.isfinite(bias)
+        logits = torch.where(finite, scores + bias, -1e4 + torch.zeros_like(scores))
+        logits0 = torch.where(finite, scores0 + bias, -1e4 + torch.zeros_like(scores0))
+        m_scores = torch.where(finite, softmax_deeplift(logits, logits0, m_probs), torch.zeros_like(scores))
+    m_q, m_k = bilinear_deeplift(lambda a, b: _scores(a, b, scale), q, k, q0, k0, m_scores)
+    return m_q, m_k, m_v
+
+
+def _attend(q, k, v):
+    # softmax(q k^T / sqrt(d)) v in plain ops (the CPU flash kernel has no double backward)
+    return _attention_parts(q, k, v, None, False, None)[3] @ v
+
+
+def _heads(t: Tensor, heads: int) -> Tensor:  # (L, N, E) -> (N, heads, L, E / heads)
+    length, batch, dim = t.shape
+    return t.reshape(length, batch, heads, dim // heads).permute(1, 2, 0, 3)
+
+
+def _merge_heads(t: Tensor) -> Tensor:  # (N, heads, L, d) -> (L, N, heads * d)
+    batch, heads, length, d = t.shape
+    return t.permute(2, 0, 1, 3).reshape(length, batch, heads * d)
+
+
+def _mha_projections(query, key, value, params, heads):
+    dim = query.shape[-1]
+    w, b = params["in_proj_weight"], params.get("in_proj_bias")
+    bs = (None, None, None) if b is None else b.split(dim)
+    ws = w.split(dim)
+    lin = [(lambda t, w_=w_, b_=b_: F.linear(t, w_, b_)) for w_, b_ in zip(ws, bs)]
+    return lin, [_heads(fn(t), heads) for fn, t in zip(lin, (query, key, value))]
+
+
+def _check_mha(where, query, params, heads):
+    if query.ndim != 3:
+        raise fail(where, f"query must be (length, batch, embed_dim) (batch_first=False), got shape "
+                          f"{tuple(query.shape)}")
+    missing = {"in_proj_weight", "out_proj.weight"} - set(params)
+    if missing:
+        raise fail(where, f"params lacks {sorted(missing)} (the separate q/k/v projections of kdim != "
+                          "embed_dim are not supported)")
+    if query.shape[-1] % heads:
+        raise fail(where, f"embed_dim {query.shape[-1]} is not divisible by num_heads {heads}")
+
+
+def multihead_attention_lrp(query: Tensor, key: Tensor, value: Tensor, params: dict, num_heads: int,
+                            relevance: Tensor, *, epsilon: float = 0.0) -> tuple:
+    """LRP through ``nn.MultiheadAttention`` (``batch_first=False`` layout ``(L, N, E)``, no masks,
+    no dropout, the attention output only): the epsilon rule on the in- and out-projections
+    (``params``: ``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``, as
+    the module names them) and :func:`attention_lrp` in between. Returns ``(R_query, R_key, R_value)``
+    (for self-attention sum them)."""
+    where = "op_rules.multihead_attention_lrp"
+    eps = _check_epsilon(where, epsilon)
+    _check_mha(where, query, params, num_heads)
+    lin, (q, k, v) = _mha_projections(query, key, value, params, num_heads)
+    attended = _merge_heads(_attend(q, k, v))
+    out_projection = _out_projection(params)
+    r_heads = _heads(_affine_lrp(out_projection, attended, relevance, eps), num_heads)
+    r_q, r_k, r_v = attention_lrp(q, k, v, r_heads, epsilon=eps)
+    return tuple(_affine_lrp(fn, t, _merge_heads(r), eps) for fn, t, r in zip(lin, (query, key, value), (r_q, r_k, r_v)))
+
+
+def _out_projection(params):
+    return lambda t: F.linear(t, params["out_proj.weight"], params.get("out_proj.bias"))
+
+
+def _affine_lrp(fn, x, relevance, eps):
+    # the epsilon rule through an affine map fn (bias in the denominator): x * J^T (R / stabilise(fn(x)))
+    z, vjp = torch.func.vjp(fn, x)
+    (g,) = vjp(relevance / stabilise(z, eps))
+    return x * g
+
+
+def multihead_attention_deeplift(query: Tensor, key: Tensor, value: Tensor, query0: Tensor, key0: Tensor,
+                                 value0: Tensor, params: dict, num_heads: int, multiplier: Tensor) -> tuple:
+    """DeepLIFT through ``nn.MultiheadAttention`` (layout and limits of :func:`multihead_attention_lrp`),
+    exact: projections by their transposes, :func:`attention_deeplift` in between. Returns
+    ``(m_query, m_key, m_value)``."""
+    where = "op_rules.multihead_attention_deeplift"
+    _check_mha(where, query, params, num_heads)
+    lin, (q, k, v) = _mha_projections(query, key, value, params, num_heads)
+    _, (q0, k0, v0) = _mha_projections(query0, key0, value0, params, num_heads)
+    attended = _merge_heads(_attend(q, k, v))
+    (m_att,) = gradient_reverse(_out_projection(params), (attended,), multiplier)
+    m_q, m_k, m_v = attention_deeplift(q, k, v, q0, k0, v0, _heads(m_att, num_heads))
+    return tuple(gradient_reverse(fn, (t,), _merge_heads(m))[0]
+                 for fn, t, m in zip(lin, (query, key, value), (m_q, m_k, m_v)))
+
+
+# --- kernel layers, embeddings, routing --------------------------------------------------------
+
+def conv_transpose_layer(dim: int, *, stride=1, padding=0, output_padding=0, groups: int = 1, dilation=1,
+                         nonnegative_input: bool = False) -> rules.Layer:
+    """``ConvTranspose{1,2,3}d`` as a kernel layer for every LRP rule of :mod:`fxattr.propagation.rules`
+    (epsilon, z+, gamma, alpha-beta, flat, w-square, ...): ``forward`` is ``F.conv_transpose{dim}d``,
+    its transpose (``W^T s``) the convolution ``F.conv{dim}d`` with the same weight, stride, padding,
+    dilation and groups (the adjoint; ``output_padding`` only adds output rows the convolution drops).
+    ``groups=None`` is reported so rules never concatenate input channels (the weight's input axis is
+    0, not 1)."""
+    if dim not in (1, 2, 3):
+        raise fail("op_rules.conv_transpose_layer", f"dim must be 1, 2 or 3, got {dim!r}")
+    forward_fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dim]
+    adjoint = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dim]
+
+    def forward(x, p):
+        return forward_fn(x, p["weight"], p.get("bias"), stride, padding, output_padding, groups, dilation)
+
+    def transpose(s, p, x):
+        return adjoint(s, p["weight"], None, stride, padding, dilation, groups)
+
+    def bias(b, z):
+        return b.reshape((-1,) + (1,) * (z.ndim - 2))
+
+    return rules.Layer("conv", forward, transpose, bias, nonnegative_input, groups=None)
+
+
+def fold_batch_norm_into_conv_transpose(weight: Tensor, bias: Tensor | None, mean: Tensor, var: Tensor,
+                                        bn_weight: Tensor | None, bn_bias: Tensor | None, eps: float,
+                                        groups: int = 1) -> tuple[Tensor, Tensor]:
+    """A ``ConvTranspose`` followed by an eval batch norm on its output channels as one layer
+    (zennit's MergeBatchNorm for transposed convolutions): the weight ``(C_in, C_out / groups, *k)``
+    is scaled along its output-channel axis 1 (per group), the bias becomes ``(b - mean) s + beta``."""
+    scale = torch.rsqrt(var + eps) if bn_weight is None else bn_weight * torch.rsqrt(var + eps)
+    c_in, per_group = weight.shape[0], weight.shape[1]
+    # output channel of weight[i, j] is (i // (c_in / groups)) * per_group + j
+    per_input = scale.reshape(groups, 1, per_group).expand(groups, c_in // groups, per_group).reshape(c_in, per_group)
+    folded_weight = weight * per_input.reshape(per_input.shape + (1,) * (weight.ndim - 2))
+    centred = -mean if bias is None else bias - mean
+    folded_bias = centred * scale if bn_bias is None else centred * scale + bn_bias
+    return folded_weight, folded_bias
+
+
+def embedding_reverse(indices: Tensor, relevance: Tensor, num_embeddings: int) -> tuple[Tensor, Tensor]:
+    """The reverse of an embedding lookup ``out = table[indices]`` (relevance, multipliers or
+    gradients alike; the lookup is a linear routing of the table's rows): returns ``(per_token,
+    per_row)`` — the relevance of each looked-up token (``relevance`` summed over the embedding
+    dim, the input embedding's share) and of each table row (summed over the tokens that read it,
+    ``index_add``). Both conserve exactly."""
+    per_token = relevance.sum(-1)
+    dim = relevance.shape[-1]
+    per_row = torch.zeros(num_embeddings, dim, dtype=relevance.dtype, device=relevance.device)
+    per_row = per_row.index_add(0, indices.reshape(-1), relevance.reshape(-1, dim))
+    return per_token, per_row
+
+
+def channel_shuffle_reverse(relevance: Tensor, groups: int) -> Tensor:
+    """The reverse of ``channel_shuffle(x, groups)`` on ``(N, C, *)`` (ShuffleNet): a routing, so
+    relevance, multipliers and gradients all go back by the inverse permutation, which is the
+    shuffle with ``C / groups`` groups. Conserves exactly."""
+    channels = relevance.shape[1]
+    if groups <= 0 or channels % groups:
+        raise fail("op_rules.channel_shuffle_reverse", f"groups must divide the {channels} channels, got {groups!r}")
+    shape = relevance.shape
+    return relevance.reshape(shape[0], channels // groups, groups, *shape[2:]).transpose(1, 2).reshape(shape)
