@@ -313,7 +313,7 @@ def run(explain, f, params, dataset, settings, out: Path, length: int, group: Gr
             "seed": seed,
             "randomness": randomness,
             "device": device.type,
-            "user": storage.fingerprint(config) if config is not None else None,
+            "user": {str(k): storage.fingerprint(v) for k, v in (config or {}).items()},
         },
         "extra": {k: v for k, v in (config or {}).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
     }
@@ -339,7 +339,9 @@ def run(explain, f, params, dataset, settings, out: Path, length: int, group: Gr
     todo = storage.missing_shards(out, mine)
     batches = [list(range(start, min(start + batch_size, (k + 1) * shard_size, length)))
                for k in todo for start in range(k * shard_size, min((k + 1) * shard_size, length), batch_size)]
+    # A generator of its own: the loader's worker seeds are not drawn from torch's global generator.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(seed),
                                          **{k: v for k, v in settings.items() if k != "pin_memory"})
     step = make_step(explain, f, target, batch_size, compile, randomness, output_size)
     writer = ShardWriter(out)
@@ -395,16 +397,30 @@ def prepare_directory(out: Path, manifest: dict, resume: bool) -> dict:
     return manifest
 
 
-def compare_configs(old: dict, new: dict) -> str:
-    differences = [f"{key}: {old.get(key)!r} in the manifest, {new.get(key)!r} now"
-                   for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+def compare_configs(old: dict, new: dict, prefix: str = "") -> str:
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        before, now = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            nested = compare_configs(before, now, f"{prefix}{key}.")
+            differences += [nested] if nested else []
+        elif before != now:
+            differences.append(f"{prefix}{key}: {before!r} in the manifest, {now!r} now")
     return "; ".join(differences)
 
 
 def make_step(explain, f, target, batch_size: int, compile: bool, randomness: str, output_size: int):
     """``step(params, x, labels) -> (attribution, outputs, prediction, targets)`` for one batch."""
-    forward = torch.vmap(f, in_dims=(None, 0))
-    batched = torch.vmap(explain, in_dims=(None, 0, 0), randomness=randomness)
+    vmapped_f = torch.vmap(f, in_dims=(None, 0))
+    vmapped_explain = torch.vmap(explain, in_dims=(None, 0, 0), randomness=randomness)
+
+    # Functions of their own: torch.compile caches by code object, and both vmaps share one.
+    def forward(params, x):
+        return vmapped_f(params, x)
+
+    def batched(params, x, targets):
+        return vmapped_explain(params, x, targets)
+
     if compile:
         forward = torch.compile(forward, dynamic=False)
         batched = torch.compile(batched, dynamic=False)

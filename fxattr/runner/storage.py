@@ -230,15 +230,18 @@ class LazyAttributions:
             rows = self._read_rows(i, i + 1)[0]
         elif isinstance(key, slice):
             start, stop, step = key.indices(self._length)
-            if step == 1:
-                rows = self._read_rows(start, max(start, stop))
+            if step == 1 and stop <= start:
+                rows = torch.empty((0, *self._example_shape), dtype=self.dtype)
+            elif step == 1:
+                rows = self._read_rows(start, stop)
             else:
                 rows = self._take(torch.arange(start, stop, step))
         elif key is Ellipsis:
             rows, rest = self.tensor(), ((Ellipsis,) + rest if rest else ())
         else:
             rows = self._take(torch.as_tensor(np.asarray(key)))
-        return rows[(slice(None),) * (rows.ndim - len(self._example_shape) - 1) + rest] if rest else rows
+        # the first axis is kept (slices, sequences) or gone (an int): index the rest after it
+        return rows[(slice(None),) * (rows.ndim - len(self._example_shape)) + rest] if rest else rows
 
     def _take(self, index: Tensor) -> Tensor:
         if index.dtype == torch.bool:
