@@ -126,6 +126,8 @@ class MetricTable:
         (``(n=k)`` appended where NaN scores were left out)."""
         def cell(i, j):
             mean, stderr, n = self.mean[i, j].item(), self.stderr[i, j].item(), int(self.count[i, j])
+            if n == 0 and self.metrics[j] not in self.scores.get(self.explainers[i], {}):
+                return "–"
             if math.isnan(mean):
                 return "nan"
             text = f"{mean:.{digits}f}" if math.isnan(stderr) else f"{mean:.{digits}f} ± {stderr:.{digits}f}"
@@ -156,7 +158,8 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
     - batch-level metrics (``sensitivity_n``, ``sufficiency``, ``consistency``) are called once,
       ``metric(params, X, T, A)``;
     - a function of one argument builds the metric for each explainer, for the metrics that
-      re-explain (``{"MPRT": lambda explain: fxattr.metrics.mprt(f, explain=explain)}``).
+      re-explain (``{"MPRT": lambda explain: fxattr.metrics.mprt(f, explain=explain)}``); where it
+      returns ``None`` the cell stays empty (NaN, count 0, ``–`` in the markdown).
 
     A scalar per example enters the table as is; a curve per example (pixel flipping, ROAD, ...)
     as its area over an evenly spaced [0, 1] axis (trapezoid; the curves are kept in
@@ -231,6 +234,8 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
             metric = metrics[metric_name]
             if metric_kind(metric) == "builder":
                 metric = metric(explainers[explainer_name])
+                if metric is None:  # the builder declines this explainer: the cell stays empty
+                    continue
                 if not callable(metric) or metric_kind(metric) == "builder":
                     raise fail(where, f"metrics[{metric_name!r}] given the explainer must build a metric "
                                       f"(params, x, target, attribution), got {metric!r}")

@@ -43,7 +43,8 @@ def curve_array(where: str, name: str, curve) -> np.ndarray:
 
 def plot_curves(curves, metric: str | None = None, *, file=None, title: str | None = None,
                 xlabel: str = "fraction of features perturbed", ylabel: str = "target score",
-                size: tuple[float, float] = (5.0, 3.5), dpi: int = 100):
+                step_labels: Sequence[str] | None = None, size: tuple[float, float] = (5.0, 3.5),
+                dpi: int = 100):
     """Perturbation curves, one line per method: the mean over examples and a ± standard error band.
 
     The curve's steps are spread evenly over [0, 1] (the fraction of features removed, for a
@@ -58,6 +59,8 @@ def plot_curves(curves, metric: str | None = None, *, file=None, title: str | No
         file: where to save the PNG (a path or a binary file object); ``None``: do not save.
         title: the figure title (default: the metric's name, if given).
         xlabel, ylabel: the axis labels.
+        step_labels: one tick label per step (e.g. the layers an MPRT curve randomises), instead of
+            the [0, 1] fraction axis.
         size: the figure size in inches.
         dpi: the PNG's resolution.
 
@@ -81,6 +84,9 @@ def plot_curves(curves, metric: str | None = None, *, file=None, title: str | No
     if not isinstance(curves, Mapping) or not curves:
         raise fail(where, f"curves must be a non-empty dict name -> (B, T) curves, got {type(curves).__name__}")
     arrays = {str(name): curve_array(where, name, c) for name, c in curves.items()}
+    lengths = {arr.shape[1] for arr in arrays.values()}
+    if step_labels is not None and (len(lengths) != 1 or len(step_labels) not in lengths):
+        raise fail(where, f"step_labels has {len(step_labels)} labels for curves of {sorted(lengths)} steps")
     figure = agg_figure(where, size, dpi)
     ax = figure.subplots()
     for name, arr in arrays.items():
@@ -92,6 +98,9 @@ def plot_curves(curves, metric: str | None = None, *, file=None, title: str | No
         auc = float(np.trapezoid(mean, steps)) if len(steps) > 1 else float(mean[0])
         line, = ax.plot(steps, mean, label=f"{name} (AUC {auc:.3g})", linewidth=1.5)
         ax.fill_between(steps, mean - stderr, mean + stderr, color=line.get_color(), alpha=0.2, linewidth=0)
+    if step_labels is not None:
+        ax.set_xticks(np.linspace(0.0, 1.0, len(step_labels)) if len(step_labels) > 1 else [0.0])
+        ax.set_xticklabels([str(label) for label in step_labels], fontsize=7, rotation=30, ha="right")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

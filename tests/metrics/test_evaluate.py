@@ -118,6 +118,11 @@ def test_builders_get_each_explainer(linear):
     assert built == list(explainers.values())
     assert table["gradient", "re"] == (0.0, 0.0)                    # the gradient of a linear model
     assert table["input x gradient", "re"][0] == pytest.approx(16 / 3)  # 2 x.W - x.W
+    # a builder may decline an explainer: an empty cell
+    only_gradient = {"re": lambda explain: reexplained_sum(explain) if explain is explainers["gradient"] else None}
+    table = fxattr.metrics.evaluate(explainers, only_gradient, params, x, target)
+    assert table.count.tolist() == [[3], [0]] and math.isnan(table["input x gradient", "re"][0])
+    assert str(table).endswith("| input x gradient | – |")
     with pytest.raises(FxattrError, match=r"metrics\['bad'\] given the explainer must build a metric"):
         fxattr.metrics.evaluate(explainers, {"bad": lambda explain: 3}, params, x, target)
 
@@ -182,7 +187,10 @@ def test_plots(linear, tmp_path):
     figure = fxattr.viz.plot_metrics(table, ["sum", "sparseness"], file=tmp_path / "metrics.png", title="t")
     assert sum(ax.get_visible() for ax in figure.axes) == 2
     _png(tmp_path / "metrics.png")
-    fxattr.viz.plot_curves({"a": torch.rand(5), "b": torch.rand(3, 5)})
+    figure = fxattr.viz.plot_curves({"a": torch.rand(5), "b": torch.rand(3, 5)}, step_labels="vwxyz")
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == list("vwxyz")
+    with pytest.raises(FxattrError, match=r"step_labels has 2 labels for curves of \[5\] steps"):
+        fxattr.viz.plot_curves({"a": torch.rand(5)}, step_labels=["a", "b"])
     with pytest.raises(FxattrError, match="viz.plot_curves: metric 'sum' gave one score per example"):
         fxattr.viz.plot_curves(table, "sum")
     with pytest.raises(FxattrError, match="metric must name one of its metrics"):
