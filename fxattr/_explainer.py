@@ -10,8 +10,8 @@ import optree
 import torch
 from torch import nn
 
-from fxattr.errors import fail
-from fxattr.targets import select
+from fxattr.errors import api_boundary, check_finite, fail
+from fxattr.targets import readable, select
 
 Explainer = Callable[..., Any]
 
@@ -38,12 +38,96 @@ def check_choice(where: str, name: str, value, choices) -> None:
         raise fail(where, f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def explainer(name: str, f, config: dict, fn: Explainer) -> Explainer:
-    """Names ``fn`` and records what it explains, so errors and compositions can refer to it."""
-    fn.__name__ = fn.__qualname__ = name
-    fn.model = f
-    fn.config = MappingProxyType(dict(config))
-    return fn
+def explainer(name: str, f, config: dict, fn: Explainer, *, boundary: str | None = None,
+              integer_x: bool = False) -> Explainer:
+    """Names ``fn`` and records what it explains, so errors and compositions can refer to it.
+
+    The returned explainer checks every call's input before ``fn`` runs (:func:`check_call`) and
+    sits behind :func:`fxattr.errors.api_boundary`: every ``FxattrError`` escaping a call is
+    reported under ``boundary`` (default ``name``), the explainer the user called, whichever inner
+    function raised it. Under ``torch.compile`` values cannot be read, so instead of the
+    finiteness check a non-finite x turns the whole result into NaN (a zero-valued term
+    ``0 * sum(x)`` is added; derivatives are unchanged).
+    """
+    def checked(params, x, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return poison_non_finite(fn(params, x, *args, **kwargs), x)
+        check_call(f, params, x, integer_x=integer_x)
+        return fn(params, x, *args, **kwargs)
+
+    wrapped = api_boundary(boundary or name)(checked)
+    wrapped.__name__ = wrapped.__qualname__ = name
+    wrapped.__doc__ = fn.__doc__
+    wrapped.model = f
+    wrapped.config = MappingProxyType(dict(config))
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+def check_call(f, params, x, *, integer_x: bool = False, where: str | None = None) -> None:
+    """The checks every explainer call makes on its arguments before any work (eager and vmap).
+
+    ``x`` must be a tensor or a tuple / dict of tensors, floating-point (integer token ids only
+    where ``integer_x``), of a dtype the parameters have, and finite: NaN / Inf in x would give a
+    plausible finite map from gradient methods, so they are an error naming how many values are
+    bad. Under ``torch.vmap`` the values are read under functorch's wrappers (all examples at
+    once). The model must not be in training mode (see ``fxattr.functionalize``).
+    """
+    leaves = optree.tree_leaves(x, namespace="torch")
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise fail(where, f"x must be a tensor or a tuple / dict of tensors (one example), got "
+                          f"{type(x).__name__}")
+    for t in leaves:
+        if not (t.dtype.is_floating_point or (integer_x and not t.dtype.is_complex and t.dtype != torch.bool)):
+            raise fail(where, f"x must be a floating-point tensor, got dtype {t.dtype}: attributions "
+                              "are gradients or perturbations of x (convert with x.float(); for token "
+                              "ids, explain the embeddings)")
+    if hasattr(f, "check_training"):
+        f.check_training(where)
+    if hasattr(f, "check_dtype"):
+        f.check_dtype(params, x, where)
+    for t in leaves:
+        if not t.dtype.is_floating_point:
+            continue
+        plain = readable(t)
+        if plain is not None and plain.numel():
+            finite = torch.isfinite(plain)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                raise fail(where, f"x holds {bad} NaN or Inf value{'s' if bad > 1 else ''} (of "
+                                  f"{plain.numel()}{' in the batch' if plain.shape != t.shape else ''}"
+                                  "); an explanation of a non-finite input would be meaningless")
+
+
+def poison_non_finite(result, x):
+    """``result`` with NaN everywhere when ``x`` holds NaN / Inf (``+ 0 * sum(x)``)."""
+    zero = None
+    for t in optree.tree_leaves(x, namespace="torch"):
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+            term = (t.detach() * 0).sum()
+            zero = term if zero is None else zero + term
+    if zero is None:
+        return result
+    return tree_map(lambda r: r + zero.to(r.dtype) if isinstance(r, torch.Tensor)
+                    and r.dtype.is_floating_point else r, result)
+
+
+def check_float(where, name: str, value, **bounds) -> float:
+    """A float option: finite (NaN / Inf rejected) and within ``minimum`` / ``maximum``."""
+    return check_finite(where, name, value, **bounds)
+
+
+def check_bool(where, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise fail(where, f"{name} must be True or False, got {value!r}")
+
+
+def check_tensor_finite(where, name: str, value) -> None:
+    """A tensor (or pytree of tensors) given as configuration holds no NaN / Inf."""
+    for leaf in optree.tree_leaves(value, namespace="torch"):
+        if isinstance(leaf, torch.Tensor) and leaf.dtype.is_floating_point and leaf.numel() \
+                and not bool(torch.isfinite(leaf).all()):
+            raise fail(where, f"{name} holds NaN or Inf values")
 
 
 def tree_map(fn, *trees):

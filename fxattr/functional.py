@@ -4,12 +4,18 @@
 ``torch.func.functional_call`` so the parameters become an argument, and it evaluates ONE example
 (no batch axis) so that batches, noise samples and integration steps are all added by
 ``torch.vmap``. The module itself is never touched: no hooks, no ``.data`` writes, no
-``requires_grad_``, no train/eval switch.
+``requires_grad_``, no train/eval switch, and no parameter swapping either: every call runs on a
+private structural copy of the module tree (:func:`stateless_view`) that holds the same tensors, so
+several threads can explain with one model at once while it stays exactly as it was.
+
+Thread safety: ``f(params, x)`` and every explainer built on it may be called from several threads
+at once; the user's module is never written, not even for an instant. Building graph explainers
+(``lrp``, the CAM family, ...) captures the graph once per ``f`` under a lock.
 """
 
 from __future__ import annotations
 
-import warnings
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from fxattr.errors import fail
+from fxattr.errors import FxattrError, api_boundary, fail
 
-__all__ = ["FunctionalModel", "functionalize"]
+__all__ = ["FunctionalModel", "differentiable", "functionalize", "stateless_view"]
 
 
 class EvalBatchNormAsElementwise(TorchFunctionMode):
@@ -66,13 +72,101 @@ def batch_norm_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Te
     return scale, shift
 
 
+_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
+_DROPOUTS = (nn.modules.dropout._DropoutNd,)
+
+
+def stateless_view(module: nn.Module, *, batch_statistics: bool = False) -> nn.Module:
+    """A private structural copy of ``module``'s tree holding the SAME parameter and buffer tensors.
+
+    Each module of the tree is copied shallowly (its own ``__dict__`` and ``_parameters`` /
+    ``_buffers`` / ``_modules`` dicts; hooks, flags and tensors shared), shared submodules stay
+    shared, so ``torch.func.functional_call`` on the view swaps parameters into the copy and never
+    into the user's module. In the copy, ``inplace=True`` layers (``nn.ReLU(inplace=True)``) run
+    out of place, so they can never write into the caller's ``x``; with ``batch_statistics``,
+    training-mode batch norms use batch statistics without updating any running statistic.
+    Making one costs a few microseconds per module (measured in bench/RESULTS.md, section
+    "reliability").
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def copy(m: nn.Module) -> nn.Module:
+        seen = memo.get(id(m))
+        if seen is not None:
+            return seen
+        new = object.__new__(type(m))
+        state = dict(m.__dict__)
+        state["_parameters"] = dict(m._parameters)
+        state["_buffers"] = dict(m._buffers)
+        state["_modules"] = {}
+        new.__dict__.update(state)
+        memo[id(m)] = new
+        for name, child in m._modules.items():
+            new._modules[name] = None if child is None else copy(child)
+        if state.get("inplace") is True:
+            new.__dict__["inplace"] = False
+        if batch_statistics and isinstance(m, _BATCH_NORMS) and m.training:
+            new.__dict__["track_running_stats"] = False
+        return new
+
+    return copy(module)
+
+
 def _add_batch_axis(x):
-    return optree.tree_map(lambda t: t.unsqueeze(0), x, namespace="torch")
+    # a view of the caller's tensor: the private module copy runs in-place layers out of place,
+    # and the clone guards against in-place ops written in forward (x += ..., relu_)
+    return optree.tree_map(lambda t: t.clone().unsqueeze(0), x, namespace="torch")
 
 
 def _shape_str(x) -> str:
     shapes = optree.tree_map(lambda t: tuple(t.shape), x, namespace="torch")
     return str(shapes)
+
+
+def _leaf_modules(module: nn.Module):
+    return [(name, m) for name, m in module.named_modules() if not m._modules]
+
+
+_POINTWISE = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+              nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.ReLU6, nn.Hardswish,
+              nn.Hardsigmoid, nn.LogSigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Dropout,
+              nn.AlphaDropout, nn.BatchNorm1d, nn.LayerNorm, nn.Tanhshrink, nn.Threshold)
+_SEQUENCE_FIRST = (nn.RNNBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                   nn.TransformerEncoder, nn.MultiheadAttention)
+
+
+def example_ndim(module: nn.Module) -> tuple[int, str] | None:
+    """The number of dimensions of ONE example, where the model's structure says it for sure.
+
+    - an MLP (an ``nn.Sequential`` of ``nn.Linear`` layers and element-wise layers only): 1;
+    - a model whose first registered layer is an ``nn.Embedding``: 1 (token ids);
+    - a model whose first registered layer is ``batch_first`` recurrent or attention: 2
+      (tokens, features).
+    Anything else: ``None`` (unknown; ``input_shape=`` says it explicitly).
+    """
+    leaves = _leaf_modules(module)
+    if not leaves:
+        return None
+    if isinstance(module, nn.Sequential) and all(isinstance(m, (nn.Linear, nn.Sequential) + _POINTWISE)
+                                                  for _, m in leaves):
+        first = next(((n, m) for n, m in leaves if isinstance(m, nn.Linear)), None)
+        if first is not None and not isinstance(leaves[0][1], nn.BatchNorm1d):
+            return 1, f"the model is an MLP whose first layer {first[0]!r} is an nn.Linear"
+        return None
+    first = next(((n, m) for n, m in module.named_modules()
+                  if isinstance(m, (nn.Embedding,) + _SEQUENCE_FIRST)
+                  or any(True for _ in m.parameters(recurse=False))), None)
+    if first is None:
+        return None
+    name, m = first
+    if isinstance(m, nn.Embedding):
+        return 1, f"its first layer {name!r} is an nn.Embedding (one example: a sequence of token ids)"
+    if isinstance(m, _SEQUENCE_FIRST) and getattr(m, "batch_first", getattr(
+            getattr(m, "layers", [None])[0] if isinstance(m, nn.TransformerEncoder) else None,
+            "batch_first", False)):
+        return 2, (f"its first layer {name!r} is a batch_first {type(m).__name__} (one example: "
+                   "(tokens, features))")
+    return None
 
 
 class FunctionalModel:
@@ -82,33 +176,88 @@ class FunctionalModel:
         module: the wrapped module (read, never modified).
         output: the callable choosing one tensor from the module's output, or ``None``.
         input_shape: the expected shape of one example (without batch axis), or ``None``.
+        batch_statistics: whether training-mode batch norm / dropout were allowed explicitly.
     """
 
     def __init__(self, module: nn.Module, *, output: Callable[[Any], Tensor] | None = None,
-                 input_shape: tuple[int, ...] | None = None):
+                 input_shape: tuple[int, ...] | None = None, batch_statistics: bool = False):
         self.module = module
         self.output = output
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self.batch_statistics = batch_statistics
+        self.expected_ndim = None if self.input_shape is not None else example_ndim(module)
+        self.stochastic = [(name, m) for name, m in module.named_modules()
+                           if isinstance(m, _BATCH_NORMS) or (isinstance(m, _DROPOUTS) and m.p > 0)]
+        self.first_shapes = None  # leaf shapes of the first example seen (a later batch is caught)
+        self.capture_lock = threading.RLock()  # graph capture is serialised per f
+        self._compile_view = None
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self.module).__name__}, input_shape={self.input_shape})"
 
-    def check_input(self, x, where: str = "functionalize") -> None:
+    def check_training(self, where: str | None = "functionalize") -> None:
+        """Raises a clear error when batch norm or dropout is in training mode (unless allowed)."""
+        if self.batch_statistics:
+            return
+        training = [f"{name!r} ({type(m).__name__})" for name, m in self.stochastic
+                    if m.training]
+        if training:
+            raise fail(where, f"the model is in training mode ({', '.join(training[:4])}"
+                              f"{', ...' if len(training) > 4 else ''}): batch norm would use each "
+                              "example's own statistics and dropout would drop at random. Call "
+                              "model.eval() (fxattr never switches it), or pass "
+                              "batch_statistics=True to fxattr.functionalize if that is really "
+                              "meant (dropout then needs torch.vmap(..., randomness='different'))")
+
+    def check_input(self, x, where: str | None = "functionalize") -> None:
         """Raises a clear error when ``x`` is not one example (a batch, or a wrong rank)."""
         leaves = optree.tree_leaves(x, namespace="torch")
         if not leaves or not all(isinstance(t, Tensor) for t in leaves):
             raise fail(where, f"x must be a tensor or a tuple/dict of tensors, got {type(x).__name__}")
+        batch_hint = (" -- this looks like a batch: explain one example and map over the batch"
+                      " with torch.vmap(explain, in_dims=(None, 0, 0))")
         if self.input_shape is not None and isinstance(x, Tensor):
             if tuple(x.shape) != self.input_shape:
-                hint = ""
-                if tuple(x.shape[1:]) == self.input_shape:
-                    hint = (" -- this looks like a batch: explain one example and map over the batch"
-                            " with torch.vmap(explain, in_dims=(None, 0, 0))")
+                hint = batch_hint if tuple(x.shape[1:]) == self.input_shape else ""
                 raise fail(where, f"x has shape {tuple(x.shape)} but the model takes one example "
                                   f"of shape {self.input_shape}{hint}")
+        elif self.expected_ndim is not None and isinstance(x, Tensor):
+            ndim, why = self.expected_ndim
+            if x.ndim != ndim:
+                hint = batch_hint if x.ndim == ndim + 1 else ""
+                raise fail(where, f"x has shape {tuple(x.shape)}, but one example has {ndim} "
+                                  f"dimension{'s' if ndim > 1 else ''}: {why}{hint}. If this shape "
+                                  "is meant, say so with fxattr.functionalize(model, input_shape=...)")
+        shapes = [tuple(t.shape) for t in leaves]
+        if self.first_shapes is None:
+            self.first_shapes = shapes
+        elif len(shapes) == len(self.first_shapes) and any(
+                len(s) == len(first) + 1 and s[1:] == first
+                for s, first in zip(shapes, self.first_shapes)):
+            raise fail(where, f"x has shape {_shape_str(x)} but earlier calls took one example of shape "
+                              f"{self.first_shapes[0] if len(shapes) == 1 else self.first_shapes}"
+                              f"{batch_hint}")
+
+    def check_dtype(self, params, x, where: str | None = "functionalize") -> None:
+        """x's floating dtype must be one the parameters have (float16 x into a float32 model is
+        an error naming both, not a raw matmul error)."""
+        if not isinstance(params, Mapping):
+            return
+        dtypes = {t.dtype for t in params.values() if isinstance(t, Tensor) and t.dtype.is_floating_point}
+        if not dtypes:
+            return
+        for t in optree.tree_leaves(x, namespace="torch"):
+            if isinstance(t, Tensor) and t.dtype.is_floating_point and t.dtype not in dtypes:
+                want = ", ".join(sorted(str(d) for d in dtypes))
+                raise fail(where, f"x has dtype {t.dtype} but the model's parameters are {want}: "
+                                  f"convert one of them (x.to({want.split(', ')[0]}) or "
+                                  f"model.to({t.dtype}) before fxattr.functionalize)")
 
     def __call__(self, params: Mapping[str, Tensor], x) -> Tensor:
-        batched = _add_batch_axis(x)
+        if not torch.compiler.is_compiling():
+            self.check_training()
+            self.check_dtype(params, x)
+        batched = _add_batch_axis(x) if isinstance(x, (Tensor, tuple, dict, list)) else x
         if isinstance(batched, tuple):
             args, kwargs = batched, {}
         elif isinstance(batched, dict):
@@ -117,7 +266,7 @@ class FunctionalModel:
             args, kwargs = (batched,), {}
         return self._unbatch(self.guarded(x, lambda: self._forward(params, args, kwargs)))
 
-    def guarded(self, x, forward: Callable[[], Any], where: str = "functionalize"):
+    def guarded(self, x, forward: Callable[[], Any], where: str | None = "functionalize"):
         """Runs ``forward()``, a pass of this model over ``x``, with the input checked and a
         failure inside the model reported as one clear error (not a deep torch trace).
 
@@ -129,17 +278,29 @@ class FunctionalModel:
         self.check_input(x, where)
         try:
             return forward()
+        except FxattrError:
+            raise
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            if "fxattr." in str(error):
-                raise
             raise fail(where,
                        f"the model failed on one example of shape {_shape_str(x)} (given a batch axis "
-                       f"of 1 by fxattr): {error}. An explainer takes ONE example without batch "
-                       "axis; use torch.vmap(explain, in_dims=(None, 0, 0)) for a batch.") from error
+                       f"of 1 by fxattr): {type(error).__name__}: {error}. If x is a batch, explain "
+                       "one example and map over the batch with torch.vmap(explain, "
+                       "in_dims=(None, 0, 0)); if one example has this shape, the model itself "
+                       "failed on it") from error
+
+    def view(self) -> nn.Module:
+        """The private copy of the module a call runs on (see :func:`stateless_view`): a fresh
+        one per call, so concurrent calls never share mutable state; under ``torch.compile`` one
+        cached copy (dynamo traces it like any module)."""
+        if torch.compiler.is_compiling():
+            if self._compile_view is None:
+                self._compile_view = stateless_view(self.module, batch_statistics=self.batch_statistics)
+            return self._compile_view
+        return stateless_view(self.module, batch_statistics=self.batch_statistics)
 
     def _forward(self, params, args, kwargs):
         with EvalBatchNormAsElementwise():
-            return torch.func.functional_call(self.module, params, args, kwargs)
+            return torch.func.functional_call(self.view(), params, args, kwargs)
 
     def _unbatch(self, out) -> Tensor:
         if self.output is not None:
@@ -147,7 +308,7 @@ class FunctionalModel:
         if not isinstance(out, Tensor):
             raise fail("functionalize", f"the model returned a {type(out).__name__}, not a tensor; "
                                         "pass output=callable to functionalize to choose one tensor "
-                                        "(e.g. output=lambda out: out['logits'])")
+                                        "(e.g. output=lambda out: out['logits'] or out[0])")
         if out.ndim == 0 or out.shape[0] != 1:
             raise fail("functionalize", f"the model's output of shape {tuple(out.shape)} has no batch "
                                         "axis of size 1; fxattr adds one to the example and removes it "
@@ -155,20 +316,40 @@ class FunctionalModel:
         return out[0]
 
 
+def differentiable(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The floating-point entries of ``params`` (what ``torch.func.grad`` can differentiate)."""
+    return {k: v for k, v in params.items() if isinstance(v, Tensor) and v.dtype.is_floating_point}
+
+
+@api_boundary("functionalize")
 def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = None,
-                  input_shape: tuple[int, ...] | None = None) -> tuple[FunctionalModel, dict[str, Tensor]]:
+                  input_shape: tuple[int, ...] | None = None,
+                  batch_statistics: bool = False) -> tuple[FunctionalModel, dict[str, Tensor]]:
     """Turns ``model`` into a pure function of its parameters and ONE example.
 
     ``f(params, x)`` adds a batch axis of 1 to ``x``, runs ``model`` statelessly with
-    ``torch.func.functional_call`` and removes the batch axis from the output. ``x`` may be a tensor
-    (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``) of tensors. Eval-mode
-    batch norm is evaluated element-wise so that ``torch.vmap`` batches it instead of looping.
+    ``torch.func.functional_call`` (on a private copy of the module tree: the model itself is
+    never written, so threads may share it) and removes the batch axis from the output. ``x`` may
+    be a tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``) of tensors.
+    Eval-mode batch norm is evaluated element-wise so that ``torch.vmap`` batches it instead of
+    looping.
 
     ``params`` holds the module's parameters, detached (sharing storage with the module), and
-    copies of its buffers: explanations then build no graph to the weights. Gradients flow to whatever is passed
-    as ``params``: differentiate with ``torch.func.grad`` over ``params``, or pass tensors that
-    require grad (``dict(model.named_parameters()) | dict(model.named_buffers())``) to train the
-    model through an explanation loss.
+    copies of its floating-point buffers (integer buffers such as batch norm's
+    ``num_batches_tracked`` stay with the model: nothing differentiable reads them), so
+    ``torch.func.grad(loss)(params)`` differentiates an explanation loss over every entry.
+    Gradients flow to whatever is passed as ``params``.
+
+    Training mode is refused: a model with batch norm or dropout (p > 0) in training mode raises
+    an error asking for ``model.eval()``, here and at every call (the check reads the flags, so a
+    model switched later is caught too). ``batch_statistics=True`` is the explicit opt-in: batch
+    norm then normalises with the statistics of the batch it sees -- ONE example under fxattr, so
+    per-example statistics -- without updating any running statistic, and dropout drops at random
+    (under ``torch.vmap`` pass ``randomness="different"``).
+
+    A batch passed as one example is reported by name: from ``input_shape`` when given, else from
+    the model's structure where it is certain (MLPs, embedding and ``batch_first`` sequence
+    models; see :func:`example_ndim`), else from the first example seen.
 
     Args:
         model: the module; put it in eval mode first (fxattr never switches it).
@@ -176,6 +357,7 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
             e.g. ``output=lambda out: out["logits"]``.
         input_shape: the shape of one example; when given, a batch passed by mistake is reported
             by name instead of by a shape error deep inside the model.
+        batch_statistics: allow training-mode batch norm / dropout (see above).
 
     Returns:
         ``(f, params)``.
@@ -192,12 +374,17 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
         raise fail("functionalize", f"model must be a torch.nn.Module, got {type(model).__name__}")
     if output is not None and not callable(output):
         raise fail("functionalize", f"output must be a callable choosing one tensor, got {output!r}")
-    if model.training and any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
-                              for m in model.modules()):
-        warnings.warn("fxattr.functionalize: the model is in training mode and has batch norm or "
-                      "dropout; explanations normally want model.eval() (fxattr never switches it)",
-                      stacklevel=2)
+    if not isinstance(batch_statistics, bool):
+        raise fail("functionalize", f"batch_statistics must be True or False, got {batch_statistics!r}")
+    if input_shape is not None and (not isinstance(input_shape, (tuple, list, torch.Size)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in input_shape)):
+        raise fail("functionalize", f"input_shape must be a tuple of ints >= 0, got {input_shape!r}")
+    f = FunctionalModel(model, output=output, input_shape=input_shape,
+                        batch_statistics=batch_statistics)
+    f.check_training()
     params = {name: t.detach() for name, t in model.named_parameters()}
-    # Buffers are copied: a training-mode module updates some in place (num_batches_tracked).
-    params.update({name: t.detach().clone() for name, t in model.named_buffers()})
-    return FunctionalModel(model, output=output, input_shape=input_shape), params
+    # Floating buffers are copied (explanations must not see later in-place updates of the
+    # module's running statistics); integer ones stay with the model, out of torch.func.grad's way.
+    params.update({name: t.detach().clone() for name, t in model.named_buffers()
+                   if t.dtype.is_floating_point or t.dtype.is_complex})
+    return f, params

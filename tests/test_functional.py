@@ -20,7 +20,8 @@ def test_f_evaluates_one_example_and_matches_the_module(dtype):
 def test_params_are_detached_and_share_storage():
     model = small_cnn()
     _, params = fxattr.functionalize(model)
-    assert set(params) == set(model.state_dict())
+    floating = {k for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+    assert set(params) == floating and "1.num_batches_tracked" not in params
     buffers = dict(model.named_buffers())
     for name, tensor in params.items():
         assert not tensor.requires_grad
@@ -58,14 +59,39 @@ def test_eval_batch_norm_is_element_wise():
     torch.testing.assert_close(out, expected)
 
 
-def test_training_mode_batch_norm_is_left_alone():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))  # training mode: batch statistics
-    with pytest.warns(UserWarning, match="training mode"):
-        f, params = fxattr.functionalize(model)
+def test_training_mode_is_refused_unless_batch_statistics_are_asked_for():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))  # training mode
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.functionalize: the model is in training "
+                                                 r"mode \('1' \(BatchNorm2d\)\).*model\.eval\(\)"):
+        fxattr.functionalize(model)
+    f, params = fxattr.functionalize(model, batch_statistics=True)
+    assert "1.num_batches_tracked" not in params
     x = torch.randn(3, 5, 5)
     with model_unchanged(model):  # the running statistics are not updated
         assert any("batch_norm" in op for op in _aten_ops(lambda: f(params, x)))
-    torch.testing.assert_close(f(params, x), model(x[None])[0].detach())
+        out = f(params, x)
+        # the gradient family used to fail on the in-place num_batches_tracked update
+        torch.vmap(fxattr.gradient(f), in_dims=(None, 0, None))(params, torch.randn(2, 3, 5, 5), 0)
+    torch.testing.assert_close(out, model(x[None])[0].detach())
+    # a model switched to training mode after functionalize is caught at the call
+    model.eval()
+    f, params = fxattr.functionalize(model)
+    explain = fxattr.gradient(f)
+    model.train()
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.gradient: the model is in training mode"):
+        explain(params, x, 0)
+    model.eval()
+
+
+def test_dropout_in_training_mode():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    with pytest.raises(fxattr.FxattrError, match=r"training mode \('1' \(Dropout\)\)"):
+        fxattr.functionalize(model)
+    fxattr.functionalize(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0)))  # p = 0 drops nothing
+    f, params = fxattr.functionalize(model, batch_statistics=True)
+    out = torch.vmap(fxattr.gradient(f), in_dims=(None, 0, None), randomness="different")(
+        params, torch.randn(3, 4), 0)
+    assert out.shape == (3, 4) and torch.isfinite(out).all()
 
 
 def test_gradients_flow_to_params_passed_in():
@@ -98,7 +124,7 @@ def test_output_selector_and_non_tensor_output():
 def test_batch_passed_instead_of_one_example():
     model = small_cnn()
     f, params = fxattr.functionalize(model)
-    with pytest.raises(fxattr.FxattrError, match="ONE example.*torch.vmap"):
+    with pytest.raises(fxattr.FxattrError, match="one example of shape.*If x is a batch.*torch.vmap"):
         f(params, torch.randn(2, 3, 8, 8))
     f, params = fxattr.functionalize(model, input_shape=(3, 8, 8))
     with pytest.raises(fxattr.FxattrError, match=r"looks like a batch"):
@@ -112,5 +138,7 @@ def test_bad_model_arguments():
         fxattr.functionalize(lambda x: x)
     with pytest.raises(fxattr.FxattrError, match="output must be a callable"):
         fxattr.functionalize(nn.Linear(2, 2), output="logits")
-    with pytest.warns(UserWarning, match="training mode"):
-        fxattr.functionalize(nn.Sequential(nn.Linear(2, 2), nn.Dropout()))
+    with pytest.raises(fxattr.FxattrError, match="batch_statistics must be True or False"):
+        fxattr.functionalize(nn.Linear(2, 2), batch_statistics=1)
+    with pytest.raises(fxattr.FxattrError, match="input_shape must be a tuple of ints"):
+        fxattr.functionalize(nn.Linear(2, 2), input_shape=(2.0,))

@@ -30,15 +30,22 @@ Conventions (matched to pytorch-grad-cam and captum, checked in the tests):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxattr._explainer import check_choice, check_int, check_model, explainer, fixed_target
-from fxattr.errors import fail
-from fxattr.targets import check_target, select
+from fxattr._explainer import (
+    check_choice,
+    check_int,
+    check_model,
+    explainer,
+    fixed_target,
+)
+from fxattr.errors import api_boundary, fail
+from fxattr.targets import check_index, check_target, select, take
 
 __all__ = ["cam", "gradcam", "gradcam_plus_plus", "guided_gradcam", "layercam", "scorecam", "xgradcam"]
 
@@ -69,7 +76,7 @@ def _module_name(where: str, f, module: nn.Module) -> str:
 
 
 def _split_layers(where: str, f, names):
-    from fxattr import graph  # noqa: PLC0415 - graph imports torch.fx; load it only when needed
+    from fxattr import graph
     return [graph.split(f, name, where=where) for name in names]
 
 
@@ -82,11 +89,64 @@ def _check_options(where, relu, upsample, interpolate, normalize):
 
 def _activation(where: str, body, params, x) -> Tensor:
     a = body(params, x)
-    if not isinstance(a, Tensor) or a.ndim < 2:
-        shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
-        raise fail(where, f"the activation of layer {body.layer!r} has shape {shape}; CAM methods need "
-                          "(channels, *spatial) per example -- choose a convolutional layer")
+    if not isinstance(a, Tensor):
+        raise fail(where, f"the activation of layer {body.layer!r} is a {type(a).__name__}, not a "
+                          "tensor; choose a layer that returns one tensor")
     return a
+
+
+def _layout(where: str, f, reshape):
+    """``to_channels(layer, a) -> (channels, *spatial)``: the user's ``reshape``, or the automatic
+    handling of token and channels-last layers, or a clear error -- never tokens taken as channels.
+    """
+    module = getattr(f, "module", None)
+    kind = type(module).__name__ if module is not None else ""
+    vit = kind == "VisionTransformer" and hasattr(module, "class_token")
+    swin = kind == "SwinTransformer" and hasattr(module, "permute")
+    token_model = module is not None and any(
+        isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.LayerNorm))
+        for m in module.modules())
+    has_conv1d = module is not None and any(
+        isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d)) for m in module.modules())
+    widths = set()
+    if module is not None:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                widths |= {m.in_features, m.out_features}
+            elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+                widths.add(m.normalized_shape[0])
+
+    def to_channels(layer: str, a: Tensor) -> Tensor:
+        if reshape is not None:
+            out = reshape(a)
+            if not isinstance(out, Tensor) or out.ndim < 2:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise fail(where, f"reshape must return the activation of layer {layer!r} as "
+                                  f"(channels, *spatial), got {shape}")
+            return out
+        if a.ndim < 2:
+            raise fail(where, f"the activation of layer {layer!r} has shape {tuple(a.shape)}; CAM "
+                              "methods need (channels, *spatial) per example -- choose a "
+                              "convolutional layer, or pass reshape=")
+        if a.ndim == 2 and vit:
+            tokens, dim = a.shape
+            side = math.isqrt(tokens - 1)
+            if side * side == tokens - 1:
+                # torchvision's ViT: the class token first, then the patches row by row
+                return a[1:].reshape(side, side, dim).permute(2, 0, 1)
+        if a.ndim == 2 and (token_model or not has_conv1d):
+            raise fail(where, f"the activation of layer {layer!r} has shape {tuple(a.shape)}: "
+                              "(tokens, features) of a token layer, not (channels, positions); "
+                              "taking tokens as channels would give a meaningless map. Pass "
+                              "reshape= a function (tokens, features) -> (features, height, width), "
+                              "e.g. reshape=lambda a: a[1:].reshape(14, 14, -1).permute(2, 0, 1) "
+                              "for a class token and a 14 x 14 patch grid")
+        if a.ndim >= 3 and (swin or token_model) and a.shape[-1] in widths and a.shape[0] not in widths:
+            # channels-last (Swin's (H, W, C) stages, ConvNeXt's inner blocks)
+            return a.movedim(-1, 0)
+        return a
+
+    return to_channels
 
 
 def _grad_at_layer(where: str, head, params, x, a, target) -> Tensor:
@@ -147,12 +207,20 @@ def _finish(where, maps, x, relu, upsample, interpolate, normalize):
     return torch.stack(out)
 
 
-def _gradient_cam(name: str, f, layer, relu, upsample, interpolate, normalize, mapper):
+def _check_reshape(where, reshape):
+    if reshape is not None and not callable(reshape):
+        raise fail(where, f"reshape must be None or a callable activation -> (channels, *spatial), "
+                          f"got {reshape!r}")
+
+
+def _gradient_cam(name: str, f, layer, relu, upsample, interpolate, normalize, mapper, reshape=None):
     """The Grad-CAM family: ``mapper(a, g) -> map`` from the activation and its gradient."""
     check_model(name, f)
     _check_options(name, relu, upsample, interpolate, normalize)
+    _check_reshape(name, reshape)
     names = _layer_names(name, f, layer)
     splits = _split_layers(name, f, names)
+    to_channels = _layout(name, f, reshape)
 
     def explain(params, x, target=None):
         check_target(name, target)
@@ -160,18 +228,19 @@ def _gradient_cam(name: str, f, layer, relu, upsample, interpolate, normalize, m
         for body, head in splits:
             a = _activation(name, body, params, x)
             g = _grad_at_layer(name, head, params, x, a, target)
-            maps.append(mapper(a, g))
+            maps.append(mapper(to_channels(body.layer, a), to_channels(body.layer, g)))
         return _finish(name, maps, x, relu, upsample, interpolate, normalize)
 
     config = {"layer": layer, "relu": relu, "upsample": upsample, "interpolate": interpolate,
-              "normalize": normalize}
-    return explainer(name, f, config, explain)
+              "normalize": normalize, "reshape": reshape}
+    return explainer(name, f, config, explain, integer_x=True)
 
 
 # ----------------------------------------------------------------------------------- explainers
 
+@api_boundary("gradcam")
 def gradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: str = "bilinear",
-            normalize: bool = False):
+            normalize: bool = False, reshape=None):
     """Grad-CAM (Selvaraju et al. 2017): channels weighted by their mean gradient.
 
     ``map = sum_k alpha_k A_k`` with ``alpha_k = mean_ij dy/dA_kij``, ``y`` the target output;
@@ -189,6 +258,14 @@ def gradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: 
         interpolate: the ``F.interpolate`` mode of the upsampling (``"bilinear"`` means linear in
             every spatial dimension, ``align_corners=False``).
         normalize: min-max scale each map to [0, 1] (pytorch-grad-cam).
+        reshape: a function taking the layer's activation (one example, as the layer gives it)
+            to ``(channels, *spatial)``, like pytorch-grad-cam's ``reshape_transform`` (applied to
+            the activation and its gradient). ``None``: channels-first activations are used as
+            they are; torchvision's ``VisionTransformer`` token layers ``(1 + h * w, dim)`` lose
+            the class token and become a ``(dim, h, w)`` grid; channels-last layers of
+            ``SwinTransformer`` and of token models (``(H, W, C)``, C a feature width of the
+            model) are moved to channels-first; any other token layer ``(tokens, features)`` is a
+            clear error asking for ``reshape`` (tokens are never taken as channels).
 
     Example:
         >>> f, params = fxattr.functionalize(torchvision.models.resnet18().eval())
@@ -196,11 +273,12 @@ def gradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: 
         >>> maps = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)  # (B, 3, H, W)
     """
     return _gradient_cam("gradcam", f, layer, relu, upsample, interpolate, normalize,
-                         lambda a, g: _weighted(g.mean(dim=tuple(range(1, g.ndim))), a))
+                         lambda a, g: _weighted(g.mean(dim=tuple(range(1, g.ndim))), a), reshape)
 
 
+@api_boundary("gradcam_plus_plus")
 def gradcam_plus_plus(f, *, layer, relu: bool = True, upsample: bool = True,
-                      interpolate: str = "bilinear", normalize: bool = False):
+                      interpolate: str = "bilinear", normalize: bool = False, reshape=None):
     """Grad-CAM++ (Chattopadhyay et al. 2018) in pytorch-grad-cam's form.
 
     ``alpha_kij = g^2 / (2 g^2 + (sum_ij A_kij) g^3 + 1e-6)`` (0 where ``g = 0``), channel weights
@@ -219,11 +297,12 @@ def gradcam_plus_plus(f, *, layer, relu: bool = True, upsample: bool = True,
         return _weighted(weights, a)
 
     return _gradient_cam("gradcam_plus_plus", f, layer, relu, upsample, interpolate, normalize,
-                         mapper)
+                         mapper, reshape)
 
 
+@api_boundary("xgradcam")
 def xgradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: str = "bilinear",
-             normalize: bool = False):
+             normalize: bool = False, reshape=None):
     """XGrad-CAM (Fu et al. 2020): ``w_k = sum_ij g_kij A_kij / (sum_ij A_kij + 1e-7)``,
     ``map = sum_k w_k A_k`` (pytorch-grad-cam's ``XGradCAM``). Options as :func:`gradcam`.
 
@@ -234,11 +313,12 @@ def xgradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate:
         weights = (g * a / (_spatial_sum(a) + 1e-7)).sum(dim=tuple(range(1, g.ndim)))
         return _weighted(weights, a)
 
-    return _gradient_cam("xgradcam", f, layer, relu, upsample, interpolate, normalize, mapper)
+    return _gradient_cam("xgradcam", f, layer, relu, upsample, interpolate, normalize, mapper, reshape)
 
 
+@api_boundary("layercam")
 def layercam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: str = "bilinear",
-             normalize: bool = False):
+             normalize: bool = False, reshape=None):
     """LayerCAM (Jiang et al. 2021): position-wise weights, ``map = sum_k relu(g_k) * A_k``
     (pytorch-grad-cam's ``LayerCAM``). Options as :func:`gradcam`.
 
@@ -246,11 +326,12 @@ def layercam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate:
         >>> torch.vmap(fxattr.layercam(f, layer="layer3"), in_dims=(None, 0, 0))(params, images, labels)
     """
     return _gradient_cam("layercam", f, layer, relu, upsample, interpolate, normalize,
-                         lambda a, g: (torch.relu(g) * a).sum(0))
+                         lambda a, g: (torch.relu(g) * a).sum(0), reshape)
 
 
+@api_boundary("cam")
 def cam(f, *, layer, fc: str | None = None, relu: bool = False, upsample: bool = True,
-        interpolate: str = "bilinear", normalize: bool = False):
+        interpolate: str = "bilinear", normalize: bool = False, reshape=None):
     """CAM (Zhou et al. 2016) for a network ending in global average pooling and a linear layer.
 
     ``map = sum_k W[t, k] A_k`` with ``W`` the weight of the linear layer ``fc`` and ``t`` the
@@ -274,6 +355,7 @@ def cam(f, *, layer, fc: str | None = None, relu: bool = False, upsample: bool =
     where = "cam"
     check_model(where, f)
     _check_options(where, relu, upsample, interpolate, normalize)
+    _check_reshape(where, reshape)
     names = _layer_names(where, f, layer)
     module = getattr(f, "module", None)
     if not isinstance(module, nn.Module):
@@ -287,6 +369,7 @@ def cam(f, *, layer, fc: str | None = None, relu: bool = False, upsample: bool =
         raise fail(where, f"fc={fc!r} is not an nn.Linear of the model; its linear layers are "
                           f"{', '.join(map(repr, linears)) or 'none'}")
     splits = _split_layers(where, f, names)
+    to_channels = _layout(where, f, reshape)
     key = f"{fc}.weight"
 
     def explain(params, x, target=None):
@@ -299,12 +382,19 @@ def cam(f, *, layer, fc: str | None = None, relu: bool = False, upsample: bool =
         weight = params[key]
         if target is None:
             target = f(params, x).detach().reshape(-1).argmax()
-        elif isinstance(target, int) and not 0 <= target < weight.shape[0]:
-            raise fail(where, f"target {target} is out of range for {weight.shape[0]} classes of {fc!r}")
-        row = weight[target]
+        elif isinstance(target, int):
+            if not 0 <= target < weight.shape[0]:
+                raise fail(where, f"target {target} is out of range for the {weight.shape[0]} "
+                                  f"classes of {fc!r}")
+            target = torch.tensor(target, device=weight.device)
+        index = check_index(where, target.to(weight.device), weight.shape[0],
+                            f"the {weight.shape[0]} classes of {fc!r}")
+        # weight[target] would read a negative index from the end (class K - 1): a checked row
+        # that is NaN for an index out of range where it cannot be read (torch.compile)
+        row = torch.vmap(lambda column: take(column, index), in_dims=1)(weight)
         maps = []
         for body, _ in splits:
-            a = _activation(where, body, params, x)
+            a = to_channels(body.layer, _activation(where, body, params, x))
             if a.shape[0] != row.shape[0]:
                 raise fail(where, f"layer {body.layer!r} has {a.shape[0]} channels but {fc!r} takes "
                                   f"{row.shape[0]} features; CAM needs the layer feeding the global "
@@ -313,12 +403,13 @@ def cam(f, *, layer, fc: str | None = None, relu: bool = False, upsample: bool =
         return _finish(where, maps, x, relu, upsample, interpolate, normalize)
 
     config = {"layer": layer, "fc": fc, "relu": relu, "upsample": upsample,
-              "interpolate": interpolate, "normalize": normalize}
-    return explainer(where, f, config, explain)
+              "interpolate": interpolate, "normalize": normalize, "reshape": reshape}
+    return explainer(where, f, config, explain, integer_x=True)
 
 
+@api_boundary("scorecam")
 def scorecam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: str = "bilinear",
-             normalize: bool = False, chunk_size: int | None = 8):
+             normalize: bool = False, chunk_size: int | None = 8, reshape=None):
     """Score-CAM (Wang et al. 2020) in pytorch-grad-cam's form: channels weighted by the softmax of
     the target output on the input masked by each channel.
 
@@ -340,17 +431,20 @@ def scorecam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate:
     check_model(where, f)
     _check_options(where, relu, upsample, interpolate, normalize)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    _check_reshape(where, reshape)
     names = _layer_names(where, f, layer)
     splits = _split_layers(where, f, names)
+    to_channels = _layout(where, f, reshape)
 
     def explain(params, x, target=None):
         check_target(where, target)
-        if not isinstance(x, Tensor):
-            raise fail(where, "x must be a tensor (masks multiply it)")
+        if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+            raise fail(where, "x must be a floating-point tensor (masks multiply it), got "
+                              f"{getattr(x, 'dtype', type(x).__name__)}")
         target = fixed_target(f, params, x, target)
         maps = []
         for body, _ in splits:
-            a = _activation(where, body, params, x)
+            a = to_channels(body.layer, _activation(where, body, params, x))
             k = a.ndim - 1
             if k not in (1, 2, 3) or x.ndim < k:
                 raise fail(where, f"cannot build masks for x of shape {tuple(x.shape)} from an "
@@ -369,10 +463,11 @@ def scorecam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate:
         return _finish(where, maps, x, relu, upsample, interpolate, normalize)
 
     config = {"layer": layer, "relu": relu, "upsample": upsample, "interpolate": interpolate,
-              "normalize": normalize, "chunk_size": chunk_size}
+              "normalize": normalize, "chunk_size": chunk_size, "reshape": reshape}
     return explainer(where, f, config, explain)
 
 
+@api_boundary("guided_gradcam")
 def guided_gradcam(f, *, layer, interpolate: str = "nearest"):
     """Guided Grad-CAM (Selvaraju et al. 2017): guided backpropagation times the rectified Grad-CAM
     map upsampled to x, as captum's ``GuidedGradCam`` (nearest-neighbour upsampling by default,
@@ -382,7 +477,7 @@ def guided_gradcam(f, *, layer, interpolate: str = "nearest"):
         >>> explain = fxattr.guided_gradcam(f, layer="layer4")
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)  # x's shape
     """
-    from fxattr.propagation import guided_backprop  # noqa: PLC0415 - the LRP engine imports this package
+    from fxattr.propagation import guided_backprop
 
     where = "guided_gradcam"
     check_model(where, f)

@@ -14,15 +14,20 @@ torch's global generator, so ``torch.manual_seed`` reproduces a run,
 
 from __future__ import annotations
 
-from numbers import Real
-
 import optree
 import torch
 from torch import Tensor
 
-from fxattr._explainer import check_int, check_model, explainer, fixed_target, grad_of_target, tree_map
-from fxattr.errors import fail
-from fxattr.targets import is_concrete, check_target
+from fxattr._explainer import (
+    check_int,
+    check_model,
+    explainer,
+    fixed_target,
+    grad_of_target,
+    tree_map,
+)
+from fxattr.errors import FxattrError, api_boundary, check_finite, fail
+from fxattr.targets import check_target, is_concrete
 
 __all__ = ["expected_gradients", "gradient_shap"]
 
@@ -34,6 +39,11 @@ def _check_baselines(where, baselines):
     if not leaves or not all(isinstance(b, Tensor) for b in leaves):
         raise fail(where, "baselines must be a tensor of shape (N, *x.shape) holding the reference "
                           f"set (or a pytree of those matching x), got {type(baselines).__name__}")
+    for b in leaves:
+        if b.dtype.is_floating_point and b.numel() and not bool(torch.isfinite(b).all()):
+            raise fail(where, "baselines hold NaN or Inf values")
+        if not b.dtype.is_floating_point:
+            raise fail(where, f"baselines must be floating-point, got dtype {b.dtype}")
     sizes = {b.shape[0] if b.ndim else None for b in leaves}
     if None in sizes or 0 in sizes or len(sizes) != 1:
         raise fail(where, "baselines must have a leading axis of N >= 1 reference examples, the same "
@@ -45,9 +55,9 @@ def _match_baselines(where, baselines, x):
     """Baselines in x's dtype and device, their shapes checked against x's."""
     try:
         return tree_map(lambda b, t: _one_baseline(where, b, t), baselines, x)
+    except FxattrError:
+        raise
     except ValueError as error:
-        if "fxattr." in str(error):
-            raise
         raise fail(where, f"baselines' structure does not match x's: {error}") from error
 
 
@@ -86,6 +96,7 @@ def _check_noise(where, noise, x, samples, count, sigma):
                                   f"= {(samples, *t.shape)}")
 
 
+@api_boundary("expected_gradients")
 def expected_gradients(f, *, baselines, samples: int = 16, sigma: float = 0.0,
                        chunk_size: int | None = None):
     """Expected gradients: IG with baselines drawn from a set and one random path point per draw.
@@ -129,8 +140,7 @@ def _build(where, f, baselines, samples, sigma, chunk_size):
     check_model(where, f)
     check_int(where, "samples", samples, 1)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
-    if isinstance(sigma, bool) or not isinstance(sigma, Real) or sigma < 0:
-        raise fail(where, f"sigma must be a number >= 0, got {sigma!r}")
+    sigma = check_finite(where, "sigma", sigma, minimum=0)
     count = _check_baselines(where, baselines)
     sigma = float(sigma)
 
@@ -171,6 +181,7 @@ def _build(where, f, baselines, samples, sigma, chunk_size):
     return explainer(where, f, config, explain)
 
 
+@api_boundary("gradient_shap")
 def gradient_shap(f, *, baselines, samples: int = 16, sigma: float = 0.0,
                   chunk_size: int | None = None):
     """Gradient SHAP: :func:`expected_gradients` under captum's name (``sigma`` = captum's ``stdevs``,

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from fxattr._explainer import check_choice, check_model, explainer, grad_of_target, tree_map
-from fxattr.errors import fail
+from fxattr._explainer import (
+    check_choice,
+    check_model,
+    explainer,
+    grad_of_target,
+    tree_map,
+)
+from fxattr.errors import api_boundary, check_finite
 from fxattr.targets import check_target
 
 __all__ = ["gradient", "input", "input_x_gradient", "random"]
@@ -13,6 +19,7 @@ __all__ = ["gradient", "input", "input_x_gradient", "random"]
 _POSTPROCESS = {None: lambda g: g, "abs": torch.abs, "square": torch.square}
 
 
+@api_boundary("gradient")
 def gradient(f, *, postprocess: str | None = None):
     """Saliency: the gradient of the target output with respect to the input.
 
@@ -39,6 +46,7 @@ def gradient(f, *, postprocess: str | None = None):
     return explainer("gradient", f, {"postprocess": postprocess}, explain)
 
 
+@api_boundary("input_x_gradient")
 def input_x_gradient(f):
     """Input times gradient: ``x * d f(params, x)[target] / dx`` (iNNvestigate's ``input_t_gradient``).
 
@@ -55,7 +63,8 @@ def input_x_gradient(f):
     return explainer("input_x_gradient", f, {}, explain)
 
 
-def input(f):  # noqa: A001 - iNNvestigate's name for the method
+@api_boundary("input")
+def input(f):
     """The input itself, as an attribution: a sanity-check baseline (iNNvestigate's ``input``).
 
     Example:
@@ -70,6 +79,7 @@ def input(f):  # noqa: A001 - iNNvestigate's name for the method
     return explainer("input", f, {}, explain)
 
 
+@api_boundary("random")
 def random(f, *, stddev: float = 1.0):
     """Gaussian noise of the input's shape: the chance-level baseline (iNNvestigate's ``random``).
 
@@ -81,8 +91,7 @@ def random(f, *, stddev: float = 1.0):
         >>> torch.vmap(fxattr.random(f), in_dims=(None, 0, 0), randomness="different")(params, images, labels)
     """
     check_model("random", f)
-    if isinstance(stddev, bool) or not isinstance(stddev, (int, float)) or stddev < 0:
-        raise fail("random", f"stddev must be a number >= 0, got {stddev!r}")
+    stddev = check_finite("random", "stddev", stddev, minimum=0)
 
     def explain(params, x, target=None):
         check_target("random", target)

@@ -9,6 +9,7 @@ with ``torch.func.grad`` (second derivatives are exact: no custom backward anywh
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 
 import numpy as np
@@ -16,9 +17,16 @@ import optree
 import torch
 from torch import Tensor
 
-from fxattr._explainer import (check_choice, check_int, check_model, explainer, fixed_target,
-                               grad_of_target, tree_map)
-from fxattr.errors import fail
+from fxattr._explainer import (
+    check_choice,
+    check_int,
+    check_model,
+    explainer,
+    fixed_target,
+    grad_of_target,
+    tree_map,
+)
+from fxattr.errors import FxattrError, api_boundary, fail
 from fxattr.targets import check_target
 
 __all__ = ["QUADRATURES", "integrated_gradients", "quadrature"]
@@ -51,15 +59,21 @@ def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
     return [(k + offset) / n for k in range(n)], [1.0 / n] * n
 
 
-def check_baseline(baseline) -> None:
+def check_baseline(baseline, where: str = "integrated_gradients") -> None:
     def ok(b):
         return isinstance(b, (Real, Tensor)) and not isinstance(b, bool)
     if callable(baseline) and not isinstance(baseline, Tensor):
         return
     leaves = optree.tree_leaves(baseline, namespace="torch")
     if not leaves or not all(ok(b) for b in leaves):
-        raise fail("integrated_gradients", "baseline must be a number, a tensor of x's shape, a "
-                                           f"pytree of those matching x, or a callable x -> baseline; got {baseline!r}")
+        raise fail(where, "baseline must be a number, a tensor of x's shape, a "
+                          f"pytree of those matching x, or a callable x -> baseline; got {baseline!r:.80}")
+    for b in leaves:
+        if isinstance(b, Tensor) and (b.dtype.is_complex or (b.dtype.is_floating_point and b.numel()
+                                                              and not bool(torch.isfinite(b).all()))):
+            raise fail(where, "baseline holds NaN or Inf values")
+        if isinstance(b, Real) and not math.isfinite(float(b)):
+            raise fail(where, f"baseline must be finite, got {b!r}")
 
 
 def make_baseline(where: str, baseline, x):
@@ -79,12 +93,13 @@ def make_baseline(where: str, baseline, x):
 
     try:
         return tree_map(one, value, x)
+    except FxattrError:
+        raise
     except ValueError as error:
-        if "fxattr." in str(error):
-            raise
         raise fail(where, f"baseline's structure does not match x's: {error}") from error
 
 
+@api_boundary("integrated_gradients")
 def integrated_gradients(f, *, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
                          chunk_size: int | None = 4):
     """Integrated gradients along the straight path from ``baseline`` to ``x``.

@@ -9,13 +9,11 @@ example its own noise, and ``explain(..., noise=eps)`` replays given standard-no
 
 from __future__ import annotations
 
-from numbers import Real
-
 import optree
 import torch
 
 from fxattr._explainer import check_choice, check_int, explainer, fixed_target, tree_map
-from fxattr.errors import fail
+from fxattr.errors import api_boundary, check_finite, fail
 from fxattr.gradients._gradient import gradient
 from fxattr.targets import check_target
 
@@ -31,6 +29,7 @@ _REDUCE = {
 }
 
 
+@api_boundary("noise_tunnel")
 def noise_tunnel(explain, *, kind: str = "smoothgrad", samples: int = 16, sigma: float = 0.15,
                  relative: bool = True, chunk_size: int | None = 4):
     """Averages ``explain`` over ``samples`` copies of x with Gaussian noise added.
@@ -68,8 +67,9 @@ def noise_tunnel(explain, *, kind: str = "smoothgrad", samples: int = 16, sigma:
     check_choice(where, "kind", kind, KINDS)
     check_int(where, "samples", samples, 1)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
-    if isinstance(sigma, bool) or not isinstance(sigma, Real) or sigma < 0:
-        raise fail(where, f"sigma must be a number >= 0, got {sigma!r}")
+    sigma = check_finite(where, "sigma", sigma, minimum=0)
+    if not isinstance(relative, bool):
+        raise fail(where, f"relative must be True or False, got {relative!r}")
     reduce = _REDUCE[kind]
     f = getattr(explain, "model", None)
     name = getattr(explain, "__name__", "explainer")
@@ -94,7 +94,7 @@ def noise_tunnel(explain, *, kind: str = "smoothgrad", samples: int = 16, sigma:
 
     config = {"explain": name, "kind": kind, "samples": samples, "sigma": sigma,
               "relative": relative, "chunk_size": chunk_size}
-    return explainer(f"{kind}({name})", f, config, tunneled)
+    return explainer(f"{kind}({name})", f, config, tunneled, boundary=where)
 
 
 def _check_noise(noise, x, samples) -> None:
@@ -109,6 +109,7 @@ def _check_noise(noise, x, samples) -> None:
                                        f"= {(samples, *t.shape)}")
 
 
+@api_boundary("smoothgrad")
 def smoothgrad(f, *, samples: int = 16, sigma: float = 0.15, relative: bool = True,
                chunk_size: int | None = 4):
     """SmoothGrad (Smilkov et al. 2017): ``noise_tunnel(gradient(f), kind="smoothgrad", ...)``.
@@ -121,6 +122,7 @@ def smoothgrad(f, *, samples: int = 16, sigma: float = 0.15, relative: bool = Tr
                         relative=relative, chunk_size=chunk_size)
 
 
+@api_boundary("smoothgrad_sq")
 def smoothgrad_sq(f, *, samples: int = 16, sigma: float = 0.15, relative: bool = True,
                   chunk_size: int | None = 4):
     """SmoothGrad-squared: ``noise_tunnel(gradient(f), kind="smoothgrad_sq", ...)``."""
@@ -128,6 +130,7 @@ def smoothgrad_sq(f, *, samples: int = 16, sigma: float = 0.15, relative: bool =
                         relative=relative, chunk_size=chunk_size)
 
 
+@api_boundary("vargrad")
 def vargrad(f, *, samples: int = 16, sigma: float = 0.15, relative: bool = True,
             chunk_size: int | None = 4):
     """VarGrad (Adebayo et al. 2018): ``noise_tunnel(gradient(f), kind="vargrad", ...)``."""
