@@ -118,6 +118,26 @@ def test_differentiable_in_the_attribution(mlp, name):
     torch.testing.assert_close(grads[2], torch.func.grad(fn)(batch[2]))
 
 
+@pytest.mark.parametrize("name", ["sparseness", "complexity"])
+def test_differentiable_in_the_parameters_through_an_explainer(mlp, name):
+    # a training objective: the sparseness / complexity of the gradient explanation, d/d weights
+    _, f, params = mlp
+    metric = getattr(fxattr.metrics, name)(f)
+    explain = fxattr.gradient(f)
+    x = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    weight = params["0.weight"]
+
+    def objective(w):
+        p = {**params, "0.weight": w}
+        return metric(p, x, 1, explain(p, x, 1))
+    leaf = weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(objective, (leaf,), fast_mode=True)
+    functional = torch.func.grad(objective)(weight.detach())
+    (autograd,) = torch.autograd.grad(objective(leaf), leaf)
+    torch.testing.assert_close(functional, autograd)
+    assert functional.abs().sum() > 0
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_equals_loop_and_dtypes(case, name, dtype):
     _, f, params, x, y, a = case
