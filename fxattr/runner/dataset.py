@@ -157,7 +157,7 @@ class ShardWriter:
 def attribute_dataset(explain, params, data, out, *, batch_size: int = 32,
                       target: str | Callable = "predicted", format: str = "safetensors",  # noqa: A002
                       dtype=torch.float32, shard_size: int | None = None, resume: bool = False,
-                      progress: bool = True, compile: bool = False, num_workers: int = 0,  # noqa: A002
+                      progress: bool = True, compile: bool | dict = False, num_workers: int = 0,  # noqa: A002
                       device=None, model=None, seed: int = 0, randomness: str = "different",
                       config: dict | None = None) -> RunSummary:
     """Explains every example of a dataset and writes the attributions to ``out``, resumably.
@@ -187,7 +187,8 @@ def attribute_dataset(explain, params, data, out, *, batch_size: int = 32,
         resume: continue the run in ``out`` (refused if its configuration differs).
         progress: show a progress bar (tqdm, rank 0).
         compile: ``torch.compile`` the vmapped explainer once; the last batch is padded to
-            ``batch_size`` so that it does not recompile.
+            ``batch_size`` so that it does not recompile. A dict is passed to ``torch.compile``
+            as options (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``).
         num_workers: DataLoader worker processes decoding ahead of the computation.
         device: where to compute (default: the parameters' device; ``cuda`` under torchrun means
             ``cuda:LOCAL_RANK``).
@@ -236,9 +237,11 @@ def attribute_dataset(explain, params, data, out, *, batch_size: int = 32,
         storage.import_h5py(WHERE)
     if format == "zarr":
         storage.import_zarr(WHERE)
-    for name, flag in (("resume", resume), ("progress", progress), ("compile", compile)):
+    for name, flag in (("resume", resume), ("progress", progress)):
         if not isinstance(flag, bool):
             raise fail(WHERE, f"{name} must be True or False, got {flag!r}")
+    if not isinstance(compile, (bool, dict)):
+        raise fail(WHERE, f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise fail(WHERE, f"num_workers must be an int >= 0, got {num_workers!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -309,7 +312,7 @@ def run(explain, f, params, dataset, settings, out: Path, length: int, group: Gr
             "target": target if isinstance(target, str) else storage.fingerprint(target),
             "format": fmt,
             "dtype": storage.dtype_name(stored),
-            "compile": compile,
+            "compile": storage.fingerprint(compile),
             "seed": seed,
             "randomness": randomness,
             "device": device.type,
@@ -422,8 +425,9 @@ def make_step(explain, f, target, batch_size: int, compile: bool, randomness: st
         return vmapped_explain(params, x, targets)
 
     if compile:
-        forward = torch.compile(forward, dynamic=False)
-        batched = torch.compile(batched, dynamic=False)
+        options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
+        forward = torch.compile(forward, **options)
+        batched = torch.compile(batched, **options)
 
     def choose(outputs: Tensor, flat: Tensor, prediction: Tensor, labels: Tensor | None) -> Tensor:
         if target == "predicted":
