@@ -48,7 +48,7 @@ def build(size: int, batch: int, cell: int):
     return model, x, mask, target, side * side
 
 
-def run_one(method: str, library: str, args) -> dict:
+def run_one(method: str, library: str, args, captum_rows: int = 1) -> dict:
     torch.set_num_threads(1)
     model, x, mask, target, groups = build(args.size, args.batch, args.cell)
     f, params = fxattr.functionalize(model)
@@ -73,17 +73,17 @@ def run_one(method: str, library: str, args) -> dict:
                 torch.manual_seed(1)  # the same permutations as fxattr's
                 return ShapleyValueSampling(model).attribute(
                     x, baselines=0.0, target=target, feature_mask=mask[None], n_samples=args.samples,
-                    perturbations_per_eval=rows)
+                    perturbations_per_eval=captum_rows)
         elif method == "kernel_shap":
             def call():
                 return torch.cat([KernelShap(model).attribute(
                     x[i:i + 1], baselines=0.0, target=int(target[i]), feature_mask=mask[None],
-                    n_samples=args.coalitions, perturbations_per_eval=rows) for i in range(len(x))])
+                    n_samples=args.coalitions, perturbations_per_eval=captum_rows) for i in range(len(x))])
         else:
             def call():
                 return torch.cat([Lime(model, interpretable_model=SkLearnRidge(alpha=1.0)).attribute(
                     x[i:i + 1], baselines=0.0, target=int(target[i]), feature_mask=mask[None],
-                    n_samples=args.coalitions, perturbations_per_eval=rows) for i in range(len(x))])
+                    n_samples=args.coalitions, perturbations_per_eval=captum_rows) for i in range(len(x))])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.process_time()
     with torch.no_grad() if library == "captum" else torch.enable_grad():
@@ -112,34 +112,38 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", default="svs,kernel_shap,lime")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.size, args.batch, args.samples, args.coalitions, args.repeats = 32, 2, 2, 32, 1
     if args.child:
-        print(json.dumps(run_one(args.child[0], args.child[1], args)))
+        print(json.dumps(run_one(args.child[0], args.child[1], args, int(args.child[2]))))
         return
     rows = []
     for method in args.methods.split(","):
         results = {}
-        for library in ("fxattr", "captum"):
-            argv = [sys.executable, __file__, "--child", method, library] + [
+        for library, captum_rows in (("fxattr", 0), ("captum", args.chunk), ("captum default", 1)):
+            argv = [sys.executable, __file__, "--child", method, library.split()[0], str(captum_rows)] + [
                 a for a in sys.argv[1:] if a != "--quick"] + (["--quick"] if args.quick else [])
             done = subprocess.run(argv, capture_output=True, text=True, check=True)
             results[library] = json.loads(done.stdout.strip().splitlines()[-1])
-        fx, cp = results["fxattr"], results["captum"]
+        fx, cp, cd = results["fxattr"], results["captum"], results["captum default"]
         agree = "-"
         if method == "svs":
             a, b = torch.tensor(fx["out"]), torch.tensor(cp["out"])
             agree = f"{float((a - b).abs().max() / b.abs().max()):.1e}"
         rows.append((method, fx["groups"], fx["median"], cp["median"], cp["median"] / fx["median"],
-                     fx["peak_kib"] / 1024, cp["peak_kib"] / 1024, agree))
-    print(f"resnet18 (10 classes), batch {args.batch}, {args.size}x{args.size}, {args.chunk} coalitions "
-          f"per forward in both, 1 thread, process time, median of {args.repeats}")
-    print("| method | groups | fxattr | captum | speed-up | fxattr peak | captum peak | max rel. diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for m, g, a, b, r, pa, pb, agree in rows:
-        print(f"| {m} | {g} | {a:.2f} s | {b:.2f} s | {r:.2f}x | +{pa:.0f} MiB | +{pb:.0f} MiB | {agree} |")
+                     cd["median"], cd["median"] / fx["median"], fx["peak_kib"] / 1024,
+                     cp["peak_kib"] / 1024, cd["peak_kib"] / 1024, agree))
+    print(f"resnet18 (10 classes), batch {args.batch}, {args.size}x{args.size}, the same forwards; fxattr "
+          f"{args.chunk} coalitions per forward per example; captum with perturbations_per_eval={args.chunk} "
+          f"(matched) and 1 (its default); 1 thread, process time, median of {args.repeats}")
+    print("| method | groups | fxattr | captum matched | speed-up | captum default | speed-up | "
+          "fxattr peak | captum matched peak | captum default peak | max rel. diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for m, g, a, b, r, c, rc, pa, pb, pc, agree in rows:
+        print(f"| {m} | {g} | {a:.2f} s | {b:.2f} s | {r:.2f}x | {c:.2f} s | {rc:.2f}x | +{pa:.0f} MiB | "
+              f"+{pb:.0f} MiB | +{pc:.0f} MiB | {agree} |")
 
 
 if __name__ == "__main__":
