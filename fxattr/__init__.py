@@ -25,12 +25,14 @@ from fxattr.propagation import (deconvnet, deep_taylor, deep_taylor_bounded, dee
                                 guided_backprop, load_patterns, lrp, pattern_attribution, patternnet,
                                 save_patterns)
 from fxattr.targets import select
+from fxattr.runner import attribute_dataset, load_attributions
 from fxattr import text  # noqa: E402  (after the explainers it wraps)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Analyzer",
+    "attribute_dataset",
     "cam",
     "create_analyzer",
     "deconvnet",
@@ -57,6 +59,7 @@ __all__ = [
     "layercam",
     "lime",
     "list_analyzers",
+    "load_attributions",
     "load_patterns",
     "lrp",
     "noise_tunnel",
