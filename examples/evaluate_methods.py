@@ -229,6 +229,7 @@ def run(args) -> dict:
     if "deletion AUC" in chosen:
         files["deletion"] = args.out / "deletion.png"
         viz.plot_curves(table, "deletion AUC", file=files["deletion"], ylabel="softmax of the target",
+                        xlabel="pixels removed, most relevant first (4 per step, 4 to 64)",
                         title="pixel flipping (most relevant first, 4 pixels per step)")
 
     skipped_mprt = {}

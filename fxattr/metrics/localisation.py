@@ -175,7 +175,8 @@ def top_k_intersection(f=None, *, k: int = 1000, concept_influence: bool = False
 
     Args:
         f: the model function (not called).
-        k: how many of the most relevant features are checked (1 <= k <= the number of features).
+        k: how many of the most relevant features are checked (1 <= k <= the number of features;
+            Quantus requires k < H * W, and its default 1000 needs images of more than 1000 pixels).
         concept_influence: divide by ``|mask| / n``.
         abs: take the absolute value of the attribution first.
         normalise: divide the attribution by its maximum absolute value first (no effect).

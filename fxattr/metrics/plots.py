@@ -42,7 +42,7 @@ def curve_array(where: str, name: str, curve) -> np.ndarray:
 
 
 def plot_curves(curves, metric: str | None = None, *, file=None, title: str | None = None,
-                xlabel: str = "fraction of features perturbed", ylabel: str = "target score",
+                xlabel: str = "perturbation step (first to last)", ylabel: str = "target score",
                 step_labels: Sequence[str] | None = None, size: tuple[float, float] = (5.0, 3.5),
                 dpi: int = 100):
     """Perturbation curves, one line per method: the mean over examples and a ± standard error band.
