@@ -167,7 +167,7 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
 
     Returns:
         ``(f, params)``: a :class:`TextModel` and the module's parameters (detached, sharing storage)
-        and buffers (copied).
+        and floating-point buffers (copied), so ``torch.func.grad`` over all of ``params`` works.
 
     Example:
         >>> f, params = fxattr.text.functionalize(model.eval())
@@ -203,7 +203,10 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
                   pad_token_id=pad if isinstance(pad, int) else None,
                   positions="position_ids" in signature)
     params = {name: t.detach() for name, t in model.named_parameters()}
-    params.update({name: t.detach().clone() for name, t in model.named_buffers()})
+    # Integer buffers (BERT's position_ids and token_type_ids tables) stay with the module, which
+    # functional_call falls back to: they are index tables, and torch.func.grad over params needs
+    # floating-point tensors only.
+    params.update({name: t.detach().clone() for name, t in model.named_buffers() if t.is_floating_point()})
     return f, params
 
 

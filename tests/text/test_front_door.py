@@ -180,3 +180,16 @@ def test_clear_errors():
     f2, _ = fxattr.text.functionalize(no_pad)
     with pytest.raises(fxattr.FxattrError, match="pad_token_id"):
         fxattr.text.attribute(fxattr.integrated_gradients, f2, baseline="pad")
+
+
+@pytest.mark.slow
+def test_compile_equals_eager():
+    model = tiny("gpt2", "sdpa")
+    f, params = fxattr.text.functionalize(model)
+    ids, mask = _batch([5, 3], 5)
+    explain = torch.vmap(fxattr.text.attribute(fxattr.input_x_gradient, f), in_dims=MAPPED)
+    targets = fxattr.text.next_token(torch.tensor([4, 6]))
+    torch._dynamo.reset()
+    eager = explain(params, ids, mask, targets)
+    compiled = torch.compile(explain, fullgraph=True)(params, ids, mask, targets)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
