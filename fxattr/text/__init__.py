@@ -14,10 +14,11 @@ from fxattr.text._functional import TextModel, attribute, functionalize, math_at
 from fxattr.text._generation import generation_attribution
 from fxattr.text._targets import (ClassLogit, Continuation, Contrast, NextToken, class_logit,
                                   continuation, contrast, next_token)
+from fxattr.text._viz import token_colors, token_heatmap_html, token_heatmap_png
 
 __all__ = [
     "ClassLogit", "Continuation", "Contrast", "NextToken", "TextModel", "attention_maps",
     "attention_relevance", "attention_rollout", "attribute", "class_logit",
     "continuation", "contrast", "functionalize", "generation_attribution", "math_attention",
-    "next_token",
+    "next_token", "token_colors", "token_heatmap_html", "token_heatmap_png",
 ]
