@@ -7,7 +7,7 @@ mean ± standard error over the digits, plus plots in examples/out/:
 
 - ``metrics.png``: the metric x method chart (``fxattr.viz.plot_metrics``);
 - ``deletion.png``: pixel-flipping (deletion) curves (``fxattr.viz.plot_curves``);
-- ``mprt.png``: the model parameter randomisation test (Adebayo et al. 2018, "Sanity checks for
+- ``mprt.png`` (and ``mprt_grid.png``, one digit's explanations): the model parameter randomisation test (Adebayo et al. 2018, "Sanity checks for
   saliency maps"): the Spearman correlation between each method's explanation of the trained model
   and of the model with its layers re-initialised one by one from the top (``fxattr.metrics.mprt``,
   signed explanations). Guided backprop and deconvnet stay close to their original explanation
@@ -176,6 +176,30 @@ def randomisation_check(f, params, explainers, probe, batch, skipped):
     return (table, ["original", *layers]), None
 
 
+def randomisation_grid(f, params, explainers, image, label, file) -> bool:
+    """The classic MPRT figure for one digit: one row per method, the explanation of the trained
+    model and after each further layer is re-initialised (top down)."""
+    from fxattr.metrics import randomisation
+    parameter_sets = getattr(randomisation, "randomised_parameter_sets", None)
+    if parameter_sets is None:
+        return False
+    names, sets = parameter_sets(f, params, layer_order="top_down", seed=42)
+    rows, labels = [], []
+    for name in ("gradient", "guided backprop", "deconvnet", "LRP-epsilon"):
+        if name not in explainers:
+            continue
+        explain = explainers[name]
+        original = explain(params, image, label)
+        randomised = torch.vmap(explain, in_dims=(0, None, None))(sets, image, label)
+        rows.append([viz.graymap(image, input_is_positive_only=True), viz.heatmap(original),
+                     *[viz.heatmap(r) for r in randomised]])
+        labels.append(name)
+    viz.plot_grid(rows, row_labels=labels, col_labels=["input", "trained", f"{names[0]} random",
+                                                       *[f"+ {n} random" for n in names[1:]]],
+                  file=file, cell_size=1.0, dpi=100)
+    return True
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few epochs, digits and samples (for tests)")
@@ -243,6 +267,8 @@ def run(args) -> dict:
         mprt_table, steps = randomisation
         curves = {name: mprt_table.curves[name]["MPRT"] for name in mprt_table.explainers}
         files["mprt"] = args.out / "mprt.png"
+        if randomisation_grid(f, params, explainers, x[0], y[0], args.out / "mprt_grid.png"):
+            files["mprt grid"] = args.out / "mprt_grid.png"
         viz.plot_curves(curves, file=files["mprt"], step_labels=steps,
                         xlabel="layers re-initialised, top down (cumulative)",
                         ylabel="Spearman to the original explanation",
