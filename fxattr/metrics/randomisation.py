@@ -135,6 +135,7 @@ class RandomLayers:
         self.names = [name for name, _ in layers]
         self.resets: dict[str, Tensor] = {}
         self.owner: dict[str, int] = {}
+        self.parameters: set[str] = set()
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for position, (name, layer) in enumerate(layers):
                 torch.manual_seed(seed + 1)
@@ -142,6 +143,8 @@ class RandomLayers:
                 own = [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
                 for local, tensor in own:
                     full = f"{name}.{local}" if name else local
+                    if isinstance(tensor, nn.Parameter):
+                        self.parameters.add(full)
                     self.resets[full] = tensor.detach().clone()
                     self.owner[full] = position
         self.cascading = layer_order != "independent"
@@ -154,6 +157,8 @@ class RandomLayers:
         out = dict(params)
         for name, reset in self.resets.items():
             if name not in params:
+                if name not in self.parameters:
+                    continue  # a buffer the functional model does not carry (num_batches_tracked)
                 raise fail("metrics", f"params has no entry {name!r} that the randomised layer "
                                       f"{self.names[self.owner[name]]!r} re-initialises; pass the params "
                                       "of fxattr.functionalize(model)")
