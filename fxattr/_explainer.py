@@ -39,7 +39,7 @@ def check_choice(where: str, name: str, value, choices) -> None:
 
 
 def explainer(name: str, f, config: dict, fn: Explainer, *, boundary: str | None = None,
-              integer_x: bool = False) -> Explainer:
+              integer_x: bool = False, empty: str = "like_x") -> Explainer:
     """Names ``fn`` and records what it explains, so errors and compositions can refer to it.
 
     The returned explainer checks every call's input before ``fn`` runs (:func:`check_call`) and
@@ -48,10 +48,22 @@ def explainer(name: str, f, config: dict, fn: Explainer, *, boundary: str | None
     function raised it. Under ``torch.compile`` values cannot be read, so instead of the
     finiteness check a non-finite x turns the whole result into NaN (a zero-valued term
     ``0 * sum(x)`` is added; derivatives are unchanged).
+
+    An empty batch (``torch.vmap`` over B = 0 examples) returns an empty result without running
+    the model: zeros of x's shape (``empty="like_x"``), or of the shape of one explanation of a
+    zero example (``empty="run"``, for explainers whose result is not x-shaped, like a CAM at the
+    layer's resolution).
     """
     def checked(params, x, *args, **kwargs):
         if torch.compiler.is_compiling():
             return poison_non_finite(fn(params, x, *args, **kwargs), x)
+        if is_empty_batch(x):
+            zero = tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype, device=t.device), x)
+            if empty == "like_x":
+                return zero
+            target = args[0] if args else kwargs.get("target")
+            target = target if callable(target) and not isinstance(target, torch.Tensor) else 0
+            return tree_map(torch.zeros_like, fn(params, zero, target))
         check_call(f, params, x, integer_x=integer_x)
         return fn(params, x, *args, **kwargs)
 
@@ -97,6 +109,16 @@ def check_call(f, params, x, *, integer_x: bool = False, where: str | None = Non
                 raise fail(where, f"x holds {bad} NaN or Inf value{'s' if bad > 1 else ''} (of "
                                   f"{plain.numel()}{' in the batch' if plain.shape != t.shape else ''}"
                                   "); an explanation of a non-finite input would be meaningless")
+
+
+def is_empty_batch(x) -> bool:
+    """True inside ``torch.vmap`` over a batch of zero examples (x's values are an empty tensor)."""
+    for t in optree.tree_leaves(x, namespace="torch"):
+        if isinstance(t, torch.Tensor) and t.numel():
+            plain = readable(t)
+            if plain is not None and plain.numel() == 0:
+                return True
+    return False
 
 
 def poison_non_finite(result, x):

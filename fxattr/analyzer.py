@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 import fxattr
-from fxattr.errors import fail
+from fxattr.errors import api_boundary, fail
+from fxattr.functional import CAPTURE_LOCK
 
 __all__ = ["Analyzer", "create_analyzer", "list_analyzers"]
 
@@ -130,13 +131,15 @@ class Analyzer:
         self._entry = entry
         self.f, self.params = fxattr.functionalize(model)
         try:
-            self.explainer = entry.build(self.f, **kwargs)
+            with CAPTURE_LOCK:  # graph capture (torch.fx) is not thread-safe: one at a time
+                self.explainer = entry.build(self.f, **kwargs)
         except TypeError as error:
             raise fail("create_analyzer", f"{name!r} does not take these keyword arguments: {error}") from error
 
     def __repr__(self) -> str:
         return f"Analyzer({self.name!r}, neuron_selection_mode={self.neuron_selection_mode!r})"
 
+    @api_boundary("Analyzer.fit")
     def fit(self, data, **kwargs) -> Analyzer:
         """Fits the analyzer's statistics (pattern analyzers) from an iterable of batches."""
         if not self._entry.fits:
@@ -155,14 +158,20 @@ class Analyzer:
             raise fail("Analyzer.analyze", "neuron_selection_mode 'index' needs neuron_selection: an int "
                                            "or one int per example")
         if isinstance(neuron_selection, (int, np.integer)) and not isinstance(neuron_selection, bool):
+            if neuron_selection < 0:
+                raise fail("Analyzer.analyze", f"neuron_selection must be an index >= 0, got {neuron_selection}")
             return torch.full((batch,), int(neuron_selection), dtype=torch.long)
         selection = torch.as_tensor(np.asarray(neuron_selection))
         if selection.dtype.is_floating_point or selection.dtype == torch.bool or selection.ndim != 1 \
                 or len(selection) != batch:
             raise fail("Analyzer.analyze", f"neuron_selection must be an int or {batch} ints (one per "
                                            f"example), got {neuron_selection!r}")
+        if len(selection) and int(selection.min()) < 0:
+            raise fail("Analyzer.analyze", f"neuron_selection must hold indices >= 0, got "
+                                           f"{int(selection.min())}")
         return selection.long()
 
+    @api_boundary("Analyzer.analyze")
     def analyze(self, x, neuron_selection: int | Sequence[int] | None = None) -> Tensor:
         """The analysis of a batch ``x`` (tensor or numpy array): a tensor of x's shape on x's device."""
         if isinstance(x, np.ndarray):
@@ -187,6 +196,8 @@ class Analyzer:
         show = self.progress if self.progress is not None else len(starts) > 4
         if show:
             starts = _progress(starts, self.name)
+        if len(x) == 0:  # an empty batch gives an empty result of the explainer's shape
+            starts = [0]
         pieces = []
         for start in starts:  # chunks bound memory; each chunk is one vmapped call
             chunk = x[start:start + self.batch_size]
@@ -210,6 +221,7 @@ def _progress(iterable, name):
     return tqdm(iterable, desc=f"fxattr {name}", unit="batch")
 
 
+@api_boundary("create_analyzer")
 def create_analyzer(name: str, model: nn.Module, neuron_selection_mode: str = "max_activation", *,
                     batch_size: int = 32, progress: bool | None = None, **kwargs) -> Analyzer:
     """An iNNvestigate-compatible analyzer: ``create_analyzer(name, model).analyze(x)``.

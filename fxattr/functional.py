@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from fxattr.errors import FxattrError, api_boundary, fail
 
-__all__ = ["FunctionalModel", "differentiable", "functionalize", "stateless_view"]
+__all__ = ["CAPTURE_LOCK", "FunctionalModel", "differentiable", "functionalize", "stateless_view"]
 
 
 class EvalBatchNormAsElementwise(TorchFunctionMode):
@@ -71,6 +71,10 @@ def batch_norm_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Te
         shift = shift + bias
     return scale, shift
 
+
+CAPTURE_LOCK = threading.RLock()
+"""Held while a graph is captured (torch.fx patches ``nn.Module.__call__`` process-wide while it
+traces): graph explainers are built one at a time, whichever thread builds them."""
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 _DROPOUTS = (nn.modules.dropout._DropoutNd,)
@@ -189,7 +193,6 @@ class FunctionalModel:
         self.stochastic = [(name, m) for name, m in module.named_modules()
                            if isinstance(m, _BATCH_NORMS) or (isinstance(m, _DROPOUTS) and m.p > 0)]
         self.first_shapes = None  # leaf shapes of the first example seen (a later batch is caught)
-        self.capture_lock = threading.RLock()  # graph capture is serialised per f
         self._compile_view = None
 
     def __repr__(self) -> str:

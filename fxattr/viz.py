@@ -20,13 +20,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fxattr.errors import fail
+from fxattr.errors import check_finite, fail
 
 __all__ = ["clip_quantile", "gamma", "graymap", "heatmap", "overlay", "plot_grid", "project"]
 
@@ -38,6 +39,7 @@ _BUILTIN_CMAPS = {
     "gray": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 _REDUCE = ("sum", "absmax")
+NAN_COLOR = (0.0, 0.0, 0.0)  # heatmap pixels whose value is NaN are drawn black
 
 
 def _as_tensor(where: str, x, name: str = "x") -> tuple[Tensor, bool]:
@@ -91,10 +93,15 @@ def project(x, output_range=(0, 1), absmax=None, input_is_positive_only: bool = 
     if t.ndim == 0:
         raise fail(where, "x must have a batch axis (axis 0); got a 0-d value")
     if absmax is None:
-        absmax_t = t.abs().amax(dim=tuple(range(1, t.ndim))) if t.ndim > 1 else t.abs()
+        # NaN / Inf values do not set the scale: NaN stays NaN (heatmap draws it in NAN_COLOR),
+        # +-Inf lands on the ends of the range
+        magnitude = torch.where(torch.isfinite(t), t, torch.zeros_like(t)).abs()
+        absmax_t = magnitude.amax(dim=tuple(range(1, t.ndim))) if t.ndim > 1 else magnitude
     else:
         absmax_t, _ = _as_tensor(where, absmax, "absmax")
         absmax_t = absmax_t.to(device=t.device, dtype=t.dtype)
+        if absmax_t.numel() and not bool((torch.isfinite(absmax_t) & (absmax_t >= 0)).all()):
+            raise fail(where, "absmax must be finite and >= 0")
         if absmax_t.ndim > 1 or (absmax_t.ndim == 1 and absmax_t.shape[0] not in (1, t.shape[0])):
             raise fail(where, f"absmax must be a number or hold one value per example ({t.shape[0]}), "
                               f"got shape {tuple(absmax_t.shape)}")
@@ -110,9 +117,12 @@ def project(x, output_range=(0, 1), absmax=None, input_is_positive_only: bool = 
 def _range(where, output_range):
     try:
         low, high = output_range
-        return float(low), float(high)
+        low, high = float(low), float(high)
     except (TypeError, ValueError):
         raise fail(where, f"output_range must be a pair (low, high), got {output_range!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise fail(where, f"output_range must be finite, got {output_range!r}")
+    return low, high
 
 
 def _reduce_channels(where: str, t: Tensor, reduce: str, channel_axis) -> Tensor:
@@ -189,9 +199,13 @@ def heatmap(x, reduce: str = "sum", cmap="seismic", *, channel_axis: int | None 
         if channel_axis is not None and channel_axis >= 0:
             channel_axis += 1
     maps = _reduce_channels(where, t, reduce, channel_axis)
-    levels = project(maps, output_range=(0, 255), absmax=absmax,
-                     input_is_positive_only=input_is_positive_only).long()
+    projected = project(maps, output_range=(0, 255), absmax=absmax,
+                        input_is_positive_only=input_is_positive_only)
+    missing = torch.isnan(projected)
+    levels = torch.where(missing, torch.zeros_like(projected), projected).long()
     rgb = _colormap_table(where, cmap, t.dtype, t.device)[levels]
+    if bool(missing.any()):  # NaN is drawn, not crashed on: NAN_COLOR marks it
+        rgb = torch.where(missing[..., None], torch.tensor(NAN_COLOR, dtype=rgb.dtype, device=rgb.device), rgb)
     return _back(rgb[0] if single else rgb, was_numpy)
 
 
@@ -200,7 +214,7 @@ def graymap(x, reduce: str = "sum", **kwargs):
     return heatmap(x, reduce, cmap="gray", **kwargs)
 
 
-def gamma(x, gamma: float = 0.5, minamp: float = 0, maxamp=None):  # noqa: A002 - iNNvestigate's name
+def gamma(x, gamma: float = 0.5, minamp: float = 0, maxamp=None):
     """Gamma correction that keeps the order of values and their sign around ``minamp``.
 
     ``y = minamp + sign(v) * maxamp * (|v| / maxamp) ** gamma`` with ``v = x - minamp`` and
@@ -213,8 +227,10 @@ def gamma(x, gamma: float = 0.5, minamp: float = 0, maxamp=None):  # noqa: A002 
     """
     where = "viz.gamma"
     t, was_numpy = _as_tensor(where, x)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
-        raise fail(where, f"gamma must be a number > 0, got {gamma!r}")
+    check_finite(where, "gamma", gamma, minimum=0, strict_minimum=True)
+    check_finite(where, "minamp", minamp)
+    if maxamp is None or not isinstance(maxamp, Tensor):
+        check_finite(where, "maxamp", maxamp, minimum=0, strict_minimum=True, allow_none=True)
     v = t - minamp
     amp = v.abs().max() if maxamp is None else torch.as_tensor(maxamp, dtype=t.dtype, device=t.device)
     if v.numel() == 0 or amp == 0:
@@ -236,7 +252,7 @@ def clip_quantile(x, quantile=1):
     where = "viz.clip_quantile"
     t, was_numpy = _as_tensor(where, x)
     q = quantile if isinstance(quantile, (list, tuple)) else (quantile, 100 - quantile)
-    if len(q) != 2 or not all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in q):
+    if len(q) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 100 for v in q):
         raise fail(where, f"quantile must be a percentile in [0, 100] or a (low, high) pair of them, "
                           f"got {quantile!r}")
     if t.numel() == 0:
@@ -277,8 +293,7 @@ def overlay(image, attribution, alpha: float = 0.5, *, reduce: str = "sum", cmap
         >>> fxattr.viz.overlay(x, cam, channel_axis=None, cmap="bwr")
     """
     where = "viz.overlay"
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise fail(where, f"alpha must be a number in [0, 1], got {alpha!r}")
+    check_finite(where, "alpha", alpha, minimum=0, maximum=1)
     img, was_numpy = _as_tensor(where, image, "image")
     if img.ndim not in (2, 3, 4):
         raise fail(where, f"image must have shape (H, W), (C, H, W) or (N, C, H, W), got {tuple(img.shape)}")

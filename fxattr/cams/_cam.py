@@ -233,7 +233,7 @@ def _gradient_cam(name: str, f, layer, relu, upsample, interpolate, normalize, m
 
     config = {"layer": layer, "relu": relu, "upsample": upsample, "interpolate": interpolate,
               "normalize": normalize, "reshape": reshape}
-    return explainer(name, f, config, explain, integer_x=True)
+    return explainer(name, f, config, explain, integer_x=True, empty="run")
 
 
 # ----------------------------------------------------------------------------------- explainers
@@ -404,7 +404,7 @@ def cam(f, *, layer, fc: str | None = None, relu: bool = False, upsample: bool =
 
     config = {"layer": layer, "fc": fc, "relu": relu, "upsample": upsample,
               "interpolate": interpolate, "normalize": normalize, "reshape": reshape}
-    return explainer(where, f, config, explain, integer_x=True)
+    return explainer(where, f, config, explain, integer_x=True, empty="run")
 
 
 @api_boundary("scorecam")
@@ -464,7 +464,7 @@ def scorecam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate:
 
     config = {"layer": layer, "relu": relu, "upsample": upsample, "interpolate": interpolate,
               "normalize": normalize, "chunk_size": chunk_size, "reshape": reshape}
-    return explainer(where, f, config, explain)
+    return explainer(where, f, config, explain, empty="run")
 
 
 @api_boundary("guided_gradcam")

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxattr.perturbation import _incremental
 from fxattr._explainer import check_int, check_model, explainer, fixed_target
-from fxattr.errors import fail
-from fxattr.targets import is_concrete, check_target, select
+from fxattr.errors import api_boundary, check_finite, fail
+from fxattr.functional import CAPTURE_LOCK
+from fxattr.perturbation import _incremental
+from fxattr.targets import check_target, is_concrete, select
 
 __all__ = ["feature_ablation", "occlusion", "rise", "rise_masks"]
 
@@ -47,6 +48,12 @@ def _check_baseline(where: str, baseline) -> None:
     if isinstance(baseline, bool) or not isinstance(baseline, (Real, Tensor)):
         raise fail(where, f"baseline must be a number or a tensor broadcastable to x's shape, got "
                           f"{type(baseline).__name__}")
+    if isinstance(baseline, Real):
+        check_finite(where, "baseline", baseline)
+    elif not baseline.dtype.is_floating_point:
+        raise fail(where, f"baseline must be a floating-point tensor, got dtype {baseline.dtype}")
+    elif baseline.numel() and not bool(torch.isfinite(baseline).all()):
+        raise fail(where, "baseline holds NaN or Inf values")
 
 
 def _baseline(where: str, baseline, x: Tensor) -> Tensor:
@@ -88,6 +95,7 @@ def _check_tuple_config(where: str, name: str, value, allow_none=False) -> None:
 
 # -------------------------------------------------------------------------------------- occlusion
 
+@api_boundary("occlusion")
 def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 16,
               incremental="auto"):
     """Occlusion (Zeiler and Fergus 2014) with captum's ``Occlusion`` semantics.
@@ -136,7 +144,8 @@ def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 
         raise fail(where, f"incremental must be 'auto', True or False, got {incremental!r}")
     steps = None
     if incremental is not False:
-        steps = _incremental.traced(where, f, required=incremental is True)
+        with CAPTURE_LOCK:  # torch.fx tracing is not thread-safe
+            steps = _incremental.traced(where, f, required=incremental is True)
 
     def explain(params, x, target=None):
         check_target(where, target)
@@ -213,6 +222,7 @@ def _separable_sum(values: Tensor, indicators) -> Tensor:
 
 # ------------------------------------------------------------------------------- feature ablation
 
+@api_boundary("feature_ablation")
 def feature_ablation(f, *, feature_mask=None, baseline=0.0, chunk_size: int | None = 8):
     """Feature ablation with captum's ``FeatureAblation`` semantics.
 
@@ -307,6 +317,7 @@ def _draw(num_masks, cell_size, p, height, width, device):
     return {"grid": grid, "shift": torch.stack([shift_h, shift_w], -1)}
 
 
+@api_boundary("rise_masks")
 def rise_masks(shape, *, num_masks: int = 8000, cell_size: int = 7, p: float = 0.5,
                dtype=torch.float32, device=None, noise=None) -> Tensor:
     """The random masks :func:`rise` draws, materialised: a tensor ``(num_masks, H, W)``.
@@ -365,6 +376,7 @@ def _inside(shift, limits) -> bool:
     return bool((shift >= 0).all() and (shift[:, 0] < limits[0]).all() and (shift[:, 1] < limits[1]).all())
 
 
+@api_boundary("rise")
 def rise(f, *, masks=None, num_masks: int | None = None, cell_size: int = 7, p: float = 0.5,
          chunk_size: int | None = 8):
     """RISE (Petsiuk et al. 2018): the target output on randomly masked inputs, averaged per pixel.
@@ -417,6 +429,8 @@ def rise(f, *, masks=None, num_masks: int | None = None, cell_size: int = 7, p: 
             raise fail(where, "masks must be a floating-point tensor (N, *s) of N masks with s "
                               "broadcastable to x's shape, got "
                               f"{getattr(masks, 'dtype', type(masks).__name__)} {tuple(getattr(masks, 'shape', ()))}")
+        if masks.numel() and not bool(torch.isfinite(masks).all()):
+            raise fail(where, "masks hold NaN or Inf values")
         if num_masks is not None and num_masks != masks.shape[0]:
             raise fail(where, f"num_masks={num_masks} but masks holds {masks.shape[0]} masks; give one")
         num_masks = masks.shape[0]
