@@ -510,3 +510,63 @@ def test_errors_name_the_argument():
         O.conv_transpose_layer(4)
     with pytest.raises(FxattrError, match=r"query must be \(length, batch, embed_dim\)"):
         O.multihead_attention_lrp(x, x, x, _mha()[1], 2, x)
+
+
+# --- the reference implementations: lxt (AttnLRP's authors) and zennit ------------------------
+
+def _lxt_relevance(fn, inputs, relevance):
+    """lxt's explicit rules: relevance arrives in ``.grad`` of the inputs after a backward of R."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, relevance, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+
+
+def test_agrees_with_lxt():
+    lxt = pytest.importorskip("lxt.explicit.functional")
+    x, r = randn(3, 6, seed=1), randn(3, 6, seed=2)
+    w, b = randn(6, seed=3).abs() + 0.5, randn(6, seed=4)
+    # LayerNorm: identity on 1/std, epsilon on the centring (lxt's stabiliser y + eps, eps = 0 here)
+    (want,) = _lxt_relevance(lambda t: lxt.layer_norm_grad_fn.apply(t, w, b, 1e-5, 0.0), (x,), r)
+    torch.testing.assert_close(O.layer_norm_lrp(x, (6,), w, b, r, eps=1e-5), want, rtol=1e-10, atol=1e-12)
+    (want,) = _lxt_relevance(lambda t: lxt.rms_norm_identity_fn.apply(t, w, 1e-6), (x,), r)
+    torch.testing.assert_close(O.rms_norm_lrp(x, (6,), w, r), want, rtol=1e-10, atol=1e-12)
+    (want,) = _lxt_relevance(lambda t: lxt.softmax_fn.apply(t, -1), (x,), r)
+    torch.testing.assert_close(O.softmax_lrp(x, r), want, rtol=1e-10, atol=1e-12)
+    a, c = randn(2, 3, 4, seed=5), randn(2, 4, 5, seed=6)
+    rz = randn(2, 3, 5, seed=7)
+    want = _lxt_relevance(lambda p, q: lxt.matmul_fn.apply(p, q, False, 0.0), (a, c), rz)
+    for got, ref in zip(O.bilinear_uniform_lrp(torch.matmul, a, c, rz), want):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    want = _lxt_relevance(lambda p, q: lxt.mul2_fn.apply(p, q), (x, randn(3, 6, seed=8)), r)
+    for got, ref in zip(O.product_uniform_lrp(x, randn(3, 6, seed=8), r), want):
+        torch.testing.assert_close(got, ref)
+    xp = x.abs() + 0.1
+    (want,) = _lxt_relevance(lambda t: lxt.mean_fn.apply(t, -1, True, 0.0), (xp,), r[:, :1])
+    torch.testing.assert_close(O.linear_lrp(lambda t: t.mean(-1, keepdim=True), (xp,), r[:, :1])[0], want,
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["epsilon", "gamma", "alpha_beta"])
+def test_conv_transpose_agrees_with_zennit(rule):
+    zennit_rules = pytest.importorskip("zennit.rules")
+    torch.manual_seed(0)
+    module = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1).double()
+    x = randn(2, 3, 4, 4, seed=1)
+    if rule != "epsilon":
+        x = x.abs()  # zennit's gamma and alpha-beta as the positive-input rules
+    peer, ours = {"epsilon": (zennit_rules.Epsilon(1e-6), rules.epsilon(1e-6)),
+                  "gamma": (zennit_rules.Gamma(0.25), rules.gamma(0.25)),
+                  "alpha_beta": (zennit_rules.AlphaBeta(2.0, 1.0), rules.alpha_beta(2.0, 1.0, bias="split", stabiliser=1e-6))}[rule]
+    layer = O.conv_transpose_layer(2, stride=2, padding=1, output_padding=1,
+                                   nonnegative_input=rule != "epsilon")
+    params = {"weight": module.weight.detach(), "bias": module.bias.detach()}
+    z = layer.forward(x, params)
+    r = randn(*z.shape, seed=2)
+    handles = peer.register(module)  # zennit's hooks, on this test's own module
+    try:
+        leaf = x.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(module(leaf), leaf, r)
+    finally:
+        handles.remove()
+    torch.testing.assert_close(ours.reverse(layer, params, x, z, r), want, rtol=1e-9, atol=1e-11)
