@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fxattr.errors import fail
-from fxattr.text._targets import resolve_target
+from fxattr.text._targets import predicted_next_token, resolve_target
 
 __all__ = ["TextModel", "attribute", "baseline_value", "check_text_model", "functionalize", "math_attention"]
 
@@ -285,6 +285,12 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
         if baseline is not None:
             inner_config["baseline"] = lambda e: baseline(params, e)
         inner = method(lambda p, e: f(p, e, mask), **inner_config)
+        if target is None:
+            # Resolved once at the input, so IG paths and noisy copies all explain the same token.
+            with torch.no_grad():
+                output = f(params, embeddings, mask)
+            if output.ndim == 2:
+                target = predicted_next_token(output, mask)
         resolved = resolve_target(where, target, input_ids, mask)
         relevance = inner(params, embeddings, resolved, **kwargs)
         keep = mask.to(relevance.dtype)

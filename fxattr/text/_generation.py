@@ -29,7 +29,7 @@ def _check_chunk(where: str, name: str, value) -> None:
 
 def generation_attribution(f, *, method: str = "input_x_gradient", reduce: str | None = "sum",
                            steps: int = 16, baseline="zeros", quadrature: str = "gausslegendre",
-                           chunk_size: int | None = 32, steps_chunk_size: int | None = 1):
+                           chunk_size: int | None = 32, steps_chunk_size: int | None = 4):
     """Token relevance of every generated token's log-probability, all targets in one call.
 
     ``explain(params, input_ids, attention_mask, start)`` returns ``(T, L)`` with ``T = L - start``:

@@ -27,7 +27,7 @@ from torch import Tensor
 from fxattr.errors import fail
 
 __all__ = ["ClassLogit", "Continuation", "Contrast", "NextToken", "class_logit", "continuation",
-           "contrast", "next_token", "resolve_target"]
+           "contrast", "last_real_position", "next_token", "predicted_next_token", "resolve_target"]
 
 
 class ClassLogit(NamedTuple):
@@ -147,23 +147,28 @@ def _check_ndim(where: str, target) -> None:
                               f"batch of targets with torch.vmap), got {shape}")
 
 
+def last_real_position(mask: Tensor) -> Tensor:
+    """The index of the last position where ``mask`` is nonzero (0-d; works under vmap)."""
+    positions = torch.arange(mask.shape[0], device=mask.device)
+    return (positions * mask.long()).max()
+
+
+def predicted_next_token(output: Tensor, mask: Tensor) -> NextToken:
+    """The target "the model's predicted next token after the last real token", from logits
+    ``(L, vocab)`` computed at the input (the choice carries no gradient)."""
+    row = _row("text.attribute", output.detach(), torch.tensor(-1), last_real_position(mask))
+    return NextToken(row.argmax(), torch.tensor(-1, device=row.device))
+
+
 def resolve_target(where: str, target, input_ids: Tensor, mask: Tensor):
     """An fxattr target (int, 0-d tensor, None or callable ``output -> scalar``) for one example.
 
     ``NamedTuple`` targets become callables reading ``input_ids`` and ``mask`` (for the positions of
-    the last real token and of the continuation); ``None`` on a language model (2-d output) becomes
-    the log-probability of the predicted next token after the last real token (chosen without
-    gradient); anything else is passed through to fxattr's own target rules.
+    the last real token and of the continuation); anything else (an int, a 0-d tensor, ``None``, a
+    callable) is passed through to fxattr's own target rules.
     """
     positions = torch.arange(mask.shape[0], device=mask.device)
-    last = (positions * mask.long()).max()
-    if target is None:
-        def predicted(output):
-            if output.ndim == 1:
-                return _pick(output, output.detach().argmax())
-            row = _row(where, output, torch.tensor(-1), last).log_softmax(-1)
-            return _pick(row, row.detach().argmax())
-        return predicted
+    last = last_real_position(mask)
     if not isinstance(target, TEXT_TARGETS):
         return target
     _check_ndim(where, target)

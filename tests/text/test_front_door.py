@@ -113,6 +113,9 @@ def test_targets_are_the_log_probabilities_they_name():
     predicted = int(f(params, e, mask)[5].argmax())
     torch.testing.assert_close(explain(params, ids, mask, None),
                                explain(params, ids, mask, fxattr.text.next_token(predicted)))
+    # ... chosen once at the input, not again at every point of an IG path
+    ig = fxattr.text.attribute(fxattr.integrated_gradients, f, steps=4)
+    torch.testing.assert_close(ig(params, ids, mask, None), ig(params, ids, mask, fxattr.text.next_token(predicted)))
 
 
 def test_class_targets_on_a_classifier():
