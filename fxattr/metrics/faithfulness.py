@@ -829,6 +829,18 @@ def _shift(t: Tensor, dy: int, dx: int) -> Tensor:
     return padded[..., 1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
 
 
+def _tridiagonal_times(diagonal: Tensor, upper: Tensor, lower: Tensor, matrix: Tensor) -> Tensor:
+    """``T @ matrix`` for the tridiagonal T with ``T[c, c] = diagonal[c]``, ``T[c, c+1] = upper[c]``,
+    ``T[c+1, c] = lower[c]``, in O(W * columns)."""
+    out = diagonal[:, None] * matrix
+    out = out + F.pad(upper[:, None] * matrix[1:], (0, 0, 0, 1))
+    return out + F.pad(lower[:, None] * matrix[:-1], (0, 0, 1, 0))
+
+
+def _spd_inverse(matrix: Tensor) -> Tensor:
+    return torch.cholesky_inverse(torch.linalg.cholesky(matrix))
+
+
 def road_imputation(x: Tensor, missing: Tensor) -> Tensor:
     """ROAD's linear imputation (Rong et al. 2022), without its noise: every missing pixel becomes
     the weighted mean of its 8 neighbours (weights 1/6 for the 4 direct, 1/12 for the diagonal
@@ -836,9 +848,9 @@ def road_imputation(x: Tensor, missing: Tensor) -> Tensor:
 
     This is Quantus's ``noisy_linear_imputation`` with ``noise=0``, solved in torch: the system
     over all H*W pixels (known pixels fixed to x) is symmetric positive definite and block
-    tridiagonal (one W x W block per image row), so a block Cholesky-style elimination over the
-    rows solves it exactly with ``2H`` small dense solves -- no scipy round trip, vmappable,
-    differentiable.
+    tridiagonal (one W x W block per image row, the couplings between rows tridiagonal), so a
+    block elimination over the rows with a Cholesky factorisation per row solves it exactly in
+    about ``H * W^3`` flops -- no scipy round trip, vmappable, differentiable.
 
     Args:
         x: one image ``(C, H, W)``.
@@ -869,23 +881,27 @@ def road_imputation(x: Tensor, missing: Tensor) -> Tensor:
     # within-row couplings (dx = +-1) and couplings to the row above (dy = -1).
     right = -(1 / 6) * m[:, :-1] * m[:, 1:]                           # (H, W-1)
     blocks = torch.diag_embed(diag) + torch.diag_embed(right, 1) + torch.diag_embed(right, -1)
-    above_mid = -(1 / 6) * m[1:] * m[:-1]                             # (H-1, W)
-    above_right = -(1 / 12) * m[1:, :-1] * m[:-1, 1:]                 # [c, c+1]
-    above_left = -(1 / 12) * m[1:, 1:] * m[:-1, :-1]                  # [c, c-1]
-    lower = (torch.diag_embed(above_mid) + torch.diag_embed(above_right, 1)
-             + torch.diag_embed(above_left, -1))                      # (H-1, W, W): row r+1 <- row r
+    # couplings to the row above (dy = -1), tridiagonal W x W blocks: row r+1 <- row r.
+    mid = -(1 / 6) * m[1:] * m[:-1]                                   # [c, c]
+    up = -(1 / 12) * m[1:, :-1] * m[:-1, 1:]                          # [c, c+1]
+    low = -(1 / 12) * m[1:, 1:] * m[:-1, :-1]                         # [c+1, c]
     b = rhs.permute(1, 2, 0)                                          # (H, W, C)
-    # forward elimination over the rows (H small dense solves), then back substitution.
-    pivots = [blocks[0]]
+    # Block elimination over the rows (a loop over the H rows of the system, not over samples or
+    # steps): C_r = D_r - L_r C_{r-1}^{-1} L_r^T, every C_r SPD (a Schur complement of an SPD
+    # matrix), inverted by Cholesky; the tridiagonal L_r is applied in O(W^2), so a row costs
+    # about W^3 flops.
+    inverses = [_spd_inverse(blocks[0])]
     ys = [b[0]]
-    for r in range(1, height):  # rows of the block-tridiagonal system, not samples or steps
-        coupling = lower[r - 1]
-        solved = torch.linalg.solve(pivots[-1], torch.cat([coupling.mT, ys[-1]], dim=1))
-        pivots.append(blocks[r] - coupling @ solved[:, :width])
-        ys.append(b[r] - coupling @ solved[:, width:])
-    rows = [torch.linalg.solve(pivots[-1], ys[-1])]
+    for r in range(1, height):
+        coupled = _tridiagonal_times(mid[r - 1], up[r - 1], low[r - 1], inverses[-1])  # L C^-1
+        schur = blocks[r] - _tridiagonal_times(mid[r - 1], up[r - 1], low[r - 1], coupled.mT)
+        ys.append(b[r] - coupled @ ys[-1])
+        inverses.append(_spd_inverse(schur))
+    rows = [inverses[-1] @ ys[-1]]
     for r in range(height - 2, -1, -1):
-        rows.append(torch.linalg.solve(pivots[r], ys[r] - lower[r].mT @ rows[-1]))
+        # L_{r+1}^T is tridiagonal with the off-diagonals swapped.
+        above = _tridiagonal_times(mid[r], low[r], up[r], rows[-1])
+        rows.append(inverses[r] @ (ys[r] - above))
     solution = torch.stack(rows[::-1]).permute(2, 0, 1)               # (C, H, W)
     return torch.where(missing, solution, x)
 
