@@ -332,8 +332,9 @@ def _accumulate(store: dict, key, r) -> None:
 
 def _safe_ratio(num: Tensor, den: Tensor, fallback: Tensor, eps: float) -> Tensor:
     """``num / den`` where ``|den| >= eps``, ``fallback`` elsewhere (no inf/nan in either branch,
-    so derivatives through ``torch.where`` stay finite)."""
-    small = den.abs() < eps
+    so derivatives through ``torch.where`` stay finite). ``eps`` is raised to ``finfo.max ** -0.5``
+    in float16 (1e-10 rounds to 0 there and the ratio would overflow)."""
+    small = den.abs() < max(eps, torch.finfo(den.dtype).max ** -0.5)
     return torch.where(small, fallback, num / torch.where(small, torch.ones_like(den), den))
 
 

@@ -103,13 +103,21 @@ class Rule(NamedTuple):
 
 # --- stabilisers -------------------------------------------------------------------------------
 
+def dtype_floor(epsilon: float, dtype) -> float:
+    """``epsilon`` raised where the dtype needs it: ``R / z'`` must stay finite, and in float16
+    (max 65504) a 1e-7 stabiliser overflows, so it becomes ``finfo.max ** -0.5`` (3.9e-3);
+    float32, bfloat16 and float64 keep ``epsilon``."""
+    return max(epsilon, torch.finfo(dtype).max ** -0.5)
+
+
 def signed(epsilon: float) -> Stabiliser:
     """``z -> z + epsilon * sign(z)`` with ``sign(0) = +1`` (the epsilon rule's stabiliser)."""
     def stabilise(z: Tensor) -> Tensor:
         # z + eps * sign(z), sign(0) = +1, without boolean masks (they cost several passes on CPU):
         # copysign takes the sign of z + 0.0, which turns -0.0 into +0.0; its derivative w.r.t.
         # the sign source is 0, so d stabilise / dz = 1 as before
-        return z + torch.copysign(torch.tensor(epsilon, dtype=z.dtype, device=z.device), z + 0.0)
+        eps = dtype_floor(epsilon, z.dtype)
+        return z + torch.copysign(torch.tensor(eps, dtype=z.dtype, device=z.device), z + 0.0)
     stabilise.epsilon = epsilon
     stabilise.__qualname__ = f"signed({epsilon!r})"
     return stabilise
@@ -120,7 +128,7 @@ def safe(epsilon: float = 1e-7) -> Stabiliser:
     def stabilise(z: Tensor) -> Tensor:
         # 1 - |sign(z)| is 1 exactly where z == 0 (and 0 elsewhere): no boolean mask; sign has
         # derivative 0, so d stabilise / dz = 1 as before
-        return torch.add(z, 1 - torch.sign(z).abs(), alpha=epsilon)
+        return torch.add(z, 1 - torch.sign(z).abs(), alpha=dtype_floor(epsilon, z.dtype))
     stabilise.epsilon = epsilon
     stabilise.__qualname__ = f"safe({epsilon!r})"
     return stabilise
