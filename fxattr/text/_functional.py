@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fxattr.errors import fail
+from fxattr.errors import FxattrError, fail
 from fxattr.text._targets import predicted_next_token, resolve_target
 
 __all__ = ["TextModel", "attribute", "baseline_value", "check_text_model", "functionalize", "math_attention"]
@@ -274,6 +274,13 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
         method(lambda params, e: f(params, e), **probe)
     except TypeError as error:
         raise fail(where, f"{getattr(method, '__name__', method)} does not take this configuration: {error}") from error
+    except FxattrError as error:
+        if "FunctionalModel" not in str(error):
+            raise
+        # Graph-based methods (LRP, DeepLIFT, ...) trace an nn.Module from fxattr.functionalize;
+        # the front door's function of embeddings and mask is not one.
+        raise fail(where, f"{getattr(method, '__name__', method)} cannot run through the text front door: it "
+                          f"traces the module of fxattr.functionalize, not a function of embeddings ({error})") from error
 
     def explain(params, input_ids, attention_mask=None, target=None, **kwargs):
         embeddings = f.embed(params, input_ids)
