@@ -58,7 +58,7 @@ __all__ = [
     "fold_batch_norm_into_conv_transpose", "gradient_reverse", "group_norm_deeplift", "group_norm_lrp",
     "layer_norm_deeplift", "layer_norm_lrp", "linear_deeplift", "linear_lrp",
     "multihead_attention_deeplift", "multihead_attention_lrp", "product_deeplift",
-    "product_gate_lrp", "product_uniform_lrp", "rescale_deeplift", "rms_norm_deeplift",
+    "product_gate_lrp", "product_uniform_lrp", "quotient_deeplift", "quotient_lrp", "rescale_deeplift", "rms_norm_deeplift",
     "rms_norm_lrp", "softmax_deeplift", "softmax_lrp", "stabilise", "sum_to_shape",
 ]
 
@@ -194,6 +194,22 @@ def product_deeplift(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, multiplier: T
     broadcast axes): the Shapley split ``C_a = da (b + b0) / 2``, ``C_b = db (a + a0) / 2``."""
     return (sum_to_shape(multiplier * (b + b0) / 2, a.shape),
             sum_to_shape(multiplier * (a + a0) / 2, b.shape))
+
+
+def quotient_lrp(numerator: Tensor, denominator: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
+    """LRP through ``z = numerator / denominator`` of two data tensors: the divisor is a constant of
+    the linearisation (AttnLRP's identity rule on the division by the standard deviation, for norms
+    written out as ``x / sqrt(var + eps)``), ``R_numerator = R``, ``R_denominator = 0``. Conserves."""
+    return sum_to_shape(relevance, numerator.shape), torch.zeros_like(denominator)
+
+
+def quotient_deeplift(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, multiplier: Tensor) -> tuple[Tensor, Tensor]:
+    """DeepLIFT through ``z = a / b``, exact: ``z = a * r`` with ``r = 1 / b`` (secant ``-1 / (b b0)``,
+    no division by ``b - b0``) and the Shapley split of the product: ``m_a = m (r + r0) / 2``,
+    ``m_b = -m (a + a0) / (2 b b0)``."""
+    r, r0 = 1 / b, 1 / b0
+    return (sum_to_shape(multiplier * (r + r0) / 2, a.shape),
+            sum_to_shape(-multiplier * (a + a0) / (2 * b * b0), b.shape))
 
 
 # --- softmax -----------------------------------------------------------------------------------
@@ -375,14 +391,26 @@ def _attention_parts(q, k, v, attn_mask, is_causal, scale):
     return scale, scores, bias, probs
 
 
+def _expand_heads(q: Tensor, t: Tensor, enable_gqa: bool):
+    """``t`` with its key/value heads repeated to ``q``'s (grouped-query attention) and the routing
+    back (relevance and multipliers of the repeated heads summed per original head)."""
+    if not enable_gqa or t.ndim < 3 or t.shape[-3] == q.shape[-3]:
+        return t, lambda r: r
+    expanded, back = torch.func.vjp(lambda u: u.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3), t)
+    return expanded, lambda r: back(r)[0]
+
+
 def attention_lrp(q: Tensor, k: Tensor, v: Tensor, relevance: Tensor, *, attn_mask: Tensor | None = None,
-                  is_causal: bool = False, scale: float | None = None, epsilon: float = 0.0) -> tuple:
+                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+                  epsilon: float = 0.0) -> tuple:
     """LRP through ``F.scaled_dot_product_attention`` (no dropout) as AttnLRP treats it (Achtibat
     et al. 2024): the uniform rule on ``probs @ v`` and on ``q @ k^T`` (:func:`bilinear_uniform_lrp`)
     and the softmax rule (:func:`softmax_lrp`) on the scores; an additive or boolean mask is a
-    constant bias (no relevance; masked entries have ``softmax = 0`` and get none).
-    Returns ``(R_q, R_k, R_v)``."""
+    constant bias (no relevance; masked entries have ``softmax = 0`` and get none); ``enable_gqa``
+    repeats the key/value heads as ``F.scaled_dot_product_attention`` does and sums their relevance
+    back per head. Returns ``(R_q, R_k, R_v)``."""
     eps = _check_epsilon("op_rules.attention_lrp", epsilon)
+    (k, k_back), (v, v_back) = _expand_heads(q, k, enable_gqa), _expand_heads(q, v, enable_gqa)
     scale, scores, bias, probs = _attention_parts(q, k, v, attn_mask, is_causal, scale)
     r_probs, r_v = bilinear_uniform_lrp(torch.matmul, probs, v, relevance, epsilon=eps)
     # the softmax rule x * J^T (R / s) with x the data part of the logits (the mask is a bias)
@@ -390,14 +418,17 @@ def attention_lrp(q: Tensor, k: Tensor, v: Tensor, relevance: Tensor, *, attn_ma
     (g,) = vjp(r_probs / stabilise(probs, eps))
     r_scores = scores * g
     r_q, r_k = bilinear_uniform_lrp(lambda a, b: _scores(a, b, scale), q, k, r_scores, epsilon=eps)
-    return r_q, r_k, r_v
+    return r_q, k_back(r_k), v_back(r_v)
 
 
 def attention_deeplift(q: Tensor, k: Tensor, v: Tensor, q0: Tensor, k0: Tensor, v0: Tensor, multiplier: Tensor, *,
-                       attn_mask: Tensor | None = None, is_causal: bool = False, scale: float | None = None) -> tuple:
+                       attn_mask: Tensor | None = None, is_causal: bool = False, scale: float | None = None,
+                       enable_gqa: bool = False) -> tuple:
     """DeepLIFT through ``F.scaled_dot_product_attention``, exact: the Shapley split of both bilinear
     maps (:func:`bilinear_deeplift`) and the exact softmax (:func:`softmax_deeplift`; a mask adds
     the same constant at ``x`` and ``x0``). Returns ``(m_q, m_k, m_v)``."""
+    (k, k_back), (v, v_back) = _expand_heads(q, k, enable_gqa), _expand_heads(q, v, enable_gqa)
+    k0, v0 = _expand_heads(q0, k0, enable_gqa)[0], _expand_heads(q0, v0, enable_gqa)[0]
     scale, scores, bias, probs = _attention_parts(q, k, v, attn_mask, is_causal, scale)
     _, scores0, _, probs0 = _attention_parts(q0, k0, v0, attn_mask, is_causal, scale)
     m_probs, m_v = bilinear_deeplift(torch.matmul, probs, v, probs0, v0, multiplier)
@@ -409,7 +440,7 @@ def attention_deeplift(q: Tensor, k: Tensor, v: Tensor, q0: Tensor, k0: Tensor, 
         logits0 = torch.where(finite, scores0 + bias, -1e4 + torch.zeros_like(scores0))
         m_scores = torch.where(finite, softmax_deeplift(logits, logits0, m_probs), torch.zeros_like(scores))
     m_q, m_k = bilinear_deeplift(lambda a, b: _scores(a, b, scale), q, k, q0, k0, m_scores)
-    return m_q, m_k, m_v
+    return m_q, k_back(m_k), v_back(m_v)
 
 
 def _attend(q, k, v):

@@ -426,6 +426,7 @@ def _cases():
         ("bilinear_deeplift", lambda a, b, a0, b0, m: O.bilinear_deeplift(torch.matmul, a, b.T, a0, b0.T, m[:, :3]),
          (a, b, c, d, e)),
         ("rescale_deeplift", lambda x, x0, m: O.rescale_deeplift(F.silu, x, x0, m), (a, b, c)),
+        ("quotient_deeplift", lambda a, b, a0, b0, m: O.quotient_deeplift(a, b.exp(), a0, b0.exp(), m), (a, b, c, d, e)),
         ("softmax_lrp", O.softmax_lrp, (a, b)),
         ("softmax_deeplift", O.softmax_deeplift, (a, b, c)),
         ("layer_norm_lrp", lambda x, r: O.layer_norm_lrp(x, (4,), w, bias, r, epsilon=0.01), (a, b)),
@@ -570,3 +571,34 @@ def test_conv_transpose_agrees_with_zennit(rule):
     finally:
         handles.remove()
     torch.testing.assert_close(ours.reverse(layer, params, x, z, r), want, rtol=1e-9, atol=1e-11)
+
+
+def test_quotient_rules():
+    a, b = randn(3, 4, seed=1), randn(3, 1, seed=2).abs() + 0.5
+    a0, b0 = randn(3, 4, seed=3), randn(3, 1, seed=4).abs() + 0.5
+    m = randn(3, 4, seed=5)
+    ma, mb = O.quotient_deeplift(a, b, a0, b0, m)
+    assert mb.shape == b.shape
+    assert_delta([(ma, a - a0), (mb, b - b0)], m, a / b - a0 / b0)
+    ra, rb = O.quotient_lrp(a, b, m)
+    torch.testing.assert_close(ra, m)
+    assert not rb.any()
+
+
+def test_grouped_query_attention():
+    q = randn(4, 3, 2, seed=1)
+    k, v = randn(2, 3, 2, seed=2), randn(2, 3, 2, seed=3)
+    q0, k0, v0 = randn(4, 3, 2, seed=4), randn(2, 3, 2, seed=5), randn(2, 3, 2, seed=6)
+    m = randn(4, 3, 2, seed=7)
+    mq, mk, mv = O.attention_deeplift(q, k, v, q0, k0, v0, m, enable_gqa=True, is_causal=True)
+    assert mk.shape == k.shape and mv.shape == v.shape
+    delta = (F.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True)
+             - F.scaled_dot_product_attention(q0, k0, v0, enable_gqa=True, is_causal=True))
+    assert_delta([(mq, q - q0), (mk, k - k0), (mv, v - v0)], m, delta)
+    # LRP: the repeated heads' relevance summed back per key/value head
+    rep = [t.repeat_interleave(2, dim=0) for t in (k, v)]
+    full = O.attention_lrp(q, *rep, m)
+    grouped = O.attention_lrp(q, k, v, m, enable_gqa=True)
+    torch.testing.assert_close(grouped[0], full[0])
+    torch.testing.assert_close(grouped[1], full[1].reshape(2, 2, 3, 2).sum(1))
+    torch.testing.assert_close(grouped[2], full[2].reshape(2, 2, 3, 2).sum(1))
