@@ -833,12 +833,18 @@ def _tridiagonal_times(diagonal: Tensor, upper: Tensor, lower: Tensor, matrix: T
     """``T @ matrix`` for the tridiagonal T with ``T[c, c] = diagonal[c]``, ``T[c, c+1] = upper[c]``,
     ``T[c+1, c] = lower[c]``, in O(W * columns)."""
     out = diagonal[:, None] * matrix
-    out = out + F.pad(upper[:, None] * matrix[1:], (0, 0, 0, 1))
-    return out + F.pad(lower[:, None] * matrix[:-1], (0, 0, 1, 0))
+    out[:-1] += upper[:, None] * matrix[1:]  # in place on a fresh tensor: no padded copies
+    out[1:] += lower[:, None] * matrix[:-1]
+    return out
 
 
 def _spd_inverse(matrix: Tensor) -> Tensor:
-    return torch.cholesky_inverse(torch.linalg.cholesky(matrix))
+    """The inverse of an SPD matrix as ``K^-T K^-1`` (Cholesky ``K``): triangular solves and a
+    matmul have batching rules, ``cholesky_inverse`` falls back to a loop under vmap."""
+    factor = torch.linalg.cholesky(matrix)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device).expand_as(matrix)
+    factor_inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
+    return factor_inverse.mT @ factor_inverse
 
 
 def road_imputation(x: Tensor, missing: Tensor) -> Tensor:
@@ -880,7 +886,6 @@ def road_imputation(x: Tensor, missing: Tensor) -> Tensor:
     rhs = m * rhs + known * x                                         # (C, H, W)
     # within-row couplings (dx = +-1) and couplings to the row above (dy = -1).
     right = -(1 / 6) * m[:, :-1] * m[:, 1:]                           # (H, W-1)
-    blocks = torch.diag_embed(diag) + torch.diag_embed(right, 1) + torch.diag_embed(right, -1)
     # couplings to the row above (dy = -1), tridiagonal W x W blocks: row r+1 <- row r.
     mid = -(1 / 6) * m[1:] * m[:-1]                                   # [c, c]
     up = -(1 / 12) * m[1:, :-1] * m[:-1, 1:]                          # [c, c+1]
@@ -890,11 +895,17 @@ def road_imputation(x: Tensor, missing: Tensor) -> Tensor:
     # steps): C_r = D_r - L_r C_{r-1}^{-1} L_r^T, every C_r SPD (a Schur complement of an SPD
     # matrix), inverted by Cholesky; the tridiagonal L_r is applied in O(W^2), so a row costs
     # about W^3 flops.
-    inverses = [_spd_inverse(blocks[0])]
+    def plus_block(r, matrix):  # matrix + the row's own tridiagonal block, on its diagonals
+        matrix.diagonal(0, -2, -1).add_(diag[r])
+        matrix.diagonal(1, -2, -1).add_(right[r])
+        matrix.diagonal(-1, -2, -1).add_(right[r])
+        return matrix
+
+    inverses = [_spd_inverse(plus_block(0, torch.zeros_like(b[0, :, :1]).expand(width, width).clone()))]
     ys = [b[0]]
     for r in range(1, height):
         coupled = _tridiagonal_times(mid[r - 1], up[r - 1], low[r - 1], inverses[-1])  # L C^-1
-        schur = blocks[r] - _tridiagonal_times(mid[r - 1], up[r - 1], low[r - 1], coupled.mT)
+        schur = plus_block(r, -_tridiagonal_times(mid[r - 1], up[r - 1], low[r - 1], coupled.mT))
         ys.append(b[r] - coupled @ ys[-1])
         inverses.append(_spd_inverse(schur))
     rows = [inverses[-1] @ ys[-1]]
