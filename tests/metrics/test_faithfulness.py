@@ -553,3 +553,11 @@ def test_call_errors_are_clear(setup1, setup3):
     for call, message in cases:
         with pytest.raises(FxattrError, match=message):
             call()
+
+
+def test_road_imputation_is_differentiable():
+    generator = torch.Generator().manual_seed(12)
+    x = torch.rand(2, 4, 5, dtype=torch.float64, generator=generator).requires_grad_(True)
+    missing = torch.rand(4, 5, generator=generator) < 0.5
+    v = torch.randn(2, 4, 5, dtype=torch.float64, generator=generator)
+    assert torch.autograd.gradcheck(lambda x_: (metrics.road_imputation(x_, missing) * v).sum(), (x,))
