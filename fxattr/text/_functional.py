@@ -65,8 +65,6 @@ def math_attention(f):
             return f(params, *args, **kwargs)
 
     f_math.model = f
-    if hasattr(f, "guarded"):  # graph-based explainers use FunctionalModel.guarded
-        f_math.guarded = f.guarded
     return f_math
 
 

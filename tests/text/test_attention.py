@@ -79,3 +79,16 @@ def test_fused_attention_gives_a_clear_error():
         fxattr.text.attention_rollout(f, head_fusion="sum")
     with pytest.raises(fxattr.FxattrError, match="query"):
         fxattr.text.attention_relevance(f, query=1.0)
+
+
+@pytest.mark.slow
+def test_compile_equals_eager():
+    """The capturing TorchFunctionMode and the vjp through zero offsets compile in one graph."""
+    model = tiny("vit", "eager", layers=1)
+    f, params = fxattr.functionalize(model, output=lambda out: out.logits)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    explain = torch.vmap(fxattr.text.attention_relevance(f), in_dims=(None, 0, 0))
+    torch._dynamo.reset()
+    eager = explain(params, x, y)
+    compiled = torch.compile(explain, fullgraph=True, backend="aot_eager")(params, x, y)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)

@@ -81,3 +81,17 @@ def test_generation_errors():
     bert, _ = fxattr.text.functionalize(tiny("bert"))
     with pytest.raises(fxattr.FxattrError, match="causal"):
         fxattr.text.generation_attribution(bert)
+
+
+@pytest.mark.slow
+def test_compile_equals_eager():
+    model = tiny("gpt2", "sdpa", layers=1)
+    f, params = fxattr.text.functionalize(model)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    explain = torch.vmap(fxattr.text.generation_attribution(f, chunk_size=2), in_dims=(None, 0, 0, None))
+    torch._dynamo.reset()
+    eager = explain(params, ids, mask, 3)
+    compiled = torch.compile(explain, fullgraph=True, backend="aot_eager")(params, ids, mask, 3)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
