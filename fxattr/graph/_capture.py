@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from fxattr.errors import fail
 from fxattr.functional import FunctionalModel, EvalBatchNormAsElementwise
@@ -76,11 +77,18 @@ def _functional_activation(m: nn.Module):
 
 class _Tracer(fx.Tracer):
     """``symbolic_trace``'s tracer that also records which node each module call returned, so that
-    a layer can be named by the qualified name of a module that is traced through (``layer4``)."""
+    a layer can be named by the qualified name of a module that is traced through (``layer4``),
+    and that traces *through* every module with forward hooks, so that the hooks are part of the
+    graph (a leaf's hooks would be skipped by the engines, which call kernels directly)."""
 
     def __init__(self):
         super().__init__()
         self.module_outputs: dict[str, list] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if _hooks(m) or _global_hooks():
+            return False
+        return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         out = super().call_module(m, forward, args, kwargs)
@@ -88,6 +96,73 @@ class _Tracer(fx.Tracer):
         node = out.node if isinstance(out, fx.Proxy) else None
         self.module_outputs.setdefault(name, []).append(node)
         return out
+
+
+def _hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has forward hooks of its user (a lazy module's own initialising pre-hook,
+    which does nothing once its parameters exist, does not count)."""
+    if m._forward_hooks:
+        return True
+    return any(getattr(hook, "__func__", None) is not LazyModuleMixin._infer_parameters
+               for hook in m._forward_pre_hooks.values())
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+def origin(node: fx.Node) -> str | None:
+    """The qualified name of the innermost module whose forward created ``node`` (``None`` at the
+    top level): the module of origin named in errors and used by per-layer choices."""
+    if node.op == "call_module":
+        return node.target
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1]
+    path = path[0] if isinstance(path, tuple) else path
+    return path or None
+
+
+def forward_parameters(module: nn.Module):
+    """``(names, defaults, variadic)`` of ``module.forward``'s parameters."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return [], {}, True
+    names, defaults, variadic = [], {}, False
+    for p in signature.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            variadic = True
+            continue
+        names.append(p.name)
+        if p.default is not p.empty:
+            defaults[p.name] = p.default
+    return names, defaults, variadic
+
+
+def default_inputs(f) -> tuple | None:
+    """The inputs an explainer passes by default: ``forward``'s parameters without a default
+    (``None`` for a variadic ``forward``: every parameter is then an input)."""
+    names, defaults, variadic = forward_parameters(f.module)
+    if variadic:
+        return None
+    required = tuple(n for n in names if n not in defaults)
+    return required or tuple(names[:1])
+
+
+def input_names(f, x) -> tuple | None:
+    """The names of the ``forward`` parameters that ``x`` passes (a tensor: the first; a tuple of
+    k: the first k; a dict: its keys, in the signature's order)."""
+    names, defaults, variadic = forward_parameters(f.module)
+    if variadic:
+        return None
+    if isinstance(x, dict):
+        return tuple(n for n in names if n in x)
+    if isinstance(x, tuple):
+        return tuple(names[:len(x)])
+    return tuple(names[:1])
 
 
 def _purify(gm: fx.GraphModule) -> None:
@@ -166,7 +241,7 @@ def _drop_inplace_kwarg(node: fx.Node):
     return None
 
 
-def trace(f) -> fx.GraphModule:
+def trace(f, inputs: tuple | None = None) -> fx.GraphModule:
     """The pure ``torch.fx`` graph of ``f.module``, traced once and cached on ``f``.
 
     Module-level symbolic tracing: ``torch.nn`` modules (Conv, Linear, BatchNorm, ReLU, pooling,
@@ -179,8 +254,15 @@ def trace(f) -> fx.GraphModule:
     Evaluate it with :func:`run` (``torch.func.functional_call`` with a batch axis of 1, element-wise
     eval batch norm, and ``f.output``), like ``f`` itself.
 
+    ``forward``'s parameters that are not in ``inputs`` are bound to their defaults before
+    tracing (``forward(x, scale=None)`` explained on ``x`` alone is traced with ``scale=None``, its
+    ``if scale is None`` branch resolved as the model runs). Modules with forward hooks are traced
+    through, their hooks with them. Parameters tied under several names are read under each.
+
     Args:
         f: the function of ``fxattr.functionalize``.
+        inputs: the names of the ``forward`` parameters the explainer passes (see
+            :func:`input_names`); by default those without a default value.
 
     Returns:
         The ``torch.fx.GraphModule``; ``gm.meta["module_outputs"]`` maps each called module's
@@ -195,42 +277,95 @@ def trace(f) -> fx.GraphModule:
     if not isinstance(f, FunctionalModel):
         raise fail("trace", "f must be the function of fxattr.functionalize (a FunctionalModel), "
                             f"got {type(f).__name__}; graph-based methods need the module to trace")
-    cached = _CACHE.get(f)
-    if cached is not None:
-        return cached
+    if inputs is None:
+        inputs = default_inputs(f)
+    per_f = _CACHE.setdefault(f, {})
+    if inputs in per_f:
+        return per_f[inputs]
     module = f.module
+    if _hooks(module):
+        raise fail("trace", f"the model ({type(module).__name__}) has forward hooks on itself; "
+                            "fxattr traces its forward and would skip them: wrap the model in a "
+                            "module (hooks on submodules are traced with them)")
+    concrete = None
+    if inputs is not None:
+        names, defaults, _ = forward_parameters(module)
+        missing = [n for n in names if n not in inputs and n not in defaults]
+        if missing:
+            raise fail("trace", f"x gives no value for the model's input(s) {', '.join(map(repr, missing))}")
+        # parameters the explainer does not pass take their defaults: control flow on them
+        # (``if scale is None``) is resolved as the model runs without them
+        concrete = {n: defaults[n] for n in names if n not in inputs}
     tracer = _Tracer()
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as error:  # noqa: BLE001 - any tracing failure is reported the same way
-        raise fail("trace", f"torch.fx cannot trace {type(module).__name__}: {type(error).__name__}: "
-                            f"{error}. Graph-based methods need a model torch.fx.symbolic_trace can "
-                            "trace (no Python control flow on tensor values, no data-dependent "
-                            "shapes); wrap untraceable parts in a leaf module or use a "
-                            "gradient-based method") from error
+        hooked = [name for name, m in module.named_modules() if _hooks(m)]
+        hint = (f" (modules with forward hooks, traced with them: {', '.join(map(repr, hooked))})"
+                if hooked else "")
+        raise fail("trace", f"torch.fx cannot trace {type(module).__name__}{hint}: "
+                            f"{type(error).__name__}: {error}. Graph-based methods need a model "
+                            "torch.fx.symbolic_trace can trace (no Python control flow on tensor "
+                            "values, no data-dependent shapes); wrap untraceable parts in a leaf "
+                            "module or use a gradient-based method") from error
+    if concrete:
+        _drop_concrete(graph, set(concrete))
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     _purify(gm)
     gm.meta["module_outputs"] = {
         name: [None if node is None else node.name for node in nodes]
         for name, nodes in tracer.module_outputs.items()
     }
-    gm.meta["state_names"] = _state_names(gm)
-    _CACHE[f] = gm
+    gm.meta["state_names"], gm.meta["aliases"] = _state_names(module)
+    gm.meta["inputs"] = inputs
+    per_f[inputs] = gm
     return gm
 
 
-def _state_names(gm: nn.Module) -> frozenset:
-    names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
-    names |= {n for n, _ in gm.named_buffers(remove_duplicate=False)}
-    return frozenset(names)
+def _drop_concrete(graph: fx.Graph, concrete: set) -> None:
+    """Removes the placeholders of parameters bound to their defaults (and torch.fx's checks on
+    them): the graph's inputs are exactly what the explainer passes."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and not node.users and (
+                node.target in concrete or node.target.rstrip("_0123456789") in concrete):
+            graph.erase_node(node)
+
+
+def bind(gm: fx.GraphModule, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``params`` with every tied parameter also under its other names (``named_parameters``
+    lists a shared tensor once; the graph reads it under each module's name)."""
+    aliases = gm.meta.get("aliases")
+    if not aliases:
+        return params
+    extra = {alias: params[name] for alias, name in aliases.items() if alias not in params and name in params}
+    return {**params, **extra} if extra else params
+
+
+def _state_names(module: nn.Module) -> tuple[frozenset, dict]:
+    """The user module's parameter and buffer names (every name of a tied tensor), and
+    ``{other name: first name}`` for the tied ones. Tensor attributes that are neither (torch.fx
+    registers them as buffers of the graph module) are constants of the graph."""
+    names, first, aliases = set(), {}, {}
+    for name, t in [*module.named_parameters(remove_duplicate=False),
+                    *module.named_buffers(remove_duplicate=False)]:
+        names.add(name)
+        if id(t) in first and first[id(t)] != name:
+            aliases[name] = first[id(t)]
+        first.setdefault(id(t), name)
+    return frozenset(names), aliases
 
 
 def _call(gm: fx.GraphModule, params: Mapping[str, Tensor], args, kwargs):
     # the graph module holds only the submodules the forward pass uses
-    names = gm.meta.get("state_names")
-    if names is None:
-        names = gm.meta["state_names"] = _state_names(gm)
-    own = {k: v for k, v in params.items() if k in names}
+    names = gm.meta.get("own_names")
+    if names is None:  # the graph module holds only the submodules its graph uses
+        names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+        names |= {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+        names = gm.meta["own_names"] = frozenset(names & gm.meta["state_names"])
+    own = {k: v for k, v in bind(gm, params).items() if k in names}
     with EvalBatchNormAsElementwise():
         return torch.func.functional_call(gm, own, args, kwargs)
 
@@ -301,7 +436,7 @@ def _pruned(gm: fx.GraphModule, graph: fx.Graph, name: str) -> fx.GraphModule:
     fx.GraphModule(gm, graph, name)  # dead-code elimination needs an owning module
     graph.eliminate_dead_code()
     pruned = fx.GraphModule(gm, graph, name)
-    pruned.meta["state_names"] = _state_names(pruned)
+    pruned.meta["state_names"], pruned.meta["aliases"] = gm.meta["state_names"], gm.meta["aliases"]
     return pruned
 
 

@@ -15,17 +15,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fxattr.functional import batch_norm_affine  # noqa: F401 - re-exported for the engine
+from fxattr.functional import batch_norm_affine  # noqa: F401 - re-exported
+from fxattr.graph._program import fold  # noqa: F401 - the one implementation, in the engine
 
-
-def fold(weight: Tensor, bias: Tensor | None, mean: Tensor, var: Tensor, bn_weight: Tensor | None,
-         bn_bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
-    """The kernel layer ``(weight, bias)`` followed by an eval batch norm on its output channels
-    (axis 0 of ``weight``), as one layer ``(s * weight, (bias - mean) * s + beta)`` with
-    ``s = gamma / sqrt(var + eps)`` (evaluated in the order zennit's MergeBatchNorm uses, so that
-    float32 results agree to rounding)."""
-    scale = 1 / (var + eps) ** 0.5 if bn_weight is None else bn_weight / (var + eps) ** 0.5
-    folded_weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-    centred = -mean if bias is None else bias - mean
-    folded_bias = centred * scale if bn_bias is None else centred * scale + bn_bias
-    return folded_weight, folded_bias

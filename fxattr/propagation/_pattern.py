@@ -15,7 +15,7 @@ Patterns are kept as a params-like dict ``{layer name: pattern shaped like the l
 (the layer name is the module's qualified name, e.g. ``"features.0"``), saved and loaded with
 :func:`save_patterns` / :func:`load_patterns` (safetensors: no pickle).
 
-Explanations run the reverse engine's graph (:mod:`fxattr.propagation._engine`): one forward pass, then the
+Explanations run on the one engine's program of the graph (:class:`fxattr.graph.Program`): one forward pass, then the
 output's value (iNNvestigate's seed) is passed back, through kernel layers by their transpose with
 the weight replaced by the pattern (PatternNet: the signal) or by ``pattern * weight``
 (PatternAttribution: its contributions), through ReLUs and max pooling by their gradient (gating
@@ -33,8 +33,11 @@ import torch
 from torch import Tensor
 
 from fxattr._explainer import check_choice, check_model, explainer
-from fxattr.propagation._deeplift import Walk
-from fxattr.errors import fail
+from fxattr.graph import Program
+from fxattr.graph._capture import bind
+from fxattr.propagation._engine import BUILTIN_KINDS, load_op_rules
+from fxattr.targets import select
+from fxattr.errors import FxattrError, fail
 from fxattr.targets import check_target
 
 __all__ = ["PATTERN_TYPES", "load_patterns", "pattern_attribution", "patternnet", "save_patterns"]
@@ -42,15 +45,41 @@ __all__ = ["PATTERN_TYPES", "load_patterns", "pattern_attribution", "patternnet"
 PATTERN_TYPES = ("relu", "linear")
 
 
-def _layer_name(walk: Walk, st) -> str:
-    return st.module_name if st.module_name is not None else st.name
+def _program(where: str, f) -> Program:
+    load_op_rules()  # the registered kinds, before classifying
+    try:
+        program = Program(f, where)
+    except FxattrError as error:
+        message = str(error)
+        if message.startswith(f"fxattr.{where}:"):
+            raise
+        raise fail(where, message.removeprefix("fxattr.")) from error
+
+    def supported(node, info):
+        # ``x * x`` is not a scaling by a constant (one distinct data input, two references)
+        return info.kind in BUILTIN_KINDS and not (info.kind == "scale" and program.data_refs(node) > 1)
+    program.check("PatternNet", supported, "Supported: linear and convolution layers, batch norm, "
+                  "element-wise activations, max/average pooling, additions, scaling by constants and "
+                  "routing ops (cat, view, ...)")
+    return program
 
 
-def _kernels(walk: Walk) -> list:
-    return [st for st in walk.steps if st.kind == "kernel" and st.i in walk.on_path]
+def _kernels(program: Program) -> list:
+    return [st for st in program.steps if st.kind == "kernel" and st.on_path]
 
 
-def _check_patterns(where: str, walk: Walk, patterns, params) -> dict:
+def _layer_names(program: Program) -> dict:
+    """Each kernel call site's pattern name: the module's qualified name (``"features.0"``), or,
+    for a module called several times, the graph node's name (each call its own pattern)."""
+    kernels = _kernels(program)
+    counts: dict = {}
+    for st in kernels:
+        counts[st.module_name] = counts.get(st.module_name, 0) + 1
+    return {st.slot: st.module_name if st.module_name is not None and counts[st.module_name] == 1
+            else st.name for st in kernels}
+
+
+def _check_patterns(where: str, patterns) -> dict:
     if not isinstance(patterns, Mapping) or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in patterns.items()):
         raise fail(where, "patterns must be a dict {layer name: pattern tensor}, as returned by "
@@ -58,14 +87,16 @@ def _check_patterns(where: str, walk: Walk, patterns, params) -> dict:
     return dict(patterns)
 
 
-def _fit(where: str, walk: Walk, params, data: Iterable, pattern_type: str) -> dict:
-    kernels = _kernels(walk)
-    static = {st: _static_params(where, walk, st, params) for st in kernels}
-    one_input = len(walk.placeholders) == 1
+def _fit(where: str, program: Program, params, data: Iterable, pattern_type: str) -> dict:
+    kernels = _kernels(program)
+    names = _layer_names(program)
+    params = bind(program.gm, params)
+    static = {st: _static_params(where, program, st, params) for st in kernels}
+    one_input = len(program.placeholders) == 1
 
     def activations(x):
-        vals = walk.forward(params, x)
-        return [vals[st.x] for st in kernels], [vals[st.i] for st in kernels]
+        vals = program.forward(params, x)[0]
+        return [vals[st.x] for st in kernels], [vals[st.slot] for st in kernels]
 
     stats: dict = {}
     seen = 0
@@ -90,13 +121,13 @@ def _fit(where: str, walk: Walk, params, data: Iterable, pattern_type: str) -> d
             (sum_x,), (sum_xy,) = back(mask), back(mask * z)
             reduce = [0] + list(range(2, z.ndim))
             entry = (sum_x, sum_xy, (mask * z).sum(reduce), mask.sum(reduce))
-            key = _layer_name(walk, node)
+            key = names[node.slot]
             stats[key] = entry if key not in stats else tuple(a + b for a, b in zip(stats[key], entry))
     if seen == 0:
         raise fail(where, "data gave no examples to fit the patterns on")
     patterns = {}
     for node in kernels:
-        key = _layer_name(walk, node)
+        key = names[node.slot]
         if key in patterns:
             continue
         sum_x, sum_xy, sum_y, count = stats[key]
@@ -109,7 +140,7 @@ def _fit(where: str, walk: Walk, params, data: Iterable, pattern_type: str) -> d
     return patterns
 
 
-def _static_params(where: str, walk: Walk, st, params) -> dict:
+def _static_params(where: str, program: Program, st, params) -> dict:
     """The kernel layer's (batch-norm folded) weight and bias, read from ``params``."""
     if not st.needs_values:
         return st.params(params)
@@ -117,7 +148,7 @@ def _static_params(where: str, walk: Walk, st, params) -> dict:
     for arg in st.value_slots:
         if arg is not None and arg.op == "get_attr" and arg.target in params:
             values[arg] = params[arg.target]
-        elif walk.plan.nodes[arg].is_data:
+        elif program.nodes[arg].is_data:
             continue
         else:
             raise fail(where, f"the weight of functional layer {st.name!r} is computed in the "
@@ -132,17 +163,18 @@ def _safe(t: Tensor) -> Tensor:
 def _pattern_explainer(where: str, f, patterns, pattern_type: str, attribution: bool):
     check_model(where, f)
     check_choice(where, "pattern_type", pattern_type, PATTERN_TYPES)
-    walk = Walk(f, where, "PatternNet")
-    kernels = _kernels(walk)
+    program = _program(where, f)
+    kernels = _kernels(program)
+    names = _layer_names(program)
     if patterns is not None:
-        patterns = _check_patterns(where, walk, patterns, None)
+        patterns = _check_patterns(where, patterns)
         for node in kernels:
-            if _layer_name(walk, node) not in patterns:
-                raise fail(where, f"patterns have no entry for layer {_layer_name(walk, node)!r}; "
+            if names[node.slot] not in patterns:
+                raise fail(where, f"patterns have no entry for layer {names[node.slot]!r}; "
                                   f"they cover {', '.join(map(repr, patterns)) or 'nothing'}")
 
     def kernel_params(node, p):
-        name = _layer_name(walk, node)
+        name = names[node.slot]
         pattern = patterns[name].to(dtype=p["weight"].dtype, device=p["weight"].device)
         if pattern.shape != p["weight"].shape:
             raise fail(where, f"the pattern of layer {name!r} has shape {tuple(pattern.shape)}, its "
@@ -154,15 +186,17 @@ def _pattern_explainer(where: str, f, patterns, pattern_type: str, attribution: 
         if patterns is None:
             raise fail(where, "no patterns: fit them first, explain = explain.fit(params, data), or "
                               "pass patterns=fxattr.load_patterns(path)")
-        vals = f.guarded(x, lambda: walk.forward(params, x), where)
-        seeds = {i: g * vals[i] for i, g in walk.seed(vals, target).items()}
-        grads = walk.reverse(params, vals, seeds, kernel_params=kernel_params)
-        return walk.to_input(x, vals, grads, lambda g, i: g)
+        vals, cache, raw = f.guarded(x, lambda: program.forward(params, x), where)
+        y = program.output_of(raw)[0]
+        grad = torch.func.grad(lambda t: select(where, t, target))(y)
+        seeds = program.seed(vals, y * grad)
+        grads = program.reverse(params, vals, cache, seeds, kernel_params=kernel_params)
+        return program.to_input(x, vals, grads)
 
     def fit(params, data):
         """Fits the patterns on ``data`` (an iterable of batches) in one pass; returns a new
         explainer holding them (this one is unchanged)."""
-        return _pattern_explainer(where, f, _fit(where, walk, params, data, pattern_type),
+        return _pattern_explainer(where, f, _fit(where, program, params, data, pattern_type),
                                   pattern_type, attribution)
 
     config = {"patterns": patterns, "pattern_type": pattern_type}

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from fxattr.errors import fail
+from fxattr.graph._ops import Layer
 
 __all__ = [
     "Layer", "Rule", "alpha_beta", "epsilon", "flat", "gamma", "gradient", "norm", "pass_", "safe",
@@ -50,30 +51,7 @@ Stabiliser = Callable[[Tensor], Tensor]
 Params = Mapping[str, Optional[Tensor]]
 
 
-class Layer(NamedTuple):
-    """A linear layer as the rules see it.
-
-    Attributes:
-        kind: ``"conv"``, ``"linear"`` or ``"batchnorm"`` (an unfolded eval batch norm,
-            ``x * weight + bias`` per channel).
-        forward: ``forward(x, params) -> z``; ``params`` holds ``weight`` and ``bias`` (or ``None``).
-        transpose: ``transpose(s, params, x) -> W^T s``, the vector-Jacobian product of ``forward``
-            w.r.t. its input (``x`` only gives the shape).
-        bias: ``bias(b, z) -> b`` broadcast against the output ``z``.
-        nonnegative_input: ``True`` when the input is known to be ``>= 0`` (it comes from a ReLU),
-            so rules may skip their ``x-`` terms (they are exactly zero).
-        groups: ``1`` for a dense layer or a convolution with ``groups == 1`` whose ``forward`` and
-            ``transpose`` accept any number of channels (input axis 1 of a convolution, the last
-            axis of a dense layer); ``None`` when unknown. With ``1`` the flat rule computes its
-            all-ones sums on one channel instead of a full layer.
-    """
-
-    kind: str
-    forward: Callable[[Tensor, Params], Tensor]
-    transpose: Callable[[Tensor, Params, Tensor], Tensor]
-    bias: Callable[[Tensor, Tensor], Tensor]
-    nonnegative_input: bool = False
-    groups: Optional[int] = None
+# Layer lives in the graph's catalogue of operation kinds (kernels are identified there).
 
 
 class Rule(NamedTuple):

@@ -528,3 +528,62 @@ def test_module_max_pool_reverse_by_indices_equals_its_vjp(dims, shape, pool):
                      for f, p in (fxattr.functionalize(m.eval()) for m in (by_module, by_function))]
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         assert got.abs().sum() > 0
+
+
+class _Gated(nn.Module):
+    """A squeeze-excitation-like gate: the product of two data tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4, bias=False)
+        self.gate = nn.Linear(4, 4, bias=False)
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        return self.head(h * torch.sigmoid(self.gate(x)))
+
+
+def test_registered_operation_kind_is_reversed_by_each_method():
+    """An operation kind added to the catalogue (``fxattr.graph.register``) with reverse functions
+    (``register_reverse``) is classified and reversed by LRP, DeepLIFT and guided backprop; without
+    a reverse for a method the error names the node, its module of origin and the explainer."""
+    import operator
+
+    from fxattr.graph import OpKind, register, unregister
+    from fxattr.propagation._engine import REVERSE, register_reverse
+
+    torch.manual_seed(0)
+    model = _Gated().double().eval()
+    f, params = fxattr.functionalize(model)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2])
+    with pytest.raises(fxattr.FxattrError, match=r"lrp: no LRP rule for graph node 'mul'"):
+        fxattr.lrp(f, rule="z")
+
+    def accepts(node, data_refs):
+        return data_refs == 2
+
+    def gate_as_constant(view, rel):  # relevance to the signal, none to the gate
+        return rel, torch.zeros_like(view.inputs[1])
+
+    register(OpKind("product", functions={operator.mul}, accepts=accepts))
+    register_reverse("lrp", "product", gate_as_constant)
+    try:
+        lrp = torch.vmap(fxattr.lrp(f, rule="z"), in_dims=(None, 0, 0))(params, x, t)
+        # the gate held constant: LRP-z of the bias-free ReLU net = gradient x input of the
+        # signal path alone (the sigmoid gate's value as a fixed scale)
+        gate = torch.sigmoid(x @ model.gate.weight.T)
+
+        def signal_path(xi, gi, ti):
+            return F.linear(F.relu(F.linear(xi, model.fc.weight)) * gi, model.head.weight)[ti]
+        want = torch.stack([torch.func.grad(signal_path)(xi, gi, ti) * xi for xi, gi, ti in zip(x, gate, t)])
+        torch.testing.assert_close(lrp, want)
+        with pytest.raises(fxattr.FxattrError, match=r"deeplift: no DeepLIFT rule for graph node 'mul'"):
+            fxattr.deeplift(f, baseline=0.0)
+        # gradient mode: the product's vjp is exact, no registration needed
+        guided = torch.vmap(fxattr.guided_backprop(f, seed="one"), in_dims=(None, 0, 0))(params, x, t)
+        assert guided.shape == x.shape
+    finally:
+        unregister("product")
+        REVERSE["lrp"].pop("product", None)
