@@ -210,9 +210,11 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
 
 def baseline_value(where: str, f: TextModel, baseline):
     """``baseline`` for IG-type methods on embeddings, as a function of (params, embeddings)."""
-    if baseline == "zeros" or (isinstance(baseline, (int, float)) and not isinstance(baseline, bool) and baseline == 0):
+    if isinstance(baseline, bool):
+        raise fail(where, f"baseline must be 'zeros', 'pad', a token id (int) or a tensor of embeddings, got {baseline!r}")
+    if (isinstance(baseline, str) and baseline == "zeros") or (isinstance(baseline, float) and baseline == 0.0):
         return lambda params, e: torch.zeros_like(e)
-    if baseline == "pad" or (isinstance(baseline, int) and not isinstance(baseline, bool)):
+    if (isinstance(baseline, str) and baseline == "pad") or isinstance(baseline, int):
         token = f.pad_token_id if baseline == "pad" else baseline
         if token is None:
             raise fail(where, "baseline='pad' needs model.config.pad_token_id; pass the token id as an int "
@@ -247,9 +249,9 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
         reduce: how an ``(L, D)`` attribution becomes token relevance: ``"sum"`` over the embedding
             dimension (default; completeness is kept), ``"norm"`` (L2 norm, for saliency) or
             ``None`` (keep ``(L, D)``). Methods that already give ``(L,)`` are returned as they are.
-        **config: the method's configuration. ``baseline`` (IG, DeepLIFT) may be ``"zeros"``,
-            ``"pad"`` (the pad token's embedding at every position), a token id (e.g. the mask
-            token's) or a tensor of embeddings.
+        **config: the method's configuration. ``baseline`` (IG) may be ``"zeros"`` (or ``0.0``),
+            ``"pad"`` (the pad token's embedding at every position), an int token id (e.g. the
+            mask token's: ``tokenizer.mask_token_id``) or a tensor of embeddings.
 
     Example:
         >>> f, params = fxattr.text.functionalize(model.eval())

@@ -129,14 +129,14 @@ def test_class_targets_on_a_classifier():
     torch.testing.assert_close(diff, explain(params, ids[0], mask[0], 2) - explain(params, ids[0], mask[0], 0))
 
 
-@pytest.mark.parametrize("baseline", ["zeros", "pad", 7])
+@pytest.mark.parametrize("baseline", ["zeros", 0.0, "pad", 7, 0])
 def test_integrated_gradients_on_embeddings_is_complete(baseline):
     model = tiny("bert", "eager", torch.float64)
     f, params = fxattr.text.functionalize(model)
     ids, mask = _batch([6, 4], 6)
     explain = fxattr.text.attribute(fxattr.integrated_gradients, f, steps=24, baseline=baseline)
     relevance = torch.vmap(explain, in_dims=MAPPED)(params, ids, mask, torch.tensor([1, 2]))
-    token = {"zeros": None, "pad": PAD, 7: 7}[baseline]
+    token = None if baseline in ("zeros", 0.0) and not isinstance(baseline, int) else PAD if baseline == "pad" else baseline
     for i, target in enumerate([1, 2]):
         e = f.embed(params, ids[i])
         base = torch.zeros_like(e) if token is None else params[f.embedding_name][token].expand_as(e)
