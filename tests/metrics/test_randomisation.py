@@ -155,6 +155,19 @@ def test_histogram_and_entropy_are_numpy_and_scipy():
     torch.testing.assert_close(entropies, torch.tensor(expected, dtype=torch.float64))
 
 
+def test_average_ranks_are_scipy_rankdata_under_vmap():
+    values = torch.randn(5, 60, dtype=torch.float64)
+    values[0, :20] = 0.5                      # a long tie
+    values[1] = torch.randint(0, 4, (60,))    # many ties
+    values[2] = 1.0                           # constant
+    ours = torch.vmap(RM.average_ranks)(values)
+    torch.testing.assert_close(ours, torch.tensor(scipy.stats.rankdata(values.numpy(), axis=1)))
+    b = torch.randn(5, 60, dtype=torch.float64)
+    expected = [scipy.stats.spearmanr(u, v)[0] for u, v in zip(values[[0, 1, 3, 4]].numpy(), b[[0, 1, 3, 4]].numpy())]
+    spearman = torch.vmap(RM.ranked_spearman)(ours[[0, 1, 3, 4]], b[[0, 1, 3, 4]])
+    torch.testing.assert_close(spearman, torch.tensor(expected, dtype=torch.float64))
+
+
 def test_ssim_is_skimage_on_flat_arrays():
     from quantus.functions.similarity_func import ssim
     a, b = torch.rand(2, 5, 40, dtype=torch.float64)
