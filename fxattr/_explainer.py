@@ -111,6 +111,30 @@ def check_call(f, params, x, *, integer_x: bool = False, where: str | None = Non
                                   "); an explanation of a non-finite input would be meaningless")
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def upcast(params, x):
+    """``(params, x)`` with float16 / bfloat16 tensors in float32, and x's original dtype (or
+    ``None`` when nothing was half precision).
+
+    For methods that subtract model outputs (occlusion, feature ablation): a half-precision output
+    is rounded to 1e-3 (float16) or 8e-3 (bfloat16) of its size, and the drop of an output under a
+    perturbation is often smaller than that. They evaluate the model, with the same (rounded)
+    weights, in float32 and return the result in x's dtype."""
+    leaves = optree.tree_leaves(x, namespace="torch")
+    dtype = leaves[0].dtype if leaves and isinstance(leaves[0], torch.Tensor) else None
+    if dtype not in HALF:
+        return params, x, None
+
+    def up(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.dtype in HALF else t
+
+    if isinstance(params, dict):
+        params = {k: up(v) for k, v in params.items()}
+    return params, tree_map(up, x), dtype
+
+
 def is_empty_batch(x) -> bool:
     """True inside ``torch.vmap`` over a batch of zero examples (x's values are an empty tensor)."""
     for t in optree.tree_leaves(x, namespace="torch"):

@@ -87,8 +87,9 @@ def _check_options(where, relu, upsample, interpolate, normalize):
     check_choice(where, "interpolate", interpolate, _INTERPOLATE)
 
 
-def _activation(where: str, body, params, x) -> Tensor:
-    a = body(params, x)
+def _activation(where: str, body, params, x, f=None) -> Tensor:
+    guarded = getattr(f, "guarded", None)
+    a = body(params, x) if guarded is None else guarded(x, lambda: body(params, x), where)
     if not isinstance(a, Tensor):
         raise fail(where, f"the activation of layer {body.layer!r} is a {type(a).__name__}, not a "
                           "tensor; choose a layer that returns one tensor")
@@ -181,9 +182,14 @@ def _upsample(where: str, m: Tensor, x, interpolate: str) -> Tensor:
     return F.interpolate(m[None, None], size=size, mode=mode, **extra)[0, 0]
 
 
+def _eps(value: float, dtype) -> float:
+    """A stabiliser representable in ``dtype`` (float16 rounds 1e-8 to 0: the smallest normal)."""
+    return max(value, torch.finfo(dtype).tiny)
+
+
 def _normalize(m: Tensor) -> Tensor:
     m = m - m.min()
-    return m / (m.max() + _EPS_NORMALIZE)
+    return m / (m.max() + _eps(_EPS_NORMALIZE, m.dtype))
 
 
 def _finish(where, maps, x, relu, upsample, interpolate, normalize):
@@ -207,6 +213,13 @@ def _finish(where, maps, x, relu, upsample, interpolate, normalize):
     return torch.stack(out)
 
 
+def _takes_token_ids(f) -> bool:
+    """Integer x is accepted by the layer-gradient CAMs of models that embed token ids."""
+    module = getattr(f, "module", None)
+    return isinstance(module, nn.Module) and any(isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                                                 for m in module.modules())
+
+
 def _check_reshape(where, reshape):
     if reshape is not None and not callable(reshape):
         raise fail(where, f"reshape must be None or a callable activation -> (channels, *spatial), "
@@ -226,14 +239,14 @@ def _gradient_cam(name: str, f, layer, relu, upsample, interpolate, normalize, m
         check_target(name, target)
         maps = []
         for body, head in splits:
-            a = _activation(name, body, params, x)
+            a = _activation(name, body, params, x, f)
             g = _grad_at_layer(name, head, params, x, a, target)
             maps.append(mapper(to_channels(body.layer, a), to_channels(body.layer, g)))
         return _finish(name, maps, x, relu, upsample, interpolate, normalize)
 
     config = {"layer": layer, "relu": relu, "upsample": upsample, "interpolate": interpolate,
               "normalize": normalize, "reshape": reshape}
-    return explainer(name, f, config, explain, integer_x=True, empty="run")
+    return explainer(name, f, config, explain, integer_x=_takes_token_ids(f), empty="run")
 
 
 # ----------------------------------------------------------------------------------- explainers
@@ -291,7 +304,7 @@ def gradcam_plus_plus(f, *, layer, relu: bool = True, upsample: bool = True,
     """
     def mapper(a, g):
         g2 = g * g
-        alpha = g2 / (2 * g2 + _spatial_sum(a) * g2 * g + 1e-6)
+        alpha = g2 / (2 * g2 + _spatial_sum(a) * g2 * g + _eps(1e-6, g.dtype))
         alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
         weights = (alpha * torch.relu(g)).sum(dim=tuple(range(1, g.ndim)))
         return _weighted(weights, a)
@@ -310,7 +323,7 @@ def xgradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate:
         >>> torch.vmap(fxattr.xgradcam(f, layer="layer4"), in_dims=(None, 0, 0))(params, images, labels)
     """
     def mapper(a, g):
-        weights = (g * a / (_spatial_sum(a) + 1e-7)).sum(dim=tuple(range(1, g.ndim)))
+        weights = (g * a / (_spatial_sum(a) + _eps(1e-7, a.dtype))).sum(dim=tuple(range(1, g.ndim)))
         return _weighted(weights, a)
 
     return _gradient_cam("xgradcam", f, layer, relu, upsample, interpolate, normalize, mapper, reshape)
@@ -394,7 +407,7 @@ def cam(f, *, layer, fc: str | None = None, relu: bool = False, upsample: bool =
         row = torch.vmap(lambda column: take(column, index), in_dims=1)(weight)
         maps = []
         for body, _ in splits:
-            a = to_channels(body.layer, _activation(where, body, params, x))
+            a = to_channels(body.layer, _activation(where, body, params, x, f))
             if a.shape[0] != row.shape[0]:
                 raise fail(where, f"layer {body.layer!r} has {a.shape[0]} channels but {fc!r} takes "
                                   f"{row.shape[0]} features; CAM needs the layer feeding the global "
@@ -404,7 +417,7 @@ def cam(f, *, layer, fc: str | None = None, relu: bool = False, upsample: bool =
 
     config = {"layer": layer, "fc": fc, "relu": relu, "upsample": upsample,
               "interpolate": interpolate, "normalize": normalize, "reshape": reshape}
-    return explainer(where, f, config, explain, integer_x=True, empty="run")
+    return explainer(where, f, config, explain, integer_x=_takes_token_ids(f), empty="run")
 
 
 @api_boundary("scorecam")
@@ -444,7 +457,7 @@ def scorecam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate:
         target = fixed_target(f, params, x, target)
         maps = []
         for body, _ in splits:
-            a = to_channels(body.layer, _activation(where, body, params, x))
+            a = to_channels(body.layer, _activation(where, body, params, x, f))
             k = a.ndim - 1
             if k not in (1, 2, 3) or x.ndim < k:
                 raise fail(where, f"cannot build masks for x of shape {tuple(x.shape)} from an "
@@ -455,7 +468,7 @@ def scorecam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate:
             def score(channel):
                 up = F.interpolate(channel[None, None], size=size, mode=mode, align_corners=True)[0, 0]
                 lo, hi = up.min(), up.max()
-                mask = (up - lo) / (hi - lo + 1e-8)
+                mask = (up - lo) / (hi - lo + max(1e-8, torch.finfo(up.dtype).tiny))
                 return select(where, f(params, x * mask), target)
 
             scores = torch.vmap(score, chunk_size=chunk_size)(a)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxattr._explainer import check_int, check_model, explainer, fixed_target
+from fxattr._explainer import check_int, check_model, explainer, fixed_target, upcast
 from fxattr.errors import api_boundary, check_finite, fail
 from fxattr.functional import CAPTURE_LOCK
 from fxattr.perturbation import _incremental
@@ -148,6 +148,11 @@ def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 
             steps = _incremental.traced(where, f, required=incremental is True)
 
     def explain(params, x, target=None):
+        params, x, half = upcast(params, x)
+        out = explain_float(params, x, target)
+        return out if half is None else out.to(half)
+
+    def explain_float(params, x, target):
         check_target(where, target)
         _check_x(where, x)
         shape = tuple(x.shape)
@@ -257,6 +262,11 @@ def feature_ablation(f, *, feature_mask=None, baseline=0.0, chunk_size: int | No
         groups = ids.numel()
 
     def explain(params, x, target=None):
+        params, x, half = upcast(params, x)
+        out = explain_float(params, x, target)
+        return out if half is None else out.to(half)
+
+    def explain_float(params, x, target):
         check_target(where, target)
         _check_x(where, x)
         if feature_mask is None:
