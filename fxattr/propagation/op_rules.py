@@ -589,3 +589,272 @@ def channel_shuffle_reverse(relevance: Tensor, groups: int) -> Tensor:
         raise fail("op_rules.channel_shuffle_reverse", f"groups must divide the {channels} channels, got {groups!r}")
     shape = relevance.shape
     return relevance.reshape(shape[0], channels // groups, groups, *shape[2:]).transpose(1, 2).reshape(shape)
+
+
+# --- the catalogue: operation kinds and their reverses for the graph engine ---------------------
+#
+# Each reverse takes a node *view* and the signal arriving at the node's output, and returns one
+# signal per distinct data input of the node. The view carries: ``inputs`` (the data inputs' values
+# at x, in argument order), ``output``, ``fn`` (the node as a function of its data inputs, the other
+# arguments fixed), ``args`` / ``kwargs`` (the call's arguments, resolved to values), and for
+# DeepLIFT ``reference_inputs``. Values carry the batch axis of 1 of the forward pass.
+
+GATE_FUNCTIONS = frozenset({torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.rsqrt, torch.reciprocal, torch.softmax,
+                            F.softmax})
+GATE_METHODS = frozenset({"sigmoid", "rsqrt", "reciprocal", "softmax"})
+GATE_MODULES = ("Sigmoid", "Hardsigmoid", "Softmax")
+LRP_EPSILON = 0.0  # parameter-free maps and products take the z form (exact zeros guarded)
+
+
+def is_gate(producer, module=None) -> bool:
+    """Whether a factor of a product is a *gate*: the output of a sigmoid-type function (sigmoid,
+    hard sigmoid, softmax) or of a reciprocal (``rsqrt``, ``reciprocal``: a written-out norm). LRP
+    treats a gate as a constant (it takes no relevance); otherwise a product takes the uniform rule.
+    ``producer`` is the fx node that computed the factor, ``module`` the module it calls (or None)."""
+    op = getattr(producer, "op", None)
+    if op == "call_function":
+        return producer.target in GATE_FUNCTIONS
+    if op == "call_method":
+        return producer.target in GATE_METHODS
+    if op == "call_module" and module is not None:
+        return type(module).__name__ in GATE_MODULES
+    return False
+
+
+def _bind(names: Sequence[str], defaults: dict, args: Sequence, kwargs: dict) -> dict:
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _reference(view):
+    return list(view.reference_inputs)
+
+
+def _one(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def product_lrp_reverse(view, relevance, gates: Sequence[bool] = (False, False)):
+    """LRP of ``a * b`` (two distinct data inputs): gate-as-constant if exactly one factor is a gate
+    (:func:`is_gate`), else the uniform rule; ``x * x`` (one distinct input) passes relevance."""
+    if len(view.inputs) == 1:
+        return (relevance,)
+    a, b = view.inputs
+    if gates[0] != gates[1]:
+        signal_first = gates[1]  # b is the gate: a is the signal
+        if signal_first:
+            r_a, r_b = product_gate_lrp(a, b, relevance)
+        else:
+            r_b, r_a = product_gate_lrp(b, a, relevance)
+        return r_a, r_b
+    return bilinear_uniform_lrp(view.fn, a, b, relevance, epsilon=LRP_EPSILON)
+
+
+def bilinear_deeplift_reverse(view, multiplier):
+    """DeepLIFT of a product / matmul / bmm / einsum of data tensors: the Shapley split (one distinct
+    input, ``x * x``: the rescale rule, exact for an element-wise square)."""
+    if len(view.inputs) == 1:
+        (x,), (x0,) = view.inputs, _reference(view)
+        return (_secant_vjp(view.fn, x, x0, multiplier),)
+    (a, b), (a0, b0) = view.inputs, _reference(view)
+    return bilinear_deeplift(view.fn, a, b, a0, b0, multiplier)
+
+
+def _secant_vjp(fn, x, x0, multiplier):
+    # a quadratic function of one input (x * x, x @ x^T): its Jacobian at the midpoint is the secant
+    _, vjp = torch.func.vjp(fn, (x + x0) / 2)
+    return vjp(multiplier)[0]
+
+
+def bilinear_lrp_reverse(view, relevance):
+    """LRP of matmul / bmm / einsum with two data operands: AttnLRP's uniform rule."""
+    if len(view.inputs) == 1:
+        (x,) = view.inputs
+        return (linear_lrp(view.fn, (x,), relevance, epsilon=LRP_EPSILON)[0],)
+    a, b = view.inputs
+    return bilinear_uniform_lrp(view.fn, a, b, relevance, epsilon=LRP_EPSILON)
+
+
+def quotient_lrp_reverse(view, relevance):
+    if len(view.inputs) == 1:
+        return (relevance,)
+    return quotient_lrp(*view.inputs, relevance)
+
+
+def quotient_deeplift_reverse(view, multiplier):
+    if len(view.inputs) == 1:  # x / x: constant
+        return (torch.zeros_like(view.inputs[0]),)
+    (a, b), (a0, b0) = view.inputs, _reference(view)
+    return quotient_deeplift(a, b, a0, b0, multiplier)
+
+
+def linear_lrp_reverse(view, relevance):
+    """LRP of a parameter-free linear map (interpolation, upsampling): the z rule through it."""
+    return linear_lrp(view.fn, view.inputs, relevance, epsilon=LRP_EPSILON, output=view.output)
+
+
+def linear_deeplift_reverse(view, multiplier):
+    return linear_deeplift(view.fn, view.inputs, multiplier)
+
+
+def elementwise_lrp_reverse(view, relevance):
+    """LRP of an element-wise function of one input (rsqrt, exp, pow by a constant, ...): passes."""
+    return (activation_pass_lrp(relevance),)
+
+
+def elementwise_deeplift_reverse(view, multiplier):
+    (x,), (x0,) = view.inputs, _reference(view)
+    return (rescale_deeplift(view.fn, x, x0, multiplier),)
+
+
+def _softmax_dim(view) -> int:
+    bound = _bind(("input", "dim"), {"dim": None}, view.args, view.kwargs)
+    if bound["dim"] is None:
+        raise fail("lrp", "softmax without dim is not supported (pass dim explicitly)")
+    return bound["dim"]
+
+
+def softmax_lrp_reverse(view, relevance):
+    return (softmax_lrp(view.inputs[0], relevance, _softmax_dim(view)),)
+
+
+def softmax_deeplift_reverse(view, multiplier):
+    return (softmax_deeplift(view.inputs[0], _reference(view)[0], multiplier, _softmax_dim(view)),)
+
+
+_LAYER_NORM = (("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+_GROUP_NORM = (("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+_RMS_NORM = (("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
+
+
+def _norm_arguments(view, spec):
+    bound = _bind(*spec[:1], spec[1], view.args, view.kwargs)
+    for name in ("weight", "bias"):
+        if isinstance(bound.get(name), Tensor) and any(bound[name] is t for t in view.inputs):
+            raise fail("lrp", f"a normalisation whose {name} is computed from the input is not supported")
+    return bound
+
+
+def _rms_eps(bound, x):
+    return torch.finfo(x.dtype).eps if bound["eps"] is None else bound["eps"]
+
+
+def layer_norm_lrp_reverse(view, relevance):
+    b = _norm_arguments(view, _LAYER_NORM)
+    return (layer_norm_lrp(view.inputs[0], b["normalized_shape"], b["weight"], b["bias"], relevance, eps=b["eps"],
+                           epsilon=LRP_EPSILON),)
+
+
+def layer_norm_deeplift_reverse(view, multiplier):
+    b = _norm_arguments(view, _LAYER_NORM)
+    return (layer_norm_deeplift(view.inputs[0], _reference(view)[0], b["normalized_shape"], b["weight"], b["bias"],
+                                multiplier, eps=b["eps"]),)
+
+
+def group_norm_lrp_reverse(view, relevance):
+    b = _norm_arguments(view, _GROUP_NORM)
+    return (group_norm_lrp(view.inputs[0], b["num_groups"], b["weight"], b["bias"], relevance, eps=b["eps"],
+                           epsilon=LRP_EPSILON),)
+
+
+def group_norm_deeplift_reverse(view, multiplier):
+    b = _norm_arguments(view, _GROUP_NORM)
+    return (group_norm_deeplift(view.inputs[0], _reference(view)[0], b["num_groups"], b["weight"], b["bias"],
+                                multiplier, eps=b["eps"]),)
+
+
+def rms_norm_lrp_reverse(view, relevance):
+    b = _norm_arguments(view, _RMS_NORM)
+    x = view.inputs[0]
+    return (rms_norm_lrp(x, b["normalized_shape"], b["weight"], relevance, eps=_rms_eps(b, x), epsilon=LRP_EPSILON),)
+
+
+def rms_norm_deeplift_reverse(view, multiplier):
+    b = _norm_arguments(view, _RMS_NORM)
+    x = view.inputs[0]
+    return (rms_norm_deeplift(x, _reference(view)[0], b["normalized_shape"], b["weight"], multiplier,
+                              eps=_rms_eps(b, x)),)
+
+
+_SDPA = (("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+         {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False})
+
+
+def _sdpa_arguments(view):
+    b = _bind(*_SDPA[:1], _SDPA[1], view.args, view.kwargs)
+    if b["dropout_p"]:
+        raise fail("lrp", f"scaled_dot_product_attention with dropout_p={b['dropout_p']} (training) has no rule")
+    if isinstance(b["attn_mask"], Tensor) and any(b["attn_mask"] is t for t in view.inputs):
+        raise fail("lrp", "scaled_dot_product_attention with a mask computed from the input has no rule")
+    return b
+
+
+def _by_input(view, b, results, names=("query", "key", "value")):
+    # one signal per DISTINCT data input (self-attention passes the same tensor as q, k and v)
+    out = []
+    for t in view.inputs:
+        hits = [r for n, r in zip(names, results) if b[n] is t]
+        out.append(sum(hits[1:], hits[0]) if hits else torch.zeros_like(t))
+    return tuple(out)
+
+
+def sdpa_lrp_reverse(view, relevance):
+    b = _sdpa_arguments(view)
+    results = attention_lrp(b["query"], b["key"], b["value"], relevance, attn_mask=b["attn_mask"],
+                            is_causal=b["is_causal"], scale=b["scale"], enable_gqa=b["enable_gqa"], epsilon=LRP_EPSILON)
+    return _by_input(view, b, results)
+
+
+def sdpa_deeplift_reverse(view, multiplier):
+    b = _sdpa_arguments(view)
+    ref = dict(zip([id(t) for t in view.inputs], _reference(view)))
+    q0, k0, v0 = (ref.get(id(b[n]), b[n]) for n in ("query", "key", "value"))
+    results = attention_deeplift(b["query"], b["key"], b["value"], q0, k0, v0, multiplier, attn_mask=b["attn_mask"],
+                                 is_causal=b["is_causal"], scale=b["scale"], enable_gqa=b["enable_gqa"])
+    return _by_input(view, b, results)
+
+
+_MHA_NAMES = (
+    "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k", "bias_v",
+    "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training", "key_padding_mask", "need_weights",
+    "attn_mask", "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "static_k",
+    "static_v", "average_attn_weights", "is_causal")
+_MHA_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
+                 "use_separate_proj_weight": False, "static_k": None, "static_v": None, "is_causal": False}
+
+
+def _mha_arguments(view):
+    b = _bind(_MHA_NAMES, _MHA_DEFAULTS, view.args, view.kwargs)
+    unsupported = [n for n in ("bias_k", "bias_v", "key_padding_mask", "attn_mask", "static_k", "static_v")
+                   if b.get(n) is not None]
+    unsupported += [n for n in ("add_zero_attn", "use_separate_proj_weight", "is_causal") if b.get(n)]
+    if b["training"] and b["dropout_p"]:
+        unsupported.append("dropout in training")
+    if unsupported:
+        raise fail("lrp", f"nn.MultiheadAttention with {', '.join(unsupported)} has no rule yet")
+    params = {"in_proj_weight": b["in_proj_weight"], "in_proj_bias": b["in_proj_bias"],
+              "out_proj.weight": b["out_proj_weight"], "out_proj.bias": b["out_proj_bias"]}
+    return b, params
+
+
+def _mha_signal(signal):
+    # F.multi_head_attention_forward returns (out, weights or None): only out carries a signal
+    return signal[0] if isinstance(signal, (tuple, list)) else signal
+
+
+def mha_lrp_reverse(view, relevance):
+    b, params = _mha_arguments(view)
+    results = multihead_attention_lrp(b["query"], b["key"], b["value"], params, b["num_heads"], _mha_signal(relevance),
+                                      epsilon=LRP_EPSILON)
+    return _by_input(view, b, results)
+
+
+def mha_deeplift_reverse(view, multiplier):
+    b, params = _mha_arguments(view)
+    ref = dict(zip([id(t) for t in view.inputs], _reference(view)))
+    q0, k0, v0 = (ref.get(id(b[n]), b[n]) for n in ("query", "key", "value"))
+    results = multihead_attention_deeplift(b["query"], b["key"], b["value"], q0, k0, v0, params, b["num_heads"],
+                                           _mha_signal(multiplier))
+    return _by_input(view, b, results)

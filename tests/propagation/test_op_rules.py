@@ -602,3 +602,90 @@ def test_grouped_query_attention():
     torch.testing.assert_close(grouped[0], full[0])
     torch.testing.assert_close(grouped[1], full[1].reshape(2, 2, 3, 2).sum(1))
     torch.testing.assert_close(grouped[2], full[2].reshape(2, 2, 3, 2).sum(1))
+
+
+# --- the catalogue's reverses, on node views -----------------------------------------------------
+
+class View:
+    """A node view as the engine builds it: ``call(*args, **kwargs)`` with the data arguments at
+    ``data`` positions (distinct tensors), at x and at the reference."""
+
+    def __init__(self, call, args, kwargs, data, reference_args=None):
+        self.args, self.kwargs = tuple(args), dict(kwargs)
+        self.inputs = [args[i] for i in data]
+        self.output = call(*args, **kwargs)
+
+        def fn(*values):
+            full = list(args)
+            for i, v in zip(data, values):
+                full[i] = v
+            return call(*full, **kwargs)
+        self.fn = fn
+        self.reference_inputs = None if reference_args is None else [reference_args[i] for i in data]
+        self.reference_output = None if reference_args is None else call(*reference_args, **kwargs)
+
+
+def _delta_through(view, reverse, m):
+    ms = reverse(view, m)
+    pairs = list(zip(ms, [x - x0 for x, x0 in zip(view.inputs, view.reference_inputs)]))
+    out = view.output[0] if isinstance(view.output, tuple) else view.output
+    ref = view.reference_output[0] if isinstance(view.reference_output, tuple) else view.reference_output
+    assert_delta(pairs, m, out - ref)
+
+
+def test_catalogue_reverses_sum_to_delta():
+    x, x0 = randn(1, 4, 6, seed=1), randn(1, 4, 6, seed=2)
+    g, g0 = torch.sigmoid(randn(1, 4, 1, seed=3)), torch.sigmoid(randn(1, 4, 1, seed=4))
+    w, b = randn(6, seed=5), randn(6, seed=6)
+    m = randn(1, 4, 6, seed=7)
+    cases = [
+        (O.bilinear_deeplift_reverse, View(torch.mul, (x, g), {}, (0, 1), (x0, g0))),
+        (O.bilinear_deeplift_reverse, View(lambda t: t * t, (x,), {}, (0,), (x0,))),  # x * x: one distinct input
+        (O.quotient_deeplift_reverse, View(torch.div, (x, g), {}, (0, 1), (x0, g0))),
+        (O.elementwise_deeplift_reverse, View(lambda t: torch.rsqrt(t.square() + 1), (x,), {}, (0,), (x0,))),
+        (O.softmax_deeplift_reverse, View(torch.softmax, (x, -1), {}, (0,), (x0, -1))),
+        (O.layer_norm_deeplift_reverse, View(F.layer_norm, (x, (6,), w, b), {"eps": 1e-5}, (0,), (x0, (6,), w, b))),
+        (O.group_norm_deeplift_reverse, View(F.group_norm, (x, 2, w[:4], b[:4]), {}, (0,), (x0, 2, w[:4], b[:4]))),
+        (O.rms_norm_deeplift_reverse, View(F.rms_norm, (x, (6,), w), {"eps": 1e-6}, (0,), (x0, (6,), w))),
+        (O.linear_deeplift_reverse, View(lambda t: F.interpolate(t, scale_factor=2, mode="linear"), (x,), {}, (0,),
+                                         (x0,))),
+    ]
+    for reverse, view in cases:
+        signal = m if view.output.shape == m.shape else randn(*view.output.shape, seed=8)
+        _delta_through(view, reverse, signal)
+    q, q0 = randn(1, 2, 4, 3, seed=9), randn(1, 2, 4, 3, seed=10)
+    kv, kv0 = randn(1, 2, 5, 3, seed=11), randn(1, 2, 5, 3, seed=12)
+    view = View(F.scaled_dot_product_attention, (q, kv, kv), {"is_causal": False}, (0, 1), (q0, kv0, kv0))
+    _delta_through(view, O.sdpa_deeplift_reverse, randn(1, 2, 4, 3, seed=13))
+    module, params = _mha()
+    s, s0 = randn(4, 1, 6, seed=14), randn(4, 1, 6, seed=15)
+    mha_args = lambda t: (t, t, t, 6, 2, params["in_proj_weight"], params["in_proj_bias"], None, None, False,  # noqa: E731
+                          0.0, params["out_proj.weight"], params["out_proj.bias"], False)
+    view = View(F.multi_head_attention_forward, mha_args(s), {"need_weights": False}, (0,), mha_args(s0))
+    ms = O.mha_deeplift_reverse(view, (randn(4, 1, 6, seed=16), None))
+    assert_delta([(ms[0], s - s0)], randn(4, 1, 6, seed=16), view.output[0] - view.reference_output[0])
+
+
+def test_catalogue_lrp_reverses_are_the_rules():
+    x, r = randn(1, 4, 6, seed=1), randn(1, 4, 6, seed=2)
+    g = torch.sigmoid(randn(1, 4, 1, seed=3))
+    w, b = randn(6, seed=5), randn(6, seed=6)
+    view = View(torch.mul, (x, g), {}, (0, 1))
+    ra, rg = O.product_lrp_reverse(view, r, gates=(False, True))
+    torch.testing.assert_close(ra, r)
+    assert not rg.any()
+    ra, rg = O.product_lrp_reverse(view, r)
+    torch.testing.assert_close(ra.sum() + rg.sum(), r.sum())
+    torch.testing.assert_close(ra, r / 2)
+    (got,) = O.layer_norm_lrp_reverse(View(F.layer_norm, (x, (6,), w, b, 1e-5), {}, (0,)), r)
+    torch.testing.assert_close(got, O.layer_norm_lrp(x, (6,), w, b, r))
+    (got,) = O.softmax_lrp_reverse(View(F.softmax, (x,), {"dim": 1}, (0,)), r)
+    torch.testing.assert_close(got, O.softmax_lrp(x, r, 1))
+    q = randn(1, 2, 4, 3, seed=9)
+    rq = randn(1, 2, 4, 3, seed=10)
+    (got,) = O.sdpa_lrp_reverse(View(F.scaled_dot_product_attention, (q, q, q), {}, (0,)), rq)
+    torch.testing.assert_close(got, sum(O.attention_lrp(q, q, q, rq)))
+    with pytest.raises(FxattrError, match="dropout_p=0.1"):
+        O.sdpa_lrp_reverse(View(F.scaled_dot_product_attention, (q, q, q), {"dropout_p": 0.1}, (0,)), rq)
+    with pytest.raises(FxattrError, match="softmax without dim"):
+        O.softmax_lrp_reverse(View(lambda t, dim=None: torch.softmax(t, -1), (x,), {}, (0,)), r)
