@@ -23,7 +23,16 @@ from fxattr.errors import fail
 __all__ = ["MetricTable", "evaluate", "metric_kind"]
 
 # The Quantus metrics that compare the examples of a batch with each other: called on the batch.
+# sensitivity_n gives one curve for the batch (a correlation per subset size), the others a score
+# per example.
 BATCH_METRICS = ("sensitivity_n", "sufficiency", "consistency")
+BATCH_CURVES = ("sensitivity_n",)
+
+
+def quantus_name(metric) -> str | None:
+    """The fxattr.metrics name a metric was built by (``"metrics.sufficiency"`` -> ``"sufficiency"``)."""
+    name = getattr(metric, "__name__", None)
+    return name.rsplit(".", 1)[-1] if isinstance(name, str) else None
 
 
 def metric_kind(metric) -> str:
@@ -39,7 +48,7 @@ def metric_kind(metric) -> str:
     """
     flag = getattr(metric, "batch_level", None)
     if flag is None:
-        flag = getattr(metric, "__name__", None) in BATCH_METRICS
+        flag = quantus_name(metric) in BATCH_METRICS
     if flag:
         return "batch"
     try:
@@ -61,11 +70,12 @@ def area(curve: Tensor) -> Tensor:
     return torch.trapezoid(curve, dx=1.0 / (curve.shape[-1] - 1), dim=-1)
 
 
-def per_example_scores(where: str, name: str, value, batch: int, kind: str) -> Tensor:
+def per_example_scores(where: str, name: str, value, batch: int, kind: str, batch_curve: bool) -> Tensor:
     """A metric's output as ``(B,)`` scores or ``(B, T)`` curves (a batch-level metric's scalar as
-    ``(1,)``, its curve as ``(1, T)``)."""
+    ``(1,)``, its curve as ``(1, T)``). A batch-level metric's 1-d output of length B counts as a
+    score per example unless ``batch_curve``."""
     value = torch.as_tensor(value).detach()
-    if kind == "batch" and not (value.ndim == 1 and value.shape[0] == batch):
+    if kind == "batch" and (batch_curve or not (value.ndim == 1 and value.shape[0] == batch)):
         value = value.reshape(1, *value.shape)
     if value.ndim not in (1, 2):
         raise fail(where, f"metric {name!r} gave shape {tuple(value.shape)}; evaluate takes a scalar or a "
@@ -156,7 +166,9 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
     - metrics with a fifth argument (localisation: the ``(1, H, W)`` bool mask; ``focus``: the
       quadrant flags; ``irof``: the segment map) get ``mask`` the same way, per example;
     - batch-level metrics (``sensitivity_n``, ``sufficiency``, ``consistency``) are called once,
-      ``metric(params, X, T, A)``;
+      ``metric(params, X, T, A)``; a 1-d result of length B is taken as a score per example (as
+      ``sufficiency`` and ``consistency`` give), anything else (``sensitivity_n``'s curve) as one
+      score for the batch (stderr NaN);
     - a function of one argument builds the metric for each explainer, for the metrics that
       re-explain (``{"MPRT": lambda explain: fxattr.metrics.mprt(f, explain=explain)}``); where it
       returns ``None`` the cell stays empty (NaN, count 0, ``–`` in the markdown).
@@ -248,7 +260,8 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
             else:
                 value = torch.vmap(metric, in_dims=(None, 0, target_dim, 0), randomness="different",
                                    chunk_size=chunk_size)(params, x, target, a)
-            value = per_example_scores(where, metric_name, value, batch, kind)
+            value = per_example_scores(where, metric_name, value, batch, kind,
+                                       quantus_name(metric) in BATCH_CURVES)
             if value.ndim == 2:  # a curve per example: its area enters the table
                 curves[explainer_name][metric_name] = value
                 value = area(value.to(torch.float64))

@@ -127,6 +127,27 @@ def test_builders_get_each_explainer(linear):
         fxattr.metrics.evaluate(explainers, {"bad": lambda explain: 3}, params, x, target)
 
 
+def test_quantus_batch_metrics(cnn1):
+    # sufficiency / consistency: a score per example; sensitivity_n: one curve for the batch, even
+    # when its length equals the batch size (4 here)
+    _, f, params = cnn1
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3])
+    explain = fxattr.gradient(f)
+    a = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, y)
+    metrics = {"sufficiency": fxattr.metrics.sufficiency(f), "consistency": fxattr.metrics.consistency(f),
+               "sensitivity_n": fxattr.metrics.sensitivity_n(f, n_max_percentage=0.125, features_in_step=2)}
+    assert {metric_kind(m) for m in metrics.values()} == {"batch"}
+    table = fxattr.metrics.evaluate({"gradient": explain}, metrics, params, x, y)
+    for name in ("sufficiency", "consistency"):
+        torch.testing.assert_close(table.scores["gradient"][name], metrics[name](params, x, y, a).double())
+    curve = metrics["sensitivity_n"](params, x, y, a)
+    assert curve.shape == (4,)
+    torch.testing.assert_close(table.curves["gradient"]["sensitivity_n"], curve[None].double())
+    assert table.count[0].tolist() == [4, 4, 1]
+    assert table["gradient", "sensitivity_n"][0] == pytest.approx(torch.trapezoid(curve, dx=1 / 3).item())
+
+
 def test_metric_kind():
     assert metric_kind(fxattr.metrics.pointing_game()) == "extra"
     assert metric_kind(fxattr.metrics.sparseness()) == "example"
