@@ -109,6 +109,10 @@ def test_mprt_with_batch_norm_and_explicit_sets_matches_quantus():
     _, sets = RM.randomised_parameter_sets(f, params, layer_order="bottom_up", seed=7)
     explicit = torch.vmap(lambda xx, t, aa: metric(params, xx, t, aa, parameter_sets=sets))(x, y, a)
     torch.testing.assert_close(explicit, seeded)
+    efficient = RM.efficient_mprt(f, explain=fxattr.gradient(f), layer_order="bottom_up", seed=7)
+    torch.testing.assert_close(
+        torch.vmap(lambda xx, t, aa: efficient(params, xx, t, aa, parameter_sets=sets))(x, y, a),
+        torch.vmap(efficient, in_dims=(None, 0, 0, 0))(params, x, y, a))
 
 
 def test_smooth_mprt_matches_quantus_on_replayed_noise(setup, monkeypatch):

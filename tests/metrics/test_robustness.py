@@ -117,6 +117,20 @@ def test_normalised_metrics_match_quantus_one_example_at_a_time(setup):
                                        torch.tensor(float(expected[0]), dtype=torch.float64), rtol=1e-9, atol=0)
 
 
+def test_second_moment_normalisation_matches_quantus_one_example_at_a_time(setup):
+    model, f, params, x, y, a = setup
+    noise = uniform((1, SAMPLES, *x.shape[1:]), 0.02, 0.2)
+    reference = quantus.RelativeInputStability(nr_samples=SAMPLES, normalise=True, abs=True,
+                                               disable_warnings=True)
+    replay(reference, noise)
+    expected = reference(model=AsDouble(model).eval(), x_batch=x[:1].numpy(), y_batch=y[:1].numpy(),
+                         a_batch=a[:1].numpy(), explain_func=quantus_explain())
+    metric = R.relative_input_stability(f, explain=fxattr.gradient(f), nr_samples=SAMPLES, normalise=True,
+                                        abs=True)
+    torch.testing.assert_close(metric(params, x[0], y[0], a[0], noise=noise[0]),
+                               torch.tensor(float(expected[0]), dtype=torch.float64), rtol=1e-9, atol=0)
+
+
 def test_prediction_changes_give_nan_as_quantus(setup):
     model, f, params, x, y, a = setup
     noise = uniform((x.shape[0], SAMPLES, *x.shape[1:]), -3.0, 3.0, seed=5)  # large: classes change
