@@ -92,3 +92,15 @@ def test_compile_equals_eager():
     eager = explain(params, x, y)
     compiled = torch.compile(explain, fullgraph=True, backend="aot_eager")(params, x, y)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_captured_maps_are_the_models_own_attentions(kind):
+    model = tiny(kind, "eager", torch.float64)
+    f, params = fxattr.text.functionalize(model)
+    ids = torch.randint(3, VOCAB, (5,))
+    maps = fxattr.text.attention_maps(lambda p, e: f(p, e), params, f.embed(params, ids))
+    with torch.no_grad():
+        own = model(input_ids=ids[None], output_attentions=True).attentions
+    assert maps.shape == (2, 2, 5, 5)
+    torch.testing.assert_close(maps, torch.stack([a[0] for a in own]))

@@ -78,6 +78,13 @@ def test_smoothgrad_with_given_noise_equals_loop():
     looped = torch.stack([explain(params, ids[i], mask[i], None, noise=noise) for i in range(2)])
     torch.testing.assert_close(batched, looped)
     assert (batched >= 0).all() and (batched[1, 3:] == 0).all()
+    # by hand: the mean gradient at the noisy embeddings (noise scaled by 0.15 x the range)
+    e = f.embed(params, ids[0])
+    scale = 0.15 * (e.max() - e.min())
+    target = fxattr.text.next_token(int(f(params, e, mask[0])[4].argmax()))
+    log_p = lambda e_: f(params, e_, mask[0])[4].log_softmax(-1)[target.token]  # noqa: E731
+    manual = torch.stack([torch.func.grad(log_p)(e + scale * n) for n in noise]).mean(0).norm(dim=-1)
+    torch.testing.assert_close(batched[0], manual, rtol=1e-4, atol=1e-6)
 
 
 def _grad_of(f, params, ids, scalar):
