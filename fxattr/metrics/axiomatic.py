@@ -71,7 +71,8 @@ def completeness(f, *, abs: bool = False, normalise: bool = True,  # noqa: A002 
         check_metric_input(where, x, name="x")
         a = prepare_attribution(attribution, normalise=normalise, abs=abs, where=where)
         target = resolve_target(f, params, x, target)
-        fill = baseline_value(perturb_baseline, x, shape=tuple(x.shape))
+        # "uniform": one draw per example, as Quantus's batched baseline
+        fill = baseline_value(perturb_baseline, x)
         x_baseline = torch.zeros_like(x) + fill
         difference = (select_target(model_output(f, params, x, softmax), target)
                       - select_target(model_output(f, params, x_baseline, softmax), target))
@@ -132,7 +133,8 @@ def non_sensitivity(f, *, eps: float = 1e-5, features_in_step: int = 1, abs: boo
         x_flat = x.reshape(-1)
 
         def perturbed(k):
-            fill = baseline_value(perturb_baseline, x_flat, shape=(n,))
+            # "black" etc. from the clean x; "uniform": one draw per step, as Quantus's batched baseline
+            fill = baseline_value(perturb_baseline, x_flat)
             return torch.where(step_of_feature == k, fill, x_flat).reshape(x.shape)
 
         copies = torch.vmap(perturbed, randomness="different")(torch.arange(steps, device=x.device))

@@ -380,7 +380,8 @@ def smooth_mprt(f, *, explain=None, similarity_func="spearman", layer_order: str
     :func:`mprt` with every model's explanation denoised: the mean over ``nr_samples`` explanations
     of ``x + std * eps``, ``std = noise_magnitude * (max(x) - min(x))``, ``eps`` standard normal,
     the last sample noise-free (``eps = 0``, as Quantus). Every model in the sequence (original
-    first) draws its own noise. Explanations are normalised by their root mean square
+    first) draws its own noise. ``chunk_size`` bounds both the parameter sets and the noisy copies
+    explained at once (up to ``chunk_size ** 2`` rows per forward and example). Explanations are normalised by their root mean square
     (``normalise``, Quantus's ``normalise_by_average_second_moment_estimate``), then made absolute.
     The given ``attribution`` is compared as is (not smoothed), as in Quantus.
 
@@ -425,7 +426,7 @@ def smooth_mprt(f, *, explain=None, similarity_func="spearman", layer_order: str
         def similarity_to(p, eps):
             clean = explain(p, x, target)
             if nr_samples > 1:
-                noisy = torch.vmap(lambda e: explain(p, x + std * e, target))(eps)
+                noisy = torch.vmap(lambda e: explain(p, x + std * e, target), chunk_size=chunk_size)(eps)
                 total = noisy.sum(0) + clean
             else:
                 total = clean
