@@ -328,3 +328,106 @@ def test_clear_errors():
     with pytest.raises(E, match="guided_gradcam: layer must be one module"):
         fxattr.guided_gradcam(f, layer=["features"])
     assert np.isfinite(fxattr.gradcam(f, layer="features")(params, x, 0).numpy()).all()
+
+
+# --------------------------------------------------------------- token and channels-last layers
+
+def _tiny_vit():
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2,
+                                                 hidden_dim=8, mlp_dim=16, num_classes=5).eval()
+    with torch.no_grad():  # torchvision initialises the head to zero: no gradient would flow
+        model.heads.head.weight.normal_()
+    return model
+
+
+def _tiny_swin():
+    import torchvision
+    torch.manual_seed(0)
+    return torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1],
+                                              num_heads=[1, 1], window_size=[2, 2], num_classes=5).eval()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_gradcam_on_vit_tokens_uses_the_patch_grid():
+    """A ViT block's output is (1 + 4 * 4, 8): the class token is dropped and the 16 patch tokens
+    become a 4 x 4 grid of 8 channels (was: 17 tokens taken as channels, every row of the map
+    equal)."""
+    model = _tiny_vit()
+    f, params = fxattr.functionalize(model)
+    xs, ts = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
+    layer = "encoder.layers.encoder_layer_0"
+    auto = torch.vmap(fxattr.gradcam(f, layer=layer, upsample=False, relu=False),
+                      in_dims=(None, 0, 0))(params, xs, ts)
+    by_hand = fxattr.gradcam(f, layer=layer, upsample=False, relu=False,
+                             reshape=lambda a: a[1:].reshape(4, 4, 8).permute(2, 0, 1))
+    assert auto.shape == (2, 4, 4)
+    torch.testing.assert_close(auto, torch.vmap(by_hand, in_dims=(None, 0, 0))(params, xs, ts))
+    # by hand from the split: the mean gradient of each feature over the patches weighs it
+    body, head = fxattr.graph.split(f, layer)
+    a = body(params, xs[0])
+    g = torch.func.grad(lambda a_: head(params, xs[0], a_)[0])(a)
+    weights = g[1:].mean(0)
+    expected = (a[1:] * weights).sum(-1).reshape(4, 4)
+    torch.testing.assert_close(auto[0], expected)
+    assert not torch.allclose(auto[0], auto[0][:1].expand(4, 4))  # rows differ
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_gradcam_on_swin_is_channels_first():
+    """Swin's stages are (H, W, C); its ``permute`` layer only moves C first, so Grad-CAM at the
+    stage and at ``permute`` must agree (was: H taken as the channels)."""
+    model = _tiny_swin()
+    f, params = fxattr.functionalize(model)
+    xs, ts = torch.randn(2, 3, 32, 32), torch.tensor([1, 4])
+    at = {layer: torch.vmap(fxattr.gradcam(f, layer=layer, upsample=False), in_dims=(None, 0, 0))(params, xs, ts)
+          for layer in ("norm", "permute")}
+    assert at["permute"].shape == (2, 4, 4)
+    torch.testing.assert_close(at["norm"], at["permute"])
+
+
+def test_token_layer_of_another_model_is_a_clear_error():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(3, 8)
+            self.block = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.block(self.embed(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    f, params = fxattr.functionalize(model)
+    explain = fxattr.gradcam(f, layer="embed")
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.gradcam: the activation of layer 'embed' has "
+                                                 r"shape \(5, 8\): \(tokens, features\).*reshape="):
+        explain(params, torch.randn(5, 3), 0)
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.gradcam: reshape must be None or a callable"):
+        fxattr.gradcam(f, layer="embed", reshape="tokens")
+    out = fxattr.gradcam(f, layer="embed", upsample=False, reshape=lambda a: a.T)(params, torch.randn(5, 3), 0)
+    assert out.shape == (5,)
+
+
+def test_cam_negative_target_under_vmap_is_an_error():
+    """``weight[target]`` read a negative target from the end: class K - 1 was explained."""
+    model = small_cnn()
+    f, params = fxattr.functionalize(model)
+    explain = fxattr.cam(f, layer="5", fc="8")
+    xs = torch.randn(2, 3, 8, 8)
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.cam: target -1 is out of range for the 5 classes"):
+        torch.vmap(explain, in_dims=(None, 0, 0))(params, xs, torch.tensor([0, -1]))
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.cam: target 5 is out of range"):
+        torch.vmap(explain, in_dims=(None, 0, 0))(params, xs, torch.tensor([5, 1]))
+
+
+def test_errors_inside_the_model_are_reported_under_the_cam_name():
+    model = small_cnn()
+    f, params = fxattr.functionalize(model)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.gradcam: the model failed on one example of "
+                                                 r"shape \(2, 3, 8, 8\).*If x is a batch"):
+        fxattr.gradcam(f, layer="4")(params, torch.randn(2, 3, 8, 8), 0)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.gradcam: x must be a floating-point tensor"):
+        fxattr.gradcam(f, layer="4")(params, torch.ones(3, 8, 8, dtype=torch.long), 0)
