@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -38,6 +39,12 @@ def tiny_gpt2(dtype=torch.float32):
     config = GPT2Config(vocab_size=128, n_positions=160, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
     return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def per_token_loop(per_token, params, ids, start):
+    """The per-token loop: one explanation (a forward and a backward) per generated token."""
+    return torch.stack([per_token(params, ids, None, fxattr.text.next_token(ids[s], s - 1))
+                        for s in range(start, len(ids))])
 
 
 def timed(fn, clock):
@@ -70,14 +77,13 @@ def main(argv=None):
             extra = {"steps": args.steps, "baseline": "zeros"} if name == "integrated_gradients" else {}
             # the per-token loop reduces with the same rule as the vmapped version (sum over D)
             per_token = fxattr.text.attribute(factories[name], f, **extra)
+            all_at_once = fxattr.text.generation_attribution(f, method=name, chunk_size=None,
+                                                             steps_chunk_size=None, **extra)
+            chunked = fxattr.text.generation_attribution(f, method=name, chunk_size=8, steps_chunk_size=4, **extra)
             variants = {
-                "loop": lambda: torch.stack([
-                    per_token(params, ids, None, fxattr.text.next_token(ids[s], s - 1))
-                    for s in range(start, len(ids))]),
-                "vmapped (all T)": lambda: fxattr.text.generation_attribution(
-                    f, method=name, chunk_size=None, steps_chunk_size=None, **extra)(params, ids, None, start),
-                "vmapped (chunks of 8)": lambda: fxattr.text.generation_attribution(
-                    f, method=name, chunk_size=8, steps_chunk_size=4, **extra)(params, ids, None, start),
+                "loop": partial(per_token_loop, per_token, params, ids, start),
+                "vmapped (all T)": partial(all_at_once, params, ids, None, start),
+                "vmapped (chunks of 8)": partial(chunked, params, ids, None, start),
             }
             times = {k: [] for k in variants}
             results = {}

@@ -23,7 +23,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.utils import logging as hf_logging
 
 import fxattr
-import fxattr.text  # noqa: F401  (also fxattr.text)
+import fxattr.text
 
 hf_logging.set_verbosity_error()
 

@@ -9,11 +9,23 @@ Padded batches of mixed-length sequences go through ONE vmapped call: the attent
 argument per example that is never differentiated (see :mod:`fxattr.text._functional`).
 """
 
-from fxattr.text._attention import attention_maps, attention_relevance, attention_rollout
+from fxattr.text._attention import (
+                                  attention_maps,
+                                  attention_relevance,
+                                  attention_rollout,
+)
 from fxattr.text._functional import TextModel, attribute, functionalize, math_attention
 from fxattr.text._generation import generation_attribution
-from fxattr.text._targets import (ClassLogit, Continuation, Contrast, NextToken, class_logit,
-                                  continuation, contrast, next_token)
+from fxattr.text._targets import (
+                                  ClassLogit,
+                                  Continuation,
+                                  Contrast,
+                                  NextToken,
+                                  class_logit,
+                                  continuation,
+                                  contrast,
+                                  next_token,
+)
 from fxattr.text._viz import token_colors, token_heatmap_html, token_heatmap_png
 
 __all__ = [

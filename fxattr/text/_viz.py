@@ -78,8 +78,8 @@ def token_heatmap_html(tokens: Sequence[Sequence[str]] | Sequence[str], relevanc
         colours = token_colors(v, _scale(where, v, absmax))
         label = f'<b>{html.escape(str(labels[i]))}</b> ' if labels is not None else ""
         spans = "".join(
-            f'<span title="{x:.4g}" style="background: rgb({int(round(255 * c[0]))}, {int(round(255 * c[1]))}, '
-            f'{int(round(255 * c[2]))}); padding: 2px 1px; margin: 0 1px">{html.escape(str(t))}</span>'
+            f'<span title="{x:.4g}" style="background: rgb({round(255 * c[0])}, {round(255 * c[1])}, '
+            f'{round(255 * c[2])}); padding: 2px 1px; margin: 0 1px">{html.escape(str(t))}</span>'
             for t, x, c in zip(row, v, colours))
         lines.append(f"<div>{label}{spans}</div>")
     lines.append("</div>")

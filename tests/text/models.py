@@ -5,8 +5,16 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
 from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()
@@ -20,7 +28,7 @@ def tiny(kind: str, attention: str = "eager", dtype: torch.dtype = torch.float32
          layers: int = 2):
     """A tiny random model of ``kind`` ('bert', 'gpt2', 'llama', 'vit'), in eval mode."""
     torch.manual_seed(seed)
-    common = dict(attn_implementation=attention)
+    common = {"attn_implementation": attention}
     if kind == "bert":
         config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
                             intermediate_size=32, max_position_embeddings=32, num_labels=3,

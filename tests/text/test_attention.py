@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxattr
-import fxattr.text  # noqa: F401
+import fxattr.text
 from tests.contract import model_unchanged
 from tests.text.models import VOCAB, tiny
 
@@ -48,7 +48,7 @@ def test_vit_rollout_and_relevance_match_the_rules_by_hand():
 
 
 def test_relevance_is_differentiable():
-    _, f, params, x, y = _vit()
+    _, f, params, x, _ = _vit()
     name = "vit.layers.0.attention.q_proj.weight"
     weight = params[name].clone().requires_grad_(True)
     v = torch.randn(5, dtype=torch.float64)
@@ -71,7 +71,7 @@ def test_text_rollout_on_a_padded_batch_equals_each_sequence_alone():
 
 
 def test_fused_attention_gives_a_clear_error():
-    _, f, params, x, y = _vit(torch.float32, "sdpa")
+    _, f, params, x, _ = _vit(torch.float32, "sdpa")
     for method in (fxattr.text.attention_rollout, fxattr.text.attention_relevance):
         with pytest.raises(fxattr.FxattrError, match="attn_implementation='eager'"):
             method(f)(params, x[0], 1)

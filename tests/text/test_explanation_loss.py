@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxattr
-import fxattr.text  # noqa: F401
+import fxattr.text
 from tests.contract import assert_second_order, model_unchanged
 from tests.text.models import VOCAB, tiny
 

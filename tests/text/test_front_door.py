@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxattr
-import fxattr.text  # noqa: F401  (also exported as fxattr.text)
+import fxattr.text
 from tests.contract import model_unchanged
 from tests.text.models import PAD, VOCAB, tiny
 
@@ -82,7 +82,7 @@ def test_smoothgrad_with_given_noise_equals_loop():
     e = f.embed(params, ids[0])
     scale = 0.15 * (e.max() - e.min())
     target = fxattr.text.next_token(int(f(params, e, mask[0])[4].argmax()))
-    log_p = lambda e_: f(params, e_, mask[0])[4].log_softmax(-1)[target.token]  # noqa: E731
+    log_p = lambda e_: f(params, e_, mask[0])[4].log_softmax(-1)[target.token]
     manual = torch.stack([torch.func.grad(log_p)(e + scale * n) for n in noise]).mean(0).norm(dim=-1)
     torch.testing.assert_close(batched[0], manual, rtol=1e-4, atol=1e-6)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxattr
-import fxattr.text  # noqa: F401
+import fxattr.text
 from tests.contract import model_unchanged
 from tests.text.models import PAD, VOCAB, tiny
 

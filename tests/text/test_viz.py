@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxattr
-import fxattr.text  # noqa: F401
+import fxattr.text
 
 matplotlib.use("Agg")
 
