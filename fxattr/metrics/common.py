@@ -328,11 +328,23 @@ def pearson(a: Tensor, b: Tensor) -> Tensor:
 
 
 def ranks(a: Tensor) -> Tensor:
-    """Ranks (1-based) along the last axis, ties given their average rank (``scipy.stats.rankdata``)."""
-    ordered = torch.sort(a.detach(), dim=-1).values
-    low = torch.searchsorted(ordered, a.detach().contiguous(), side="left")
-    high = torch.searchsorted(ordered, a.detach().contiguous(), side="right")
-    return (low + high + 1).to(a.dtype if a.dtype.is_floating_point else torch.float64) / 2
+    """Ranks (1-based) along the last axis, ties given their average rank (``scipy.stats.rankdata``).
+
+    One sort; each tie group's first and last sorted positions come from a cumulative max / min
+    (ops with vmap batching rules, unlike ``searchsorted``).
+    """
+    values, order = torch.sort(a.detach(), dim=-1, stable=True)
+    n = a.shape[-1]
+    positions = torch.arange(n, device=a.device).expand(values.shape)
+    differs = values[..., 1:] != values[..., :-1]
+    true = torch.ones_like(differs[..., :1])
+    starts = torch.where(torch.cat([true, differs], -1), positions, torch.zeros_like(positions))
+    first = torch.cummax(starts, -1).values
+    ends = torch.where(torch.cat([differs, true], -1), positions, torch.full_like(positions, n))
+    last = torch.cummin(ends.flip(-1), -1).values.flip(-1)
+    dtype = a.dtype if a.dtype.is_floating_point else torch.float64
+    sorted_ranks = (first + last).to(dtype) / 2 + 1
+    return torch.zeros_like(sorted_ranks).scatter(-1, order, sorted_ranks)
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:

@@ -38,6 +38,12 @@ def test_correlations_match_scipy_under_vmap():
     torch.testing.assert_close(torch.vmap(common.spearman)(a, b), expected_s)
 
 
+def test_ranks_average_ties_as_scipy_under_vmap():
+    a = torch.randint(0, 5, (3, 25)).double()  # many ties
+    expected = torch.from_numpy(scipy.stats.rankdata(a.numpy(), axis=1))
+    torch.testing.assert_close(torch.vmap(common.ranks)(a), expected)
+
+
 def test_cumulative_means_equal_the_sequential_recursion():
     x = torch.randn(24, dtype=torch.float64)
     steps = torch.randperm(24).reshape(8, 3)
