@@ -102,8 +102,9 @@ def attention_rollout(f, *, head_fusion: str = "mean", residual: bool = True, qu
     (``residual=True``), and the layers are multiplied in order: ``R = A_L ... A_1``.
     ``explain(params, x, target=None)`` returns row ``query`` of ``R``: ``(L,)``, how much each
     token flows into token ``query`` (the class token at 0 for BERT / ViT; ``-1`` for the last
-    token of a causal model). ``target`` is accepted for a uniform signature and ignored:
-    rollout is class-agnostic. Needs eager attention (see the module docstring).
+    token of a causal model; pad such batches on the left so that the last token is real).
+    ``target`` is accepted for a uniform signature and ignored: rollout is class-agnostic. Needs
+    eager attention (see the module docstring).
 
     Example:
         >>> f, params = fxattr.functionalize(vit.eval(), output=lambda out: out.logits)
