@@ -189,9 +189,9 @@ def input_invariance(f, *, explain=None, input_shift: float = -1, first_layer: s
 
     Differences from Quantus 0.6.0: Quantus's ``perturb_batch`` passes ``indices[i][1:]``, so its
     shifted input leaves the first feature unshifted (not ``x + m``; a ReLU near zero can then flip
-    and the explanation change); here every feature is shifted. Quantus handles only convolutions (it reads ``out_channels``;
-    a ``Linear`` first layer raises), here both. For a padded convolution the shift is not a constant
-    per channel at the borders, and no bias can absorb it; Quantus then subtracts each channel's
+    and the explanation change); here every feature is shifted. Quantus handles only convolutions
+    (it reads ``out_channels``; a ``Linear`` first layer raises), here both. For a padded
+    convolution the shift is not a constant per channel at the borders, and no bias can absorb it; Quantus then subtracts each channel's
     smallest value (so the "compensated" model differs from the original), here it is an error.
 
     Returns:

@@ -142,7 +142,8 @@ def check_attribution(where: str, x: Tensor, attribution) -> None:
     check_metric_input(where, x, name="x")
     check_metric_input(where, attribution)
     a_shape, x_shape = tuple(attribution.shape), tuple(x.shape)
-    if a_shape != x_shape and not (len(a_shape) == len(x_shape) and a_shape[0] == 1 and a_shape[1:] == x_shape[1:]):
+    one_channel = len(a_shape) == len(x_shape) and a_shape[0] == 1 and a_shape[1:] == x_shape[1:]
+    if a_shape != x_shape and not one_channel:
         raise fail(where, f"attribution has shape {a_shape} but x has shape {x_shape}: pass one example's "
                           "attribution (x's shape, or one channel), and torch.vmap over the batch")
 
@@ -239,13 +240,15 @@ def check_parameter_sets(where: str, parameter_sets, params) -> int:
     sizes = set()
     for name, value in parameter_sets.items():
         reference = params.get(name) if isinstance(params, dict) else None
-        if not isinstance(value, Tensor) or reference is None or tuple(value.shape[1:]) != tuple(reference.shape):
+        fits = isinstance(value, Tensor) and reference is not None
+        if not fits or tuple(value.shape[1:]) != tuple(reference.shape):
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise fail(where, f"parameter_sets[{name!r}] has shape {got}; expected (sets, "
                               f"{', '.join(map(str, getattr(reference, 'shape', ('?',))))}) matching params")
         sizes.add(value.shape[0])
     if len(sizes) != 1 or 0 in sizes:
-        raise fail(where, f"parameter_sets must all have the same (non-zero) number of sets, got {sorted(sizes)}")
+        raise fail(where, "parameter_sets must all have the same (non-zero) number of sets, got "
+                          f"{sorted(sizes)}")
     return sizes.pop()
 
 
@@ -263,7 +266,8 @@ def explain_over_sets(where, explain_one, params, layers, parameter_sets, chunk_
             return torch.vmap(lambda k: one(k, None), chunk_size=chunk_size)(index)
         return torch.vmap(one, chunk_size=chunk_size)(index, extra)
     count = check_parameter_sets(where, parameter_sets, params)
-    full = {name: parameter_sets.get(name, value.expand(count, *value.shape)) for name, value in params.items()}
+    full = {name: parameter_sets.get(name, value.expand(count, *value.shape))
+            for name, value in params.items()}
     if extra is None:
         original = explain_one(params, None)
         randomised = torch.vmap(lambda p: explain_one(p, None), chunk_size=chunk_size)(full)
@@ -381,8 +385,9 @@ def smooth_mprt(f, *, explain=None, similarity_func="spearman", layer_order: str
     of ``x + std * eps``, ``std = noise_magnitude * (max(x) - min(x))``, ``eps`` standard normal,
     the last sample noise-free (``eps = 0``, as Quantus). Every model in the sequence (original
     first) draws its own noise. ``chunk_size`` bounds both the parameter sets and the noisy copies
-    explained at once (up to ``chunk_size ** 2`` rows per forward and example). Explanations are normalised by their root mean square
-    (``normalise``, Quantus's ``normalise_by_average_second_moment_estimate``), then made absolute.
+    explained at once (up to ``chunk_size ** 2`` rows per forward and example). Explanations are
+    normalised by their root mean square (``normalise``, Quantus's
+    ``normalise_by_average_second_moment_estimate``), then made absolute.
     The given ``attribution`` is compared as is (not smoothed), as in Quantus.
 
     Difference from Quantus 0.6.0: its ``SmoothMPRT`` ignores the ``explain_func`` it is given and
@@ -469,7 +474,8 @@ def discrete_entropy(a: Tensor, n_bins: int) -> Tensor:
     """Quantus's ``discrete_entropy``: the Shannon entropy (nats) of ``np.histogram(a, n_bins)``."""
     counts = histogram(a.reshape(-1), n_bins).to(a.dtype)
     p = counts / counts.sum()
-    return -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)).sum()
+    safe = torch.where(p > 0, p, torch.ones_like(p))  # 0 log 0 = 0
+    return -(p * torch.log(safe)).sum()
 
 
 def efficient_mprt(f, *, explain=None, layer_order: str = "bottom_up", seed: int = 42, n_bins: int = 100,

@@ -100,7 +100,8 @@ def normalise_by_second_moment(a: Tensor) -> Tensor:
     return a / torch.where(moment == 0, torch.ones_like(moment), moment)
 
 
-def prepare(a: Tensor, *, normalise: bool, abs: bool, normalise_func=normalise_by_max) -> Tensor:  # noqa: A002
+def prepare(a: Tensor, *, normalise: bool, abs: bool,  # noqa: A002 - Quantus's name
+            normalise_func=normalise_by_max) -> Tensor:
     """Quantus's post-processing of an attribution: normalise first, then the absolute value."""
     if normalise:
         a = normalise_func(a)
@@ -154,7 +155,8 @@ def _sensitivity(name: str, reduction: str, f, *, explain, nr_samples, lower_bou
     check_float(where, "lower_bound", lower_bound, 0.0)
     check_float(where, "upper_bound", upper_bound, allow_none=True)
     if upper_bound is not None and upper_bound <= lower_bound:
-        raise fail(where, f"upper_bound must be larger than lower_bound, got {upper_bound!r} <= {lower_bound!r}")
+        raise fail(where, f"upper_bound must be larger than lower_bound, got {upper_bound!r} <= "
+                          f"{lower_bound!r}")
     check_norm(where, "norm_numerator", norm_numerator)
     check_norm(where, "norm_denominator", norm_denominator)
     for flag, value in (("abs", abs), ("normalise", normalise),
@@ -380,7 +382,8 @@ def continuity(f, *, explain=None, nr_steps: int = 28, perturb_baseline="black",
     def metric(params, x, target, attribution):
         check_attribution(where, x, attribution)
         if x.ndim not in (2, 3):
-            raise fail(where, f"x must be an image (C, H, W) or a time series (C, W), got shape {tuple(x.shape)}")
+            raise fail(where, "x must be an image (C, H, W) or a time series (C, W), got shape "
+                              f"{tuple(x.shape)}")
         shifts = translations(x.shape[-1], nr_steps)
         largest = max(max(shifts), -min(shifts))
         if largest > x.shape[-1]:
@@ -487,7 +490,8 @@ def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_b
     check_float(where, "lower_bound", lower_bound)
     check_float(where, "upper_bound", upper_bound, allow_none=True)
     if upper_bound is not None and upper_bound <= lower_bound:
-        raise fail(where, f"upper_bound must be larger than lower_bound, got {upper_bound!r} <= {lower_bound!r}")
+        raise fail(where, f"upper_bound must be larger than lower_bound, got {upper_bound!r} <= "
+                          f"{lower_bound!r}")
     if upper_bound is None:
         check_float(where, "lower_bound", lower_bound, 0.0)
     check_float(where, "eps_min", eps_min, 0.0, strict_minimum=True)
@@ -524,7 +528,10 @@ def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_b
         else:
             h = hidden(params, x)
             h_perturbed = torch.vmap(lambda p: hidden(params, p), chunk_size=chunk_size)(points)
-            change = h[None] - h_perturbed if kind == "output" else relative_change(h[None], h_perturbed, eps_min)
+            if kind == "output":
+                change = h[None] - h_perturbed
+            else:
+                change = relative_change(h[None], h_perturbed, eps_min)
         ratios = numerator / floor_zero(torch.linalg.vector_norm(change, dim=-1), eps_min)
         if return_nan_when_prediction_changes:
             ratios = nan_where_changed(f, params, x, points, ratios, chunk_size)
