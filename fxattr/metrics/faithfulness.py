@@ -918,7 +918,7 @@ def road_imputation(x: Tensor, missing: Tensor) -> Tensor:
 
 
 def road(f, *, percentages=tuple(range(1, 100, 2)), noise: float = 0.01, abs: bool = False,
-         normalise: bool = True, chunk_size: int | None = 64):
+         normalise: bool = True, chunk_size: int | str | None = "auto"):
     """ROAD, remove and debias (Rong et al. 2022, "A consistent and efficient evaluation strategy
     for attribution methods", ICML): is the model still right when the top p% pixels are replaced
     by a noisy linear imputation of their neighbours?
@@ -936,12 +936,17 @@ def road(f, *, percentages=tuple(range(1, 100, 2)), noise: float = 0.01, abs: bo
     generator or replays it: ``draws`` of shape ``(len(percentages), *x.shape)`` standard normal,
     of which the imputed pixels' entries are used.
 
+    ``chunk_size``: percentages imputed and evaluated at once (``None``: all). The imputation keeps
+    ``H`` inverted ``W x W`` blocks per percentage, so ``"auto"`` (default) takes as many as fit in
+    about 2**24 numbers (all 50 at 28 x 28, one at 224 x 224), per example.
+
     Example:
         >>> metric = fxattr.metrics.road(f, percentages=(10, 50, 90))
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, X, T, A).mean(0)
     """
     where = "metrics.road"
-    _check_common(where, f, abs=abs, normalise=normalise, chunk_size=chunk_size)
+    _check_common(where, f, abs=abs, normalise=normalise,
+                  chunk_size=None if chunk_size == "auto" else chunk_size)
     check_float(where, "noise", noise, 0.0)
     if not isinstance(percentages, (tuple, list, range)) or len(percentages) == 0:
         raise fail(where, f"percentages must be a non-empty sequence of numbers, got {percentages!r}")
@@ -978,7 +983,10 @@ def road(f, *, percentages=tuple(range(1, 100, 2)), noise: float = 0.01, abs: bo
             imputed = torch.where(missing, road_imputation(x, missing) + noise * draw, x)
             return (f(params, imputed).reshape(-1).argmax() == target).to(x.dtype)
 
-        return torch.vmap(correct, chunk_size=chunk_size)(counts, draws)
+        chunk = chunk_size
+        if chunk == "auto":
+            chunk = max(1, 2 ** 24 // (height * width * width))
+        return torch.vmap(correct, chunk_size=chunk)(counts, draws)
 
     return metric(where, f, dict(percentages=percentages, noise=noise, abs=abs, normalise=normalise,
                                  chunk_size=chunk_size), evaluate)
