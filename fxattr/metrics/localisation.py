@@ -217,8 +217,8 @@ def relevance_rank_accuracy(f=None, *, abs: bool = False, normalise: bool = True
     truth evaluation of neural network explanations", Information Fusion).
 
     With ``K = |mask|``: the share of the ``K`` most relevant features (``argsort(-a)[:K]``) that
-    lie inside the mask. ``K`` varies per example, so the top ``K`` are found by rank
-    (``rank < K``, one stable sort) rather than by a ``topk`` of data-dependent size.
+    lie inside the mask. ``K`` varies per example, so the mask is read along the stable descending
+    order and counted over its first ``K`` places (no ``topk`` of data-dependent size).
 
     Args:
         f: the model function (not called).
@@ -244,9 +244,10 @@ def relevance_rank_accuracy(f=None, *, abs: bool = False, normalise: bool = True
         m = flat_mask(where, attribution, mask)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
         order = torch.argsort(a, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter(0, order, torch.arange(a.numel(), device=a.device))
         size = m.sum()
-        hits = (m & (rank < size)).sum()
+        # the mask along the order, counted over its first |mask| places
+        top = torch.arange(a.numel(), device=a.device) < size
+        hits = (m[order] & top).sum()
         return nan_where_empty(hits.to(a.dtype) / size.to(a.dtype), m)
 
     return named_metric('relevance_rank_accuracy', f, config, score)
@@ -295,8 +296,9 @@ def auc(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
     Computed exactly as the Mann-Whitney statistic: with ranks ``r`` of the attribution (ties get
     their average rank, which is what the trapezoidal ROC area counts for ties),
     ``(sum of r over the mask - P (P + 1) / 2) / (P N)`` for ``P`` features inside and ``N`` outside;
-    the rank sums are integers (no float cancellation on large images). NaN when the mask is empty or
-    full (scikit-learn's ROC curve is undefined there too).
+    the rank sums are integers (no float cancellation on large images), and the tie groups come from
+    one sort (cumulative max / min of their boundaries). NaN when the mask is empty or full
+    (scikit-learn's ROC curve is undefined there too).
 
     Args:
         f: the model function (not called).
@@ -321,13 +323,19 @@ def auc(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
         check_metric_input(where, attribution)
         m = flat_mask(where, attribution, mask)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
-        ordered = torch.sort(a).values
-        # twice the average 1-based rank: (#less) + (#less or equal) + 1, an exact integer
-        twice_rank = (torch.searchsorted(ordered, a, right=False)
-                      + torch.searchsorted(ordered, a, right=True) + 1)
+        ordered, order = torch.sort(a)
+        n = a.numel()
+        place = torch.arange(n, device=a.device)
+        # each sorted value's tie group, by its first and last place (ties share the average rank)
+        differs = ordered[1:] != ordered[:-1]
+        edge = torch.ones(1, dtype=torch.bool, device=a.device)
+        first = torch.where(torch.cat([edge, differs]), place, 0).cummax(0).values
+        last = torch.where(torch.cat([differs, edge]), place, n - 1).flip(0).cummin(0).values.flip(0)
+        inside = m[order]
+        twice_rank = torch.where(inside, first + last + 2, 0)   # twice the 1-based average rank
         positives = m.sum()
-        negatives = m.numel() - positives
-        twice_u = torch.where(m, twice_rank, torch.zeros_like(twice_rank)).sum() - positives * (positives + 1)
+        negatives = n - positives
+        twice_u = twice_rank.sum() - positives * (positives + 1)
         score = twice_u.to(a.dtype) / (2 * positives * negatives).to(a.dtype)
         defined = (positives > 0) & (negatives > 0)
         return torch.where(defined, score, torch.full_like(score, float("nan")))
