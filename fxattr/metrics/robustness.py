@@ -31,6 +31,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+import fxattr
 from fxattr.errors import fail
 from fxattr.metrics.common import (baseline_value, check_baseline, check_bool, check_choice, check_float,
                                    check_int, check_metric_input, check_model, check_replay,
@@ -499,10 +500,8 @@ def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_b
                         ("return_nan_when_prediction_changes", return_nan_when_prediction_changes)):
         check_bool(where, flag, value)
     check_int(where, "chunk_size", chunk_size, allow_none=True)
-    if kind == "representation" and not callable(representation):
-        raise fail(where, "representation must be a callable (params, x) -> tensor giving the internal "
-                          "representation of one example (e.g. the output of a hidden layer), got "
-                          f"{representation!r}")
+    if kind == "representation":
+        representation = representation_function(where, f, representation)
 
     def hidden(params, x):
         if kind == "output":
@@ -542,6 +541,25 @@ def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_b
                   softmax=softmax, representation=representation, chunk_size=chunk_size,
                   return_nan_when_prediction_changes=return_nan_when_prediction_changes)
     return named_metric(where.removeprefix("metrics."), f, config, metric)
+
+
+def representation_function(where: str, f, representation):
+    """``representation`` as a callable ``(params, x) -> tensor``: a callable is kept; a layer name
+    (or a list of them) becomes the layer's output, cut out of ``f`` with ``fxattr.graph.split``
+    (no hooks), several layers' outputs flattened and concatenated in the order given."""
+    if callable(representation):
+        return representation
+    names = [representation] if isinstance(representation, str) else representation
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise fail(where, "representation must be a callable (params, x) -> tensor giving the internal "
+                          "representation of one example, or a layer name (or a list of them), got "
+                          f"{representation!r}")
+    bodies = [fxattr.graph.split(f, name, where=where)[0] for name in names]
+
+    def layers(params, x):
+        return torch.cat([body(params, x).reshape(-1) for body in bodies])
+
+    return layers
 
 
 def relative_input_stability(f, *, explain=None, nr_samples: int = 200, lower_bound: float = 0.02,
@@ -594,7 +612,7 @@ def relative_output_stability(f, *, explain=None, nr_samples: int = 200, lower_b
                                softmax=softmax, representation=None, chunk_size=chunk_size)
 
 
-def relative_representation_stability(f, *, explain=None, representation: Callable | None = None,
+def relative_representation_stability(f, *, explain=None, representation: Callable | str | list | None = None,
                                       nr_samples: int = 200, lower_bound: float = 0.02,
                                       upper_bound: float | None = 0.2, eps_min: float = 1e-6,
                                       abs: bool = False, normalise: bool = False,  # noqa: A002
@@ -604,16 +622,13 @@ def relative_representation_stability(f, *, explain=None, representation: Callab
     with the denominator ``max(||(L(x) - L(x_k)) / L(x)||_2, eps_min)`` (element-wise relative
     change, zeros of ``L(x)`` replaced by ``eps_min``), ``L`` an internal representation.
 
-    ``representation(params, x) -> tensor`` gives ``L`` for ONE example (it is flattened). fxattr
-    registers no hooks, so instead of Quantus's ``layer_names`` / ``layer_indices`` (forward hooks
-    concatenating the outputs of the chosen modules) the representation is a pure function of the
-    parameters, e.g. the first two layers of a ``nn.Sequential``::
-
-        head = model[:2]  # shares the modules and their names ("0.weight", ...)
-        representation = lambda p, x: torch.func.functional_call(
-            head, {k: v for k, v in p.items() if k.split(".")[0] in ("0", "1")}, (x[None],))[0]
-
-    which equals Quantus's ``layer_names=["1"]``.
+    ``representation`` gives ``L`` for ONE example (flattened): a module name, e.g. ``"1"`` or
+    ``"layer3"`` (its output, cut out of ``f`` with ``fxattr.graph.split``: a pure function, no
+    hooks), a list of names (their outputs concatenated in the order given), or any callable
+    ``(params, x) -> tensor``. Quantus's ``layer_names=[...]`` registers forward hooks and
+    concatenates the chosen modules' outputs in execution order: the same as a list of names given
+    in execution order. Quantus's ``layer_indices`` and its default (every layer) are not offered:
+    name the layers.
 
     Example:
         >>> metric = fxattr.metrics.relative_representation_stability(

@@ -168,6 +168,20 @@ def test_relative_representation_stability_matches_quantus_layer(setup):
     # Quantus's hooks see the input rounded to float32 (its wrapper's torch.Tensor(x)), hence 1e-6
     torch.testing.assert_close(batched(metric, params, x, y, a, noise=noise),
                                torch.tensor(np.asarray(expected, dtype=np.float64)), rtol=1e-6, atol=0)
+    by_name = R.relative_representation_stability(f, explain=fxattr.gradient(f), nr_samples=SAMPLES,
+                                                    representation="1")
+    torch.testing.assert_close(batched(by_name, params, x, y, a, noise=noise),
+                               batched(metric, params, x, y, a, noise=noise))
+    # several layers: Quantus concatenates the hooked outputs in execution order
+    reference = quantus.RelativeRepresentationStability(nr_samples=SAMPLES, layer_names=["inner.1", "inner.4"],
+                                                        disable_warnings=True)
+    replay(reference, noise)
+    expected = reference(model=AsDouble(model).eval(), x_batch=x.numpy(), y_batch=y.numpy(),
+                         a_batch=a.numpy(), explain_func=quantus_explain())
+    two = R.relative_representation_stability(f, explain=fxattr.gradient(f), nr_samples=SAMPLES,
+                                               representation=["1", "4"])
+    torch.testing.assert_close(batched(two, params, x, y, a, noise=noise),
+                               torch.tensor(np.asarray(expected, dtype=np.float64)), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("nr_steps", [4, 8])
@@ -330,6 +344,8 @@ def test_bad_configuration_and_inputs(setup):
             R.max_sensitivity(f, **kwargs)
     with pytest.raises(FxattrError, match=r"representation must be a callable"):
         R.relative_representation_stability(f, explain=g)
+    with pytest.raises(FxattrError, match=r"relative_representation_stability"):
+        R.relative_representation_stability(f, explain=g, representation="no_such_layer")
     with pytest.raises(FxattrError, match=r"discretise_func must be one of"):
         R.consistency(f, discretise_func="hash")
     with pytest.raises(FxattrError, match=r"not an nn.Module"):
