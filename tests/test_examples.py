@@ -81,3 +81,44 @@ def test_resnet_lrp_gradcam_quick(tmp_path):
     if hasattr(fxattr, "lrp"):
         assert "LRP epsilon_plus_flat" in result["times"]
     _png(out)
+
+
+def _readme_block(heading: str) -> str:
+    text = (EXAMPLES.parent / "README.md").read_text()
+    section = text.split(f"## {heading}", 1)[1]
+    return section.split("```python", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_functional_api_block_runs_on_resnet18(monkeypatch):
+    """The README's block, verbatim, on torchvision's resnet18 (batch norm: integer
+    num_batches_tracked buffers made ``torch.func.grad(...)(params)`` fail). ``torch.compile`` is
+    replaced by the identity here only to keep the test's time down (compile == eager is tested
+    elsewhere)."""
+    import torchvision
+
+    block = _readme_block("The functional API")
+    assert "penalty = torch.func.grad(lambda p: batch(p, images, labels).square().mean())(params)" in block
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    namespace = {"model": model, "images": images, "labels": labels}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    penalty, params = namespace["penalty"], namespace["params"]
+    assert namespace["attributions"].shape == images.shape
+    assert set(penalty) == set(params) and "bn1.num_batches_tracked" not in params
+    assert all(torch.isfinite(g).all() for g in penalty.values())
+    assert penalty["conv1.weight"].abs().sum() > 0
+
+
+def test_readme_analyzer_block_runs(tmp_path, monkeypatch):
+    block = _readme_block("The analyzer API (iNNvestigate's)")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    monkeypatch.chdir(tmp_path)
+    namespace = {"model": model, "images": torch.randn(2, 3, 8, 8), "torch": torch, "fxattr": fxattr}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert namespace["heatmaps"].shape == (2, 3, 8, 8)
+    assert (tmp_path / "lrp.png").exists()
