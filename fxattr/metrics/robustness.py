@@ -360,7 +360,9 @@ def continuity(f, *, explain=None, nr_steps: int = 28, perturb_baseline="black",
     Differences from Quantus 0.6.0: Quantus re-explains x itself and ignores the attribution it is
     given; here ``attribution`` is used (identical when it is ``explain(params, x, target)``).
     Quantus ignores its ``perturb_baseline`` keyword (always ``"black"``); here it is honoured.
-    A shift larger than the width (Quantus: an IndexError) is an error.
+    A shift larger than the width (Quantus: an IndexError) is an error. Quantus's
+    ``return_nan_when_prediction_changes=True`` writes ``np.NaN``, removed in numpy 2 (an
+    AttributeError there); here it gives NaN as intended.
 
     Returns:
         ``metric(params, x, target, attribution)`` -> a 0-d tensor; ``x`` is ``(C, H, W)`` or

@@ -185,7 +185,7 @@ def test_relative_representation_stability_matches_quantus_layer(setup):
 
 
 @pytest.mark.parametrize("nr_steps", [4, 8])
-def test_continuity_matches_quantus(setup, nr_steps):
+def test_continuity_matches_quantus(setup, nr_steps, monkeypatch):
     model, f, params, x, y, a = setup
     metric = R.continuity(f, explain=fxattr.gradient(f), nr_steps=nr_steps)
     for i in range(2):  # Quantus normalises over the batch: one example at a time
@@ -201,6 +201,19 @@ def test_continuity_matches_quantus(setup, nr_steps):
     ours = torch.vmap(R.continuity(f, explain=fxattr.gradient(f), nr_steps=nr_steps, normalise=False),
                       in_dims=(None, 0, 0, 0))(params, x, y, a)
     torch.testing.assert_close(ours, torch.tensor(np.asarray(expected, dtype=np.float64)), rtol=1e-9, atol=0)
+    # a shift whose predicted class is not the target: NaN (Quantus compares with y_batch); Quantus
+    # writes np.NaN, removed in numpy 2: give it back for this call
+    monkeypatch.setattr(np, "NaN", np.nan, raising=False)
+    reference = quantus.Continuity(nr_steps=nr_steps, normalise=False, disable_warnings=True,
+                                   return_nan_when_prediction_changes=True)
+    expected = reference(model=AsDouble(model).eval(), x_batch=x.numpy(), y_batch=y.numpy(),
+                         a_batch=a.numpy(), explain_func=quantus_explain())
+    flagged = R.continuity(f, explain=fxattr.gradient(f), nr_steps=nr_steps, normalise=False,
+                           return_nan_when_prediction_changes=True)
+    ours = torch.vmap(flagged, in_dims=(None, 0, 0, 0))(params, x, y, a)
+    assert torch.isnan(ours).any()
+    torch.testing.assert_close(ours, torch.tensor(np.asarray(expected, dtype=np.float64)), rtol=1e-9, atol=0,
+                               equal_nan=True)
 
 
 def test_translation_is_quantus_batched_translation():
