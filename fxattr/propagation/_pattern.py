@@ -84,6 +84,12 @@ def _check_patterns(where: str, patterns) -> dict:
             isinstance(k, str) and isinstance(v, Tensor) for k, v in patterns.items()):
         raise fail(where, "patterns must be a dict {layer name: pattern tensor}, as returned by "
                           f"explain.fit(params, data) or fxattr.load_patterns; got {type(patterns).__name__}")
+    for name, pattern in patterns.items():
+        if not pattern.dtype.is_floating_point:
+            raise fail(where, f"the pattern of layer {name!r} has dtype {pattern.dtype}; patterns are "
+                              "floating-point")
+        if pattern.numel() and not bool(torch.isfinite(pattern).all()):
+            raise fail(where, f"the pattern of layer {name!r} holds NaN or Inf values")
     return dict(patterns)
 
 
@@ -245,12 +251,19 @@ def save_patterns(patterns: Mapping[str, Tensor], path: str | os.PathLike) -> No
 
     if not isinstance(patterns, Mapping) or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in patterns.items()):
-        raise fail("pattern.save", "patterns must be a dict {layer name: tensor}")
+        raise fail("save_patterns", "patterns must be a dict {layer name: tensor}")
     save_file({k: v.detach().contiguous() for k, v in patterns.items()}, os.fspath(path))
 
 
 def load_patterns(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Loads patterns saved by :func:`save`."""
+    """Loads patterns saved by :func:`save_patterns`, validated: a readable safetensors file of
+    finite floating-point tensors (layer names and shapes are checked against the model when the
+    explainer is built and called)."""
     from safetensors.torch import load_file
 
-    return load_file(os.fspath(path), device=str(device))
+    try:
+        patterns = load_file(os.fspath(path), device=str(device))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for corrupt files
+        raise fail("load_patterns", f"cannot read patterns from {os.fspath(path)!r}: "
+                                    f"{type(error).__name__}: {error}") from error
+    return _check_patterns("load_patterns", patterns)
