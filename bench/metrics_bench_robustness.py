@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""fxattr.metrics against Quantus 0.6.0: max_sensitivity and mprt, same model, batch and settings, ONE process.
+"""fxattr.metrics against Quantus 0.6.0: max_sensitivity and mprt, same model, batch, settings, ONE process.
 
 max_sensitivity re-explains every noisy copy with the gradient: Quantus loops over ``nr_samples``
 (one batched captum ``Saliency`` call and numpy norms per sample, its ``quantus.explain`` with
@@ -12,9 +12,9 @@ re-initialisations made once, when the metric is built -- included in the fxattr
 Both run on a small CNN (random weights, float32, eval mode) at 1x28x28, batch 8, interleaved repeat
 by repeat so that CPU contention hits both alike; the table reports the median process CPU time
 (1 thread) of each, the speed ratio and the autograd floor (one plain-torch forward + backward of
-all the gradient rows the metric needs, in one batch), and checks that both give the same numbers: max-sensitivity
-on the same noise (Quantus's ``perturb_func`` replaced by a replay of fxattr's draws for that call),
-MPRT's whole layer-by-layer Spearman curve.
+all the gradient rows the metric needs, in one batch), and checks that both give the same numbers:
+max-sensitivity on the same noise (Quantus's ``perturb_func`` replaced by a replay of fxattr's
+draws for that call), MPRT's whole layer-by-layer Spearman curve.
 
     python bench/metrics_bench_robustness.py --quick     # smoke test (seconds)
     python bench/metrics_bench_robustness.py             # 1x28x28, batch 8, 50 noise samples

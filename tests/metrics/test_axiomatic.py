@@ -47,7 +47,8 @@ def test_completeness_matches_quantus_and_holds_for_a_linear_model():
     f, params = fxattr.functionalize(model)
     x = torch.randint(0, 5, (3, 1, 4, 4)).double()
     y = torch.tensor([0, 1, 0])
-    a = torch.vmap(fxattr.input_x_gradient(f), in_dims=(None, 0, 0))(params, x - x.amin((1, 2, 3), keepdim=True), y)
+    shifted = x - x.amin((1, 2, 3), keepdim=True)  # relative to the black baseline
+    a = torch.vmap(fxattr.input_x_gradient(f), in_dims=(None, 0, 0))(params, shifted, y)
     for normalise in (False, True):
         expected = quantus.Completeness(normalise=normalise, disable_warnings=True)(
             model=AsDouble(model).eval(), x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.numpy())
@@ -63,14 +64,16 @@ def test_completeness_with_a_tolerance_separates_integrated_gradients_from_gradi
     baseline = torch.zeros(6, dtype=torch.float64)
     metric = torch.vmap(AX.completeness(f, normalise=False, perturb_baseline=0.0, rtol=1e-6, atol=1e-9),
                         in_dims=(None, 0, 0, 0))
-    ig = torch.vmap(fxattr.integrated_gradients(f, steps=64, baseline=baseline), in_dims=(None, 0, 0))(params, x, y)
+    ig = torch.vmap(fxattr.integrated_gradients(f, steps=64, baseline=baseline),
+                    in_dims=(None, 0, 0))(params, x, y)
     gradient = torch.vmap(fxattr.gradient(f), in_dims=(None, 0, 0))(params, x, y)
     assert metric(params, x, y, ig).all()
     assert not metric(params, x, y, gradient).any()
     # output_func and softmax: the probability difference is not what IG of the logit sums to
     probabilities = AX.completeness(f, normalise=False, perturb_baseline=0.0, softmax=True, rtol=1e-6)
     assert not probabilities(params, x[0], y[0], ig[0])
-    doubled = AX.completeness(f, normalise=False, perturb_baseline=0.0, output_func=lambda d: 2 * d, rtol=1e-6)
+    doubled = AX.completeness(f, normalise=False, perturb_baseline=0.0, output_func=lambda d: 2 * d,
+                              rtol=1e-6)
     assert doubled(params, x[0], y[0], 2 * ig[0])
 
 
@@ -122,7 +125,8 @@ def test_input_invariance_matches_quantus(method, invariant):
 
     def explain_func(model, inputs, targets, **kwargs):
         f_, p_ = fxattr.functionalize(model)
-        return torch.vmap(method(f_), in_dims=(None, 0, 0))(p_, torch.as_tensor(inputs), torch.as_tensor(targets)).numpy()
+        batch = torch.vmap(method(f_), in_dims=(None, 0, 0))
+        return batch(p_, torch.as_tensor(inputs), torch.as_tensor(targets)).numpy()
 
     expected = quantus.InputInvariance(disable_warnings=True)(
         model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.numpy(), explain_func=explain_func)

@@ -85,7 +85,8 @@ def uniform(shape, low, high, seed=3):
     ("local_lipschitz_estimate", quantus.LocalLipschitzEstimate, {"normalise": False}),
     ("relative_input_stability", quantus.RelativeInputStability, {}),
     ("relative_output_stability", quantus.RelativeOutputStability, {}),
-    ("relative_output_stability", quantus.RelativeOutputStability, {"return_nan_when_prediction_changes": False}),
+    ("relative_output_stability", quantus.RelativeOutputStability,
+     {"return_nan_when_prediction_changes": False}),
 ])
 def test_noise_metrics_match_quantus_on_replayed_noise(setup, name, quantus_class, config):
     model, f, params, x, y, a = setup
@@ -114,7 +115,8 @@ def test_normalised_metrics_match_quantus_one_example_at_a_time(setup):
                                  explain_func=quantus_explain())
             metric = getattr(R, name)(f, explain=fxattr.gradient(f), nr_samples=SAMPLES, normalise=True)
             torch.testing.assert_close(metric(params, x[i], y[i], a[i], noise=noise[i]),
-                                       torch.tensor(float(expected[0]), dtype=torch.float64), rtol=1e-9, atol=0)
+                                       torch.tensor(float(expected[0]), dtype=torch.float64),
+                                       rtol=1e-9, atol=0)
 
 
 def test_second_moment_normalisation_matches_quantus_one_example_at_a_time(setup):
@@ -173,8 +175,8 @@ def test_relative_representation_stability_matches_quantus_layer(setup):
     torch.testing.assert_close(batched(by_name, params, x, y, a, noise=noise),
                                batched(metric, params, x, y, a, noise=noise))
     # several layers: Quantus concatenates the hooked outputs in execution order
-    reference = quantus.RelativeRepresentationStability(nr_samples=SAMPLES, layer_names=["inner.1", "inner.4"],
-                                                        disable_warnings=True)
+    reference = quantus.RelativeRepresentationStability(nr_samples=SAMPLES, disable_warnings=True,
+                                                        layer_names=["inner.1", "inner.4"])
     replay(reference, noise)
     expected = reference(model=AsDouble(model).eval(), x_batch=x.numpy(), y_batch=y.numpy(),
                          a_batch=a.numpy(), explain_func=quantus_explain())
@@ -301,7 +303,8 @@ def test_float32_agrees_with_float64(setup):
         m32 = getattr(R, name)(f32, explain=fxattr.gradient(f32), nr_samples=SAMPLES)
         out32 = m32(params32, x[0].float(), y[0], a[0].float(), noise=noise.float())
         assert out32.dtype == torch.float32
-        torch.testing.assert_close(out32.double(), m64(params, x[0], y[0], a[0], noise=noise), rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(out32.double(), m64(params, x[0], y[0], a[0], noise=noise),
+                                   rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["max_sensitivity", "avg_sensitivity"])
@@ -366,7 +369,8 @@ def test_bad_configuration_and_inputs(setup):
     metric = R.max_sensitivity(f, explain=g, nr_samples=3)
     with pytest.raises(FxattrError, match=r"noise must have shape \(3, 1, 8, 8\), got \(2, 1, 8, 8\)"):
         metric(params, x[0], y[0], a[0], noise=torch.zeros(2, 1, 8, 8, dtype=torch.float64))
-    with pytest.raises(FxattrError, match=r"attribution has shape \(3, 1, 8, 8\) but x has shape \(1, 8, 8\)"):
+    with pytest.raises(FxattrError, match=r"attribution has shape \(3, 1, 8, 8\) but x has shape "
+                                          r"\(1, 8, 8\)"):
         metric(params, x[0], y[0], a)
     with pytest.raises(FxattrError, match=r"shifts up to 9 pixels, more than the width 8"):
         R.continuity(f, explain=g, nr_steps=17)(params, x[0], y[0], a[0])
