@@ -83,8 +83,8 @@ class Rule(NamedTuple):
 
 def dtype_floor(epsilon: float, dtype) -> float:
     """``epsilon`` raised where the dtype needs it: ``R / z'`` must stay finite, and in float16
-    (max 65504) a 1e-7 stabiliser overflows, so it becomes ``finfo.max ** -0.5`` (3.9e-3);
-    float32, bfloat16 and float64 keep ``epsilon``."""
+    (max 65504) a 1e-7 stabiliser of an exact zero overflows, so ``safe`` raises it to
+    ``finfo.max ** -0.5`` (3.9e-3); float32, bfloat16 and float64 keep ``epsilon``."""
     return max(epsilon, torch.finfo(dtype).max ** -0.5)
 
 
@@ -94,8 +94,9 @@ def signed(epsilon: float) -> Stabiliser:
         # z + eps * sign(z), sign(0) = +1, without boolean masks (they cost several passes on CPU):
         # copysign takes the sign of z + 0.0, which turns -0.0 into +0.0; its derivative w.r.t.
         # the sign source is 0, so d stabilise / dz = 1 as before
-        eps = dtype_floor(epsilon, z.dtype)
-        return z + torch.copysign(torch.tensor(eps, dtype=z.dtype, device=z.device), z + 0.0)
+        # epsilon as given in every dtype (1e-7 is a float16 subnormal): raising it to the float16
+        # floor changed LRP-epsilon by 1e-1 on ordinary networks
+        return z + torch.copysign(torch.tensor(epsilon, dtype=z.dtype, device=z.device), z + 0.0)
     stabilise.epsilon = epsilon
     stabilise.__qualname__ = f"signed({epsilon!r})"
     return stabilise
