@@ -183,8 +183,10 @@ def _upsample(where: str, m: Tensor, x, interpolate: str) -> Tensor:
 
 
 def _eps(value: float, dtype) -> float:
-    """A stabiliser representable in ``dtype`` (float16 rounds 1e-8 to 0: the smallest normal)."""
-    return max(value, torch.finfo(dtype).tiny)
+    """A stabiliser that does not round to 0 in ``dtype`` (float16 rounds 1e-8 to 0): at least the
+    smallest subnormal."""
+    info = torch.finfo(dtype)
+    return max(value, info.tiny * info.eps)
 
 
 def _normalize(m: Tensor) -> Tensor:
@@ -468,7 +470,7 @@ def scorecam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate:
             def score(channel):
                 up = F.interpolate(channel[None, None], size=size, mode=mode, align_corners=True)[0, 0]
                 lo, hi = up.min(), up.max()
-                mask = (up - lo) / (hi - lo + max(1e-8, torch.finfo(up.dtype).tiny))
+                mask = (up - lo) / (hi - lo + _eps(1e-8, up.dtype))
                 return select(where, f(params, x * mask), target)
 
             scores = torch.vmap(score, chunk_size=chunk_size)(a)
