@@ -249,7 +249,6 @@ def view(out, *, count: int = 32, columns: int = 8, reduce: str = "sum") -> Path
     else:
         raise fail(where, f"view draws image attributions (C, H, W) or maps (H, W); these are "
                           f"{tuple(attribution.shape[1:])}")
-    labels = [f"#{int(run['index'][i])} t{int(run['target'][i])} p{int(run['prediction'][i])}" for i in range(shown)]
     rows = [list(maps[i:i + columns]) for i in range(0, shown, columns)]
     row_labels = [f"#{int(run['index'][i])}-{int(run['index'][min(i + columns, shown) - 1])}"
                   for i in range(0, shown, columns)]

@@ -155,9 +155,9 @@ class ShardWriter:
 # ------------------------------------------------------------------ the runner
 
 def attribute_dataset(explain, params, data, out, *, batch_size: int = 32,
-                      target: str | Callable = "predicted", format: str = "safetensors",  # noqa: A002
+                      target: str | Callable = "predicted", format: str = "safetensors",
                       dtype=torch.float32, shard_size: int | None = None, resume: bool = False,
-                      progress: bool = True, compile: bool | dict = False, num_workers: int = 0,  # noqa: A002
+                      progress: bool = True, compile: bool | dict = False, num_workers: int = 0,
                       device=None, model=None, seed: int = 0, randomness: str = "different",
                       config: dict | None = None) -> RunSummary:
     """Explains every example of a dataset and writes the attributions to ``out``, resumably.

@@ -56,13 +56,13 @@ def join(device: torch.device) -> Group:
     if not dist.is_available():
         return Group()
     if dist.is_initialized():
-        return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Group()
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
-    return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), created=True)
+    return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), created=True)
 
 
 def my_shards(shards: int, group: Group) -> list[int]:

@@ -82,13 +82,15 @@ class ImageFolder(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                if image.mode != "RGB":
+                    image = image.convert("RGB")
                 if self.resize is not None:
                     image = image.resize((self.resize[1], self.resize[0]), Image.BILINEAR)
-                array = np.asarray(image, dtype=np.uint8)
+                array = np.array(image, dtype=np.uint8)
         except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
             raise fail("explain", f"cannot read image {path!r}: {error}") from None
-        x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+        # one numpy pass (channels first, float32, / 255: the same correctly rounded division as torch's)
+        x = torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32, order="C") / np.float32(255))
         if self.normalize is not None:
             mean, std = self.normalize
             x = (x - mean) / std

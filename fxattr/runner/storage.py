@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +33,8 @@ from fxattr.errors import fail
 __all__ = [
     "DTYPES",
     "FORMATS",
-    "LazyAttributions",
     "MANIFEST",
+    "LazyAttributions",
     "atomic_write_bytes",
     "fingerprint",
     "read_manifest",
@@ -123,7 +124,8 @@ def fingerprint(value: Any) -> str:
     if callable(value) and not isinstance(value, type):
         module = getattr(value, "__module__", None) or ""
         return f"<{module}.{getattr(value, '__qualname__', type(value).__name__)}>"
-    return repr(value)
+    # default reprs carry a memory address, which differs between processes: drop it
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 def params_fingerprint(params) -> str:
@@ -335,7 +337,7 @@ class ConsolidatedWriter:
         if fmt == "hdf5":
             h5py = import_h5py(where)
             self.file = h5py.File(self.temporary, "w")
-            create = lambda name, shape_, dtype_, chunks_=None: self.file.create_dataset(  # noqa: E731
+            create = lambda name, shape_, dtype_, chunks_=None: self.file.create_dataset(
                 name, shape=shape_, dtype=dtype_, chunks=chunks_)
             self.root = self.file
         else:

@@ -6,8 +6,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import fxattr
-
 
 def tiny_cnn() -> nn.Module:
     """3x8x8 images -> 4 classes; deterministic weights so that every process builds the same model."""

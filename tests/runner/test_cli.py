@@ -171,12 +171,8 @@ def test_python_dash_m_fxattr(tmp_path):
     command = [sys.executable, "-m", "fxattr", "explain", "--model", MODEL, "--method", "lrp.epsilon_plus",
                "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "out"), "--batch-size", "2",
                "--workers", "0"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 shards computed, 0 already done, 3 examples" in result.stderr
     run = load_attributions(tmp_path / "out")
     assert torch.equal(run["attribution"][:], in_memory(tiny_cnn(), images(3), "lrp.epsilon_plus"))
-    result = subprocess.run(command + ["--resume", "--dtype", "float16"], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)
-    assert result.returncode == 2 and result.stderr.startswith("fxattr: error:")
-    assert "dtype: 'float32' in the manifest, 'float16' now" in result.stderr

@@ -71,7 +71,7 @@ def test_two_torchrun_ranks_equal_one_process(tmp_path):
     out = tmp_path / "ranks"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(WORKER), str(out), str(n), "--format", "hdf5"]
-    result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=150, cwd=ROOT)
+    result = subprocess.run(command, check=False, env=environment(), capture_output=True, text=True, timeout=150, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
     assert lines == ["rank 0 computed 3 skipped 0", "rank 1 computed 2 skipped 0"], result.stdout

@@ -14,9 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import fxattr  # noqa: E402
-from fxattr.runner import attribute_dataset  # noqa: E402
-from tests.runner.helpers import labelled, tiny_cnn  # noqa: E402
+import fxattr
+from fxattr.runner import attribute_dataset
+from tests.runner.helpers import labelled, tiny_cnn
 
 BATCH_SIZE = 2
 SHARD_SIZE = 2
