@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from fxattr.errors import fail
+from fxattr.errors import FxattrError, fail
 from fxattr.functional import FunctionalModel, EvalBatchNormAsElementwise
+from fxattr.graph._ops import tensor_size
 
 __all__ = ["split", "trace"]
 
@@ -122,6 +123,8 @@ def origin(node: fx.Node) -> str | None:
         return None
     path = list(stack.values())[-1]
     path = path[0] if isinstance(path, tuple) else path
+    if isinstance(path, str) and path.startswith("L['"):  # dynamo's spelling of the root: L['self']
+        path = path[path.index("]") + 1:].lstrip(".")
     return path or None
 
 
@@ -303,11 +306,25 @@ def trace(f, inputs: tuple | None = None) -> fx.GraphModule:
         hooked = [name for name, m in module.named_modules() if _hooks(m)]
         hint = (f" (modules with forward hooks, traced with them: {', '.join(map(repr, hooked))})"
                 if hooked else "")
+        if f.input_shape is not None and inputs is not None and len(inputs) == 1:
+            try:
+                gm = _dynamo_capture(f, inputs)
+            except FxattrError:
+                raise
+            except Exception as dynamo_error:  # noqa: BLE001
+                raise fail("trace", f"neither torch.fx ({type(error).__name__}: {error}) nor torch "
+                                    f"dynamo ({type(dynamo_error).__name__}: {dynamo_error}) can "
+                                    f"capture {type(module).__name__}{hint}; use a gradient-based "
+                                    "method") from dynamo_error
+            per_f[inputs] = gm
+            return gm
         raise fail("trace", f"torch.fx cannot trace {type(module).__name__}{hint}: "
                             f"{type(error).__name__}: {error}. Graph-based methods need a model "
                             "torch.fx.symbolic_trace can trace (no Python control flow on tensor "
-                            "values, no data-dependent shapes); wrap untraceable parts in a leaf "
-                            "module or use a gradient-based method") from error
+                            "values, no data-dependent shapes), or, for any other model (Hugging "
+                            "Face transformers...), the shape of one example: "
+                            "fxattr.functionalize(model, input_shape=...) lets fxattr capture it "
+                            "with torch dynamo; otherwise use a gradient-based method") from error
     if concrete:
         _drop_concrete(graph, set(concrete))
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
@@ -318,7 +335,57 @@ def trace(f, inputs: tuple | None = None) -> fx.GraphModule:
     }
     gm.meta["state_names"], gm.meta["aliases"] = _state_names(module)
     gm.meta["inputs"] = inputs
+    gm.meta["capture"] = "fx"
+    gm.meta["out_spec"] = None
     per_f[inputs] = gm
+    return gm
+
+
+def _dynamo_capture(f, inputs: tuple) -> fx.GraphModule:
+    """The torch-function-level graph dynamo captures from ``f.module`` run on zeros of
+    ``f.input_shape`` (with the batch axis of 1), normalised into the engine's vocabulary:
+    parameters and buffers read under the user's qualified names (``get_attr`` targets renamed),
+    other tensor attributes kept as constants, in-place ops purified, the output structure kept
+    (``meta["out_spec"]``), each node's module of origin in ``meta["nn_module_stack"]``.
+
+    Shapes are specialised to ``input_shape`` (a sequence model is captured for one length;
+    ``functionalize`` checks every example against it)."""
+    import torch._dynamo
+
+    module = f.module
+    state = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    dtype = next((t.dtype for _, t in state if t.is_floating_point()), torch.get_default_dtype())
+    device = next((t.device for _, t in state), torch.device("cpu"))
+    example = torch.zeros((1, *f.input_shape), dtype=dtype, device=device)
+    with EvalBatchNormAsElementwise():
+        gm, _ = torch._dynamo.export(module)(example)
+    torch._dynamo.reset()
+    _purify(gm)
+    names = {}
+    for name, t in state:
+        names.setdefault(id(t), name)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size):
+            node.target = tensor_size  # a shape read that torch.vmap can batch
+        if node.op == "get_attr":
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            node.meta["constant"] = value  # what it reads when params lacks it
+            if id(value) in names:  # a parameter or buffer: read from params by its own name
+                node.target = names[id(value)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise fail("trace", f"torch dynamo captured {type(module).__name__} with "
+                            f"{len(placeholders)} inputs; fxattr expected one")
+    placeholders[0].target = inputs[0]
+    codegen = getattr(gm.graph, "_codegen", None)
+    info = getattr(codegen, "pytree_info", None)
+    gm.meta["out_spec"] = None if info is None else info.out_spec
+    gm.meta["module_outputs"] = {}
+    gm.meta["state_names"], gm.meta["aliases"] = _state_names(module)
+    gm.meta["inputs"] = inputs
+    gm.meta["capture"] = "dynamo"
     return gm
 
 

@@ -40,7 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Layer", "OpKind", "SUPPORTED", "classify", "conv_layer", "describe", "linear_layer",
+__all__ = ["Layer", "OpKind", "SUPPORTED", "classify", "conv_layer", "conv_transpose_layer", "describe", "linear_layer",
            "functional_kernel_layer", "batch_norm_layer", "register", "registered_kinds", "unregister"]
 
 Params = dict
@@ -117,6 +117,7 @@ def registered_kinds() -> tuple[OpKind, ...]:
 # --- the built-in kinds --------------------------------------------------------------------------
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -178,10 +179,17 @@ SUPPORTED = ("convolutions and linear layers (modules or F.conv*/F.linear), batc
              "squeeze/indexing/padding, dropout and identities")
 
 
+def tensor_size(t: Tensor, dim: int) -> int:
+    """``t.size(dim)``: what a captured ``aten.sym_size.int`` node computes (which has no vmap
+    batching rule)."""
+    return t.size(dim)
+
+
 def is_meta(node: fx.Node) -> bool:
     """A node that reads only a tensor's shape, dtype, ...: never data."""
     return ((node.op == "call_function" and node.target is getattr and len(node.args) > 1
              and node.args[1] in META_ATTRIBUTES)
+            or (node.op == "call_function" and node.target is tensor_size)
             or (node.op == "call_method" and node.target in META_METHODS))
 
 
@@ -221,6 +229,8 @@ def _builtin(node, module, is_data, data_args, data_refs) -> Classified:
             return Classified("unsupported")
         if isinstance(module, CONV_MODULES):
             return Classified("kernel", kernel="conv")
+        if isinstance(module, CONV_TRANSPOSE_MODULES):
+            return Classified("kernel", kernel="conv_transpose")
         if isinstance(module, nn.Linear):
             return Classified("kernel", kernel="linear")
         if isinstance(module, BN_MODULES):
@@ -308,6 +318,27 @@ def conv_layer(module: nn.Module, nonnegative: bool) -> Layer:
         return b.reshape((-1,) + (1,) * (z.ndim - 2))
 
     return Layer("conv", forward, transpose, bias, nonnegative, groups=module.groups)
+
+
+def conv_transpose_layer(module: nn.Module, nonnegative: bool) -> Layer:
+    """``ConvTranspose1d/2d/3d`` as a kernel layer: its transpose is the convolution with the same
+    weight, stride, padding, dilation and groups (the adjoint). ``groups=None``: the weight's input
+    axis is 0, so rules never concatenate input channels."""
+    n = module.weight.ndim - 2
+    forward_fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
+    adjoint = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+    settings = (module.stride, module.padding, module.output_padding, module.groups, module.dilation)
+
+    def forward(x, p):
+        return forward_fn(x, p["weight"], p["bias"], *settings)
+
+    def transpose(s, p, x):
+        return adjoint(s, p["weight"], None, module.stride, module.padding, module.dilation, module.groups)
+
+    def bias(b, z):
+        return b.reshape((-1,) + (1,) * (z.ndim - 2))
+
+    return Layer("conv", forward, transpose, bias, nonnegative, groups=None)
 
 
 def linear_layer(nonnegative: bool) -> Layer:

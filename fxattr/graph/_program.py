@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.node import map_arg
+from torch.utils._pytree import tree_unflatten as pytree_unflatten
 
 from fxattr.errors import fail
 from fxattr.functional import batch_norm_affine, elementwise_batch_norm
@@ -50,6 +51,19 @@ def fold(weight: Tensor, bias: Tensor | None, mean: Tensor, var: Tensor, bn_weig
     centred = -mean if bias is None else bias - mean
     folded_bias = centred * scale if bn_bias is None else centred * scale + bn_bias
     return folded_weight, folded_bias
+
+
+def _fold_transposed(k, p, target, eps, affine, groups):
+    """``fold`` for a ConvTranspose weight ``(C_in, C_out / groups, *k)``: as the weight of the
+    equivalent convolution ``(C_out, C_in / groups, *k)`` (output channels first), folded, back."""
+    weight = k["weight"]
+    c_in, per_group, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
+    grouped = weight.reshape(groups, c_in // groups, per_group, *kernel).transpose(1, 2)
+    as_conv = grouped.reshape(groups * per_group, c_in // groups, *kernel)
+    folded, bias = fold(as_conv, k["bias"], p[f"{target}.running_mean"], p[f"{target}.running_var"],
+                        p[f"{target}.weight"] if affine else None, p[f"{target}.bias"] if affine else None, eps)
+    back = folded.reshape(groups, per_group, c_in // groups, *kernel).transpose(1, 2).reshape(weight.shape)
+    return {"weight": back, "bias": bias}
 
 
 class Info:
@@ -198,12 +212,16 @@ class Program:
                 kernel.fold = node
                 info.kind = "folded"
                 module = self.gm.get_submodule(node.target)
-                kernel.params = self._folded_params(kernel.params, node.target, module.eps, module.affine)
+                groups = kernel.module.groups if kernel.kernel == "conv_transpose" else None
+                kernel.params = self._folded_params(kernel.params, node.target, module.eps, module.affine,
+                                                    groups)
 
     @staticmethod
-    def _folded_params(kernel_params, target, eps, affine):
+    def _folded_params(kernel_params, target, eps, affine, transposed_groups=None):
         def params(p):
             k = kernel_params(p)
+            if transposed_groups is not None:  # ConvTranspose: output channels on weight axis 1
+                return _fold_transposed(k, p, target, eps, affine, transposed_groups)
             weight, bias = fold(k["weight"], k["bias"], p[f"{target}.running_mean"],
                                 p[f"{target}.running_var"], p[f"{target}.weight"] if affine else None,
                                 p[f"{target}.bias"] if affine else None, eps)
@@ -225,6 +243,8 @@ class Program:
                 info.layer = info.layer._replace(nonnegative_input=x_nonneg)
             elif info.module is not None and info.kernel == "conv":
                 info.layer = ops.conv_layer(info.module, x_nonneg)
+            elif info.module is not None and info.kernel == "conv_transpose":
+                info.layer = ops.conv_transpose_layer(info.module, x_nonneg)
             elif info.module is not None:
                 info.layer = ops.linear_layer(x_nonneg)
             else:
@@ -273,6 +293,7 @@ class Program:
         self.data_steps = [st.slot for st in self.steps if st.is_data]
         self.constant_steps = [st for st in self.steps if not st.is_data]
         self.output_template = _template(self.output.args[0], slots)
+        self.out_spec = self.gm.meta.get("out_spec")
         self.output_slots = [s for s in _refs(self.output_template)
                              if self.nodes[self.graph_nodes[s]].is_data]
 
@@ -325,20 +346,27 @@ class Program:
         cache: dict = {}
         for step in self.steps:
             values[step.slot] = self.run_step(step, values, params, cache)
-        return values, cache, resolve_args(self.output_template, values)
+        return values, cache, self.raw_output(values)
 
     def pair_forward(self, params, x, base):
         """Every node's value at ``x`` and at ``base`` from ONE vmapped forward pass."""
         params = bind(self.gm, params)
         pair = optree.tree_map(lambda a, b: torch.stack([a, b]), x, base, namespace="torch")
 
+        structure = {}
+
         def one(xi):
             values = self._inputs(xi)
             for step in self.steps:
                 values[step.slot] = self.run_step(step, values, params)
-            return [values[i] for i in self.data_steps]
+            # structured values may hold None ((out, None) of nn.MultiheadAttention): vmap returns
+            # tensors only, so return the leaves and rebuild the structure after
+            leaves, structure["tree"] = optree.tree_flatten([values[i] for i in self.data_steps],
+                                                            namespace="torch")
+            return leaves
 
-        stacked = torch.vmap(one)(pair)
+        leaves = torch.vmap(one)(pair)
+        stacked = optree.tree_unflatten(structure["tree"], leaves)
         at_x, at_b = self._inputs(x), self._inputs(base)
         for i, v in zip(self.data_steps, stacked):
             at_x[i] = optree.tree_map(lambda t: t[0], v, namespace="torch")
@@ -347,6 +375,13 @@ class Program:
         for step in self.constant_steps:
             at_x[step.slot] = at_b[step.slot] = self.run_step(step, at_x, params)
         return at_x, at_b
+
+    def raw_output(self, values, override=None):
+        """The model's output (its structure, e.g. a ``ModelOutput`` for a dynamo capture)."""
+        raw = resolve_args(self.output_template, values, override)
+        if self.out_spec is not None:
+            raw = pytree_unflatten(list(raw), self.out_spec)
+        return raw
 
     def output_of(self, raw) -> Tensor:
         """The explained output (``f.output`` applied, batch axis of 1 kept)."""
@@ -362,14 +397,14 @@ class Program:
         signal_y = signal_y.unsqueeze(0)
         seeds: dict = {}
         template = self.output_template
-        if isinstance(template, ArgRef) and self.f.output is None:
+        if isinstance(template, ArgRef) and self.f.output is None and self.out_spec is None:
             if template.slot in self.output_slots:
                 seeds[template.slot] = signal_y
             return seeds
         data = self.output_slots
 
         def pick(*vals):
-            raw = resolve_args(template, values, dict(zip(data, vals)))
+            raw = self.raw_output(values, dict(zip(data, vals)))
             return self.f.output(raw) if self.f.output is not None else raw
         _, vjp = torch.func.vjp(pick, *[values[s] for s in data])
         for slot, r in zip(data, vjp(signal_y)):
@@ -492,16 +527,32 @@ class NodeView:
         reference_inputs / reference_output: the same at the reference point (DeepLIFT's
             baseline), or ``None``.
         fn: ``fn(*inputs) -> output``, the node as a function of its data inputs (for vjps).
+        args / kwargs: the call's arguments resolved to values at the explained point (for a module,
+            its call's arguments); module: the called module of a ``call_module`` node, else ``None``;
+            params: that module's own parameters and buffers by local name (``{}`` otherwise).
     """
 
     def __init__(self, program: Program, step, values, params, reference=None):
         self.name, self.kind, self.origin = step.name, step.kind, step.origin
         self.node = program.graph_nodes[step.slot]
+        self.args, self.kwargs = resolve_args(step.args, values), resolve_args(step.kwargs, values)
+        self.module = program.nodes[self.node].module
+        self.params = {}
+        if self.module is not None:
+            prefix = f"{self.node.target}."
+            own = dict(self.module.named_parameters(remove_duplicate=False))
+            own.update(self.module.named_buffers(remove_duplicate=False))
+            self.params = {n: params.get(prefix + n, t) for n, t in own.items()}
+        self._gm = program.gm
         self.fn, self.inputs = program.bound(step, values, params)
         self.output = values[step.slot]
         self.reference_inputs = None if reference is None else [reference[s] for s in step.data_slots]
         self.reference_output = None if reference is None else reference[step.slot]
         self.reference_fn = None if reference is None else program.bound(step, reference, params)[0]
+
+    def module_of(self, node: fx.Node) -> nn.Module | None:
+        """The module a ``call_module`` node calls (``None`` for other nodes): what produced an input."""
+        return self._gm.get_submodule(node.target) if getattr(node, "op", None) == "call_module" else None
 
 
 class ArgRef:
@@ -579,8 +630,11 @@ class Step:
         self.needs_values = getattr(info.params, "needs_values", False)
         self.value_slots = {n: slots[n] for n in node.all_input_nodes} if self.needs_values else {}
         self.fold_linear = info.fold is not None and info.layer is not None and info.layer.kind == "linear"
-        self.constant = (program._attr(node.target)
-                         if node.op == "get_attr" and node.target not in program.param_names else None)
+        # a parameter or buffer params lacks (fxattr keeps integer buffers out of params) and a
+        # tensor attribute that is neither (a constant) read the module's own tensor
+        self.constant = None
+        if node.op == "get_attr":
+            self.constant = node.meta["constant"] if "constant" in node.meta else program._attr(node.target)
         self.op = {"call_module": "module", "call_method": "method", "call_function": "function",
                    "get_attr": "get_attr"}[node.op]
         self.module_name = node.target if node.op == "call_module" else None

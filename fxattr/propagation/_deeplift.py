@@ -106,7 +106,7 @@ class _DeepLift:
         program = self.program
         params = bind(program.gm, params)  # tied parameters under each of their names
         at_x, at_b = program.pair_forward(params, x, base)
-        y = program.output_of(resolve_args(program.output_template, at_x))[0]
+        y = program.output_of(program.raw_output(at_x))[0]
         grad = torch.func.grad(lambda t: select(self.where, t, target))(y)
         seeds = program.seed(at_x, grad)
 
