@@ -70,9 +70,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=16, help="fxattr chunk_size (0 = None)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd fxattr column")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.batch, args.samples, args.repeats = 16, 4, 8, 1
+        args.no_compile = True
     torch.set_num_threads(args.threads)
     chunk = args.chunk or None
 
@@ -136,29 +138,55 @@ def main(argv=None):
                             floor(args.batch * args.samples), args.batch * args.samples),
         "mprt": (quantus_mprt, fxattr_mprt, floor(args.batch * (layers + 1)), args.batch * (layers + 1)),
     }
+    compiled, compile_seconds = {}, {}
+    if not args.no_compile:
+        # compiled: the metric built once outside, the noise passed in (replayed) -- the same arithmetic
+        sensitivity = metrics.max_sensitivity(f, explain=gradient, nr_samples=args.samples, lower_bound=0.2,
+                                              chunk_size=chunk)
+        randomisation = metrics.mprt(f, explain=gradient, chunk_size=chunk)
+        run_sensitivity = torch.compile(lambda p, xx, t, aa, n: torch.vmap(
+            lambda *r: sensitivity(p, *r[:3], noise=r[3]))(xx, t, aa, n))
+        run_mprt = torch.compile(
+            lambda p, xx, t, aa: torch.vmap(randomisation, in_dims=(None, 0, 0, 0))(p, xx, t, aa))
+        compiled = {"max_sensitivity": lambda: run_sensitivity(params, x, y, a, noise),
+                    "mprt": lambda: run_mprt(params, x, y, a)}
+        eager = {"max_sensitivity": fxattr_max_sensitivity(True), "mprt": fxattr_mprt()}
+        for name, fn in compiled.items():
+            start = time.perf_counter()
+            out = fn().double().numpy()
+            compile_seconds[name] = time.perf_counter() - start
+            assert np.allclose(out, eager[name], rtol=1e-4, atol=1e-6), (name, out, eager[name])
+
     for _, ours, base, _ in cases.values():  # warm-up (first vmap traces, allocator)
         ours()
         base()
     rows = []
     for name, (theirs, ours, base, count) in cases.items():
-        times_q, times_f, times_b = [], [], []
+        times_q, times_f, times_b, times_c = [], [], [], []
         for _ in range(args.repeats):
             times_q.append(cpu_seconds(theirs)[0])
             times_f.append(cpu_seconds(ours)[0])
             times_b.append(cpu_seconds(base)[0])
+            if name in compiled:
+                times_c.append(cpu_seconds(compiled[name])[0])
         tq, tf, tb = (statistics.median(t) for t in (times_q, times_f, times_b))
-        rows.append((name, count, tb, tq, tf, checks[name]))
+        tc = statistics.median(times_c) if times_c else float("nan")
+        rows.append((name, count, tb, tq, tf, tc, checks[name]))
 
     print(f"\n{args.channels}x{args.size}x{args.size}, batch {args.batch}, small CNN (float32), "
           f"{args.threads} thread(s), process CPU time, median of {args.repeats}; max_sensitivity "
           f"nr_samples={args.samples}, mprt {layers} layers top-down, fxattr chunk_size={chunk}\n")
     print("| metric | gradient rows | floor (s) | Quantus 0.6.0 (s) | fxattr (s) | speed-up | "
-          "Quantus / floor | fxattr / floor | max difference |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, count, tb, tq, tf, diff in rows:
+          "Quantus / floor | fxattr / floor | fxattr compiled (s) | speed-up compiled | max difference |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, count, tb, tq, tf, tc, diff in rows:
         kind = "relative" if name == "max_sensitivity" else "absolute"
+        compiled_cells = f"{tc:.3f} | {tq / tc:.1f}x" if tc == tc else "- | -"
         print(f"| {name} | {count} | {tb:.3f} | {tq:.3f} | {tf:.3f} | {tq / tf:.1f}x | {tq / tb:.1f}x | "
-              f"{tf / tb:.2f}x | {diff:.1e} ({kind}) |")
+              f"{tf / tb:.2f}x | {compiled_cells} | {diff:.1e} ({kind}) |")
+    if compile_seconds:
+        print("\ncompile time (first call, wall clock, excluded): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in compile_seconds.items()))
 
 
 if __name__ == "__main__":
