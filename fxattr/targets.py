@@ -94,7 +94,10 @@ def take(flat: Tensor, index: Tensor) -> Tensor:
     valid = (index >= 0) & (index < n)
     safe = torch.where(valid, index, torch.zeros_like(index))
     value = flat.gather(0, safe.reshape(1)).squeeze(0)
-    return torch.where(valid, value, torch.full_like(value, float("nan")))
+    # a factor, not a torch.where: the NaN must reach derivatives too (a gradient of a NaN
+    # constant branch would be 0, a plausible-looking map); x 1 is exact where valid
+    scale = torch.where(valid, torch.ones_like(value), torch.full_like(value, float("nan")))
+    return value * scale
 
 
 def select(where: str | None, output: Tensor, target: Target) -> Tensor:

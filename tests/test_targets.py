@@ -47,3 +47,44 @@ def test_bad_targets_name_the_explainer_and_argument(setup, target, message):
                           (fxattr.integrated_gradients(f, steps=4), "integrated_gradients")]:
         with pytest.raises(fxattr.FxattrError, match=rf"fxattr\.{name}: .*{message}"):
             explain(params, x, target)
+
+
+@pytest.mark.parametrize("name", ["gradient", "integrated_gradients", "lrp", "occlusion"])
+def test_out_of_range_and_negative_targets_under_vmap(setup, name):
+    """The README's usage with a bad target gave ``RuntimeError: index 5 is out of bounds`` from
+    deep inside (eager calls had a clear error)."""
+    _, f, params, _ = setup
+    build = {"integrated_gradients": lambda: fxattr.integrated_gradients(f, steps=2),
+             "lrp": lambda: fxattr.lrp(f, rule="epsilon"),
+             "occlusion": lambda: fxattr.occlusion(f, window=2)}.get(name, lambda: fxattr.gradient(f))
+    batched = torch.vmap(build(), in_dims=(None, 0, 0))
+    xs = torch.randn(3, 6)
+    with pytest.raises(fxattr.FxattrError, match=rf"^fxattr\.{name}: target 5 is out of range for an output of 4"):
+        batched(params, xs, torch.tensor([0, 5, 1]))
+    with pytest.raises(fxattr.FxattrError, match=rf"^fxattr\.{name}: target -1 is out of range"):
+        batched(params, xs, torch.tensor([0, -1, 1]))
+
+
+def test_target_dtypes(setup):
+    _, f, params, x = setup
+    explain = fxattr.gradient(f)
+    expected = explain(params, x, 2)
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        torch.testing.assert_close(explain(params, x, torch.tensor(2, dtype=dtype)), expected)
+    xs, ts = torch.stack([x, x]), torch.tensor([2, 2], dtype=torch.int32)
+    torch.testing.assert_close(torch.vmap(explain, in_dims=(None, 0, 0))(params, xs, ts), torch.stack([expected] * 2))
+    for bad in (torch.tensor(2, dtype=torch.uint8), torch.tensor(True)):
+        with pytest.raises(fxattr.FxattrError, match=rf"fxattr\.gradient: target must be a signed integer "
+                                                     rf"tensor .*got dtype {bad.dtype}"):
+            explain(params, x, bad)
+
+
+@pytest.mark.slow
+def test_out_of_range_target_under_compile_is_nan_not_another_class(setup):
+    """Inside torch.compile the values cannot be read: the explained scalar is NaN."""
+    _, f, params, _ = setup
+    torch._dynamo.reset()
+    batched = torch.compile(torch.vmap(fxattr.gradient(f), in_dims=(None, 0, 0)))
+    out = batched(params, torch.randn(2, 6), torch.tensor([1, -1]))
+    assert out[0].isfinite().all() and out[1].isnan().all()
+    torch._dynamo.reset()
