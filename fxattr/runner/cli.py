@@ -17,6 +17,7 @@ import html
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -212,6 +213,8 @@ def explain_command(args) -> int:
     kwargs = parse_method_kw(args.method_kw)
     data = open_data(WHERE, args.data, resize=parse_resize(args.resize), normalize=parse_normalize(args.normalize))
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # under torchrun: this rank's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model = model.to(device)
     explain, params = build_explainer(args.method, model, kwargs)
     config = {"model": args.model, "weights": str(Path(args.weights).resolve()) if args.weights else None,

@@ -538,7 +538,8 @@ def load_attributions(out) -> dict[str, Any]:
         ``(N, C, H, W)`` that reads only what is indexed, in the storage dtype), ``index`` (N,)
         (each example's position in the dataset, ``0..N-1``), ``target`` (N,) (the class
         explained), ``prediction`` (N,) (the argmax of the model's output), ``output`` (N, K)
-        (the model's outputs, float32), ``label`` (N,) when the dataset had labels,
+        (the model's outputs, float32, lazy like ``attribution``), ``label`` (N,) when the dataset
+        had labels,
         ``class_mean`` / ``class_count`` / ``classes`` (mean attribution and count per target
         class), and ``manifest``.
 
@@ -560,29 +561,30 @@ def load_attributions(out) -> dict[str, Any]:
     result: dict[str, Any] = {"manifest": manifest}
     if config["format"] == "safetensors":
         shards = math.ceil(length / config["shard_size"])
-        small = {k: [] for k in ("index", "target", "prediction", "output", "label")}
+        small = {k: [] for k in ("index", "target", "prediction", "label")}
         for shard in range(shards):
             tensors = storage.read_shard(out, shard, list(small))
-            for k in small:
-                small[k].append(tensors[k])
+            for key, pieces in small.items():
+                pieces.append(tensors[key])
         result.update({k: torch.cat(v) for k, v in small.items()})
-        example_shape = storage.read_shard(out, 0, ["attribution"])["attribution"].shape[1:]
-        result["attribution"] = storage.LazyAttributions(
-            length, example_shape, stored, storage.safetensors_rows(out, length, config["shard_size"]))
+        first = storage.read_shard(out, 0, ["attribution", "output"])
+        for key in ("attribution", "output"):
+            result[key] = storage.LazyAttributions(length, first[key].shape[1:], first[key].dtype,
+                                                   storage.safetensors_rows(out, length, config["shard_size"], key))
     else:
-        if config["format"] == "hdf5":
-            read_rows, root = storage.hdf5_rows(where, out / storage.HDF5_FILE, stored)
-        else:
-            read_rows, root = storage.zarr_rows(where, out / storage.ZARR_DIR, stored)
+        name = storage.HDF5_FILE if config["format"] == "hdf5" else storage.ZARR_DIR
+        root = storage.open_consolidated(where, config["format"], out / name)
         result.update({
             "index": torch.from_numpy(root["index"][:].astype("int64")),
             "target": torch.from_numpy(root["target"][:]),
             "prediction": torch.from_numpy(root["predicted_class"][:]),
-            "output": torch.from_numpy(root["prediction"][:]),
         })
         if "dataset_label" in root:
             result["label"] = torch.from_numpy(root["dataset_label"][:])
-        result["attribution"] = storage.LazyAttributions(length, root["attribution"].shape[1:], stored, read_rows)
+        result["attribution"] = storage.LazyAttributions(length, root["attribution"].shape[1:], stored,
+                                                         storage.array_rows(root["attribution"], stored))
+        result["output"] = storage.LazyAttributions(length, root["prediction"].shape[1:], torch.float32,
+                                                    storage.array_rows(root["prediction"], torch.float32))
     if not config["has_labels"]:
         result.pop("label", None)
     means = storage.read_class_means(out)

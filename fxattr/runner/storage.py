@@ -272,8 +272,8 @@ class LazyAttributions:
         return result
 
 
-def safetensors_rows(out: Path, length: int, shard_size: int):
-    """``read_rows(start, stop)`` over the shard files (each opened memory-mapped when needed)."""
+def safetensors_rows(out: Path, length: int, shard_size: int, key: str = "attribution"):
+    """``read_rows(start, stop)`` of ``key`` over the shard files (each opened memory-mapped when needed)."""
     from safetensors import safe_open
 
     def read_rows(start: int, stop: int) -> Tensor:
@@ -284,7 +284,7 @@ def safetensors_rows(out: Path, length: int, shard_size: int):
             if hi <= lo:
                 continue
             with safe_open(str(shard_path(out, shard)), framework="pt") as file:
-                pieces.append(file.get_slice("attribution")[lo:hi])
+                pieces.append(file.get_slice(key)[lo:hi])
         return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
 
     return read_rows
@@ -394,27 +394,20 @@ class ConsolidatedWriter:
         fsync_directory(self.final.parent)
 
 
-def hdf5_rows(where: str, path: Path, dtype: torch.dtype):
-    h5py = import_h5py(where)
-    file = h5py.File(path, "r")
-    dataset = file["attribution"]
-
-    def read_rows(start: int, stop: int) -> Tensor:
-        return from_numpy_storage(dataset[start:stop], dtype)
-
-    read_rows.file = file  # keeps the file open as long as the reader lives
-    return read_rows, file
+def open_consolidated(where: str, fmt: str, path: Path):
+    """The HDF5 file or zarr group of a finished run, opened for reading."""
+    if fmt == "hdf5":
+        return import_h5py(where).File(path, "r")
+    return import_zarr(where).open_group(str(path), mode="r")
 
 
-def zarr_rows(where: str, path: Path, dtype: torch.dtype):
-    zarr = import_zarr(where)
-    group = zarr.open_group(str(path), mode="r")
-    array = group["attribution"]
+def array_rows(array, dtype: torch.dtype):
+    """``read_rows(start, stop)`` over an h5py dataset or a zarr array (bfloat16 from its bits)."""
 
     def read_rows(start: int, stop: int) -> Tensor:
         return from_numpy_storage(array[start:stop], dtype)
 
-    return read_rows, group
+    return read_rows
 
 
 def read_class_means(out: Path) -> dict[str, Tensor]:
