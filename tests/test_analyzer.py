@@ -160,3 +160,21 @@ def test_input_of_the_wrong_rank():
         fxattr.create_analyzer("gradient", cnn()).analyze(torch.randn(2, 1, 2, 8, 8))
     with pytest.raises(fxattr.FxattrError, match=r"Analyzer\.analyze: .*one example of shape"):
         fxattr.create_analyzer("lrp.z", cnn()).analyze(torch.randn(2, 8, 8))
+
+
+def test_index_mode_nan_and_empty_batches():
+    analyzer = fxattr.create_analyzer("gradient", cnn(), neuron_selection_mode="index")
+    x = torch.randn(3, 2, 8, 8)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.Analyzer\.analyze: target 99 is out of range"):
+        analyzer.analyze(x, neuron_selection=99)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.Analyzer\.analyze: neuron_selection must be an index >= 0"):
+        analyzer.analyze(x, neuron_selection=-1)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.Analyzer\.analyze: neuron_selection must hold indices >= 0"):
+        analyzer.analyze(x, neuron_selection=[0, -1, 2])
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.Analyzer\.analyze: x holds 1 NaN or Inf value"):
+        analyzer.analyze(x, neuron_selection=1)
+    for name in ("gradient", "lrp.epsilon", "occlusion"):
+        kwargs = {"window": (2, 2, 2)} if name == "occlusion" else {}
+        out = fxattr.create_analyzer(name, cnn(), **kwargs).analyze(torch.randn(0, 2, 8, 8))
+        assert out.shape == (0, 2, 8, 8)
