@@ -7,10 +7,10 @@ mean ± standard error over the digits, plus plots in examples/out/:
 
 - ``metrics.png``: the metric x method chart (``fxattr.viz.plot_metrics``);
 - ``deletion.png``: pixel-flipping (deletion) curves (``fxattr.viz.plot_curves``);
-- ``mprt.png`` (and ``mprt_grid.png``, one digit's explanations): the model parameter randomisation test (Adebayo et al. 2018, "Sanity checks for
-  saliency maps"): the Spearman correlation between each method's explanation of the trained model
-  and of the model with its layers re-initialised one by one from the top (``fxattr.metrics.mprt``,
-  signed explanations). Guided backprop and deconvnet stay close to their original explanation
+- ``mprt.png`` and ``mprt_grid.png`` (one digit's explanations): the model parameter randomisation
+  test (Adebayo et al. 2018, "Sanity checks for saliency maps"): the Spearman correlation between
+  each method's explanation of the trained model and of the model with its layers re-initialised
+  one by one from the top (``fxattr.metrics.mprt``, signed explanations). Guided backprop and deconvnet stay close to their original explanation
   while the layers they should depend on are random (they mostly reconstruct the input); the
   gradient and LRP change completely, as an explanation of *the model* must.
 
@@ -273,7 +273,8 @@ def run(args) -> dict:
                         xlabel="layers re-initialised, top down (cumulative)",
                         ylabel="Spearman to the original explanation",
                         title="model parameter randomisation test (Adebayo et al. 2018)")
-        print("\nsanity check (MPRT, top-down cascade, signed Spearman to the trained model's explanation):\n")
+        print("\nsanity check (MPRT, top-down cascade, signed Spearman to the trained model's "
+              "explanation):\n")
         print("| method | " + " | ".join(steps[1:]) + " | mean over randomised layers |")
         print("|---|" + "---|" * len(steps))
         for name, c in curves.items():

@@ -195,26 +195,29 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
     Example:
         >>> table = fxattr.metrics.evaluate(
         ...     {"gradient": fxattr.gradient(f), "IG": fxattr.integrated_gradients(f)},
-        ...     {"sparseness": fxattr.metrics.sparseness(f), "pointing game": fxattr.metrics.pointing_game(f)},
+        ...     {"sparseness": fxattr.metrics.sparseness(f),
+        ...      "pointing game": fxattr.metrics.pointing_game(f)},
         ...     params, images, labels, mask=masks)
         >>> print(table)
     """
     where = "metrics.evaluate"
     for name, mapping in (("explainers", explainers), ("metrics", metrics)):
         if not isinstance(mapping, Mapping) or not mapping:
-            raise fail(where, f"{name} must be a non-empty dict name -> callable, got {type(mapping).__name__}")
+            raise fail(where, f"{name} must be a non-empty dict name -> callable, "
+                              f"got {type(mapping).__name__}")
         for key, value in mapping.items():
             if not isinstance(key, str) or not callable(value):
-                raise fail(where, f"{name}[{key!r}] must be a callable under a str name, got {type(value).__name__}")
+                raise fail(where, f"{name}[{key!r}] must be a callable under a str name, "
+                                  f"got {type(value).__name__}")
     if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[0] == 0:
         raise fail(where, f"x must be a batch (B, ...) tensor with B >= 1, got "
                           f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     batch = x.shape[0]
-    if target is not None:
-        if not isinstance(target, Tensor) or target.shape[:1] != (batch,) or target.is_floating_point():
-            raise fail(where, f"target must be None or a ({batch},) integer tensor, got "
-                              f"{tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__}"
-                              f"{' of dtype ' + str(target.dtype) if isinstance(target, Tensor) else ''}")
+    if target is not None and (not isinstance(target, Tensor) or target.shape[:1] != (batch,)
+                               or target.is_floating_point()):
+        got = (f"{tuple(target.shape)} of dtype {target.dtype}" if isinstance(target, Tensor)
+               else type(target).__name__)
+        raise fail(where, f"target must be None or a ({batch},) integer tensor, got {got}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise fail(where, f"chunk_size must be None or an int >= 1, got {chunk_size!r}")

@@ -78,11 +78,13 @@ def plot_curves(curves, metric: str | None = None, *, file=None, title: str | No
             raise fail(where, f"with a MetricTable, metric must name one of its metrics "
                               f"({', '.join(curves.metrics)}); got {metric!r}")
         table = curves
-        curves = {name: table.curves[name][metric] for name in table.explainers if metric in table.curves[name]}
+        curves = {name: table.curves[name][metric] for name in table.explainers
+                  if metric in table.curves[name]}
         if not curves:
             raise fail(where, f"metric {metric!r} gave one score per example, not a curve")
     if not isinstance(curves, Mapping) or not curves:
-        raise fail(where, f"curves must be a non-empty dict name -> (B, T) curves, got {type(curves).__name__}")
+        raise fail(where, "curves must be a non-empty dict name -> (B, T) curves, "
+                          f"got {type(curves).__name__}")
     arrays = {str(name): curve_array(where, name, c) for name, c in curves.items()}
     lengths = {arr.shape[1] for arr in arrays.values()}
     if step_labels is not None and (len(lengths) != 1 or len(step_labels) not in lengths):
@@ -136,7 +138,8 @@ def plot_metrics(table: MetricTable, metrics: Sequence[str] | None = None, *, fi
     """
     where = "viz.plot_metrics"
     if not isinstance(table, MetricTable):
-        raise fail(where, f"table must be a MetricTable (from fxattr.metrics.evaluate), got {type(table).__name__}")
+        raise fail(where, "table must be a MetricTable (from fxattr.metrics.evaluate), "
+                          f"got {type(table).__name__}")
     chosen = list(table.metrics if metrics is None else metrics)
     unknown = [m for m in chosen if m not in table.metrics]
     if unknown or not chosen:
@@ -146,7 +149,8 @@ def plot_metrics(table: MetricTable, metrics: Sequence[str] | None = None, *, fi
     columns = min(len(chosen), 4)
     rows = math.ceil(len(chosen) / columns)
     width, per_method = cell_size
-    figure = agg_figure(where, (1.4 + width * columns, (0.7 + per_method * n_methods) * rows + (0.4 if title else 0)), dpi)
+    height = (0.7 + per_method * n_methods) * rows + (0.4 if title else 0)
+    figure = agg_figure(where, (1.4 + width * columns, height), dpi)
     axes = figure.subplots(rows, columns, squeeze=False)
     positions = np.arange(n_methods)[::-1]
     colours = [f"C{i % 10}" for i in range(n_methods)]

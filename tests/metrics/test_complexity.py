@@ -88,9 +88,10 @@ def test_hand_values(mlp):
     m = fxattr.metrics
     assert abs(m.sparseness(f)(params, x, t, uniform).item()) < 1e-12
     # one feature holds everything: (n - 1) / n up to the 1e-7 added to every feature
-    torch.testing.assert_close(m.sparseness(f)(params, x, t, onehot), torch.tensor((n - 1) / n, dtype=torch.float64),
-                               rtol=1e-5, atol=0)
-    torch.testing.assert_close(m.complexity(f)(params, x, t, uniform), torch.tensor(math.log(n), dtype=torch.float64))
+    torch.testing.assert_close(m.sparseness(f)(params, x, t, onehot),
+                               torch.tensor((n - 1) / n, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(m.complexity(f)(params, x, t, uniform),
+                               torch.tensor(math.log(n), dtype=torch.float64))
     assert abs(m.complexity(f)(params, x, t, onehot).item()) < 1e-9
     graded = torch.tensor([0.0, 1e-6, 0.5, -1.0], dtype=torch.float64)
     assert m.effective_complexity(f)(params, x, t, graded) == 2                # |a| / 1 > 1e-5: 0.5, 1.0

@@ -49,8 +49,8 @@ def test_hand_computed_means_and_standard_errors(linear):
 
 def test_markdown_table(linear):
     _, f, params, x, target = linear
-    table = fxattr.metrics.evaluate({"gradient": fxattr.gradient(f)}, {"sum": total, "first": lambda p, x, t, a: a[0]},
-                                    params, x, target)
+    table = fxattr.metrics.evaluate({"gradient": fxattr.gradient(f)},
+                                    {"sum": total, "first": lambda p, x, t, a: a[0]}, params, x, target)
     # first: 1, 1, 0 -> mean 2/3, stderr sqrt(1/3) / sqrt(3) = 1/3
     expected = ("| explainer | sum | first |\n"
                 "|---|---|---|\n"
@@ -61,7 +61,8 @@ def test_markdown_table(linear):
 
 def test_masks_batch_metrics_curves_and_nan(linear):
     _, f, params, x, target = linear
-    masks = torch.tensor([[True, True, False, False], [False, False, False, True], [False, False, False, False]])
+    masks = torch.tensor([[True, True, False, False], [False, False, False, True],
+                          [False, False, False, False]])
     seen = {}
 
     def batch_metric(params, x, target, attribution):
@@ -119,7 +120,8 @@ def test_builders_get_each_explainer(linear):
     assert table["gradient", "re"] == (0.0, 0.0)                    # the gradient of a linear model
     assert table["input x gradient", "re"][0] == pytest.approx(16 / 3)  # 2 x.W - x.W
     # a builder may decline an explainer: an empty cell
-    only_gradient = {"re": lambda explain: reexplained_sum(explain) if explain is explainers["gradient"] else None}
+    only_gradient = {"re": lambda explain: (reexplained_sum(explain) if explain is explainers["gradient"]
+                                            else None)}
     table = fxattr.metrics.evaluate(explainers, only_gradient, params, x, target)
     assert table.count.tolist() == [[3], [0]] and math.isnan(table["input x gradient", "re"][0])
     assert str(table).endswith("| input x gradient | – |")
@@ -172,14 +174,16 @@ def test_errors(linear):
         evaluate([fxattr.gradient(f)], {"sum": total}, params, x, target)
     with pytest.raises(FxattrError, match=r"metrics\['sum'\] must be a callable"):
         evaluate(ok, {"sum": 3}, params, x, target)
-    with pytest.raises(FxattrError, match=r"target must be None or a \(3,\) integer tensor, got \(3,\) of dtype torch.float32"):
+    with pytest.raises(FxattrError, match=r"target must be None or a \(3,\) integer tensor, "
+                                          r"got \(3,\) of dtype torch.float32"):
         evaluate(ok, {"sum": total}, params, x, target.float())
     with pytest.raises(FxattrError, match="x must be a batch"):
         evaluate(ok, {"sum": total}, params, [1.0], target)
     with pytest.raises(FxattrError, match="metric 'pg' takes a fifth argument"):
         evaluate(ok, {"pg": fxattr.metrics.pointing_game(f)}, params, x, target)
     with pytest.raises(FxattrError, match=r"mask for metric 'pg' must be a \(3, ...\) tensor, got \(2, 4\)"):
-        evaluate(ok, {"pg": fxattr.metrics.pointing_game(f)}, params, x, target, mask=torch.ones(2, 4, dtype=torch.bool))
+        evaluate(ok, {"pg": fxattr.metrics.pointing_game(f)}, params, x, target,
+                 mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(FxattrError, match="chunk_size must be None or an int >= 1"):
         evaluate(ok, {"sum": total}, params, x, target, chunk_size=0)
     with pytest.raises(FxattrError, match="gave shape"):
@@ -197,7 +201,8 @@ def test_plots(linear, tmp_path):
     _, f, params, x, target = linear
     table = fxattr.metrics.evaluate(
         {"gradient": fxattr.gradient(f), "input x gradient": fxattr.input_x_gradient(f)},
-        {"curve": lambda p, x, t, a: torch.cumsum(a, 0), "sum": total, "sparseness": fxattr.metrics.sparseness(f)},
+        {"curve": lambda p, x, t, a: torch.cumsum(a, 0), "sum": total,
+         "sparseness": fxattr.metrics.sparseness(f)},
         params, x, target)
     figure = fxattr.viz.plot_curves(table, "curve", file=tmp_path / "curves.png")
     lines = figure.axes[0].get_lines()

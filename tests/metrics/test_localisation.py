@@ -69,7 +69,8 @@ QUANTUS_CASES = [
 
 
 @pytest.mark.parametrize("quantus_name, name, config", QUANTUS_CASES,
-                         ids=[f"{n}-{'-'.join(map(str, c.values())) or 'default'}" for _, n, c in QUANTUS_CASES])
+                         ids=[f"{n}-{'-'.join(map(str, c.values())) or 'default'}"
+                              for _, n, c in QUANTUS_CASES])
 def test_matches_quantus(case, quantus_name, name, config):
     model, f, params, x, y, a, masks = case
     expected = quantus_scores(quantus_name, model, x, y, a, masks, **config)
@@ -176,7 +177,8 @@ def test_normalise_batch_convention_gives_the_same_scores(case):
         config = {"k": 5} if name == "top_k_intersection" else {}
         per_example = batched(getattr(fxattr.metrics, name)(f, **config))(params, x, y, a, masks)
         config["normalise"] = False
-        whole = batched(getattr(fxattr.metrics, name)(f, **config))(params, x, y, common.normalise_batch(a), masks)
+        metric = batched(getattr(fxattr.metrics, name)(f, **config))
+        whole = metric(params, x, y, common.normalise_batch(a), masks)
         torch.testing.assert_close(per_example, whole, rtol=1e-6, atol=1e-9)
 
 
@@ -188,7 +190,8 @@ def test_errors(mlp):
     m = fxattr.metrics
     with pytest.raises(FxattrError, match="metrics.auc: mask must be a bool tensor, got dtype torch.float32"):
         m.auc(f)(params, x, t, a, mask.float())
-    with pytest.raises(FxattrError, match=r"mask has shape \(1, 4, 5\) but the attribution has shape \(1, 4, 4\)"):
+    with pytest.raises(FxattrError, match=r"mask has shape \(1, 4, 5\) but the attribution has "
+                                          r"shape \(1, 4, 4\)"):
         m.pointing_game(f)(params, x, t, a, torch.zeros(1, 4, 5, dtype=torch.bool))
     with pytest.raises(FxattrError, match=r"mask has shape \(4, 4\)"):
         m.relevance_rank_accuracy(f)(params, x, t, a, mask[0])
