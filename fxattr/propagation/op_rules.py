@@ -43,11 +43,12 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fxattr.errors import fail
 from fxattr.propagation import rules
@@ -636,11 +637,22 @@ def _one(result):
     return result if isinstance(result, tuple) else (result,)
 
 
-def product_lrp_reverse(view, relevance, gates: Sequence[bool] = (False, False)):
+def _gates(view) -> tuple:
+    node = getattr(view, "node", None)
+    if node is None:
+        return (False, False)
+    producers = [a for a in node.args[:2]]
+    module_of = getattr(view, "module_of", lambda n: None)
+    return tuple(is_gate(p, module_of(p)) for p in producers)
+
+
+def product_lrp_reverse(view, relevance, gates: Sequence[bool] | None = None):
     """LRP of ``a * b`` (two distinct data inputs): gate-as-constant if exactly one factor is a gate
-    (:func:`is_gate`), else the uniform rule; ``x * x`` (one distinct input) passes relevance."""
+    (:func:`is_gate`; from the node's producers unless ``gates`` says), else the uniform rule;
+    ``x * x`` (one distinct input) passes relevance."""
     if len(view.inputs) == 1:
         return (relevance,)
+    gates = _gates(view) if gates is None else gates
     a, b = view.inputs
     if gates[0] != gates[1]:
         signal_first = gates[1]  # b is the gate: a is the signal
@@ -669,10 +681,13 @@ def _secant_vjp(fn, x, x0, multiplier):
 
 
 def bilinear_lrp_reverse(view, relevance):
-    """LRP of matmul / bmm / einsum with two data operands: AttnLRP's uniform rule."""
+    """LRP of matmul / bmm / einsum: AttnLRP's uniform rule with two data operands (``x @ x^T``:
+    half per occurrence), the z rule through the map with one (``x @ W``)."""
     if len(view.inputs) == 1:
         (x,) = view.inputs
-        return (linear_lrp(view.fn, (x,), relevance, epsilon=LRP_EPSILON)[0],)
+        occurrences = sum(a is x for a in list(view.args) + list(view.kwargs.values()))
+        (r,) = linear_lrp(view.fn, (x,), relevance, epsilon=LRP_EPSILON)
+        return (r / max(occurrences, 1),)
     a, b = view.inputs
     return bilinear_uniform_lrp(view.fn, a, b, relevance, epsilon=LRP_EPSILON)
 
@@ -710,7 +725,10 @@ def elementwise_deeplift_reverse(view, multiplier):
 
 
 def _softmax_dim(view) -> int:
-    bound = _bind(("input", "dim"), {"dim": None}, view.args, view.kwargs)
+    if view_module(view) is not None:
+        bound = {"dim": view.module.dim}
+    else:
+        bound = _bind(("input", "dim"), {"dim": None}, view.args, view.kwargs)
     if bound["dim"] is None:
         raise fail("lrp", "softmax without dim is not supported (pass dim explicitly)")
     return bound["dim"]
@@ -729,7 +747,25 @@ _GROUP_NORM = (("input", "num_groups", "weight", "bias", "eps"), {"weight": None
 _RMS_NORM = (("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
 
 
+def view_module(view):
+    """The module a view's node calls (``None`` for functions and methods)."""
+    return getattr(view, "module", None)
+
+
+def _module_norm_arguments(view) -> dict:
+    module, own = view.module, view.params
+    bound = {"input": view.inputs[0], "weight": own.get("weight"), "bias": own.get("bias"),
+             "eps": getattr(module, "eps", None)}
+    if hasattr(module, "normalized_shape"):
+        bound["normalized_shape"] = tuple(module.normalized_shape)
+    if hasattr(module, "num_groups"):
+        bound["num_groups"] = module.num_groups
+    return bound
+
+
 def _norm_arguments(view, spec):
+    if view_module(view) is not None:
+        return _module_norm_arguments(view)
     bound = _bind(*spec[:1], spec[1], view.args, view.kwargs)
     for name in ("weight", "bias"):
         if isinstance(bound.get(name), Tensor) and any(bound[name] is t for t in view.inputs):
@@ -825,8 +861,25 @@ _MHA_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": Tru
                  "use_separate_proj_weight": False, "static_k": None, "static_v": None, "is_causal": False}
 
 
+def _module_mha_arguments(view):
+    module = view.module
+    b = _bind(("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+               "is_causal"), {"key_padding_mask": None, "attn_mask": None, "is_causal": False}, view.args, view.kwargs)
+    if not module._qkv_same_embed_dim:
+        raise fail("lrp", "nn.MultiheadAttention with kdim / vdim != embed_dim has no rule yet")
+    own = view.params
+    b.update(num_heads=module.num_heads, in_proj_weight=own["in_proj_weight"], in_proj_bias=own.get("in_proj_bias"),
+             bias_k=module.bias_k, bias_v=module.bias_v, add_zero_attn=module.add_zero_attn,
+             dropout_p=module.dropout, training=module.training, out_proj_weight=own["out_proj.weight"],
+             out_proj_bias=own.get("out_proj.bias"), batch_first=module.batch_first)
+    return b
+
+
 def _mha_arguments(view):
-    b = _bind(_MHA_NAMES, _MHA_DEFAULTS, view.args, view.kwargs)
+    if view_module(view) is not None:
+        b = _module_mha_arguments(view)
+    else:
+        b = _bind(_MHA_NAMES, _MHA_DEFAULTS, view.args, view.kwargs)
     unsupported = [n for n in ("bias_k", "bias_v", "key_padding_mask", "attn_mask", "static_k", "static_v")
                    if b.get(n) is not None]
     unsupported += [n for n in ("add_zero_attn", "use_separate_proj_weight", "is_causal") if b.get(n)]
@@ -844,17 +897,220 @@ def _mha_signal(signal):
     return signal[0] if isinstance(signal, (tuple, list)) else signal
 
 
+def _sequence_first(t, b):
+    # nn.MultiheadAttention(batch_first=True) takes (N, L, E); the rules take (L, N, E)
+    return t.transpose(0, 1) if b.get("batch_first") else t
+
+
 def mha_lrp_reverse(view, relevance):
     b, params = _mha_arguments(view)
-    results = multihead_attention_lrp(b["query"], b["key"], b["value"], params, b["num_heads"], _mha_signal(relevance),
+    q, k, v = (_sequence_first(b[n], b) for n in ("query", "key", "value"))
+    results = multihead_attention_lrp(q, k, v, params, b["num_heads"], _sequence_first(_mha_signal(relevance), b),
                                       epsilon=LRP_EPSILON)
-    return _by_input(view, b, results)
+    return _by_input(view, b, tuple(_sequence_first(r, b) for r in results))
 
 
 def mha_deeplift_reverse(view, multiplier):
     b, params = _mha_arguments(view)
     ref = dict(zip([id(t) for t in view.inputs], _reference(view)))
-    q0, k0, v0 = (ref.get(id(b[n]), b[n]) for n in ("query", "key", "value"))
-    results = multihead_attention_deeplift(b["query"], b["key"], b["value"], q0, k0, v0, params, b["num_heads"],
-                                           _mha_signal(multiplier))
-    return _by_input(view, b, results)
+    q, k, v = (_sequence_first(b[n], b) for n in ("query", "key", "value"))
+    q0, k0, v0 = (_sequence_first(ref.get(id(b[n]), b[n]), b) for n in ("query", "key", "value"))
+    results = multihead_attention_deeplift(q, k, v, q0, k0, v0, params, b["num_heads"],
+                                           _sequence_first(_mha_signal(multiplier), b))
+    return _by_input(view, b, tuple(_sequence_first(r, b) for r in results))
+
+
+def route_reverse(view, signal):
+    """A routing (``roll``, ``flip``, ``tile``...): relevance, multipliers and gradients alike go back
+    by the vector-Jacobian product (a permutation / copy: conserves)."""
+    return gradient_reverse(view.fn, view.inputs, signal)
+
+
+# torchvision's Swin (v1) window attention, a function torch.fx keeps whole: its pieces, each a rule
+# above (routing by vector-Jacobian products, the projections by the epsilon/z rule, attention)
+
+_SWIN = (("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads", "shift_size",
+          "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training"),
+         {"attention_dropout": 0.0, "dropout": 0.0, "qkv_bias": None, "proj_bias": None, "logit_scale": None,
+          "training": True})
+
+
+def _swin_pieces(view):
+    b = _bind(*_SWIN[:1], _SWIN[1], view.args, view.kwargs)
+    if b["logit_scale"] is not None:
+        raise fail("lrp", "Swin V2's cosine window attention (logit_scale) has no rule yet")
+    if b["training"] and (b["attention_dropout"] or b["dropout"]):
+        raise fail("lrp", "shifted_window_attention with dropout in training has no rule")
+    x = b["input"]
+    batch, height, width, channels = x.shape
+    (wh, ww), heads = b["window_size"], b["num_heads"]
+    pad_r, pad_b = (ww - width % ww) % ww, (wh - height % wh) % wh
+    pad_h, pad_w = height + pad_b, width + pad_r
+    shift = list(b["shift_size"])
+    shift = [0 if wh >= pad_h else shift[0], 0 if ww >= pad_w else shift[1]]
+    windows = (pad_h // wh) * (pad_w // ww)
+    length = wh * ww
+
+    def pre(t):  # pad, shift, partition: (B, H, W, C) -> (B * nW, Ws * Ws, C)
+        t = F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
+        if sum(shift) > 0:
+            t = torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        t = t.view(batch, pad_h // wh, wh, pad_w // ww, ww, channels)
+        return t.permute(0, 1, 3, 2, 4, 5).reshape(batch * windows, length, channels)
+
+    def split(qkv):  # (B * nW, L, 3C) -> q, k, v of (B * nW, heads, L, C / heads)
+        parts = qkv.reshape(qkv.shape[0], length, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
+        return parts[0], parts[1], parts[2]
+
+    def merge(o):  # (B * nW, heads, L, d) -> (B * nW, L, C)
+        return o.transpose(1, 2).reshape(o.shape[0], length, channels)
+
+    def post(t):  # reverse partition, shift and padding
+        t = t.view(batch, pad_h // wh, pad_w // ww, wh, ww, channels).permute(0, 1, 3, 2, 4, 5)
+        t = t.reshape(batch, pad_h, pad_w, channels)
+        if sum(shift) > 0:
+            t = torch.roll(t, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return t[:, :height, :width, :]
+
+    bias = b["relative_position_bias"]
+    if sum(shift) > 0:  # the shifted windows' mask, as torchvision builds it (-100 across regions)
+        region = torch.zeros((pad_h, pad_w), dtype=x.dtype, device=x.device)
+        count = 0
+        for h in ((0, -wh), (-wh, -shift[0]), (-shift[0], None)):
+            for w in ((0, -ww), (-ww, -shift[1]), (-shift[1], None)):
+                region[h[0]:h[1], w[0]:w[1]] = count
+                count += 1
+        region = region.view(pad_h // wh, wh, pad_w // ww, ww).permute(0, 2, 1, 3).reshape(windows, length)
+        mask = region.unsqueeze(1) - region.unsqueeze(2)
+        mask = torch.where(mask != 0, torch.full_like(mask, -100.0), torch.zeros_like(mask))
+        bias = (bias.unsqueeze(0) + mask.unsqueeze(1)).repeat(batch, 1, 1, 1)  # (B * nW, heads, L, L)
+
+    def qkv_fn(t):
+        return F.linear(t, b["qkv_weight"], b["qkv_bias"])
+
+    def proj_fn(t):
+        return F.linear(t, b["proj_weight"], b["proj_bias"])
+    return b, pre, split, merge, post, qkv_fn, proj_fn, bias, (channels // heads) ** -0.5
+
+
+def swin_attention_lrp_reverse(view, relevance):
+    """LRP through torchvision's ``shifted_window_attention`` (Swin V1): routing back through the
+    window partition and shifts, the z rule on the projections, :func:`attention_lrp` with the
+    relative position bias and the shift mask as a constant additive bias."""
+    b, pre, split, merge, post, qkv_fn, proj_fn, bias, scale = _swin_pieces(view)
+    x = pre(b["input"])
+    qkv = qkv_fn(x)
+    q, k, v = split(qkv)
+    attended = merge(torch.softmax(_scores(q, k, scale) + bias, -1) @ v)
+    (r_out,) = gradient_reverse(post, (proj_fn(attended),), relevance)
+    r_att = _affine_lrp(proj_fn, attended, r_out, LRP_EPSILON)
+    (r_heads,) = gradient_reverse(lambda t: merge(t), (q,), r_att)
+    r_q, r_k, r_v = attention_lrp(q, k, v, r_heads, attn_mask=bias, scale=scale, epsilon=LRP_EPSILON)
+    (r_qkv,) = gradient_reverse(lambda t: torch.stack(split(t)), (qkv,), torch.stack((r_q, r_k, r_v)))
+    r_x = _affine_lrp(qkv_fn, x, r_qkv, LRP_EPSILON)
+    return gradient_reverse(pre, (b["input"],), r_x)
+
+
+def swin_attention_deeplift_reverse(view, multiplier):
+    """DeepLIFT through torchvision's ``shifted_window_attention``, exact (routing and projections by
+    their transposes, :func:`attention_deeplift` in between)."""
+    b, pre, split, merge, post, qkv_fn, proj_fn, bias, scale = _swin_pieces(view)
+    x, x0 = pre(b["input"]), pre(_reference(view)[0])
+    qkv, qkv0 = qkv_fn(x), qkv_fn(x0)
+    (q, k, v), (q0, k0, v0) = split(qkv), split(qkv0)
+    attended = merge(torch.softmax(_scores(q, k, scale) + bias, -1) @ v)
+    (m_out,) = gradient_reverse(post, (proj_fn(attended),), multiplier)
+    (m_att,) = gradient_reverse(proj_fn, (attended,), m_out)
+    (m_heads,) = gradient_reverse(lambda t: merge(t), (q,), m_att)
+    m_q, m_k, m_v = attention_deeplift(q, k, v, q0, k0, v0, m_heads, attn_mask=bias, scale=scale)
+    (m_qkv,) = gradient_reverse(lambda t: torch.stack(split(t)), (qkv,), torch.stack((m_q, m_k, m_v)))
+    (m_x,) = gradient_reverse(qkv_fn, (x,), m_qkv)
+    return gradient_reverse(pre, (b["input"],), m_x)
+
+
+def identity_in_eval_reverse(view, signal):
+    """``torchvision.ops.stochastic_depth`` in eval mode is the identity: the signal passes."""
+    b = _bind(("input", "p", "mode", "training"), {"training": True}, view.args, view.kwargs)
+    if b["training"] and b["p"] > 0:
+        raise fail("lrp", "stochastic_depth in training mode (random) has no rule; call model.eval()")
+    return (signal,)
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+def _two_data(node, data_refs):
+    return data_refs == 2
+
+
+def _one_data(node, data_refs):
+    return data_refs == 1
+
+
+KINDS = {
+    # name: (functions, methods, modules, accepts, {method: reverse})
+    "product": ({operator.mul, torch.mul}, {"mul", "__mul__"}, (), _two_data,
+                {"lrp": product_lrp_reverse, "deeplift": bilinear_deeplift_reverse}),
+    "quotient": ({operator.truediv, torch.div, torch.true_divide}, {"div", "__truediv__"}, (), _two_data,
+                 {"lrp": quotient_lrp_reverse, "deeplift": quotient_deeplift_reverse}),
+    "bilinear": ({torch.matmul, operator.matmul, torch.bmm, torch.einsum}, {"matmul", "bmm", "__matmul__"}, (), None,
+                 {"lrp": bilinear_lrp_reverse, "deeplift": bilinear_deeplift_reverse}),
+    "elementwise": ({torch.rsqrt, torch.sqrt, torch.exp, torch.log, torch.square, torch.reciprocal, torch.erf,
+                     torch.pow, operator.pow, torch.abs, torch.log1p, torch.expm1, torch.sin, torch.cos},
+                    {"rsqrt", "sqrt", "exp", "log", "square", "reciprocal", "erf", "pow", "__pow__", "abs", "log1p",
+                     "expm1", "sin", "cos"}, (), _one_data,
+                    {"lrp": elementwise_lrp_reverse, "deeplift": elementwise_deeplift_reverse}),
+    "softmax": ({F.softmax, torch.softmax}, {"softmax"}, (nn.Softmax,), _one_data,
+                {"lrp": softmax_lrp_reverse, "deeplift": softmax_deeplift_reverse}),
+    "layer_norm": ({F.layer_norm}, set(), (nn.LayerNorm,), _one_data,
+                   {"lrp": layer_norm_lrp_reverse, "deeplift": layer_norm_deeplift_reverse}),
+    "group_norm": ({F.group_norm}, set(), (nn.GroupNorm,), _one_data,
+                   {"lrp": group_norm_lrp_reverse, "deeplift": group_norm_deeplift_reverse}),
+    "rms_norm": ({F.rms_norm}, set(), (nn.RMSNorm,), _one_data,
+                 {"lrp": rms_norm_lrp_reverse, "deeplift": rms_norm_deeplift_reverse}),
+    "interpolate": ({F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}, set(),
+                    (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d), _one_data,
+                    {"lrp": linear_lrp_reverse, "deeplift": linear_deeplift_reverse}),
+    "route_more": ({torch.roll, torch.flip, torch.tile, torch.repeat_interleave}, {"roll", "flip", "tile",
+                                                                                    "repeat_interleave"}, (), None,
+                   {"lrp": route_reverse, "deeplift": route_reverse}),
+    "attention": ({F.scaled_dot_product_attention}, set(), (), None,
+                  {"lrp": sdpa_lrp_reverse, "deeplift": sdpa_deeplift_reverse}),
+    "multihead_attention": ({F.multi_head_attention_forward}, set(), (nn.MultiheadAttention,), None,
+                            {"lrp": mha_lrp_reverse, "deeplift": mha_deeplift_reverse}),
+}
+
+
+def _torchvision_kinds() -> dict:
+    try:
+        from torchvision.models import swin_transformer
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # torchvision is optional
+        return {}
+    shifted_window_attention = swin_transformer.shifted_window_attention
+    # Swin's patch merging pads H and W to even sizes in a function torch.fx keeps whole: a routing
+    patch_merging_pad = getattr(swin_transformer, "_patch_merging_pad", None)
+    return {
+        "swin_patch_merging_pad": ({patch_merging_pad} - {None}, set(), (), _one_data,
+                                   {"lrp": route_reverse, "deeplift": route_reverse}),
+        "stochastic_depth": ({stochastic_depth}, set(), (), _one_data,
+                             {"lrp": identity_in_eval_reverse, "deeplift": identity_in_eval_reverse,
+                              "guided": identity_in_eval_reverse}),
+        "swin_window_attention": ({shifted_window_attention}, set(), (), _one_data,
+                                  {"lrp": swin_attention_lrp_reverse, "deeplift": swin_attention_deeplift_reverse}),
+    }
+
+
+def register_all() -> None:
+    """Adds every kind of :data:`KINDS` to the graph catalogue with its LRP and DeepLIFT reverses
+    (guided backprop / deconvnet use the vector-Jacobian product, exact for all of them). The
+    engine imports this module before it classifies a graph, which calls this once."""
+    from fxattr.graph import OpKind, register
+    from fxattr.propagation._engine import register_reverse
+
+    for name, (functions, methods, modules, accepts, reverses) in {**KINDS, **_torchvision_kinds()}.items():
+        register(OpKind(name, functions=functions, methods=methods, modules=modules, accepts=accepts))
+        for method, fn in reverses.items():
+            register_reverse(method, name, fn)
+
+
+register_all()
