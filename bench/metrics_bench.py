@@ -31,18 +31,18 @@ import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
 if not hasattr(np, "trapz"):  # Quantus 0.6.0 calls np.trapz, removed in numpy 2.4
     np.trapz = np.trapezoid
 
-import quantus  # noqa: E402
+import quantus
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import fxattr  # noqa: E402
-import fxattr.metrics as metrics  # noqa: E402
+import fxattr
+from fxattr import metrics
 
 
 def small_cnn(channels: int, size: int, classes: int = 10) -> nn.Module:
@@ -59,19 +59,19 @@ def cases(args, n_features):
     return {
         "pixel_flipping": (
             quantus.PixelFlipping(features_in_step=fis, disable_warnings=True),
-            metrics.pixel_flipping, dict(features_in_step=fis, chunk_size=args.chunk), {}),
+            metrics.pixel_flipping, {"features_in_step": fis, "chunk_size": args.chunk}, {}),
         "region_perturbation": (
             quantus.RegionPerturbation(patch_size=args.patch, regions_evaluation=100, disable_warnings=True),
             metrics.region_perturbation,
-            dict(patch_size=args.patch, regions_evaluation=100, chunk_size=args.chunk), {}),
+            {"patch_size": args.patch, "regions_evaluation": 100, "chunk_size": args.chunk}, {}),
         "road": (
             quantus.ROAD(noise=0.0, disable_warnings=True, return_aggregate=False),
-            metrics.road, dict(noise=0.0, chunk_size=args.chunk), {}),
+            metrics.road, {"noise": 0.0, "chunk_size": args.chunk}, {}),
         "faithfulness_correlation": (
             quantus.FaithfulnessCorrelation(nr_runs=args.runs, subset_size=args.subset,
                                             disable_warnings=True, return_aggregate=False),
             metrics.faithfulness_correlation,
-            dict(nr_runs=args.runs, subset_size=args.subset, chunk_size=args.chunk), {"subsets": True}),
+            {"nr_runs": args.runs, "subset_size": args.subset, "chunk_size": args.chunk}, {"subsets": True}),
     }
 
 
@@ -117,71 +117,8 @@ def main(argv=None):
             continue
         metric = build(f, **config)
         a_used = a_road if name == "road" else a
-        subsets = None
-        if replay.get("subsets"):
-            subsets = torch.argsort(torch.rand(args.batch, args.runs, n_features, generator=generator),
-                                    dim=-1)[..., :args.subset]
-
-        def run_fxattr():
-            extra = () if subsets is None else (subsets,)
-            in_dims = (None, 0, 0, 0) + (0,) * len(extra)
-            with torch.no_grad():
-                return torch.vmap(metric, in_dims=in_dims, randomness="different")(params, x, y, a_used, *extra)
-
-        def run_quantus():
-            original = np.random.choice
-            if subsets is not None:
-                queue = iter([subsets[b, r].numpy() for r in range(args.runs) for b in range(args.batch)])
-                np.random.choice = lambda *a_, **k_: next(queue)
-            try:
-                out = q_metric(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a_used.numpy(),
-                               device="cpu", channel_first=True)
-            finally:
-                np.random.choice = original
-            if isinstance(out, dict):
-                return torch.tensor(list(out.values()), dtype=torch.float64)
-            return torch.as_tensor(np.asarray(out, dtype=np.float64))
-
-        ours, theirs = run_fxattr(), run_quantus()  # warm-up, and the agreement check
-        compiled, compile_time = None, float("nan")
-        if args.compile:
-            torch._dynamo.reset()
-            extra = () if subsets is None else (subsets,)
-            in_dims = (None, 0, 0, 0) + (0,) * len(extra)
-            batched = torch.compile(torch.vmap(metric, in_dims=in_dims, randomness="different"))
-
-            def compiled():
-                with torch.no_grad():
-                    return batched(params, x, y, a_used, *extra)
-
-            start = time.process_time()
-            compiled()
-            compile_time = time.process_time() - start
-        # the arithmetic floor of any non-incremental method: one plain forward of as many images
-        # as the metric evaluates (the perturbed copies of the batch), 64 at a time.
-        copies = torch.rand(model_calls(name, args, n_features) * args.batch, *x.shape[1:])
-
-        def floor():
-            with torch.no_grad():
-                for start_ in range(0, len(copies), 64):
-                    model(copies[start_:start_ + 64])
-        if name == "road":
-            ours = ours.double().mean(0)
-        difference = (ours.double() - theirs).abs().max().item()
-        runs = [(run_quantus, []), (run_fxattr, []), (floor, [])]
-        if compiled is not None:
-            runs.append((compiled, []))
-        for _ in range(args.repeats):
-            for fn, store in runs:
-                start = time.process_time()
-                fn()
-                store.append(time.process_time() - start)
-        mq, mf, mfloor = (statistics.median(store) for _, store in runs[:3])
-        mc = statistics.median(runs[3][1]) if compiled is not None else float("nan")
-        table.append((name, mq, mf, mq / mf, mc, mq / mc, compile_time, mfloor, difference))
-        print(f"{name:26s} quantus {mq:8.3f} s  fxattr {mf:8.3f} s  speed-up {mq / mf:6.1f}x  "
-              f"compiled {mc:8.3f} s ({mq / mc:5.1f}x)  floor {mfloor:8.3f} s  "
-              f"max |diff| {difference:.1e}", flush=True)
+        table.append(measure(args, name, q_metric, metric, replay, model, params, x, y, a_used,
+                             generator, n_features))
 
     print()
     print(f"small CNN, {args.channels}x{args.size}x{args.size}, batch {args.batch}, float32, "
@@ -197,6 +134,76 @@ def main(argv=None):
         print(f"| {name} | {calls} | {mq:.3f} | {mf:.3f} | {ratio:.1f}x | {mc:.3f} | {ratio_c:.1f}x | "
               f"{tc:.0f} | {mfloor:.3f} | {mq / mfloor:.1f}x | {difference:.1e} |")
 
+
+
+def measure(args, name, q_metric, metric, replay, model, params, x, y, a_used, generator, n_features):
+    """Times Quantus, fxattr (eager, optionally compiled) and the forward floor on one metric."""
+    subsets = None
+    if replay.get("subsets"):
+        subsets = torch.argsort(torch.rand(args.batch, args.runs, n_features, generator=generator),
+                                dim=-1)[..., :args.subset]
+
+    def run_fxattr():
+        extra = () if subsets is None else (subsets,)
+        in_dims = (None, 0, 0, 0) + (0,) * len(extra)
+        with torch.no_grad():
+            return torch.vmap(metric, in_dims=in_dims, randomness="different")(params, x, y, a_used, *extra)
+
+    def run_quantus():
+        original = np.random.choice
+        if subsets is not None:
+            queue = iter([subsets[b, r].numpy() for r in range(args.runs) for b in range(args.batch)])
+            np.random.choice = lambda *a_, **k_: next(queue)
+        try:
+            out = q_metric(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a_used.numpy(),
+                           device="cpu", channel_first=True)
+        finally:
+            np.random.choice = original
+        if isinstance(out, dict):
+            return torch.tensor(list(out.values()), dtype=torch.float64)
+        return torch.as_tensor(np.asarray(out, dtype=np.float64))
+
+    ours, theirs = run_fxattr(), run_quantus()  # warm-up, and the agreement check
+    compiled, compile_time = None, float("nan")
+    if args.compile:
+        torch._dynamo.reset()
+        extra = () if subsets is None else (subsets,)
+        in_dims = (None, 0, 0, 0) + (0,) * len(extra)
+        batched = torch.compile(torch.vmap(metric, in_dims=in_dims, randomness="different"))
+
+        def compiled():
+            with torch.no_grad():
+                return batched(params, x, y, a_used, *extra)
+
+        start = time.process_time()
+        compiled()
+        compile_time = time.process_time() - start
+    # the arithmetic floor of any non-incremental method: one plain forward of as many images
+    # as the metric evaluates (the perturbed copies of the batch), 64 at a time.
+    copies = torch.rand(model_calls(name, args, n_features) * args.batch, *x.shape[1:])
+
+    def floor():
+        with torch.no_grad():
+            for start_ in range(0, len(copies), 64):
+                model(copies[start_:start_ + 64])
+
+    if name == "road":
+        ours = ours.double().mean(0)
+    difference = (ours.double() - theirs).abs().max().item()
+    runs = [(run_quantus, []), (run_fxattr, []), (floor, [])]
+    if compiled is not None:
+        runs.append((compiled, []))
+    for _ in range(args.repeats):
+        for fn, store in runs:
+            start = time.process_time()
+            fn()
+            store.append(time.process_time() - start)
+    mq, mf, mfloor = (statistics.median(store) for _, store in runs[:3])
+    mc = statistics.median(runs[3][1]) if compiled is not None else float("nan")
+    print(f"{name:26s} quantus {mq:8.3f} s  fxattr {mf:8.3f} s  speed-up {mq / mf:6.1f}x  "
+          f"compiled {mc:8.3f} s ({mq / mc:5.1f}x)  floor {mfloor:8.3f} s  "
+          f"max |diff| {difference:.1e}", flush=True)
+    return name, mq, mf, mq / mf, mc, mq / mc, compile_time, mfloor, difference
 
 def model_calls(name, args, n_features):
     """Perturbed copies per example that the metric evaluates."""

@@ -30,8 +30,7 @@ from numbers import Real
 from types import MappingProxyType
 
 import torch
-from torch import Tensor
-from torch import nn
+from torch import Tensor, nn
 
 import fxattr
 from fxattr.errors import fail

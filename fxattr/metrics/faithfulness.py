@@ -32,12 +32,30 @@ from torch import Tensor
 
 import fxattr
 from fxattr.errors import fail
-from fxattr.metrics.common import (baseline_value, broadcast_attribution, check_baseline,
-                                   check_bool, check_choice, check_float, check_int,
-                                   check_metric_input, check_model, check_replay, cumulative_means,
-                                   descending_order, is_concrete, metric, model_output,
-                                   normalise_by_max, pearson, prepare_attribution, resolve_target,
-                                   scores_along, spearman, trapezoid)
+from fxattr.metrics.common import (
+    baseline_value,
+    broadcast_attribution,
+    check_baseline,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_metric_input,
+    check_model,
+    check_replay,
+    cumulative_means,
+    descending_order,
+    is_concrete,
+    metric,
+    model_output,
+    normalise_by_max,
+    pearson,
+    prepare_attribution,
+    resolve_target,
+    scores_along,
+    spearman,
+    trapezoid,
+)
 
 __all__ = [
     "faithfulness_correlation",
@@ -212,9 +230,9 @@ def pixel_flipping(f, *, features_in_step: int = 1, perturb_baseline="black", ab
         curve = scores_along(where, f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
         return trapezoid(curve) if return_auc_per_sample else curve
 
-    return metric(where, f, dict(features_in_step=features_in_step, perturb_baseline=perturb_baseline,
-                                 abs=abs, normalise=normalise, softmax=softmax,
-                                 return_auc_per_sample=return_auc_per_sample, chunk_size=chunk_size),
+    return metric(where, f, {"features_in_step": features_in_step, "perturb_baseline": perturb_baseline,
+                                 "abs": abs, "normalise": normalise, "softmax": softmax,
+                                 "return_auc_per_sample": return_auc_per_sample, "chunk_size": chunk_size},
                   evaluate)
 
 
@@ -298,10 +316,10 @@ def region_perturbation(f, *, patch_size: int = 8, order: str = "morf", regions_
             chunk_size=chunk_size)
         return reference - scores
 
-    return metric(where, f, dict(patch_size=patch_size, order=order_name,
-                                 regions_evaluation=regions_evaluation,
-                                 perturb_baseline=perturb_baseline, abs=abs, normalise=normalise,
-                                 softmax=softmax, chunk_size=chunk_size), evaluate)
+    return metric(where, f, {"patch_size": patch_size, "order": order_name,
+                                 "regions_evaluation": regions_evaluation,
+                                 "perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
+                                 "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
 def selectivity(f, *, patch_size: int = 8, perturb_baseline="black", abs: bool = False,
@@ -331,8 +349,8 @@ def selectivity(f, *, patch_size: int = 8, perturb_baseline="black", abs: bool =
             softmax=softmax, low=uniform_low, high=uniform_high, chunk_size=chunk_size)
         return scores
 
-    return metric(where, f, dict(patch_size=patch_size, perturb_baseline=perturb_baseline, abs=abs,
-                                 normalise=normalise, softmax=softmax, chunk_size=chunk_size), evaluate)
+    return metric(where, f, {"patch_size": patch_size, "perturb_baseline": perturb_baseline, "abs": abs,
+                                 "normalise": normalise, "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
 # ------------------------------------------------------------------------------------ sensitivity_n
@@ -409,9 +427,9 @@ def sensitivity_n(f, *, n_max_percentage: float = 0.8, features_in_step: int = 1
         deltas, sums = torch.vmap(one, randomness="different")(X, T, A)
         return pearson(deltas.T, sums.T)
 
-    return metric(where, f, dict(n_max_percentage=n_max_percentage, features_in_step=features_in_step,
-                                 perturb_baseline=perturb_baseline, abs=abs, normalise=normalise,
-                                 softmax=softmax, chunk_size=chunk_size), evaluate)
+    return metric(where, f, {"n_max_percentage": n_max_percentage, "features_in_step": features_in_step,
+                                 "perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
+                                 "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
 # -------------------------------------------------------------------------------------------- irof
@@ -495,8 +513,8 @@ def irof(f, *, perturb_baseline="mean", abs: bool = False, normalise: bool = Tru
         keep = (torch.arange(1, n_labels, device=x.device) < n_present).to(curve.dtype)
         return n_present.to(curve.dtype) - (inner * keep).sum()
 
-    return metric(where, f, dict(perturb_baseline=perturb_baseline, abs=abs, normalise=normalise,
-                                 softmax=softmax, max_segments=max_segments, chunk_size=chunk_size),
+    return metric(where, f, {"perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
+                                 "softmax": softmax, "max_segments": max_segments, "chunk_size": chunk_size},
                   evaluate)
 
 
@@ -553,9 +571,9 @@ def faithfulness_correlation(f, *, nr_runs: int = 100, subset_size: int = 224, p
         att_sums = a[subsets].sum(-1)
         return pearson(att_sums, reference - scores)
 
-    return metric(where, f, dict(nr_runs=nr_runs, subset_size=subset_size,
-                                 perturb_baseline=perturb_baseline, abs=abs, normalise=normalise,
-                                 softmax=softmax, chunk_size=chunk_size), evaluate)
+    return metric(where, f, {"nr_runs": nr_runs, "subset_size": subset_size,
+                                 "perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
+                                 "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
 def _subset_baseline(where, baseline, x_flat, count, low, high):
@@ -614,8 +632,8 @@ def faithfulness_estimate(f, *, features_in_step: int = 1, perturb_baseline="bla
         sums = torch.zeros(n_steps, dtype=a.dtype, device=x.device).index_add(0, step, a)
         return pearson(sums, reference - scores)
 
-    return metric(where, f, dict(features_in_step=features_in_step, perturb_baseline=perturb_baseline,
-                                 abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size),
+    return metric(where, f, {"features_in_step": features_in_step, "perturb_baseline": perturb_baseline,
+                                 "abs": abs, "normalise": normalise, "softmax": softmax, "chunk_size": chunk_size},
                   evaluate)
 
 
@@ -666,8 +684,8 @@ def monotonicity(f, *, features_in_step: int = 1, perturb_baseline="black", abs:
         scores = scores_along(where, f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
         return torch.all(torch.diff(scores) >= 0)
 
-    return metric(where, f, dict(features_in_step=features_in_step, perturb_baseline=perturb_baseline,
-                                 abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size),
+    return metric(where, f, {"features_in_step": features_in_step, "perturb_baseline": perturb_baseline,
+                                 "abs": abs, "normalise": normalise, "softmax": softmax, "chunk_size": chunk_size},
                   evaluate)
 
 
@@ -736,9 +754,9 @@ def monotonicity_correlation(f, *, nr_samples: int = 100, features_in_step: int 
         sums = torch.zeros(n_steps, dtype=a.dtype, device=x.device).index_add(0, step, a)
         return spearman(sums, variances)
 
-    return metric(where, f, dict(nr_samples=nr_samples, features_in_step=features_in_step, eps=eps,
-                                 perturb_baseline=perturb_baseline, abs=abs, normalise=normalise,
-                                 softmax=softmax, chunk_size=chunk_size), evaluate)
+    return metric(where, f, {"nr_samples": nr_samples, "features_in_step": features_in_step, "eps": eps,
+                                 "perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
+                                 "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
 # -------------------------------------------------------------------------------------- infidelity
@@ -810,9 +828,9 @@ def infidelity(f, *, perturb_patch_sizes=(4,), n_perturb_samples: int = 10, pert
             losses.append(torch.stack(per_sample))
         return torch.stack(losses, 1).mean(1).mean(0)
 
-    return metric(where, f, dict(perturb_patch_sizes=patch_sizes, n_perturb_samples=n_perturb_samples,
-                                 perturb_baseline=perturb_baseline, abs=abs, normalise=normalise,
-                                 softmax=softmax, chunk_size=chunk_size), evaluate)
+    return metric(where, f, {"perturb_patch_sizes": patch_sizes, "n_perturb_samples": n_perturb_samples,
+                                 "perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
+                                 "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
 # -------------------------------------------------------------------------------------------- ROAD
@@ -988,8 +1006,8 @@ def road(f, *, percentages=tuple(range(1, 100, 2)), noise: float = 0.01, abs: bo
             chunk = max(1, 2 ** 24 // (height * width * width))
         return torch.vmap(correct, chunk_size=chunk)(counts, draws)
 
-    return metric(where, f, dict(percentages=percentages, noise=noise, abs=abs, normalise=normalise,
-                                 chunk_size=chunk_size), evaluate)
+    return metric(where, f, {"percentages": percentages, "noise": noise, "abs": abs, "normalise": normalise,
+                                 "chunk_size": chunk_size}, evaluate)
 
 
 # ------------------------------------------------------------------------------------- sufficiency
@@ -1041,4 +1059,4 @@ def sufficiency(f, *, threshold: float = 0.6, abs: bool = True, normalise: bool 
         total = similar.sum(-1).to(X.dtype)
         return torch.where(total > 0, hits / total.clamp(min=1), torch.zeros_like(total))
 
-    return metric(where, f, dict(threshold=threshold, abs=abs, normalise=normalise), evaluate)
+    return metric(where, f, {"threshold": threshold, "abs": abs, "normalise": normalise}, evaluate)

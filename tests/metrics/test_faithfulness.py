@@ -8,7 +8,6 @@ import torch
 from fxattr.errors import FxattrError
 from fxattr.metrics import common
 
-
 # ------------------------------------------------------------------------------------- helpers
 
 def test_normalise_and_abs_match_quantus_order():
@@ -73,14 +72,14 @@ def test_config_checks_name_the_argument():
 
 # ------------------------------------------------------------------------------- Quantus harness
 
-import functools  # noqa: E402
+import functools
 
-import quantus  # noqa: E402
-from torch import nn  # noqa: E402
+import quantus
+from torch import nn
 
-import fxattr  # noqa: E402
-import fxattr.metrics as metrics  # noqa: E402
-from tests.metrics.conftest import inputs, tiny_cnn  # noqa: E402
+import fxattr
+from fxattr import metrics
+from tests.metrics.conftest import inputs, tiny_cnn
 
 RTOL = 1e-4
 
@@ -377,7 +376,7 @@ _CASES = {
 
 @pytest.mark.parametrize("name", sorted(_CASES))
 def test_vmap_equals_loop(setup1, name):
-    model, f, params, x, y, a = setup1
+    _model, f, params, x, y, a = setup1
     build, replay = _CASES[name]
     metric = build(f)
     extra = () if replay is None else (_replays(x)[replay],)
@@ -387,7 +386,7 @@ def test_vmap_equals_loop(setup1, name):
 
 
 def test_float32_and_float64_agree(setup1):
-    model, f, params, x, y, a = setup1
+    _model, f, params, x, y, a = setup1
     f32, params32 = fxattr.functionalize(tiny_cnn(1).float())
     for build in (lambda g: metrics.pixel_flipping(g, features_in_step=4),
                   lambda g: metrics.infidelity(g, perturb_patch_sizes=[4]),
@@ -421,7 +420,7 @@ _DIFFERENTIABLE = {
 
 @pytest.mark.parametrize("name", sorted(_DIFFERENTIABLE))
 def test_gradients_match_finite_differences(setup1, name):
-    model, f, params, x, y, a = setup1
+    _model, f, params, x, y, a = setup1
     metric = _DIFFERENTIABLE[name](f)
     extra = ()
     if name == "faithfulness_correlation":  # fixed subsets: a deterministic function to check
@@ -452,7 +451,7 @@ def test_gradients_match_finite_differences(setup1, name):
 
 @pytest.mark.slow
 def test_compile_equals_eager(setup1):
-    model, f, params, x, y, a = setup1
+    _model, f, params, x, y, a = setup1
     torch._dynamo.reset()
     batch = torch.vmap(metrics.pixel_flipping(f, features_in_step=8), in_dims=(None, 0, 0, 0))
     torch.testing.assert_close(torch.compile(batch)(params, x, y, a), batch(params, x, y, a))
@@ -461,7 +460,7 @@ def test_compile_equals_eager(setup1):
 # ------------------------------------------------------------------------- random draws, replay
 
 def test_uniform_baseline_draws_in_range_and_per_example(setup1):
-    model, f, params, x, y, a = setup1
+    _model, f, params, x, y, a = setup1
     fixed = _batched(metrics.pixel_flipping(f, features_in_step=4, perturb_baseline=0.4), params, x, y, a)
     degenerate = _batched(metrics.pixel_flipping(f, features_in_step=4, perturb_baseline="uniform",
                                                  uniform_low=0.4, uniform_high=0.4), params, x, y, a)
@@ -472,7 +471,7 @@ def test_uniform_baseline_draws_in_range_and_per_example(setup1):
 
 
 def test_faithfulness_correlation_draws_distinct_uniform_subsets(setup1):
-    model, f, params, x, y, a = setup1
+    _model, f, params, x, y, a = setup1
     metric = metrics.faithfulness_correlation(f, nr_runs=5, subset_size=6)
     torch.manual_seed(3)
     drawn = metric(params, x[0], y[0], a[0])
@@ -498,7 +497,7 @@ def test_road_replayed_noise_is_added_to_the_imputed_pixels(setup1):
 
 
 def test_region_perturbation_random_order_removes_the_same_regions(setup3):
-    model, f, params, x, y, a = setup3
+    _model, f, params, x, y, a = setup3
     morf = metrics.region_perturbation(f, patch_size=4, regions_evaluation=4)(params, x[0], y[0], a[0])
     shuffled = metrics.region_perturbation(f, patch_size=4, regions_evaluation=4, order="random")
     draws = torch.stack([shuffled(params, x[0], y[0], a[0]) for _ in range(6)])
@@ -509,7 +508,7 @@ def test_region_perturbation_random_order_removes_the_same_regions(setup3):
 # ------------------------------------------------------------------------------------- errors
 
 def test_configuration_errors_are_clear(setup1):
-    model, f, params, x, y, a = setup1
+    model, f, _params, _x, _y, _a = setup1
     cases = [
         (lambda: metrics.pixel_flipping(model), "not an nn.Module"),
         (lambda: metrics.pixel_flipping(f, features_in_step=0), "features_in_step must be an int >= 1"),
@@ -533,7 +532,7 @@ def test_configuration_errors_are_clear(setup1):
 
 
 def test_call_errors_are_clear(setup1, setup3):
-    model, f, params, x, y, a = setup1
+    _model, f, params, x, y, a = setup1
     _, f3, params3, x3, y3, a3 = setup3
     cases = [
         (lambda: metrics.pixel_flipping(f)(params, x[0], y[0], a[0].long()), "attribution must be a floating"),
