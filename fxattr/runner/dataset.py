@@ -146,10 +146,12 @@ class ShardWriter:
         if self.error is not None:
             raise fail(WHERE, f"writing a shard failed: {self.error}") from self.error
 
-    def close(self) -> None:
+    def close(self, report: bool = True) -> None:
+        """Writes what is queued (finished shards survive an error in the loop), then stops."""
         self.queue.put(None)
         self.thread.join()
-        self.check()
+        if report:
+            self.check()
 
 
 # ------------------------------------------------------------------ the runner
@@ -374,10 +376,14 @@ def run(explain, f, params, dataset, settings, out: Path, length: int, group: Gr
                 buffer = []
             if bar is not None:
                 bar.update(1)
+    except BaseException:
+        writer.close(report=False)  # the loop's error is the one to see
+        raise
+    else:
+        writer.close()
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
     group.barrier()
     if group.rank == 0:
         finalize(out, existing, shards)
