@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_unflatten as pytree_unflatten
 
 from fxattr.errors import fail
 from fxattr.functional import batch_norm_affine, elementwise_batch_norm
-from fxattr.graph import _ops as ops
+import fxattr.graph._ops as ops  # the catalogue (same package)
 from fxattr.graph._capture import bind, input_names, origin, trace
 
 __all__ = ["ArgRef", "NodeView", "Program", "fold", "resolve_args"]

@@ -40,24 +40,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxattr.functional import EvalBatchNormAsElementwise
+from fxattr.graph import ops
+from fxattr.graph._capture import bind
 
 _REF = ("ref",)
 
-# modules that act on each position separately (in eval mode): the changed box is kept
-_POINTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity,
-    nn.PReLU, nn.Threshold,
-)
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-            nn.FeatureAlphaDropout)
-_POINTWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu, F.silu, F.mish,
-    F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardtanh, F.hardswish,
-    F.hardsigmoid, torch.exp, torch.abs, torch.neg, torch.square,
-}
-_POINTWISE_METHODS = {"relu", "sigmoid", "tanh", "exp", "abs", "neg", "square", "contiguous",
-                      "clone"}
+# ops that act on each position separately (in eval mode): the changed box is kept. Element-wise
+# activations and identities come from the graph's catalogue of operation kinds; the element-wise
+# math ops below are not activations there.
+_POINTWISE_MODULES = (*ops.ACTIVATION_MODULES, nn.Identity)
+_DROPOUT = tuple(m for m in ops.IDENTITY_MODULES if m is not nn.Identity)
+_POINTWISE_FUNCTIONS = {*ops.ACTIVATION_FUNCTIONS, torch.exp, torch.abs, torch.neg, torch.square}
+_POINTWISE_METHODS = {*ops.ACTIVATION_METHODS, "exp", "abs", "neg", "square", "contiguous", "clone"}
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
            torch.mul, torch.div}
 _BINARY_METHODS = {"add", "sub", "mul", "div"}
@@ -520,6 +514,7 @@ def traced(where: str, f, required: bool):
             raise fail(where, f"incremental=True needs a traceable model: {error}") from error
         return None
     steps = program(gm)
+    steps[0].gm = gm  # its aliases of tied parameters (graph.bind)
     placeholders = [s for s in steps if s.op == "placeholder"]
     if len(placeholders) != 1:
         if required:
@@ -544,6 +539,7 @@ def occlusion_scores(where, f, steps, params, x, base, win, step_, grids, rows, 
 
     if x.ndim != 3:
         return give_up(f"x must be an image (C, H, W), got shape {tuple(x.shape)}")
+    params = bind(steps[0].gm, params)
     ref = f.guarded(x, lambda: reference(steps, params, x), where)
     out = unbatch_output(f, ref[-1])
     if target is None:

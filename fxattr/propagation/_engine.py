@@ -29,8 +29,7 @@ import torch
 import torch.fx as fx
 
 from fxattr.errors import fail
-from fxattr.graph import Program
-from fxattr.graph import _ops as ops
+from fxattr.graph import Program, ops
 from fxattr.graph._ops import conv_layer, functional_kernel_layer, linear_layer  # noqa: F401 - re-exported
 from fxattr.propagation import rules as R
 from fxattr.propagation.composites import Composite, LayerInfo
