@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -54,6 +55,10 @@ def explainer(name: str, f, config: dict, fn: Explainer, *, boundary: str | None
     zero example (``empty="run"``, for explainers whose result is not x-shaped, like a CAM at the
     layer's resolution).
     """
+    bad = non_finite_option(config)
+    if bad is not None:
+        raise fail(boundary or name, f"{bad[0]} must be finite, got {bad[1]}")
+
     def checked(params, x, *args, **kwargs):
         if torch.compiler.is_compiling():
             return poison_non_finite(fn(params, x, *args, **kwargs), x)
@@ -74,6 +79,51 @@ def explainer(name: str, f, config: dict, fn: Explainer, *, boundary: str | None
     wrapped.config = MappingProxyType(dict(config))
     wrapped.__wrapped__ = fn
     return wrapped
+
+
+def non_finite_option(config, depth: int = 0):
+    """``(name, value)`` of the first NaN / Inf among an explainer's options, or ``None``.
+
+    The last line of defence behind each explainer's own checks: every explainer built with
+    :func:`explainer` refuses a non-finite float, tensor, or rule / stabiliser parameter in its
+    configuration (e.g. ``lrp(f, rule="epsilon", epsilon=nan)``) at construction.
+    """
+    if depth > 4:
+        return None
+    items = config.items() if isinstance(config, Mapping) else []
+    for key, value in items:
+        found = _non_finite(str(key), value, depth)
+        if found is not None:
+            return found
+    return None
+
+
+def _non_finite(name: str, value, depth: int):
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (name, value)
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point and value.numel() and not bool(torch.isfinite(value).all()):
+            return name, "a tensor holding NaN or Inf"
+        return None
+    if isinstance(value, Mapping):
+        return non_finite_option(value, depth + 1)
+    if isinstance(value, (tuple, list)):
+        if len(value) == 2 and isinstance(value[0], str) and not isinstance(value[1], str):
+            return _non_finite(value[0], value[1], depth + 1)  # a (name, value) pair of a rule
+        for item in value[:64]:
+            found = _non_finite(name, item, depth + 1)
+            if found is not None:
+                return found
+        return None
+    for attribute in ("config", "epsilon", "stabilise"):
+        inner = getattr(value, attribute, None)
+        if inner is not None and inner is not value and depth < 4:
+            found = _non_finite(name if attribute != "epsilon" else f"{name} epsilon", inner, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 def check_call(f, params, x, *, integer_x: bool = False, where: str | None = None) -> None:
