@@ -1,0 +1,485 @@
+"""Layer attributions (captum's ``Layer*`` family): how much each unit of a layer's activation
+contributes to the target output.
+
+Design. fxattr cuts the model at the layer with :func:`fxattr.graph.split` into ``body(params, x)
+-> a`` and ``head(params, x, a) -> output`` (no hooks: two graphs of the traced model). Every layer
+method is then an input method applied to the head, seen as a model of the activation, or a
+gradient of the head evaluated at points of an input-space path:
+
+- ``layer_activation``: ``a = body(params, x)``.
+- ``layer_gradient_x_activation``: ``a * d head(x, a)[t] / da`` (``multiply_by_inputs=False``:
+  the gradient alone).
+- ``layer_integrated_gradients``: captum's ``LayerIntegratedGradients`` interpolates IN THE
+  LAYER'S SPACE: ``a_b = body(baseline)``, the head is evaluated at ``a_b + alpha (a - a_b)`` with
+  the original ``x`` everywhere else (captum runs the forward on the inputs and replaces the
+  layer's output by the interpolated one), and the result is ``(a - a_b) * sum_k w_k g_k``.
+- ``layer_conductance`` and ``internal_influence`` integrate along the INPUT path
+  ``p = b + alpha (x - b)`` instead: the gradient w.r.t. the layer at ``body(p)`` (head run on
+  ``p``), weighted by the quadrature (internal influence), or by the change of the activation
+  between consecutive path points (conductance, on ``steps + 1`` points, captum's convention).
+- ``layer_gradient_shap``: captum's ``LayerGradientShap``: random points on the input path from a
+  drawn baseline to a noisy x, gradient w.r.t. the layer there, times ``body(x_k) - body(b_k)``.
+- ``layer_deeplift`` / ``layer_deeplift_shap`` / ``layer_lrp``: the graph-based explainers on the
+  head's own graph as a functional model of ``(activation, x)``; the rescale multipliers after the
+  layer see the differences of both (a skip connection that reads x, too), as in captum.
+- ``layer_feature_ablation``: :func:`fxattr.feature_ablation` of the head as a model of the
+  activation (``layer_mask`` groups units, ``baseline`` replaces them; captum's
+  ``LayerFeatureAblation``).
+
+``attribute_to_layer_input=True`` cuts at the value the layer reads instead of the value it returns
+(captum replaces the input of the module's forward alone; when that value is also read outside the
+layer, the cut would change more than the layer's input, and that is an error).
+``layer`` may be a list: one attribution per layer, returned as a tuple (each layer costs its own
+passes). A layer returning a tuple is an error naming it (name one graph node instead).
+
+Every explainer is ``explain(params, x, target=None)`` of ONE example and composes with
+``torch.vmap`` (batches, and, for neurons, see :mod:`fxattr.layers`), ``torch.func.grad``
+(gradient-based ones: exact higher derivatives, no custom backward) and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from fxattr._explainer import check_bool, check_choice, check_int, explainer, fixed_target
+from fxattr.errors import check_finite, fail
+from fxattr.layers._cut import cuts
+from fxattr.targets import check_target, select
+
+__all__ = ["internal_influence", "layer_activation", "layer_conductance", "layer_deeplift",
+           "layer_deeplift_shap", "layer_feature_ablation", "layer_gradient_shap",
+           "layer_gradient_x_activation", "layer_integrated_gradients", "layer_lrp", "quadrature_points",
+           "check_layer_baseline", "grad_at_layer", "input_baseline"]
+
+
+# ---------------------------------------------------------------------------------------- shared
+
+def check_layer_baseline(where: str, baseline) -> None:
+    if callable(baseline) and not isinstance(baseline, Tensor):
+        return
+    if isinstance(baseline, bool) or not isinstance(baseline, (Real, Tensor)):
+        raise fail(where, f"baseline must be a number, a tensor of x's shape or a callable x -> baseline; "
+                          f"got {type(baseline).__name__}")
+    if isinstance(baseline, Real) and not math.isfinite(float(baseline)):
+        raise fail(where, f"baseline must be finite, got {baseline!r}")
+    if isinstance(baseline, Tensor) and (not baseline.dtype.is_floating_point
+                                         or not bool(torch.isfinite(baseline).all())):
+        raise fail(where, "baseline must be a floating-point tensor without NaN or Inf values")
+
+
+def input_baseline(where: str, baseline, x: Tensor) -> Tensor:
+    value = baseline(x) if callable(baseline) and not isinstance(baseline, Tensor) else baseline
+    if isinstance(value, Real):
+        return torch.full_like(x, float(value))
+    if not isinstance(value, Tensor):
+        raise fail(where, f"baseline must give a tensor, got {type(value).__name__}")
+    if value.ndim and tuple(value.shape) != tuple(x.shape):
+        raise fail(where, f"baseline has shape {tuple(value.shape)} but x has shape {tuple(x.shape)}")
+    return value.to(dtype=x.dtype, device=x.device).expand_as(x)
+
+
+def grad_at_layer(where: str, head, params, x, a, target) -> Tensor:
+    """``d head(params, x, a)[target] / da``."""
+    return torch.func.grad(lambda a_: select(where, head(params, x, a_), target))(a)
+
+
+def _check_common(where, f, attribute_to_layer_input):
+    check_bool(where, "attribute_to_layer_input", attribute_to_layer_input)
+
+
+def _build(where, f, layer, attribute_to_layer_input, config, per_cut):
+    """The explainer: ``per_cut(cut, params, x, target)`` for each layer, a tuple for a list."""
+    _check_common(where, f, attribute_to_layer_input)
+    layer_cuts, many = cuts(where, f, layer, attribute_to_layer_input)
+
+    def explain(params, x, target=None, *args, **kwargs):
+        check_target(where, target)
+        if not isinstance(x, Tensor):
+            raise fail(where, f"x must be one tensor (one example), got {type(x).__name__}")
+        results = tuple(per_cut(cut, params, x, target, *args, **kwargs) for cut in layer_cuts)
+        return results if many else results[0]
+
+    config = {"layer": layer, "attribute_to_layer_input": attribute_to_layer_input, **config}
+    return explainer(where, f, config, explain, empty="run")
+
+
+def quadrature_points(where, method, steps):
+    from fxattr import QUADRATURES, quadrature
+    check_choice(where, "method", method, QUADRATURES)
+    check_int(where, "steps", steps, 2 if method == "riemann_trapezoid" else 1)
+    return quadrature(method, steps)
+
+
+# --------------------------------------------------------------------------------------- methods
+
+def layer_activation(f, *, layer, attribute_to_layer_input: bool = False):
+    """The layer's activation (captum's ``LayerActivation``); ``target`` is ignored.
+
+    Args:
+        f: the function of ``fxattr.functionalize``.
+        layer: a module name (``"layer4"``), a graph node name, a submodule, or a list of them
+            (then a tuple of activations).
+        attribute_to_layer_input: the value the layer reads instead of the one it returns.
+
+    Example:
+        >>> explain = fxattr.layers.layer_activation(f, layer="layer3")
+        >>> acts = torch.vmap(explain, in_dims=(None, 0))(params, images)
+    """
+    where = "layer_activation"
+    return _build(where, f, layer, attribute_to_layer_input, {},
+                  lambda cut, params, x, target: cut.body(params, x))
+
+
+def layer_gradient_x_activation(f, *, layer, multiply_by_inputs: bool = True,
+                                attribute_to_layer_input: bool = False):
+    """``a * d f[target] / da`` at the layer's activation ``a`` (captum's
+    ``LayerGradientXActivation``); ``multiply_by_inputs=False`` returns the gradient alone
+    (captum's ``LayerGradientXActivation(multiply_by_inputs=False)``). ``target=None``: the argmax.
+
+    Example:
+        >>> explain = fxattr.layers.layer_gradient_x_activation(f, layer="layer4")
+        >>> maps = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "layer_gradient_x_activation"
+    check_bool(where, "multiply_by_inputs", multiply_by_inputs)
+
+    def per_cut(cut, params, x, target):
+        target = fixed_target(f, params, x, target)
+        a = cut.body(params, x)
+        g = grad_at_layer(where, cut.head, params, x, a, target)
+        return a * g if multiply_by_inputs else g
+
+    return _build(where, f, layer, attribute_to_layer_input,
+                  {"multiply_by_inputs": multiply_by_inputs}, per_cut)
+
+
+def layer_integrated_gradients(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
+                               chunk_size: int | None = 4, multiply_by_inputs: bool = True,
+                               attribute_to_layer_input: bool = False):
+    """Integrated gradients in the layer's space (captum's ``LayerIntegratedGradients``).
+
+    ``a = body(x)``, ``a_b = body(baseline)``; the head runs on x with the layer's value replaced
+    by ``a_b + alpha (a - a_b)`` at the quadrature's points; the result is ``(a - a_b) * sum_k w_k
+    d head / da`` (``multiply_by_inputs=False``: the weighted gradient alone). The attributions
+    sum to ``f(x)[t] - head(x, a_b)[t]`` up to the quadrature's error.
+
+    Args:
+        f: the function of ``fxattr.functionalize``.
+        layer: a module name, graph node name, submodule, or a list of them.
+        steps, method, chunk_size: as in :func:`fxattr.integrated_gradients` (captum's ``n_steps``,
+            ``method``; captum's default is 50 Gauss-Legendre points; its ``riemann_trapezoid``
+            weights sum to (n-1)/n and differ from fxattr's).
+        baseline: a number, a tensor of x's shape, or a callable ``x -> baseline`` (in INPUT space,
+            as captum's ``baselines``).
+        multiply_by_inputs: multiply by ``a - a_b`` (captum's default).
+        attribute_to_layer_input: integrate in the space of the value the layer reads.
+
+    Example:
+        >>> explain = fxattr.layers.layer_integrated_gradients(f, layer="layer2", steps=16)
+        >>> attributions = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "layer_integrated_gradients"
+    alphas, weights = quadrature_points(where, method, steps)
+    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    check_layer_baseline(where, baseline)
+    check_bool(where, "multiply_by_inputs", multiply_by_inputs)
+
+    def per_cut(cut, params, x, target):
+        target = fixed_target(f, params, x, target)
+        base = input_baseline(where, baseline, x)
+        a_x, a_b = cut.body(params, x), cut.body(params, base)
+        diff = a_x - a_b
+        alpha = torch.tensor(alphas, dtype=a_x.dtype, device=a_x.device)
+        weight = torch.tensor(weights, dtype=a_x.dtype, device=a_x.device)
+        grads = torch.vmap(lambda t: grad_at_layer(where, cut.head, params, x, a_b + t * diff, target),
+                           chunk_size=chunk_size)(alpha)
+        total = torch.tensordot(weight, grads, dims=1)
+        return diff * total if multiply_by_inputs else total
+
+    config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size,
+              "multiply_by_inputs": multiply_by_inputs}
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+
+
+def _input_path(where, f, params, x, target, cut, baseline, alphas, chunk_size):
+    """Activations and gradients w.r.t. the layer at input-path points ``b + alpha (x - b)``."""
+    base = input_baseline(where, baseline, x)
+    diff = x - base
+    alpha = torch.tensor(alphas, dtype=x.dtype, device=x.device)
+
+    def at(t):
+        point = base + t * diff
+        a = cut.body(params, point)
+        return a, grad_at_layer(where, cut.head, params, point, a, target)
+
+    return torch.vmap(at, chunk_size=chunk_size)(alpha)
+
+
+def layer_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
+                      chunk_size: int | None = 4, attribute_to_layer_input: bool = False):
+    """Conductance of each unit of the layer (Dhamdhere et al. 2018; captum's ``LayerConductance``).
+
+    On ``steps + 1`` points ``alpha_k`` of the quadrature (captum's convention: the rule's points
+    for ``n_steps + 1``, only their positions used) along the input path ``p_k = b + alpha_k (x -
+    b)``: ``sum_{k < steps} (body(p_{k+1}) - body(p_k)) * d f(p_k)[t] / d a``. The attributions sum
+    approximately to ``f(x)[t] - f(b)[t]``.
+
+    Example:
+        >>> explain = fxattr.layers.layer_conductance(f, layer="layer3", steps=16)
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "layer_conductance"
+    alphas, _ = quadrature_points(where, method, steps + 1)
+    check_int(where, "steps", steps, 1)
+    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    check_layer_baseline(where, baseline)
+
+    def per_cut(cut, params, x, target):
+        target = fixed_target(f, params, x, target)
+        acts, grads = _input_path(where, f, params, x, target, cut, baseline, alphas, chunk_size)
+        return ((acts[1:] - acts[:-1]) * grads[:-1]).sum(0)
+
+    config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size}
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+
+
+def internal_influence(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
+                       chunk_size: int | None = 4, attribute_to_layer_input: bool = False):
+    """Internal influence (Leino et al. 2018; captum's ``InternalInfluence``): the gradient w.r.t.
+    the layer integrated along the INPUT path, ``sum_k w_k d f(b + alpha_k (x - b))[t] / d a``.
+
+    Example:
+        >>> explain = fxattr.layers.internal_influence(f, layer="layer3", steps=16)
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "internal_influence"
+    alphas, weights = quadrature_points(where, method, steps)
+    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    check_layer_baseline(where, baseline)
+
+    def per_cut(cut, params, x, target):
+        target = fixed_target(f, params, x, target)
+        _, grads = _input_path(where, f, params, x, target, cut, baseline, alphas, chunk_size)
+        weight = torch.tensor(weights, dtype=grads.dtype, device=grads.device)
+        return torch.tensordot(weight, grads, dims=1)
+
+    config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size}
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+
+
+def layer_gradient_shap(f, *, layer, baselines: Tensor, samples: int = 16, sigma: float = 0.0,
+                        chunk_size: int | None = None, multiply_by_inputs: bool = True,
+                        attribute_to_layer_input: bool = False):
+    """Gradient SHAP at a layer (captum's ``LayerGradientShap``).
+
+    For ``k = 1..samples``: a baseline ``b_k`` drawn from ``baselines``, ``alpha_k ~ U(0, 1)``, a
+    noisy input ``x_k = x + sigma * eps_k``; the gradient w.r.t. the layer at the input point
+    ``alpha_k x_k + (1 - alpha_k) b_k``, times ``body(x_k) - body(b_k)``; the mean over k.
+
+    The explainer is ``explain(params, x, target=None, *, noise=None)``; draws come from torch's
+    global generator in the order of :func:`fxattr.expected_gradients` (``index``, ``alpha``,
+    ``normal``), and ``noise=dict(index=..., alpha=..., normal=...)`` replays given draws.
+
+    Example:
+        >>> explain = fxattr.layers.layer_gradient_shap(f, layer="layer2", baselines=refs, samples=8)
+        >>> torch.vmap(explain, in_dims=(None, 0, 0), randomness="different")(params, images, labels)
+    """
+    where = "layer_gradient_shap"
+    if not isinstance(baselines, Tensor) or baselines.ndim < 1 or baselines.shape[0] < 1 \
+            or not baselines.dtype.is_floating_point:
+        raise fail(where, "baselines must be a floating-point tensor (N, *x.shape) of N >= 1 baselines")
+    check_int(where, "samples", samples, 1)
+    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    sigma = float(check_finite(where, "sigma", sigma, minimum=0))
+    check_bool(where, "multiply_by_inputs", multiply_by_inputs)
+    count = baselines.shape[0]
+
+    def per_cut(cut, params, x, target, noise=None):
+        if tuple(baselines.shape[1:]) != tuple(x.shape):
+            raise fail(where, f"baselines have shape {tuple(baselines.shape)}; expected (N, "
+                              f"{', '.join(map(str, x.shape))}) for x of shape {tuple(x.shape)}")
+        if noise is None:
+            noise = {"index": torch.randint(count, (samples,), device=x.device),
+                     "alpha": torch.rand(samples, dtype=x.dtype, device=x.device)}
+            if sigma > 0:
+                noise["normal"] = torch.randn((samples, *x.shape), dtype=x.dtype, device=x.device)
+        elif not isinstance(noise, dict) or "index" not in noise or "alpha" not in noise \
+                or (sigma > 0 and "normal" not in noise):
+            raise fail(where, "noise must be a dict with 'index' and 'alpha' (and 'normal' when sigma > 0)")
+        target = fixed_target(f, params, x, target)
+        drawn = baselines.to(dtype=x.dtype, device=x.device).index_select(0, noise["index"].to(x.device))
+        alpha = noise["alpha"].to(dtype=x.dtype)
+
+        def one(b, t, eps):
+            xk = x if eps is None else x + sigma * eps
+            point = t * xk + (1 - t) * b  # captum's _scale_input
+            g = grad_at_layer(where, cut.head, params, point, cut.body(params, point), target)
+            return (cut.body(params, xk) - cut.body(params, b)) * g if multiply_by_inputs else g
+
+        if sigma > 0:
+            terms = torch.vmap(one, chunk_size=chunk_size)(drawn, alpha, noise["normal"].to(x.dtype))
+        else:
+            terms = torch.vmap(lambda b, t: one(b, t, None), chunk_size=chunk_size)(drawn, alpha)
+        return terms.mean(0)
+
+    config = {"baselines": tuple(baselines.shape), "samples": samples, "sigma": sigma,
+              "chunk_size": chunk_size, "multiply_by_inputs": multiply_by_inputs}
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+
+
+def _graph_method(where, f, layer, attribute_to_layer_input, config, make, shared_baselines=None):
+    """A graph-based explainer (``make(head_model, baseline)``) run on the head's own graph with
+    ``(activation, x)`` as its input; the activation's part of the result is returned."""
+
+    def per_cut(cut, params, x, target):
+        head_model = cut.head_model
+        a = cut.body(params, x)
+        inner = make(cut, params, x)
+        return cut.activation_part(inner(params, cut.head_input(a, x), target))
+
+    explain = _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+    return explain
+
+
+def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float = 1e-10,
+                   multiply_by_inputs: bool = True, attribute_to_layer_input: bool = False):
+    """DeepLIFT attributions of the layer's units (captum's ``LayerDeepLift``).
+
+    :func:`fxattr.deeplift` on the head's graph, a model of ``(activation, x)``, from the reference
+    ``(body(baseline), baseline)``: ``(a - a_b) * m`` with the multipliers ``m`` of the layers
+    after the cut (``multiply_by_inputs=False``: ``m``).
+
+    Example:
+        >>> explain = fxattr.layers.layer_deeplift(f, layer="features.3")
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "layer_deeplift"
+    check_layer_baseline(where, baseline)
+    check_bool(where, "multiply_by_inputs", multiply_by_inputs)
+    check_choice(where, "rule", rule, ("rescale", "reveal_cancel"))
+    check_finite(where, "eps", eps, minimum=0)
+    from fxattr import deeplift
+
+    def make(cut, params, x):
+        base = input_baseline(where, baseline, x)
+        reference = cut.head_input(cut.body(params, base), base)
+        dl = deeplift(cut.head_model, baseline=lambda _: reference, rule=rule, eps=eps)
+        if multiply_by_inputs:
+            return dl
+
+        def divided(params, inp, target):  # m = attribution / (a - a_b), 0 where a == a_b
+            out = dl(params, inp, target)
+            return _divide(out, inp, reference)
+        return divided
+
+    config = {"baseline": baseline, "rule": rule, "eps": eps, "multiply_by_inputs": multiply_by_inputs}
+    return _graph_method(where, f, layer, attribute_to_layer_input, config, make)
+
+
+def _divide(out, inp, ref):
+    if isinstance(out, Tensor):
+        d = inp - ref
+        return torch.where(d != 0, out / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(out))
+    return tuple(_divide(o, i, r) for o, i, r in zip(out, inp, ref))
+
+
+def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", eps: float = 1e-10,
+                        chunk_size: int | None = None, attribute_to_layer_input: bool = False):
+    """DeepLIFT at the layer averaged over a set of input baselines (captum's
+    ``LayerDeepLiftShap``): the mean over ``b`` in ``baselines`` of :func:`layer_deeplift`.
+
+    Example:
+        >>> explain = fxattr.layers.layer_deeplift_shap(f, layer="features.3", baselines=refs[:8])
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "layer_deeplift_shap"
+    if not isinstance(baselines, Tensor) or baselines.ndim < 1 or baselines.shape[0] < 1 \
+            or not baselines.dtype.is_floating_point:
+        raise fail(where, "baselines must be a floating-point tensor (K, *x.shape) of K >= 1 baselines")
+    check_choice(where, "rule", rule, ("rescale", "reveal_cancel"))
+    check_finite(where, "eps", eps, minimum=0)
+    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    from fxattr import deeplift_shap
+
+    def make(cut, params, x):
+        if tuple(baselines.shape[1:]) != tuple(x.shape):
+            raise fail(where, f"baselines have shape {tuple(baselines.shape)}; expected (K, "
+                              f"{', '.join(map(str, x.shape))}) for x of shape {tuple(x.shape)}")
+        bases = baselines.to(dtype=x.dtype, device=x.device)
+        acts = torch.vmap(lambda b: cut.body(params, b))(bases)
+        references = cut.head_input(acts, bases)
+        return deeplift_shap(cut.head_model, baselines=lambda _: references, rule=rule, eps=eps,
+                             chunk_size=chunk_size)
+
+    config = {"baselines": tuple(baselines.shape), "rule": rule, "eps": eps, "chunk_size": chunk_size}
+    return _graph_method(where, f, layer, attribute_to_layer_input, config, make)
+
+
+def layer_lrp(f, *, layer, rule=None, composite=None, attribute_to_layer_input: bool = False,
+              **options):
+    """LRP relevance of the layer's units (captum's ``LayerLRP``): :func:`fxattr.lrp` with the
+    same ``rule`` / ``composite`` / options on the head's graph; the relevance that reaches the
+    activation (the layer's output, or with ``attribute_to_layer_input=True`` its input, the layer
+    itself then propagated by its rule). captum's default rules are ``rule="epsilon",
+    epsilon=1e-9``.
+
+    Example:
+        >>> explain = fxattr.layers.layer_lrp(f, layer="features.3", rule="epsilon", epsilon=1e-9)
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "layer_lrp"
+    from fxattr import lrp
+    built = {}
+
+    def make(cut, params, x):
+        key = id(cut)
+        if key not in built:
+            built[key] = lrp(cut.head_model, rule=rule, composite=composite, **options)
+        return built[key]
+
+    config = {"rule": rule, "composite": composite, **options}
+    explain = _graph_method(where, f, layer, attribute_to_layer_input, config, make)
+    return explain
+
+
+def layer_feature_ablation(f, *, layer, layer_mask: Tensor | None = None, baseline=0.0,
+                           chunk_size: int | None = 8, attribute_to_layer_input: bool = False):
+    """Feature ablation of the layer's units (captum's ``LayerFeatureAblation``): each group of
+    units sharing an id in ``layer_mask`` (default: every unit alone) is replaced by ``baseline``
+    (captum's ``layer_baselines``, a number or a tensor of the activation's shape) and the head is
+    rerun on x; the attribution of a unit is ``f(x)[t]`` minus the output with its group
+    ablated. :func:`fxattr.feature_ablation` of the head as a model of the activation.
+
+    Example:
+        >>> explain = fxattr.layers.layer_feature_ablation(f, layer="layer4")
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "layer_feature_ablation"
+    from fxattr import feature_ablation
+    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+
+    def model_of(cut):
+        def g(params_x, a):
+            return cut.head(params_x[0], params_x[1], a)
+        return g
+
+    ablations = {}
+
+    def per_cut(cut, params, x, target):
+        key = id(cut)
+        if key not in ablations:
+            ablations[key] = feature_ablation(model_of(cut), feature_mask=layer_mask, baseline=baseline,
+                                              chunk_size=chunk_size)
+        a = cut.body(params, x)
+        if target is None:
+            target = fixed_target(f, params, x, target)
+        return ablations[key]((params, x), a, target)
+
+    # the checks of feature_ablation's own configuration run now, not at the first call
+    feature_ablation(lambda p, a: a, feature_mask=layer_mask, baseline=baseline, chunk_size=chunk_size)
+    config = {"layer_mask": layer_mask, "baseline": baseline, "chunk_size": chunk_size}
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
