@@ -447,9 +447,11 @@ def irof(f, *, perturb_baseline="mean", abs: bool = False, normalise: bool = Tru
     their mean attribution (over channels and pixels), ``argsort(-mean)``; they are set to the
     baseline (default ``"mean"``: the mean of the already perturbed x) one after the other,
     cumulatively; the curve is ``score(x_k) / score(x)``, and the result is
-    ``n_segments - trapz(curve)`` (dx = 1). Quantus computes ``"mean"`` over the whole batch it is
-    given; fxattr over the example (Quantus with ``batch_size=1``). A segment is removed in every
-    channel (Quantus 0.6.0 fails on images of more than one channel: its mask is (B, 1, H, W)).
+    ``n_segments - trapz(curve)`` (dx = 1). ``"uniform"`` draws one value per feature (as
+    Quantus's mask replacement; the other metrics draw one per step). Quantus computes ``"mean"``,
+    ``"black"`` and ``"white"`` over the whole batch it is given; fxattr over the example (Quantus
+    with ``batch_size=1``). A segment is removed in every channel (Quantus 0.6.0 fails on images of
+    more than one channel: its mask is (B, 1, H, W)).
 
     Args:
         max_segments: the number of labels to expect: needed under ``torch.vmap`` (a fixed
@@ -497,8 +499,14 @@ def irof(f, *, perturb_baseline="mean", abs: bool = False, normalise: bool = Tru
         ranked = torch.where(present, means, torch.full_like(means, -math.inf))
         step = _rank(descending_order(ranked))[feature_labels]
         x_flat = x.reshape(-1)
-        values = _step_values(where, perturb_baseline, x_flat, step, n_labels, cumulative=True,
-                              low=uniform_low, high=uniform_high, shape=x.shape)
+        if _is_uniform(perturb_baseline):
+            # Quantus's mask replacement draws one uniform value per feature (each feature is
+            # replaced once, at its segment's step).
+            values = baseline_value("uniform", x_flat, uniform_low=uniform_low,
+                                    uniform_high=uniform_high, shape=x_flat.shape)
+        else:
+            values = _step_values(where, perturb_baseline, x_flat, step, n_labels, cumulative=True,
+                                  low=uniform_low, high=uniform_high, shape=x.shape)
 
         def copy(k):
             return torch.where(step <= k, values, x_flat).reshape(x.shape)

@@ -470,6 +470,16 @@ def test_uniform_baseline_draws_in_range_and_per_example(setup1):
     assert not torch.allclose(drawn[0], drawn[1])  # randomness="different": one draw per example
 
 
+def test_irof_uniform_baseline_draws_per_feature(setup3):
+    _model, f, params, x, y, a = setup3
+    segments = torch.randint(0, 4, (8, 8), generator=torch.Generator().manual_seed(13))
+    fixed = metrics.irof(f, perturb_baseline=0.25)(params, x[0], y[0], a[0], segments)
+    degenerate = metrics.irof(f, perturb_baseline="uniform", uniform_low=0.25, uniform_high=0.25)
+    torch.testing.assert_close(degenerate(params, x[0], y[0], a[0], segments), fixed)
+    drawn = metrics.irof(f, perturb_baseline="uniform")
+    assert not torch.allclose(drawn(params, x[0], y[0], a[0], segments), fixed)
+
+
 def test_faithfulness_correlation_draws_distinct_uniform_subsets(setup1):
     _model, f, params, x, y, a = setup1
     metric = metrics.faithfulness_correlation(f, nr_runs=5, subset_size=6)
