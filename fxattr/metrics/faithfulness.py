@@ -370,7 +370,8 @@ def sensitivity_n(f, *, n_max_percentage: float = 0.8, features_in_step: int = 1
     each of the first ``int(n_max_percentage * H * W // features_in_step)`` steps (H*W: x's
     shape without its first, channel axis), Pearson's correlation over the batch. The batch is
     normalised as Quantus does (one maximum for all examples); Pearson's correlation does not
-    depend on it.
+    depend on it. (Quantus correlates over its first ``batch_size`` examples only, 64 by default;
+    fxattr over the batch it is given.)
 
     Returns:
         ``metric(params, X, T, A)`` -> shape ``(max_features,)``.
