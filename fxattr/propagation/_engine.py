@@ -144,7 +144,9 @@ class Plan(Program):
 
     def _check_and_assign(self):
         if self.composite is not None:
-            self.check("LRP", lambda node, info: info.kind in BUILTIN_KINDS or info.kind in self.registered,
+            own = self.composite.operations
+            self.check("LRP", lambda node, info: info.kind in BUILTIN_KINDS or info.kind in self.registered
+                       or info.kind in own,
                        f"Supported: {ops.SUPPORTED}. Make it a leaf of a supported kind or use a "
                        "gradient-based method.")
         for step in self.steps:
@@ -186,8 +188,16 @@ class Plan(Program):
             return self._reverse(step, values, cache, params, rel)
         return self.to_input(x, values, self.reverse(params, values, cache, seeds, override))
 
+    def rule_override(self, values, cache, params):
+        """``override(step, signal)`` for :meth:`reverse` applying this plan's rules at the forward
+        pass ``(values, cache)``: what :meth:`explain` uses, for reverse walks composed outside it
+        (CRP stops the walk at a layer, masks the relevance there and continues)."""
+        return lambda step, rel: self._reverse(step, values, cache, params, rel)
+
     def _reverse(self, step, values, cache, params, rel):
         kind = step.kind
+        if self.composite is not None and kind in self.composite.operations:  # the composite's own
+            return _as_pairs(step, self.composite.operations[kind](self.view(step, values, params), rel))
         if kind in self.registered:
             view = self.view(step, values, params)
             if self.composite is None:
