@@ -144,9 +144,7 @@ class Plan(Program):
 
     def _check_and_assign(self):
         if self.composite is not None:
-            own = self.composite.operations
-            self.check("LRP", lambda node, info: info.kind in BUILTIN_KINDS or info.kind in self.registered
-                       or info.kind in own,
+            self.check("LRP", lambda node, info: info.kind in BUILTIN_KINDS or info.kind in self.registered,
                        f"Supported: {ops.SUPPORTED}. Make it a leaf of a supported kind or use a "
                        "gradient-based method.")
         for step in self.steps:
@@ -196,8 +194,6 @@ class Plan(Program):
 
     def _reverse(self, step, values, cache, params, rel):
         kind = step.kind
-        if self.composite is not None and kind in self.composite.operations:  # the composite's own
-            return _as_pairs(step, self.composite.operations[kind](self.view(step, values, params), rel))
         if kind in self.registered:
             view = self.view(step, values, params)
             if self.composite is None:
