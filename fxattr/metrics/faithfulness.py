@@ -966,7 +966,7 @@ def road(f, *, percentages=tuple(range(1, 100, 2)), noise: float = 0.01, abs: bo
     of which the imputed pixels' entries are used.
 
     ``chunk_size``: percentages imputed and evaluated at once (``None``: all). The imputation keeps
-    ``H`` inverted ``W x W`` blocks per percentage, so ``"auto"`` (default) takes as many as fit in
+    ``H`` Cholesky factors of ``W x W`` blocks per percentage, so ``"auto"`` (default) takes as many as fit in
     about 2**24 numbers (all 50 at 28 x 28, one at 224 x 224), per example.
 
     Example:
