@@ -122,7 +122,7 @@ class Plan(Program):
                 kind=kind, module=type(info.module) if info.module is not None else None,
                 name=node.target if node.op == "call_module" else node.name, node=node.name,
                 index=index, first=index == 0, last=index == len(kernels) - 1,
-                input_layer=self._reads_input(node.args[0]), first_of_kind=kind not in seen_kinds)
+                input_layer=self._reads_input(ops.kernel_input(node)), first_of_kind=kind not in seen_kinds)
             seen_kinds.add(kind)
         for node, info in self.nodes.items():
             if info.is_data and info.kind in ("batchnorm", "avgpool", "add", "activation", "maxpool",
@@ -144,7 +144,9 @@ class Plan(Program):
 
     def _check_and_assign(self):
         if self.composite is not None:
-            self.check("LRP", lambda node, info: info.kind in BUILTIN_KINDS or info.kind in self.registered,
+            own = self.composite.operations
+            self.check("LRP", lambda node, info: info.kind in BUILTIN_KINDS or info.kind in self.registered
+                       or info.kind in own,
                        f"Supported: {ops.SUPPORTED}. Make it a leaf of a supported kind or use a "
                        "gradient-based method.")
         for step in self.steps:
@@ -194,6 +196,8 @@ class Plan(Program):
 
     def _reverse(self, step, values, cache, params, rel):
         kind = step.kind
+        if self.composite is not None and kind in self.composite.operations:  # the composite's own
+            return _as_pairs(step, self.composite.operations[kind](self.view(step, values, params), rel))
         if kind in self.registered:
             view = self.view(step, values, params)
             if self.composite is None:

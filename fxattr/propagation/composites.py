@@ -79,6 +79,9 @@ class Composite:
         types: ``{module type: Rule}``.
         kinds: ``{kind: Rule}``, e.g. ``{"conv": rules.z_plus(), "linear": rules.epsilon(0.1)}``.
         name: shown in reprs and errors.
+        operations: ``{operation kind: reverse(view, relevance)}``: the composite's own reverse for
+            an operation kind of the catalogue (``"activation"``, ``"product"``, ``"bilinear"``,
+            ``"attention"``...), used instead of the engine's (``fxattr.propagation._engine.REVERSE``).
 
     Example:
         >>> composite = Composite(lambda layer: rules.flat() if layer.first else None,
@@ -88,7 +91,8 @@ class Composite:
 
     def __init__(self, rule_for: Callable[[LayerInfo], Optional[Rule]] | None = None, *,
                  names: Mapping[str, Rule] | None = None, types: Mapping[type, Rule] | None = None,
-                 kinds: Mapping[str, Rule] | None = None, name: str = "composite"):
+                 kinds: Mapping[str, Rule] | None = None, name: str = "composite",
+                 operations: Mapping[str, Callable] | None = None):
         if rule_for is not None and not callable(rule_for):
             raise fail("lrp.Composite", f"rule_for must be a callable LayerInfo -> Rule, got {rule_for!r}")
         for label, mapping in (("names", names), ("types", types), ("kinds", kinds)):
@@ -98,6 +102,10 @@ class Composite:
                 if not isinstance(rule, Rule):
                     raise fail("lrp.Composite", f"{label}[{key!r}] must be an fxattr.propagation.rules.Rule, "
                                                 f"got {type(rule).__name__}")
+        if operations is not None and (not isinstance(operations, Mapping)
+                                       or not all(callable(fn) for fn in operations.values())):
+            raise fail("lrp.Composite", "operations must be a mapping {kind: reverse(view, relevance)}")
+        self.operations = dict(operations or {})
         self.rule_for = rule_for
         self.names = dict(names or {})
         self.types = dict(types or {})
@@ -266,7 +274,16 @@ def deep_taylor_composite(low=None, high=None) -> Composite:
 _ZENNIT_OPTIONS = ("epsilon", "stabiliser")
 _INNV_OPTIONS = ("epsilon", "input_layer_rule")
 
+def _transformer_preset(variant: str):
+    def build(where):
+        from fxattr.propagation import _transformers  # AttnLRP / CP-LRP reverses (imports op_rules)
+        return _transformers.transformer_composite(variant)
+    return build
+
+
 COMPOSITES: dict = {
+    "attnlrp": (_transformer_preset("attnlrp"), ()),
+    "cp_lrp": (_transformer_preset("cp_lrp"), ()),
     "sequential_preset_a": (_innvestigate_preset(lambda: R.alpha_beta(1, 0), False), _INNV_OPTIONS),
     "sequential_preset_b": (_innvestigate_preset(lambda: R.alpha_beta(2, 1), False), _INNV_OPTIONS),
     "sequential_preset_a_flat": (_innvestigate_preset(lambda: R.alpha_beta(1, 0), True), _INNV_OPTIONS),
