@@ -1,0 +1,156 @@
+"""AttnLRP and CP-LRP for transformers: ``fxattr.lrp(f, composite="attnlrp")`` / ``"cp_lrp"``.
+
+The conventions are those of LXT 2.1's *efficient* mode (Achtibat et al., "AttnLRP: Attention-Aware
+Layer-Wise Relevance Propagation for Transformers", ICML 2024; CP-LRP: Ali et al., "XAI for
+Transformers: Better Explanations through Conservative Propagation", ICML 2022). LXT computes
+gradient x input of a forward pass whose gradient is modified in place; fxattr propagates relevance
+node by node, and the two agree because every rule below keeps ``R = value * modified gradient`` at
+every node. Every constant, as read from LXT's code:
+
+- linear layers, convolutions, GPT-2's ``Conv1D`` (``addmm``), residual additions, rotary embeddings
+  (products with constant ``cos`` / ``sin``), grouped-query repeats and parameter-free linear maps:
+  LRP-0 (**epsilon 0**; LXT takes the plain gradient there). Biases, position embeddings and the
+  attention mask absorb relevance. Exact zeros of a denominator are replaced by ``1e-7``
+  (``rules.safe``) or ``1e-12`` (operation rules) so that a zero output gives zero, never NaN.
+- LayerNorm: ``(x - mean) / stop_grad(sqrt(var + eps)) * w + b``: the centring keeps its
+  gradient, only the standard deviation is frozen (LRP-0 through the frozen map).
+- RMSNorm (written out, Llama): ``x * stop_grad(rsqrt(mean(x^2) + eps))``: the ``rsqrt`` factor
+  is a gate (no relevance), computed in float32 as the model does.
+- element-wise activations (GELU, SiLU, tanh of BERT's pooler, ...): the identity rule
+  ``R_in = R_out * z / (z + 1e-10)`` with ``z`` the activation's input (LXT's
+  ``identity_rule_implicit``, epsilon ``1e-10``, added with its sign ignored as LXT does).
+- attention (eager: two matmuls and a softmax; or ``F.scaled_dot_product_attention``): the
+  uniform rule on both matmuls (query and key each take half of the scores' relevance, the
+  attention weights and the values each half of the output's: LXT divides the gradient of query
+  and key by 4 and of value by 2) and the softmax rule ``R_in = x * (R_out - s * sum(R_out))``
+  with ``x`` the scaled scores plus mask (the mask then absorbs its share at the addition; masked
+  entries, ``finfo.min``, have ``s = 0`` and ``R_out = 0``, so they get exactly 0, never NaN).
+- SwiGLU (``act(x W_gate) * (x W_up)``): the identity rule on the activated gate and the product
+  split in half (uniform rule); a product with a sigmoid / softmax / ``rsqrt`` factor treats that
+  factor as a constant gate.
+- CP-LRP: query and key are detached (the attention weights are a constant: the values take all
+  of the output's relevance, query and key none), and Llama's SwiGLU gate is detached (the up
+  projection takes all of the product's relevance); the rest as AttnLRP.
+
+Seeding as everywhere in fxattr's LRP: the selected output's value (LXT's gradient-1 seed of
+gradient x input is the same thing).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fxattr.errors import fail
+from fxattr.propagation import op_rules
+from fxattr.propagation import rules as R
+from fxattr.propagation.composites import Composite
+
+__all__ = ["IDENTITY_EPSILON", "VARIANTS", "activation_identity_lrp", "addmm_lrp", "cp_bilinear_lrp",
+           "cp_product_lrp", "cp_sdpa_lrp", "transformer_composite"]
+
+VARIANTS = ("attnlrp", "cp_lrp")
+IDENTITY_EPSILON = 1e-10  # LXT's identity_rule_implicit: gradient = fn(x) / (x + 1e-10)
+
+# ops that hand a tensor on unchanged in eval (walked through to find the producer of a factor)
+_PASS_FUNCTIONS = {F.dropout, torch.clone, torch.Tensor.contiguous}
+_PASS_METHODS = {"type", "to", "float", "double", "half", "contiguous", "clone"}
+_ACTIVATIONS = {F.silu, F.gelu, F.relu, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.mish, F.elu, F.leaky_relu,
+                torch.relu}
+_ACTIVATION_METHODS = {"tanh", "sigmoid", "relu"}
+
+
+def activation_identity_lrp(view, relevance):
+    """AttnLRP's identity rule on an element-wise activation: ``R_in = R_out * z / (z + 1e-10)``
+    (``z`` the input; LXT's ``identity_rule_implicit``)."""
+    (x,) = view.inputs
+    return (relevance * x / (x + IDENTITY_EPSILON),)
+
+
+def addmm_lrp(view, relevance):
+    """LRP-0 through ``torch.addmm(bias, x, W)`` (GPT-2's ``Conv1D``): ``R_x = x * J^T (R / z)``,
+    the bias absorbing its share."""
+    return op_rules.linear_lrp(view.fn, view.inputs, relevance, epsilon=0.0, output=view.output)
+
+
+def _producer(node):
+    """The node that computed ``node``'s value, walking back through dropout and dtype casts."""
+    while getattr(node, "op", None) in ("call_function", "call_method") and node.args:
+        passes = node.target in _PASS_FUNCTIONS if node.op == "call_function" else node.target in _PASS_METHODS
+        if not passes:
+            break
+        node = node.args[0]
+    return node
+
+
+def _is_softmax(node) -> bool:
+    node = _producer(node)
+    if node.op == "call_function":
+        return node.target in (F.softmax, torch.softmax)
+    return node.op == "call_method" and node.target == "softmax"
+
+
+def _is_activation(node) -> bool:
+    node = _producer(node)
+    if node.op == "call_function":
+        return node.target in _ACTIVATIONS
+    return node.op == "call_method" and node.target in _ACTIVATION_METHODS
+
+
+def _one_factor_constant(view, relevance, constant: tuple[bool, bool]):
+    """All of the relevance to the factor that is not constant (LRP-0 through the map linear in it)."""
+    a, b = view.inputs
+    if constant[1]:
+        (r_a,) = op_rules.linear_lrp(lambda t: view.fn(t, b), (a,), relevance, epsilon=0.0, output=view.output)
+        return r_a, torch.zeros_like(b)
+    (r_b,) = op_rules.linear_lrp(lambda t: view.fn(a, t), (b,), relevance, epsilon=0.0, output=view.output)
+    return torch.zeros_like(a), r_b
+
+
+def cp_bilinear_lrp(view, relevance):
+    """CP-LRP on a matmul: with the attention weights (a softmax's output) as one operand, they are
+    constant and the values take all of the relevance; otherwise AttnLRP's uniform rule."""
+    if len(view.inputs) == 2:
+        constant = tuple(_is_softmax(n) for n in view.node.args[:2])
+        if constant[0] != constant[1]:
+            return _one_factor_constant(view, relevance, constant)
+    return op_rules.bilinear_lrp_reverse(view, relevance)
+
+
+def cp_product_lrp(view, relevance):
+    """CP-LRP on ``a * b``: an activated factor (SwiGLU's gate) is detached, the other takes all;
+    otherwise as AttnLRP (gates constant, else the uniform rule)."""
+    if len(view.inputs) == 2:
+        constant = tuple(_is_activation(n) for n in view.node.args[:2])
+        if constant[0] != constant[1]:
+            return _one_factor_constant(view, relevance, constant)
+    return op_rules.product_lrp_reverse(view, relevance)
+
+
+def cp_sdpa_lrp(view, relevance):
+    """CP-LRP through ``F.scaled_dot_product_attention``: query and key detached, the output is
+    linear in the values, which take all of the relevance (LRP-0)."""
+    names = ("query", "key", "value")
+    bound = dict(zip(names, view.args))
+    bound.update({k: v for k, v in view.kwargs.items() if k in names})
+    value = bound.get("value")
+    if value is None or any(value is bound.get(n) for n in ("query", "key")):
+        raise fail("lrp", f"CP-LRP needs distinct query, key and value tensors at {view.name!r}")
+    position = [i for i, t in enumerate(view.inputs) if t is value]
+
+    def of_value(v):
+        return view.fn(*[v if t is value else t for t in view.inputs])
+    (r_v,) = op_rules.linear_lrp(of_value, (value,), relevance, epsilon=0.0, output=view.output)
+    return tuple(r_v if i in position else torch.zeros_like(t) for i, t in enumerate(view.inputs))
+
+
+def transformer_composite(variant: str) -> Composite:
+    """The composite of ``variant`` (``"attnlrp"`` or ``"cp_lrp"``): LRP-0 (``rules.z()``) on every
+    kernel layer and addition, the operation rules of the module docstring."""
+    if variant not in VARIANTS:
+        raise fail("lrp", f"variant must be one of {VARIANTS}, got {variant!r}")
+    operations = {"activation": activation_identity_lrp, "addmm": addmm_lrp}
+    if variant == "cp_lrp":
+        operations.update(bilinear=cp_bilinear_lrp, product=cp_product_lrp, attention=cp_sdpa_lrp)
+    return Composite(kinds={"conv": R.z(), "linear": R.z(), "add": R.z(), "avgpool": R.z()},
+                     name=variant, operations=operations)
