@@ -27,6 +27,7 @@ from fxattr.propagation import (deconvnet, deep_taylor, deep_taylor_bounded, dee
 from fxattr.targets import select
 from fxattr.runner import attribute_dataset, load_attributions
 from fxattr import text  # noqa: E402  (after the explainers it wraps)
+from fxattr import layers  # noqa: E402  (after the explainers it cuts the model for)
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "integrated_gradients",
     "kernel_shap",
     "layercam",
+    "layers",
     "lime",
     "list_analyzers",
     "load_attributions",
