@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from fxattr import graph
 from fxattr.errors import fail
@@ -61,7 +61,8 @@ class Cut:
             self.body = lambda params, x: x
             self.head = lambda params, x, a: f(params, a)
         else:
-            self.body, self.head = graph.split(f, node, where=where)
+            body, self.head = graph.split(f, node, where=where)
+            self.body = _tensor_body(where, layer, body)
 
     @property
     def head_model(self) -> FunctionalModel:
@@ -85,6 +86,18 @@ class Cut:
 
     def activation_part(self, result):
         return result if self.node is None else result[0]
+
+
+def _tensor_body(where: str, layer: str, body):
+    """``body`` checked to return one tensor (a layer returning a tuple: name one of its parts)."""
+    def checked(params, x):
+        a = body(params, x)
+        if not isinstance(a, Tensor):
+            raise fail(where, f"layer {layer!r} returns a {type(a).__name__}, not a tensor; name the "
+                              "graph node of one of its parts instead (e.g. its getitem node)")
+        return a
+    checked.graph_module = body.graph_module
+    return checked
 
 
 def _inside(node, layer: str, modules: Mapping) -> bool:

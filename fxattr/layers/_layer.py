@@ -66,9 +66,10 @@ def check_layer_baseline(where: str, baseline) -> None:
                           f"got {type(baseline).__name__}")
     if isinstance(baseline, Real) and not math.isfinite(float(baseline)):
         raise fail(where, f"baseline must be finite, got {baseline!r}")
-    if isinstance(baseline, Tensor) and (not baseline.dtype.is_floating_point
-                                         or not bool(torch.isfinite(baseline).all())):
-        raise fail(where, "baseline must be a floating-point tensor without NaN or Inf values")
+    if isinstance(baseline, Tensor) and (baseline.dtype.is_complex or baseline.dtype == torch.bool):
+        raise fail(where, f"baseline must be a real tensor (floating point, or token ids), got {baseline.dtype}")
+    if isinstance(baseline, Tensor) and baseline.dtype.is_floating_point and not bool(torch.isfinite(baseline).all()):
+        raise fail(where, "baseline holds NaN or Inf values")
 
 
 def input_baseline(where: str, baseline, x: Tensor) -> Tensor:
@@ -91,8 +92,10 @@ def _check_common(where, f, attribute_to_layer_input):
     check_bool(where, "attribute_to_layer_input", attribute_to_layer_input)
 
 
-def _build(where, f, layer, attribute_to_layer_input, config, per_cut):
-    """The explainer: ``per_cut(cut, params, x, target)`` for each layer, a tuple for a list."""
+def _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=False):
+    """The explainer: ``per_cut(cut, params, x, target)`` for each layer, a tuple for a list.
+    ``integer_x``: x may hold token ids (methods that never differentiate w.r.t. x nor interpolate
+    it, cut after an embedding)."""
     _check_common(where, f, attribute_to_layer_input)
     layer_cuts, many = cuts(where, f, layer, attribute_to_layer_input)
 
@@ -104,7 +107,7 @@ def _build(where, f, layer, attribute_to_layer_input, config, per_cut):
         return results if many else results[0]
 
     config = {"layer": layer, "attribute_to_layer_input": attribute_to_layer_input, **config}
-    return explainer(where, f, config, explain, empty="run")
+    return explainer(where, f, config, explain, empty="run", integer_x=integer_x)
 
 
 def quadrature_points(where, method, steps):
@@ -131,7 +134,7 @@ def layer_activation(f, *, layer, attribute_to_layer_input: bool = False):
     """
     where = "layer_activation"
     return _build(where, f, layer, attribute_to_layer_input, {},
-                  lambda cut, params, x, target: cut.body(params, x))
+                  lambda cut, params, x, target: cut.body(params, x), integer_x=True)
 
 
 def layer_gradient_x_activation(f, *, layer, multiply_by_inputs: bool = True,
@@ -154,7 +157,7 @@ def layer_gradient_x_activation(f, *, layer, multiply_by_inputs: bool = True,
         return a * g if multiply_by_inputs else g
 
     return _build(where, f, layer, attribute_to_layer_input,
-                  {"multiply_by_inputs": multiply_by_inputs}, per_cut)
+                  {"multiply_by_inputs": multiply_by_inputs}, per_cut, integer_x=True)
 
 
 def layer_integrated_gradients(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
@@ -174,7 +177,8 @@ def layer_integrated_gradients(f, *, layer, steps: int = 32, baseline=0.0, metho
             ``method``; captum's default is 50 Gauss-Legendre points; its ``riemann_trapezoid``
             weights sum to (n-1)/n and differ from fxattr's).
         baseline: a number, a tensor of x's shape, or a callable ``x -> baseline`` (in INPUT space,
-            as captum's ``baselines``).
+            as captum's ``baselines``). x may hold token ids (integers) when the layer is an
+            embedding or after one; the baseline is then token ids too (a pad id, say).
         multiply_by_inputs: multiply by ``a - a_b`` (captum's default).
         attribute_to_layer_input: integrate in the space of the value the layer reads.
 
@@ -202,7 +206,7 @@ def layer_integrated_gradients(f, *, layer, steps: int = 32, baseline=0.0, metho
 
     config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size,
               "multiply_by_inputs": multiply_by_inputs}
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=True)
 
 
 def _input_path(where, f, params, x, target, cut, baseline, alphas, chunk_size):
@@ -482,4 +486,4 @@ def layer_feature_ablation(f, *, layer, layer_mask: Tensor | None = None, baseli
     # the checks of feature_ablation's own configuration run now, not at the first call
     feature_ablation(lambda p, a: a, feature_mask=layer_mask, baseline=baseline, chunk_size=chunk_size)
     config = {"layer_mask": layer_mask, "baseline": baseline, "chunk_size": chunk_size}
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=True)

@@ -239,3 +239,32 @@ def test_graph_engine_failure_is_a_named_error():
         ours = L.layer_deeplift(f, layer="linear1")(params, x, 0)
         theirs = captum.LayerDeepLift(model, model.linear1).attribute(x[None], target=0)[0]
         torch.testing.assert_close(ours, theirs.detach())
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out, _ = self.gru(x)
+        return self.fc(out[:, -1])
+
+
+def test_layer_returning_a_tuple():
+    """nn.GRU returns (output, hidden): naming it is a clear error pointing at its parts' graph
+    nodes; naming the part is a layer like any other."""
+    model = Recurrent().double().eval()
+    f, params = fxattr.functionalize(model)
+    x = inputs(1, shape=(5, 3))[0]
+    with pytest.raises(fxattr.FxattrError, match="returns a tuple.*getitem"):
+        L.layer_gradient_x_activation(f, layer="gru")(params, x, 1)
+    gm = fxattr.graph.trace(f)
+    part = next(n.name for n in gm.graph.nodes if n.op == "call_function" and n.args and
+                getattr(n.args[0], "name", None) == "gru" and n.args[1] == 0)
+    ours = L.layer_gradient_x_activation(f, layer=part)(params, x, 1)
+    out, _ = model.gru(x[None])
+    out = out.detach().requires_grad_()
+    (g,) = torch.autograd.grad(model.fc(out[:, -1])[0, 1], out)
+    torch.testing.assert_close(ours, (out * g)[0].detach())

@@ -311,3 +311,41 @@ def test_neuron_methods_on_resnet18(resnet):
     ours = batched(fxattr.gradient(f_layer), params, x, units)
     theirs = captum.NeuronGradient(model, model.layer2).attribute(x, unit)
     assert_parity(("gradient(neuron)", "NeuronGradient"), ours, theirs)
+
+
+class TokenModel(torch.nn.Module):
+    """A token layer: embedding -> (tokens, dim) -> linear per token -> mean -> classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(12, 4)
+        self.mix = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embedding(ids))).mean(1))
+
+
+def test_token_layers_with_integer_inputs():
+    """captum's LayerIntegratedGradients on an embedding (its most common use): token ids in, a
+    pad-token baseline, attributions per token and dimension; and a dense layer over tokens."""
+    torch.manual_seed(0)
+    model = TokenModel().double().eval()
+    f, params = fxattr.functionalize(model)
+    ids = torch.tensor([[1, 5, 7, 2, 9], [3, 3, 11, 0, 4]])
+    t = torch.tensor([2, 0])
+    pad = torch.zeros_like(ids)
+    ours = batched(L.layer_integrated_gradients(f, layer="embedding", steps=10, baseline=0), params, ids, t)
+    theirs = captum.LayerIntegratedGradients(model, model.embedding).attribute(ids, pad, target=t, n_steps=10)
+    assert ours.shape == (2, 5, 4)
+    assert_parity(("layer_integrated_gradients", "LayerIntegratedGradients"), ours, theirs)
+    ours = batched(L.layer_gradient_x_activation(f, layer="mix"), params, ids, t)
+    theirs = captum.LayerGradientXActivation(model, model.mix).attribute(ids, target=t)
+    assert_parity(("layer_gradient_x_activation", "LayerGradientXActivation"), ours, theirs)
+    mask = torch.arange(5)[:, None].expand(5, 4)  # one group per token
+    ours = batched(L.layer_feature_ablation(f, layer="embedding", layer_mask=mask), params, ids, t)
+    theirs = captum.LayerFeatureAblation(model, model.embedding).attribute(ids, target=t, layer_mask=mask[None])
+    assert_parity(("layer_feature_ablation", "LayerFeatureAblation"), ours, theirs)
+    # an input-space path over token ids is meaningless: a clear error
+    with pytest.raises(fxattr.FxattrError, match="floating-point"):
+        L.layer_conductance(f, layer="embedding")(params, ids[0], 0)
