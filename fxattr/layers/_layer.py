@@ -29,8 +29,10 @@ gradient of the head evaluated at points of an input-space path:
 ``attribute_to_layer_input=True`` cuts at the value the layer reads instead of the value it returns
 (captum replaces the input of the module's forward alone; when that value is also read outside the
 layer, the cut would change more than the layer's input, and that is an error).
-``layer`` may be a list: one attribution per layer, returned as a tuple (each layer costs its own
-passes). A layer returning a tuple is an error naming it (name one graph node instead).
+``layer`` may be a list: one attribution per layer, each computed with the other layers left as
+they are, returned as a tuple (each layer costs its own passes). captum's
+``LayerIntegratedGradients`` with a list of layers instead interpolates all of them AT ONCE; for
+layers on separate branches that is a different quantity, so a list here is not that. A layer returning a tuple is an error naming it (name one graph node instead).
 
 Every explainer is ``explain(params, x, target=None)`` of ONE example and composes with
 ``torch.vmap`` (batches, and, for neurons, see :mod:`fxattr.layers`), ``torch.func.grad``
@@ -45,15 +47,33 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from fxattr._explainer import check_bool, check_choice, check_int, explainer, fixed_target
+from fxattr._explainer import (
+    check_bool,
+    check_choice,
+    check_int,
+    explainer,
+    fixed_target,
+)
 from fxattr.errors import check_finite, fail
 from fxattr.layers._cut import cuts
 from fxattr.targets import check_target, select
 
-__all__ = ["internal_influence", "layer_activation", "layer_conductance", "layer_deeplift",
-           "layer_deeplift_shap", "layer_feature_ablation", "layer_gradient_shap",
-           "layer_gradient_x_activation", "layer_integrated_gradients", "layer_lrp", "quadrature_points",
-           "check_layer_baseline", "grad_at_layer", "input_baseline"]
+__all__ = [
+    "check_layer_baseline",
+    "grad_at_layer",
+    "input_baseline",
+    "internal_influence",
+    "layer_activation",
+    "layer_conductance",
+    "layer_deeplift",
+    "layer_deeplift_shap",
+    "layer_feature_ablation",
+    "layer_gradient_shap",
+    "layer_gradient_x_activation",
+    "layer_integrated_gradients",
+    "layer_lrp",
+    "quadrature_points",
+]
 
 
 # ---------------------------------------------------------------------------------------- shared
@@ -335,18 +355,16 @@ def layer_gradient_shap(f, *, layer, baselines: Tensor, samples: int = 16, sigma
     return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
 
 
-def _graph_method(where, f, layer, attribute_to_layer_input, config, make, shared_baselines=None):
+def _graph_method(where, f, layer, attribute_to_layer_input, config, make):
     """A graph-based explainer (``make(head_model, baseline)``) run on the head's own graph with
     ``(activation, x)`` as its input; the activation's part of the result is returned."""
 
     def per_cut(cut, params, x, target):
-        head_model = cut.head_model
         a = cut.body(params, x)
         inner = make(cut, params, x)
         return cut.activation_part(inner(params, cut.head_input(a, x), target))
 
-    explain = _build(where, f, layer, attribute_to_layer_input, config, per_cut)
-    return explain
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
 
 
 def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float = 1e-10,

@@ -29,7 +29,12 @@ from torch import Tensor
 from fxattr._explainer import check_bool, check_int, explainer, fixed_target
 from fxattr.errors import fail
 from fxattr.layers._cut import cuts
-from fxattr.layers._layer import quadrature_points, check_layer_baseline, grad_at_layer, input_baseline
+from fxattr.layers._layer import (
+    check_layer_baseline,
+    grad_at_layer,
+    input_baseline,
+    quadrature_points,
+)
 from fxattr.targets import check_target, select
 
 __all__ = ["flat_index", "neuron", "neuron_conductance"]
@@ -56,9 +61,8 @@ def neuron(f, *, layer, attribute_to_layer_input: bool = False):
     where = "neuron"
     check_bool(where, "attribute_to_layer_input", attribute_to_layer_input)
     layer_cuts, many = cuts(where, f, layer, attribute_to_layer_input)
-    if many:
-        if len(layer_cuts) != 1:
-            raise fail(where, f"layer must be one layer, got a list of {len(layer_cuts)}")
+    if many and len(layer_cuts) != 1:
+        raise fail(where, f"layer must be one layer, got a list of {len(layer_cuts)}")
     return layer_cuts[0].body_model
 
 
@@ -125,9 +129,11 @@ def neuron_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str =
         def at(t):
             point = base + t * diff
             # d n / d x at the point, and the activation for the head's gradient
-            unit_grad, a = torch.func.grad(
-                lambda p: (lambda act: (select(where, act, neuron), act))(cut.body(params, p)),
-                has_aux=True)(point)
+            def unit(p):
+                act = cut.body(params, p)
+                return select(where, act, neuron), act
+
+            unit_grad, a = torch.func.grad(unit, has_aux=True)(point)
             mid = select(where, grad_at_layer(where, cut.head, params, point, a, target), neuron)
             return mid * unit_grad
 

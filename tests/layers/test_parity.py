@@ -254,8 +254,15 @@ def test_neuron_methods_on_a_cnn(pool, cnn, cnn_max):
         ]
     for explain, theirs in cases:
         ours = batched(explain, params, x, units)
-        assert_parity((explain.__name__, "Neuron" + type(theirs).__name__), ours, theirs) if False else \
-            assert_parity((f"{explain.__name__}(neuron)", _captum_name(explain.__name__)), ours, theirs)
+        assert_parity((f"{explain.__name__}(neuron)", _captum_name(explain.__name__)), ours, theirs)
+    # attribute_to_neuron_input: a unit of the value the layer reads
+    f_input = L.neuron(f, layer="features.2", attribute_to_layer_input=True)
+    unit_in = _live_unit(model.features[:2], x)
+    units_in = torch.full((x.shape[0],), L.flat_index((4, 6, 6), unit_in))
+    ours = batched(fxattr.integrated_gradients(f_input, steps=12), params, x, units_in)
+    theirs = captum.NeuronIntegratedGradients(model, layer).attribute(x, unit_in, n_steps=12,
+                                                                      attribute_to_neuron_input=True)
+    assert_parity(("integrated_gradients(neuron)", "NeuronIntegratedGradients"), ours, theirs)
     explain = L.neuron_conductance(f, layer="features.2", steps=12)
     ours = torch.vmap(explain, in_dims=(None, 0, 0, 0))(params, x, t, units)
     theirs = captum.NeuronConductance(model, layer).attribute(x, unit, target=t, n_steps=12, method="gausslegendre")
@@ -271,7 +278,7 @@ def _captum_name(name):
 
 def test_neuron_gradient_shap_and_callable_selector(cnn, monkeypatch):
     import numpy as np
-    model, f, params, x, t = cnn
+    model, f, params, x, _ = cnn
     layer = model.features[2]
     f_layer = L.neuron(f, layer="features.2")
     refs = inputs(4, seed=5)
@@ -280,7 +287,7 @@ def test_neuron_gradient_shap_and_callable_selector(cnn, monkeypatch):
     index = torch.randint(4, (samples,), generator=generator)
     alpha = torch.rand(samples, generator=generator, dtype=torch.float64)
     explain = fxattr.gradient_shap(f_layer, baselines=refs, samples=samples)
-    selector = lambda a: a[1].sum()  # noqa: E731 - captum's callable neuron_selector, per example
+    selector = lambda a: a[1].sum()
     ours = explain(params, x[0], selector, noise={"index": index, "alpha": alpha})
     monkeypatch.setattr(np.random, "choice", lambda n, k: index.numpy())
     monkeypatch.setattr(np.random, "uniform", lambda lo, hi, n: alpha.numpy())
