@@ -170,6 +170,13 @@ def test_layer_methods_on_resnet18(resnet):
             extra = {"target": t} if targeted else {}
             theirs = cls(model, module).attribute(x, **extra, **ckw, **kw)
             assert_parity((name, cls.__name__), ours, theirs)
+    # DeepLIFT on the head's graph (captum cannot run resnet: one ReLU module called twice per
+    # block): where the head reads only the activation, the attributions sum to f(x) - f(0)
+    with torch.no_grad():
+        delta = model(x).gather(1, t[:, None])[:, 0] - model(torch.zeros_like(x)).gather(1, t[:, None])[:, 0]
+    for layer in ["layer2", "layer4"]:
+        ours = batched(L.layer_deeplift(f, layer=layer), params, x, t)
+        torch.testing.assert_close(ours.flatten(1).sum(1), delta)
     mask = torch.arange(512).reshape(512, 1, 1) // 64
     ours = batched(L.layer_feature_ablation(f, layer="layer4.1", layer_mask=mask,
                                             attribute_to_layer_input=True), params, x, t)
