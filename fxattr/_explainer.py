@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fxattr.errors import api_boundary, check_finite, fail
+from fxattr.functional import CAPTURE_LOCK
 from fxattr.targets import readable, select
 
 Explainer = Callable[..., Any]
@@ -69,8 +70,9 @@ def explainer(name: str, f, config: dict, fn: Explainer, *, boundary: str | None
             target = args[0] if args else kwargs.get("target")
             target = target if callable(target) and not isinstance(target, torch.Tensor) else 0
             return tree_map(torch.zeros_like, fn(params, zero, target))
-        check_call(f, params, x, integer_x=integer_x)
-        return fn(params, x, *args, **kwargs)
+        with CAPTURE_LOCK.reading():  # never beside a graph capture in another thread
+            check_call(f, params, x, integer_x=integer_x)
+            return fn(params, x, *args, **kwargs)
 
     wrapped = api_boundary(boundary or name)(checked)
     wrapped.__name__ = wrapped.__qualname__ = name

@@ -15,6 +15,7 @@ at once; the user's module is never written, not even for an instant. Building g
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from fxattr.errors import FxattrError, api_boundary, fail
 
-__all__ = ["CAPTURE_LOCK", "FunctionalModel", "differentiable", "functionalize", "stateless_view"]
+__all__ = ["CAPTURE_LOCK", "CaptureLock", "FunctionalModel", "differentiable", "functionalize", "stateless_view"]
 
 
 class EvalBatchNormAsElementwise(TorchFunctionMode):
@@ -72,9 +73,70 @@ def batch_norm_affine(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Te
     return scale, shift
 
 
-CAPTURE_LOCK = threading.RLock()
-"""Held while a graph is captured (torch.fx patches ``nn.Module.__call__`` process-wide while it
-traces): graph explainers are built one at a time, whichever thread builds them."""
+class CaptureLock:
+    """A readers-writer lock between graph capture and model evaluation.
+
+    torch.fx patches ``nn.Module.__call__`` process-wide while it traces, so a capture must run
+    alone: not beside another capture, and not beside any forward pass in another thread (whose
+    module calls the tracer would intercept). ``with CAPTURE_LOCK:`` is the writer (hold it
+    around ``fxattr.graph.trace`` / ``split``: re-entrant in its thread); ``CAPTURE_LOCK.reading()``
+    is a reader (every explainer call and every ``f(params, x)`` takes it: readers run together,
+    only a capture waits for them and they wait for a capture). A thread that already reads may
+    capture (it does not wait for itself).
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = None
+        self._writer_depth = 0
+        self._local = threading.local()
+
+    def __enter__(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                self._writer_depth += 1
+                return self
+            mine = 1 if getattr(self._local, "counted", False) else 0
+            while self._writer is not None or self._readers - mine > 0:
+                self._cond.wait()
+            self._writer, self._writer_depth = me, 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._writer_depth -= 1
+            if self._writer_depth == 0:
+                self._writer = None
+                self._cond.notify_all()
+        return False
+
+    @contextlib.contextmanager
+    def reading(self):
+        local = self._local
+        if getattr(local, "depth", 0) or self._writer == threading.get_ident():
+            local.depth = getattr(local, "depth", 0) + 1
+            try:
+                yield
+            finally:
+                local.depth -= 1
+            return
+        with self._cond:
+            while self._writer is not None:
+                self._cond.wait()
+            self._readers += 1
+        local.depth, local.counted = 1, True
+        try:
+            yield
+        finally:
+            local.depth, local.counted = 0, False
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+
+CAPTURE_LOCK = CaptureLock()
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 _DROPOUTS = (nn.modules.dropout._DropoutNd,)
@@ -257,9 +319,14 @@ class FunctionalModel:
                                   f"model.to({t.dtype}) before fxattr.functionalize)")
 
     def __call__(self, params: Mapping[str, Tensor], x) -> Tensor:
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return self._call(params, x)
+        with CAPTURE_LOCK.reading():  # never beside a graph capture in another thread
             self.check_training()
             self.check_dtype(params, x)
+            return self._call(params, x)
+
+    def _call(self, params, x) -> Tensor:
         batched = _add_batch_axis(x) if isinstance(x, (Tensor, tuple, dict, list)) else x
         if isinstance(batched, tuple):
             args, kwargs = batched, {}

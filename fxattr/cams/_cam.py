@@ -45,6 +45,7 @@ from fxattr._explainer import (
     fixed_target,
 )
 from fxattr.errors import api_boundary, fail
+from fxattr.functional import CAPTURE_LOCK
 from fxattr.targets import check_index, check_target, select, take
 
 __all__ = ["cam", "gradcam", "gradcam_plus_plus", "guided_gradcam", "layercam", "scorecam", "xgradcam"]
@@ -76,8 +77,9 @@ def _module_name(where: str, f, module: nn.Module) -> str:
 
 
 def _split_layers(where: str, f, names):
-    from fxattr import graph
-    return [graph.split(f, name, where=where) for name in names]
+    from fxattr import graph  # graph imports torch.fx; load it only when needed
+    with CAPTURE_LOCK:  # torch.fx patches nn.Module.__call__ while it traces: one capture at a time
+        return [graph.split(f, name, where=where) for name in names]
 
 
 def _check_options(where, relu, upsample, interpolate, normalize):

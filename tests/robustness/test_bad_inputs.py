@@ -230,3 +230,37 @@ def test_totals():
     for problem in PROBLEMS:
         print("  ", problem)
     assert not PROBLEMS
+
+
+class _TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.conv2(self.relu(self.conv(x)))
+        return self.head(h.mean((2, 3))), h
+
+
+@pytest.mark.parametrize("name", sorted(set(BUILDERS) - {"cam"}))
+def test_a_model_returning_a_tuple_is_a_clear_error(name):
+    """``output=`` chooses one tensor; without it every explainer says so under its own name.
+    (CAM never evaluates the output: it reads the classifier's weight row, so it is exempt.)"""
+    torch.manual_seed(0)
+    f, params = fxattr.functionalize(_TupleOut().eval())
+    expected_name = BOUNDARY.get(name, name)
+    builders = dict(BUILDERS, gradcam=lambda f, s: fxattr.gradcam(f, layer="conv2"),
+                    layercam=lambda f, s: fxattr.layercam(f, layer="conv2"),
+                    scorecam=lambda f, s: fxattr.scorecam(f, layer="conv2"),
+                    cam=lambda f, s: fxattr.cam(f, layer="conv2"))
+    try:
+        explain = builders[name](f, SHAPES["cnn"])
+        torch.vmap(explain, in_dims=(None, 0, 0), randomness="same")(params, batch("cnn", torch.float32), torch.tensor([0, 1, 2]))
+    except fxattr.FxattrError as error:
+        assert str(error).startswith(f"fxattr.{expected_name}: "), str(error)
+        assert "output" in str(error) or "tuple" in str(error), str(error)
+    else:
+        pytest.fail("a tuple output was explained")
