@@ -21,6 +21,7 @@ from fxattr.gradients import (QUADRATURES, expected_gradients, gradient, gradien
                               random, smoothgrad, smoothgrad_sq, vargrad)
 from fxattr.perturbation import (feature_ablation, kernel_shap, lime, occlusion, rise, rise_masks,
                                  shapley_value_sampling, shapley_values)
+from fxattr.propagation import crp, crp_reference_samples
 from fxattr.propagation import (deconvnet, deep_taylor, deep_taylor_bounded, deeplift, deeplift_shap,
                                 guided_backprop, load_patterns, lrp, pattern_attribution, patternnet,
                                 save_patterns)
@@ -36,6 +37,8 @@ __all__ = [
     "attribute_dataset",
     "cam",
     "create_analyzer",
+    "crp",
+    "crp_reference_samples",
     "deconvnet",
     "deep_taylor",
     "deep_taylor_bounded",

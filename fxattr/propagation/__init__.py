@@ -2,13 +2,15 @@
 DeepLIFT / DeepLiftShap, PatternNet / PatternAttribution — reverse passes over the captured graph."""
 
 from fxattr.propagation import composites, rules
+from fxattr.propagation._crp import ConceptAttribution, ReferenceSamples, crp, crp_reference_samples
 from fxattr.propagation._deeplift import deeplift, deeplift_shap
 from fxattr.propagation._lrp import (Composite, LayerInfo, deconvnet, deep_taylor, deep_taylor_bounded,
                                      guided_backprop, lrp)
 from fxattr.propagation._pattern import load_patterns, pattern_attribution, patternnet, save_patterns
 
 __all__ = [
-    "Composite", "LayerInfo", "composites", "deconvnet", "deep_taylor", "deep_taylor_bounded",
+    "Composite", "ConceptAttribution", "LayerInfo", "ReferenceSamples", "composites", "crp",
+    "crp_reference_samples", "deconvnet", "deep_taylor", "deep_taylor_bounded",
     "deeplift", "deeplift_shap", "guided_backprop", "load_patterns", "lrp", "pattern_attribution",
     "patternnet", "rules", "save_patterns",
 ]
