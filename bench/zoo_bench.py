@@ -62,7 +62,7 @@ def zoo_table(models) -> str:
     lines = [header, "|" + "---|" * (len(PROPAGATION_METHODS) + 2)]
     for name in models:
         model, xs = build(name)
-        f, params = fxattr.functionalize(model)
+        f, params = fxattr.functionalize(model, input_shape=tuple(xs.shape[1:]))
         with torch.no_grad():
             targets = model(xs).argmax(-1)
         cells = [_cell(m, model, f, params, xs, targets) for m in ("gradient",) + PROPAGATION_METHODS]

@@ -681,8 +681,9 @@ def _secant_vjp(fn, x, x0, multiplier):
 
 
 def bilinear_lrp_reverse(view, relevance):
-    """LRP of matmul / bmm / einsum: AttnLRP's uniform rule with two data operands (``x @ x^T``:
-    half per occurrence), the z rule through the map with one (``x @ W``)."""
+    """LRP of matmul / bmm / einsum / addmm: AttnLRP's uniform rule with two data operands (``x @ x^T``:
+    half per occurrence), the z rule through the map with one (``x @ W``, ``b + x @ W``: the bias in
+    the denominator, as the epsilon rule of a dense layer)."""
     if len(view.inputs) == 1:
         (x,) = view.inputs
         occurrences = sum(a is x for a in list(view.args) + list(view.kwargs.values()))
@@ -983,7 +984,8 @@ def _swin_pieces(view):
         region = region.view(pad_h // wh, wh, pad_w // ww, ww).permute(0, 2, 1, 3).reshape(windows, length)
         mask = region.unsqueeze(1) - region.unsqueeze(2)
         mask = torch.where(mask != 0, torch.full_like(mask, -100.0), torch.zeros_like(mask))
-        bias = (bias.unsqueeze(0) + mask.unsqueeze(1)).repeat(batch, 1, 1, 1)  # (B * nW, heads, L, L)
+        # relative_position_bias is (1, heads, L, L); windows are batch-major: (B * nW, heads, L, L)
+        bias = (bias.reshape(-1, length, length) + mask.unsqueeze(1)).repeat(batch, 1, 1, 1)
 
     def qkv_fn(t):
         return F.linear(t, b["qkv_weight"], b["qkv_bias"])
@@ -1052,7 +1054,9 @@ KINDS = {
                 {"lrp": product_lrp_reverse, "deeplift": bilinear_deeplift_reverse}),
     "quotient": ({operator.truediv, torch.div, torch.true_divide}, {"div", "__truediv__"}, (), _two_data,
                  {"lrp": quotient_lrp_reverse, "deeplift": quotient_deeplift_reverse}),
-    "bilinear": ({torch.matmul, operator.matmul, torch.bmm, torch.einsum}, {"matmul", "bmm", "__matmul__"}, (), None,
+    # addmm / baddbmm (GPT-2's Conv1D: bias + x @ W): the bias is a constant of the map
+    "bilinear": ({torch.matmul, operator.matmul, torch.bmm, torch.einsum, torch.addmm, torch.baddbmm, torch.addbmm},
+                 {"matmul", "bmm", "__matmul__", "addmm", "baddbmm"}, (), None,
                  {"lrp": bilinear_lrp_reverse, "deeplift": bilinear_deeplift_reverse}),
     "elementwise": ({torch.rsqrt, torch.sqrt, torch.exp, torch.log, torch.square, torch.reciprocal, torch.erf,
                      torch.pow, operator.pow, torch.abs, torch.log1p, torch.expm1, torch.sin, torch.cos},
