@@ -73,7 +73,7 @@ CNN_ONLY = {"gradcam", "layercam", "scorecam", "cam"}
 BOUNDARY = {"smoothgrad": "noise_tunnel", "vargrad": "noise_tunnel", "lrp_composite": "lrp"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(kind: str, dtype: torch.dtype, name: str):
     model = MODELS[kind](dtype)
     f, params = fxattr.functionalize(model)
@@ -172,7 +172,7 @@ PAIRS = [(name, kind) for name in BUILDERS for kind in ("mlp", "cnn")
 
 def classify(name: str, kind: str, dtype: torch.dtype, case: str) -> str:
     call, expect = CASES[case]
-    model, f, params, explain = setup(kind, dtype, name)
+    model, _, params, explain = setup(kind, dtype, name)
     expected_name = BOUNDARY.get(name, name)
     torch.manual_seed(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
