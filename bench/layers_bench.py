@@ -18,13 +18,13 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fxattr  # noqa: E402
-import fxattr.layers as L  # noqa: E402
-from tests.layers.models import resnet18  # noqa: E402
+import fxattr
+import fxattr.layers as L
+from tests.layers.models import resnet18
 
 
 def timed(fn, repeats):

@@ -267,3 +267,18 @@ def test_layer_returning_a_tuple():
     out = out.detach().requires_grad_()
     (g,) = torch.autograd.grad(model.fc(out[:, -1])[0, 1], out)
     torch.testing.assert_close(ours, (out * g)[0].detach())
+
+
+def test_empty_batch_and_default_target():
+    """vmap over zero examples gives an empty result of the layer's shape without running the
+    model; target=None explains the argmax at x."""
+    model = small_cnn(pool="avg")
+    f, params = fxattr.functionalize(model)
+    xs = inputs(2)
+    for explain in [L.layer_integrated_gradients(f, layer="features.2", steps=4),
+                    L.layer_deeplift(f, layer="features.2"), L.layer_feature_ablation(f, layer="features.2"),
+                    L.layer_lrp(f, layer="features.2", rule="epsilon")]:
+        empty = torch.vmap(explain, in_dims=(None, 0, 0))(params, xs[:0], torch.zeros(0, dtype=torch.long))
+        assert empty.shape == (0, 5, 6, 6)
+        argmax = int(model(xs[:1]).argmax())
+        torch.testing.assert_close(explain(params, xs[0]), explain(params, xs[0], argmax))
