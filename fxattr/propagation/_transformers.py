@@ -38,7 +38,10 @@ gradient x input is the same thing).
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 from fxattr.errors import fail
@@ -73,13 +76,49 @@ def addmm_lrp(view, relevance):
     return op_rules.linear_lrp(view.fn, view.inputs, relevance, epsilon=0.0, output=view.output)
 
 
+_registered = False
+
+
+def _node_args(node) -> tuple:
+    # the fx node's arguments read as a plain attribute: torch.compile does not trace the
+    # ``Node.args`` property (torch.fx is on dynamo's skip list), and these structural reads run
+    # inside the explainer
+    return node._args
+
+
+def register_kinds() -> None:
+    """Adds the operations of Hugging Face models the catalogue lacks (once): ``torch.addmm``
+    (GPT-2's ``Conv1D``: LRP-0, DeepLIFT through its transpose), ``Tensor.split`` and the dtype cast
+    ``Tensor.type`` (routings: every method by the vector-Jacobian product)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from fxattr.graph import OpKind, register, registered_kinds
+    from fxattr.propagation._engine import register_reverse
+
+    known = {kind.name for kind in registered_kinds()}
+    table = {
+        "addmm": ({torch.addmm}, set(), {"lrp": addmm_lrp, "deeplift": op_rules.linear_deeplift_reverse}),
+        "split_cast": ({torch.split}, {"split", "type"}, {"lrp": op_rules.route_reverse,
+                                                          "deeplift": op_rules.route_reverse}),
+    }
+    for name, (functions, methods, reverses) in table.items():
+        if name in known:
+            continue
+        register(OpKind(name, functions=functions, methods=methods, modules=(),
+                        accepts=lambda node, data_refs: data_refs == 1))
+        for method, fn in reverses.items():
+            register_reverse(method, name, fn)
+
+
 def _producer(node):
     """The node that computed ``node``'s value, walking back through dropout and dtype casts."""
-    while getattr(node, "op", None) in ("call_function", "call_method") and node.args:
+    while getattr(node, "op", None) in ("call_function", "call_method") and _node_args(node):
         passes = node.target in _PASS_FUNCTIONS if node.op == "call_function" else node.target in _PASS_METHODS
         if not passes:
             break
-        node = node.args[0]
+        node = _node_args(node)[0]
     return node
 
 
@@ -111,7 +150,7 @@ def cp_bilinear_lrp(view, relevance):
     """CP-LRP on a matmul: with the attention weights (a softmax's output) as one operand, they are
     constant and the values take all of the relevance; otherwise AttnLRP's uniform rule."""
     if len(view.inputs) == 2:
-        constant = tuple(_is_softmax(n) for n in view.node.args[:2])
+        constant = tuple(_is_softmax(n) for n in _node_args(view.node)[:2])
         if constant[0] != constant[1]:
             return _one_factor_constant(view, relevance, constant)
     return op_rules.bilinear_lrp_reverse(view, relevance)
@@ -119,12 +158,12 @@ def cp_bilinear_lrp(view, relevance):
 
 def cp_product_lrp(view, relevance):
     """CP-LRP on ``a * b``: an activated factor (SwiGLU's gate) is detached, the other takes all;
-    otherwise as AttnLRP (gates constant, else the uniform rule)."""
-    if len(view.inputs) == 2:
-        constant = tuple(_is_activation(n) for n in view.node.args[:2])
+    otherwise as AttnLRP (written-out activations, gates constant, else the uniform rule)."""
+    if len(view.inputs) == 2 and not _in_activation_module(view.node):
+        constant = tuple(_is_activation(n) for n in _node_args(view.node)[:2])
         if constant[0] != constant[1]:
             return _one_factor_constant(view, relevance, constant)
-    return op_rules.product_lrp_reverse(view, relevance)
+    return attnlrp_product_lrp(view, relevance)
 
 
 def cp_sdpa_lrp(view, relevance):
@@ -144,12 +183,59 @@ def cp_sdpa_lrp(view, relevance):
     return tuple(r_v if i in position else torch.zeros_like(t) for i, t in enumerate(view.inputs))
 
 
+def _module_type(node):
+    stack = node.meta.get("nn_module_stack") if hasattr(node, "meta") else None
+    return list(stack.values())[-1][1] if stack else None
+
+
+def _in_activation_module(node) -> bool:
+    kind = _module_type(node)
+    return isinstance(kind, type) and (kind.__module__ == "transformers.activations"
+                                       or kind.__module__.startswith("torch.nn.modules.activation"))
+
+
+def _scaled_outer_input(factor, activation) -> bool:
+    # ``c * z`` (or ``z * c``) with ``z`` computed outside the activation module: the factor that
+    # carries the activation's input in a written-out GELU ``(0.5 z) * (1 + tanh(...))``
+    if getattr(factor, "op", None) != "call_function" or factor.target not in (operator.mul, torch.mul):
+        return False
+    nodes = [a for a in _node_args(factor) if isinstance(a, torch.fx.Node)]
+    return len(nodes) == 1 and _module_type(nodes[0]) is not activation
+
+
+def written_out_activation_lrp(view, relevance, otherwise):
+    """The identity rule on an activation that a capture wrote out as element-wise ops (GPT-2's
+    ``gelu_new``: ``(0.5 z) * (1 + tanh(...))``), at the product that ends it: the factor ``c z``
+    takes ``R * c z / (c z + c 1e-10)`` (= ``R z / (z + 1e-10)``), the rest none. Products not
+    recognised this way go to ``otherwise``."""
+    node = view.node
+    if len(view.inputs) == 2 and _in_activation_module(node):
+        activation = _module_type(node)
+        signal = [_scaled_outer_input(a, activation) for a in _node_args(node)[:2]]
+        if signal[0] != signal[1]:
+            factor_node = _node_args(node)[0] if signal[0] else _node_args(node)[1]
+            constant = next(a for a in _node_args(factor_node) if not isinstance(a, torch.fx.Node))
+            a, b = view.inputs
+            carried = a if signal[0] else b
+            r = relevance * carried / (carried + constant * IDENTITY_EPSILON)
+            return (r, torch.zeros_like(b)) if signal[0] else (torch.zeros_like(a), r)
+    return otherwise(view, relevance)
+
+
+def attnlrp_product_lrp(view, relevance):
+    """AttnLRP on ``a * b``: a written-out activation's last product by the identity rule
+    (:func:`written_out_activation_lrp`), otherwise the engine's rule (a sigmoid / softmax / rsqrt
+    factor is a constant gate, else the uniform rule)."""
+    return written_out_activation_lrp(view, relevance, op_rules.product_lrp_reverse)
+
+
 def transformer_composite(variant: str) -> Composite:
     """The composite of ``variant`` (``"attnlrp"`` or ``"cp_lrp"``): LRP-0 (``rules.z()``) on every
     kernel layer and addition, the operation rules of the module docstring."""
     if variant not in VARIANTS:
         raise fail("lrp", f"variant must be one of {VARIANTS}, got {variant!r}")
-    operations = {"activation": activation_identity_lrp, "addmm": addmm_lrp}
+    register_kinds()
+    operations = {"activation": activation_identity_lrp, "product": attnlrp_product_lrp}
     if variant == "cp_lrp":
         operations.update(bilinear=cp_bilinear_lrp, product=cp_product_lrp, attention=cp_sdpa_lrp)
     return Composite(kinds={"conv": R.z(), "linear": R.z(), "add": R.z(), "avgpool": R.z()},

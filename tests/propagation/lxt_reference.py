@@ -2,10 +2,10 @@
 
 LXT patches transformers' modules and classes globally (and its own ``lxt.efficient`` package does
 not import under transformers 5), so the tests never import it: they run this file as a script,
-``python lxt_reference.py KIND VARIANT DTYPE OUT``, which builds the same model as :func:`build`,
+``python lxt_reference.py VARIANT OUT``, which builds the same model as :func:`build`,
 applies LXT's rules (its own functions: ``identity_rule_implicit``, ``divide_gradient``,
 ``stop_gradient``, its LayerNorm / RMSNorm / gated-MLP forwards and attention wrappers) and saves
-``{"x": inputs, "target": targets, "relevance": inputs * grad}`` to OUT.
+``{(kind, dtype): {"x": inputs, "target": targets, "relevance": inputs * grad}}`` to OUT.
 """
 
 from __future__ import annotations
@@ -103,9 +103,14 @@ def _patch(kind: str, variant: str) -> None:
         modeling.ViTMLP.forward = lambda self, h: self.fc2(identity(self.activation_fn, self.fc1(h)))
 
 
+_patched: set = set()
+
+
 def reference(kind: str, variant: str, dtype: torch.dtype) -> dict:
     """LXT's relevance (gradient x input of the patched model, seeded with 1 at the target logit)."""
-    _patch(kind, variant)
+    if kind not in _patched:
+        _patch(kind, variant)
+        _patched.add(kind)
     model, x, target, name = build(kind, dtype)
     x = x.clone().requires_grad_(True)
     logits = Logits(model, name)(x)
@@ -113,7 +118,14 @@ def reference(kind: str, variant: str, dtype: torch.dtype) -> dict:
     return {"x": x.detach(), "target": target, "relevance": (x * x.grad).detach(), "logits": logits.detach()}
 
 
+def references(variant: str, dtypes=(torch.float64, torch.float32)) -> dict:
+    """``{(kind, dtype name): reference(kind, variant, dtype)}`` for every kind (LXT's patches of one
+    variant touch disjoint classes per kind, so one process serves them all)."""
+    return {(kind, str(dtype).removeprefix("torch.")): reference(kind, variant, dtype)
+            for kind in KINDS for dtype in dtypes}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    kind_, variant_, dtype_, out_ = sys.argv[1:5]
-    torch.save(reference(kind_, variant_, getattr(torch, dtype_)), out_)
+    variant_, out_ = sys.argv[1:3]
+    torch.save(references(variant_), out_)

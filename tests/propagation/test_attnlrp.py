@@ -1,0 +1,173 @@
+"""AttnLRP / CP-LRP (``fxattr.lrp(f, composite="attnlrp" | "cp_lrp")``) against LXT 2.1's efficient
+mode on tiny random BERT, GPT-2, Llama-style and ViT models, under ``torch.vmap``.
+
+LXT patches transformers globally, so its relevances come from a separate process
+(``lxt_reference.py``, one per variant, every model and dtype); nothing here imports lxt.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fxattr
+
+pytest.importorskip("transformers")
+pytest.importorskip("lxt")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import lxt_reference as lxt_ref  # noqa: E402  (the seeded models; imports no lxt)
+
+KINDS = lxt_ref.KINDS
+VARIANTS = ("attnlrp", "cp_lrp")
+# float64 bar: 1e-8, except where the model's own eager code computes in float32 whatever the
+# weights' dtype (Llama's RMSNorm and softmax, ViT's softmax: `dtype=torch.float32`), where LXT's
+# float32 backward through them and fxattr's float64 rules differ by ~2e-7 (measured)
+FLOAT64_BAR = {"bert": 1e-8, "gpt2": 1e-8, "llama": 1e-6, "vit": 1e-6}
+FLOAT32_BAR = 1e-4
+
+
+@pytest.fixture(scope="module")
+def lxt_relevance(tmp_path_factory):
+    """``{(variant, kind, dtype name): reference}`` from one LXT process per variant (run concurrently)."""
+    folder = tmp_path_factory.mktemp("lxt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    jobs = {v: subprocess.Popen([sys.executable, os.path.join(HERE, "lxt_reference.py"), v, str(folder / f"{v}.pt")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for v in VARIANTS}
+    out = {}
+    for variant, job in jobs.items():
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err.decode()[-2000:]
+        for (kind, dtype), ref in torch.load(folder / f"{variant}.pt").items():
+            out[variant, kind, dtype] = ref
+    return out
+
+
+_captured: dict = {}
+
+
+def _captured_model(kind: str, dtype: torch.dtype, attn: str = "eager"):
+    key = (kind, dtype, attn)
+    if key not in _captured:
+        model, x, target, name = lxt_ref.build(kind, dtype, attn)
+        f, params = fxattr.functionalize(lxt_ref.Logits(model, name).eval(), input_shape=tuple(x.shape[1:]))
+        _captured[key] = (model, f, params, x, target)
+    return _captured[key]
+
+
+def _compare(relevance, reference):
+    a, b = relevance.flatten(1), reference.flatten(1)
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    relative = (a - b).abs().amax(1) / b.abs().amax(1)
+    return cosine, relative
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_lxt(lxt_relevance, variant, kind, dtype):
+    """Token (patch) relevance of the vmapped explainer equals LXT's per example: cosine >= 0.999,
+    max relative error <= 1e-8 in float64 (see FLOAT64_BAR) and <= 1e-4 in float32."""
+    ref = lxt_relevance[variant, kind, str(dtype).removeprefix("torch.")]
+    _, f, params, x, target = _captured_model(kind, dtype)
+    assert torch.equal(ref["x"], x) and torch.equal(ref["target"], target)
+    relevance = torch.vmap(fxattr.lrp(f, composite=variant), in_dims=(None, 0, 0))(params, x, target)
+    assert relevance.shape == x.shape and relevance.dtype == dtype
+    cosine, relative = _compare(relevance, ref["relevance"])
+    bar = FLOAT64_BAR[kind] if dtype == torch.float64 else FLOAT32_BAR
+    assert (cosine >= 0.999).all(), cosine
+    assert (relative <= bar).all(), relative
+    # the rules differ: AttnLRP and CP-LRP are not the same explanation
+    other = lxt_relevance[VARIANTS[1 - VARIANTS.index(variant)], kind, str(dtype).removeprefix("torch.")]
+    assert (relevance - other["relevance"]).abs().max() > 1e3 * bar * other["relevance"].abs().max()
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sdpa_attention_matches_lxt_eager(lxt_relevance, variant, kind):
+    """With ``scaled_dot_product_attention`` (its own rule, grouped-query heads for Llama) the
+    relevance equals LXT's on the eager model with the same weights."""
+    ref = lxt_relevance[variant, kind, "float64"]
+    _, f, params, x, target = _captured_model(kind, torch.float64, "sdpa")
+    relevance = torch.vmap(fxattr.lrp(f, composite=variant), in_dims=(None, 0, 0))(params, x, target)
+    cosine, relative = _compare(relevance, ref["relevance"])
+    assert (cosine >= 0.999).all() and (relative <= FLOAT64_BAR[kind]).all(), (cosine, relative)
+
+
+def _bias_free_gpt2():
+    model, x, target, name = lxt_ref.build("gpt2", torch.float64)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key.endswith("bias") or "wpe" in key:
+                p.zero_()
+    f, params = fxattr.functionalize(lxt_ref.Logits(model, name).eval(), input_shape=tuple(x.shape[1:]))
+    return model, f, params, x, target
+
+
+def test_cp_lrp_conserves_on_a_bias_free_model():
+    """CP-LRP on GPT-2 without biases and position embeddings: the relevance sums to the target
+    logit (the identity rule's 1e-10 aside); AttnLRP does not (the softmax's bias term)."""
+    model, f, params, x, target = _bias_free_gpt2()
+    logits = torch.vmap(f, in_dims=(None, 0))(params, x).gather(1, target[:, None])[:, 0]
+    cp = torch.vmap(fxattr.lrp(f, composite="cp_lrp"), in_dims=(None, 0, 0))(params, x, target)
+    torch.testing.assert_close(cp.flatten(1).sum(1), logits, rtol=1e-8, atol=0)
+    attn = torch.vmap(fxattr.lrp(f, composite="attnlrp"), in_dims=(None, 0, 0))(params, x, target)
+    assert ((attn.flatten(1).sum(1) - logits).abs() > 1e-6).any()
+
+
+def test_vmap_equals_loop_and_model_unchanged():
+    model, f, params, x, target = _captured_model("bert", torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    explain = fxattr.lrp(f, composite="attnlrp")
+    batched = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
+    looped = torch.stack([explain(params, x[i], target[i]) for i in range(len(x))])
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-14)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_second_order_against_finite_differences(variant):
+    """The explanation is an ordinary function of (params, x): its derivative w.r.t. the input
+    (gradcheck) and w.r.t. a parameter (torch.func.grad of a loss of it) match finite differences."""
+    _, f, params, x, target = _captured_model("bert", torch.float64)
+    explain = fxattr.lrp(f, composite=variant)
+    x0 = x[0].clone()
+
+    def of_x(t):
+        return explain(params, t, target[0])
+    # fast mode: the Jacobian along random directions, against finite differences
+    assert torch.autograd.gradcheck(of_x, (x0.requires_grad_(True),), eps=1e-6, atol=1e-7, rtol=1e-5,
+                                    fast_mode=True)
+
+    name = "model.classifier.weight"
+
+    def loss(weight):
+        r = explain({**params, name: weight}, x0.detach(), target[0])
+        return (r.sum(-1) * torch.arange(1.0, 1.0 + len(r), dtype=r.dtype)).square().sum()
+    weight = params[name]
+    grad = torch.func.grad(loss)(weight)
+    direction = torch.randn(weight.shape, dtype=weight.dtype, generator=torch.Generator().manual_seed(3))
+    h = 1e-6
+    numeric = (loss(weight + h * direction) - loss(weight - h * direction)) / (2 * h)
+    torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_presets_take_no_options():
+    _, f, *_ = _captured_model("bert", torch.float64)
+    with pytest.raises(fxattr.FxattrError, match=r"attnlrp.*no options.*epsilon"):
+        fxattr.lrp(f, composite="attnlrp", epsilon=0.1)
+    assert {"attnlrp", "cp_lrp"} <= set(fxattr.lrp.COMPOSITES)
+
+
+@pytest.mark.slow
+def test_compile_equals_eager():
+    _, f, params, x, target = _captured_model("gpt2", torch.float64)
+    batched = torch.vmap(fxattr.lrp(f, composite="attnlrp"), in_dims=(None, 0, 0))
+    compiled = torch.compile(batched, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(params, x, target), batched(params, x, target), rtol=1e-10, atol=1e-12)
