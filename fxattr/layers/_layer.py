@@ -54,7 +54,7 @@ from fxattr._explainer import (
     explainer,
     fixed_target,
 )
-from fxattr.errors import check_finite, fail
+from fxattr.errors import api_boundary, check_finite, fail
 from fxattr.layers._cut import cuts
 from fxattr.targets import check_target, select
 
@@ -112,12 +112,15 @@ def _check_common(where, f, attribute_to_layer_input):
     check_bool(where, "attribute_to_layer_input", attribute_to_layer_input)
 
 
-def _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=False):
+def _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=False, prepare=None):
     """The explainer: ``per_cut(cut, params, x, target)`` for each layer, a tuple for a list.
     ``integer_x``: x may hold token ids (methods that never differentiate w.r.t. x nor interpolate
     it, cut after an embedding)."""
     _check_common(where, f, attribute_to_layer_input)
     layer_cuts, many = cuts(where, f, layer, attribute_to_layer_input)
+    if prepare is not None:  # what can be built and checked once per layer, now
+        for cut in layer_cuts:
+            prepare(cut)
 
     def explain(params, x, target=None, *args, **kwargs):
         check_target(where, target)
@@ -139,6 +142,7 @@ def quadrature_points(where, method, steps):
 
 # --------------------------------------------------------------------------------------- methods
 
+@api_boundary("layer_activation")
 def layer_activation(f, *, layer, attribute_to_layer_input: bool = False):
     """The layer's activation (captum's ``LayerActivation``); ``target`` is ignored.
 
@@ -157,6 +161,7 @@ def layer_activation(f, *, layer, attribute_to_layer_input: bool = False):
                   lambda cut, params, x, target: cut.body(params, x), integer_x=True)
 
 
+@api_boundary("layer_gradient_x_activation")
 def layer_gradient_x_activation(f, *, layer, multiply_by_inputs: bool = True,
                                 attribute_to_layer_input: bool = False):
     """``a * d f[target] / da`` at the layer's activation ``a`` (captum's
@@ -180,6 +185,7 @@ def layer_gradient_x_activation(f, *, layer, multiply_by_inputs: bool = True,
                   {"multiply_by_inputs": multiply_by_inputs}, per_cut, integer_x=True)
 
 
+@api_boundary("layer_integrated_gradients")
 def layer_integrated_gradients(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
                                chunk_size: int | None = 4, multiply_by_inputs: bool = True,
                                attribute_to_layer_input: bool = False):
@@ -243,6 +249,7 @@ def _input_path(where, f, params, x, target, cut, baseline, alphas, chunk_size):
     return torch.vmap(at, chunk_size=chunk_size)(alpha)
 
 
+@api_boundary("layer_conductance")
 def layer_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
                       chunk_size: int | None = 4, attribute_to_layer_input: bool = False):
     """Conductance of each unit of the layer (Dhamdhere et al. 2018; captum's ``LayerConductance``).
@@ -271,6 +278,7 @@ def layer_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str = 
     return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
 
 
+@api_boundary("internal_influence")
 def internal_influence(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
                        chunk_size: int | None = 4, attribute_to_layer_input: bool = False):
     """Internal influence (Leino et al. 2018; captum's ``InternalInfluence``): the gradient w.r.t.
@@ -295,6 +303,7 @@ def internal_influence(f, *, layer, steps: int = 32, baseline=0.0, method: str =
     return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
 
 
+@api_boundary("layer_gradient_shap")
 def layer_gradient_shap(f, *, layer, baselines: Tensor, samples: int = 16, sigma: float = 0.0,
                         chunk_size: int | None = None, multiply_by_inputs: bool = True,
                         attribute_to_layer_input: bool = False):
@@ -355,7 +364,7 @@ def layer_gradient_shap(f, *, layer, baselines: Tensor, samples: int = 16, sigma
     return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
 
 
-def _graph_method(where, f, layer, attribute_to_layer_input, config, make):
+def _graph_method(where, f, layer, attribute_to_layer_input, config, make, prepare=None):
     """A graph-based explainer (``make(head_model, baseline)``) run on the head's own graph with
     ``(activation, x)`` as its input; the activation's part of the result is returned."""
 
@@ -364,9 +373,10 @@ def _graph_method(where, f, layer, attribute_to_layer_input, config, make):
         inner = make(cut, params, x)
         return cut.activation_part(inner(params, cut.head_input(a, x), target))
 
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, prepare=prepare)
 
 
+@api_boundary("layer_deeplift")
 def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float = 1e-10,
                    multiply_by_inputs: bool = True, attribute_to_layer_input: bool = False):
     """DeepLIFT attributions of the layer's units (captum's ``LayerDeepLift``).
@@ -409,6 +419,7 @@ def _divide(out, inp, ref):
     return tuple(_divide(o, i, r) for o, i, r in zip(out, inp, ref))
 
 
+@api_boundary("layer_deeplift_shap")
 def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", eps: float = 1e-10,
                         chunk_size: int | None = None, attribute_to_layer_input: bool = False):
     """DeepLIFT at the layer averaged over a set of input baselines (captum's
@@ -441,6 +452,7 @@ def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", e
     return _graph_method(where, f, layer, attribute_to_layer_input, config, make)
 
 
+@api_boundary("layer_lrp")
 def layer_lrp(f, *, layer, rule=None, composite=None, attribute_to_layer_input: bool = False,
               **options):
     """LRP relevance of the layer's units (captum's ``LayerLRP``): :func:`fxattr.lrp` with the
@@ -457,17 +469,17 @@ def layer_lrp(f, *, layer, rule=None, composite=None, attribute_to_layer_input: 
     from fxattr import lrp
     built = {}
 
+    def prepare(cut):  # the rules are checked and planned on the head's graph once, here
+        built[id(cut)] = lrp(cut.head_model, rule=rule, composite=composite, **options)
+
     def make(cut, params, x):
-        key = id(cut)
-        if key not in built:
-            built[key] = lrp(cut.head_model, rule=rule, composite=composite, **options)
-        return built[key]
+        return built[id(cut)]
 
     config = {"rule": rule, "composite": composite, **options}
-    explain = _graph_method(where, f, layer, attribute_to_layer_input, config, make)
-    return explain
+    return _graph_method(where, f, layer, attribute_to_layer_input, config, make, prepare=prepare)
 
 
+@api_boundary("layer_feature_ablation")
 def layer_feature_ablation(f, *, layer, layer_mask: Tensor | None = None, baseline=0.0,
                            chunk_size: int | None = 8, attribute_to_layer_input: bool = False):
     """Feature ablation of the layer's units (captum's ``LayerFeatureAblation``): each group of
@@ -491,17 +503,15 @@ def layer_feature_ablation(f, *, layer, layer_mask: Tensor | None = None, baseli
 
     ablations = {}
 
-    def per_cut(cut, params, x, target):
-        key = id(cut)
-        if key not in ablations:
-            ablations[key] = feature_ablation(model_of(cut), feature_mask=layer_mask, baseline=baseline,
+    def prepare(cut):  # feature_ablation checks its configuration here, once
+        ablations[id(cut)] = feature_ablation(model_of(cut), feature_mask=layer_mask, baseline=baseline,
                                               chunk_size=chunk_size)
+
+    def per_cut(cut, params, x, target):
         a = cut.body(params, x)
         if target is None:
             target = fixed_target(f, params, x, target)
-        return ablations[key]((params, x), a, target)
+        return ablations[id(cut)]((params, x), a, target)
 
-    # the checks of feature_ablation's own configuration run now, not at the first call
-    feature_ablation(lambda p, a: a, feature_mask=layer_mask, baseline=baseline, chunk_size=chunk_size)
     config = {"layer_mask": layer_mask, "baseline": baseline, "chunk_size": chunk_size}
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=True)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=True, prepare=prepare)

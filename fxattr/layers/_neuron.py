@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fxattr._explainer import check_bool, check_int, explainer, fixed_target
-from fxattr.errors import fail
+from fxattr.errors import api_boundary, fail
 from fxattr.layers._cut import cuts
 from fxattr.layers._layer import (
     check_layer_baseline,
@@ -40,6 +40,7 @@ from fxattr.targets import check_target, select
 __all__ = ["flat_index", "neuron", "neuron_conductance"]
 
 
+@api_boundary("neuron")
 def neuron(f, *, layer, attribute_to_layer_input: bool = False):
     """The model up to ``layer``: ``f_layer(params, x) -> activation`` of one example, whose
     targets are the layer's neurons (flat indices, or a callable on the activation).
@@ -66,6 +67,7 @@ def neuron(f, *, layer, attribute_to_layer_input: bool = False):
     return layer_cuts[0].body_model
 
 
+@api_boundary("flat_index")
 def flat_index(shape, index) -> int:
     """The flat index of the unit ``index`` (captum's tuple ``neuron_selector``, e.g. ``(c, h, w)``)
     in an activation of ``shape`` (one example, no batch axis).
@@ -84,6 +86,7 @@ def flat_index(shape, index) -> int:
     return flat
 
 
+@api_boundary("neuron_conductance")
 def neuron_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
                        chunk_size: int | None = 4, multiply_by_inputs: bool = True,
                        attribute_to_layer_input: bool = False):

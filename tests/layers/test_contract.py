@@ -209,6 +209,17 @@ def test_clear_errors():
     for make, words in cases:
         with pytest.raises(fxattr.FxattrError, match=words):
             make()
+    # errors of what a layer method builds on are reported under its own name, at construction
+    for make, where in [
+        (lambda: L.layer_integrated_gradients(f, layer="features.22"), "layer_integrated_gradients"),
+        (lambda: L.layer_lrp(f, layer="features.2", rule="no-such-rule"), "layer_lrp"),
+        (lambda: L.layer_lrp(f, layer="features.2"), "layer_lrp"),
+        (lambda: L.layer_feature_ablation(f, layer="features.2", chunk_size=-1), "layer_feature_ablation"),
+        (lambda: L.layer_feature_ablation(f, layer="features.2", baseline=float("inf")), "layer_feature_ablation"),
+        (lambda: L.neuron(f, layer="features.9"), "neuron"),
+    ]:
+        with pytest.raises(fxattr.FxattrError, match=f"^fxattr.{where}: "):
+            make()
     # a layer's input that is also read outside the layer (the identity branch): an error, never a
     # different cut
     fr, _ = fxattr.functionalize(Residual().double().eval())
