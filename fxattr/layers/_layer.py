@@ -383,7 +383,9 @@ def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float 
 
     :func:`fxattr.deeplift` on the head's graph, a model of ``(activation, x)``, from the reference
     ``(body(baseline), baseline)``: ``(a - a_b) * m`` with the multipliers ``m`` of the layers
-    after the cut (``multiply_by_inputs=False``: ``m``).
+    after the cut. ``multiply_by_inputs=False`` (captum: ``m`` alone) is an error for now:
+    fxattr's DeepLIFT engine returns ``m * (a - a_b)``, and ``m`` cannot be recovered from it
+    where ``a == a_b`` (every unit a ReLU zeroes at both points), so dividing would be wrong there.
 
     Example:
         >>> explain = fxattr.layers.layer_deeplift(f, layer="features.3")
@@ -392,6 +394,10 @@ def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float 
     where = "layer_deeplift"
     check_layer_baseline(where, baseline)
     check_bool(where, "multiply_by_inputs", multiply_by_inputs)
+    if not multiply_by_inputs:
+        raise fail(where, "multiply_by_inputs=False is not supported: fxattr's DeepLIFT engine returns "
+                          "multipliers times (a - a_b), and the multiplier of a unit with a == a_b "
+                          "cannot be recovered from that")
     check_choice(where, "rule", rule, ("rescale", "reveal_cancel"))
     check_finite(where, "eps", eps, minimum=0)
     from fxattr import deeplift
@@ -399,27 +405,12 @@ def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float 
     def make(cut, params, x):
         base = input_baseline(where, baseline, x)
         reference = cut.head_input(cut.body(params, base), base)
-        dl = deeplift(cut.head_model, baseline=lambda _: reference, rule=rule, eps=eps)
-        if multiply_by_inputs:
-            return dl
-
-        def divided(params, inp, target):  # m = attribution / (a - a_b), 0 where a == a_b
-            out = dl(params, inp, target)
-            return _divide(out, inp, reference)
-        return divided
+        return deeplift(cut.head_model, baseline=lambda _: reference, rule=rule, eps=eps)
 
     config = {"baseline": baseline, "rule": rule, "eps": eps, "multiply_by_inputs": multiply_by_inputs}
     return _graph_method(where, f, layer, attribute_to_layer_input, config, make)
 
 
-def _divide(out, inp, ref):
-    if isinstance(out, Tensor):
-        d = inp - ref
-        return torch.where(d != 0, out / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(out))
-    return tuple(_divide(o, i, r) for o, i, r in zip(out, inp, ref))
-
-
-@api_boundary("layer_deeplift_shap")
 def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", eps: float = 1e-10,
                         chunk_size: int | None = None, attribute_to_layer_input: bool = False):
     """DeepLIFT at the layer averaged over a set of input baselines (captum's

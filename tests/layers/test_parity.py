@@ -121,9 +121,8 @@ def test_layer_options_on_a_cnn(cnn):
     ours = batched(L.layer_gradient_x_activation(f, layer="features.2", multiply_by_inputs=False), params, x, t)
     theirs = captum.LayerGradientXActivation(model, layer, multiply_by_inputs=False).attribute(x, target=t)
     assert_parity(("layer_gradient_x_activation", "LayerGradientXActivation"), ours, theirs)
-    ours = batched(L.layer_deeplift(f, layer="features.2", baseline=base, multiply_by_inputs=False), params, x, t)
-    theirs = captum.LayerDeepLift(model, layer, multiply_by_inputs=False).attribute(
-        x, base[None].expand_as(x), target=t)
+    ours = batched(L.layer_deeplift(f, layer="features.2", baseline=base), params, x, t)
+    theirs = captum.LayerDeepLift(model, layer).attribute(x, base[None].expand_as(x), target=t)
     assert_parity(("layer_deeplift", "LayerDeepLift"), ours, theirs)
     # groups of units and a layer baseline
     mask = torch.arange(5 * 6 * 6).reshape(5, 6, 6) // 9
