@@ -25,7 +25,8 @@ def build(kind: str, dtype: torch.dtype, attn: str = "eager"):
     import transformers
 
     torch.manual_seed(0)
-    common = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=16, attn_implementation=attn)
+    common = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
+              "attn_implementation": attn}
     if kind == "bert":
         model = transformers.BertForSequenceClassification(
             transformers.BertConfig(hidden_size=8, vocab_size=20, num_labels=3, **common))
@@ -67,7 +68,16 @@ class Logits(nn.Module):
         return self.model(**{self.name: x}).logits
 
 
-def _patch(kind: str, variant: str) -> None:
+_SAVED: list = []
+
+
+def _set(owner, name: str, value) -> None:
+    _SAVED.append((owner, name, getattr(owner, name)))
+    setattr(owner, name, value)
+
+
+def patch(kind: str, variant: str) -> None:
+    """Applies LXT's rules of ``variant`` to the transformers classes of ``kind`` (globally)."""
     import importlib
     import os
     import types
@@ -86,21 +96,30 @@ def _patch(kind: str, variant: str) -> None:
     # the attention wrappers of patch_attention / patch_cp_attention, on the eager function only
     # (replacing ALL_ATTENTION_FUNCTIONS with a dict breaks transformers 5)
     wrap = patches.cp_wrap_attention_forward if variant == "cp_lrp" else patches.wrap_attention_forward
-    modeling.eager_attention_forward = wrap(modeling.eager_attention_forward)
-    nn.Dropout.forward = patches.dropout_forward
+    _set(modeling, "eager_attention_forward", wrap(modeling.eager_attention_forward))
+    _set(nn.Dropout, "forward", patches.dropout_forward)
     identity = rules.identity_rule_implicit
     if kind == "llama":
-        modeling.LlamaRMSNorm.forward = patches.rms_norm_forward
-        modeling.LlamaMLP.forward = patches.cp_gated_mlp_forward if variant == "cp_lrp" else patches.gated_mlp_forward
+        _set(modeling.LlamaRMSNorm, "forward", patches.rms_norm_forward)
+        _set(modeling.LlamaMLP, "forward",
+             patches.cp_gated_mlp_forward if variant == "cp_lrp" else patches.gated_mlp_forward)
         return
-    nn.LayerNorm.forward = patches.layer_norm_forward
+    _set(nn.LayerNorm, "forward", patches.layer_norm_forward)
     if kind == "gpt2":
-        modeling.GPT2MLP.forward = importlib.import_module("lxt.efficient.models.gpt2").mlp_forward
+        _set(modeling.GPT2MLP, "forward", importlib.import_module("lxt.efficient.models.gpt2").mlp_forward)
     elif kind == "bert":
-        modeling.BertIntermediate.forward = lambda self, h: identity(self.intermediate_act_fn, self.dense(h))
-        modeling.BertPooler.forward = lambda self, h: identity(self.activation, self.dense(h[:, 0]))
+        _set(modeling.BertIntermediate, "forward", lambda self, h: identity(self.intermediate_act_fn, self.dense(h)))
+        _set(modeling.BertPooler, "forward", lambda self, h: identity(self.activation, self.dense(h[:, 0])))
     elif kind == "vit":
-        modeling.ViTMLP.forward = lambda self, h: self.fc2(identity(self.activation_fn, self.fc1(h)))
+        _set(modeling.ViTMLP, "forward", lambda self, h: self.fc2(identity(self.activation_fn, self.fc1(h))))
+
+
+def unpatch() -> None:
+    """Undoes every patch of :func:`patch` (the bench times both variants in one process)."""
+    while _SAVED:
+        owner, name, old = _SAVED.pop()
+        setattr(owner, name, old)
+    _patched.clear()
 
 
 _patched: set = set()
@@ -109,7 +128,7 @@ _patched: set = set()
 def reference(kind: str, variant: str, dtype: torch.dtype) -> dict:
     """LXT's relevance (gradient x input of the patched model, seeded with 1 at the target logit)."""
     if kind not in _patched:
-        _patch(kind, variant)
+        patch(kind, variant)
         _patched.add(kind)
     model, x, target, name = build(kind, dtype)
     x = x.clone().requires_grad_(True)

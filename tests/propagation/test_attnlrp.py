@@ -21,7 +21,7 @@ pytest.importorskip("lxt")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import lxt_reference as lxt_ref  # noqa: E402  (the seeded models; imports no lxt)
+import lxt_reference as lxt_ref  # the seeded models; imports no lxt
 
 KINDS = lxt_ref.KINDS
 VARIANTS = ("attnlrp", "cp_lrp")
@@ -112,7 +112,7 @@ def _bias_free_gpt2():
 def test_cp_lrp_conserves_on_a_bias_free_model():
     """CP-LRP on GPT-2 without biases and position embeddings: the relevance sums to the target
     logit (the identity rule's 1e-10 aside); AttnLRP does not (the softmax's bias term)."""
-    model, f, params, x, target = _bias_free_gpt2()
+    _, f, params, x, target = _bias_free_gpt2()
     logits = torch.vmap(f, in_dims=(None, 0))(params, x).gather(1, target[:, None])[:, 0]
     cp = torch.vmap(fxattr.lrp(f, composite="cp_lrp"), in_dims=(None, 0, 0))(params, x, target)
     torch.testing.assert_close(cp.flatten(1).sum(1), logits, rtol=1e-8, atol=0)
