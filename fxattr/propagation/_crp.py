@@ -251,7 +251,10 @@ def crp_reference_samples(f, *, layer, mode: str = "relevance", statistic: str =
     ``statistic``: ``"sum"`` (zennit-crp's default), ``"max"`` or ``"mean"``; with
     ``abs_norm=True`` the scores of one example are divided by the sum of their absolute values
     (zennit-crp's ``abs_norm``). The scores of a batch are computed in one vmapped call; a running
-    top-k is kept across batches.
+    top-k is kept across batches. An activation is the layer's own output: for a convolution
+    followed by a batch norm, the convolution's output before the batch norm (zennit-crp on a
+    model whose canonizer merged the batch norm into the convolution records it after); its
+    relevance is the same either way.
 
     Args:
         f: the function of ``fxattr.functionalize``.
