@@ -246,55 +246,49 @@ def _layer_norm_dims(x: Tensor, normalized_shape: Sequence[int]) -> tuple:
     return tuple(range(x.ndim - len(tuple(normalized_shape)), x.ndim))
 
 
-def _norm_lrp(where, x, dims, centre, eps, affine, relevance, rule, epsilon):
+def _last_dims_mean(dims):
+    return lambda t: t.mean(dims, keepdim=True)
+
+
+def _group_mean(groups: int):
+    # the mean over each (sample, group) of (N, C, *), broadcast back to the full shape
+    def mean(t):
+        grouped = t.reshape(t.shape[0], groups, -1)
+        return grouped.mean(-1, keepdim=True).expand(grouped.shape).reshape(t.shape)
+    return mean
+
+
+def _norm_lrp(where, x, mean, centre, eps, weight, bias, relevance, rule, epsilon):
+    # y = w * c * r + b with r = (mean(c^2) + eps)^(-1/2) held at its value: A^T s = C^T (w r s)
     if rule == "pass":
         return relevance
     if rule != "epsilon":
         raise fail(where, f"rule must be 'epsilon' (AttnLRP) or 'pass' (zennit's Pass), got {rule!r}")
     epsilon = _check_epsilon(where, epsilon)
-    c = x - x.mean(dims, keepdim=True) if centre else x
-    inverse_std = torch.rsqrt(c.square().mean(dims, keepdim=True) + eps)  # the linearisation's constant
-
-    def frozen(t):  # the norm with its std held at x: a linear map plus the affine's bias
-        centred = t - t.mean(dims, keepdim=True) if centre else t
-        return affine(centred * inverse_std)
-    y, vjp = torch.func.vjp(frozen, x)
-    (g,) = vjp(relevance / stabilise(y, epsilon))
-    return x * g
+    c = x - mean(x) if centre else x
+    inverse_std = torch.rsqrt(mean(c.square()) + eps)  # the linearisation's constant
+    scaled = inverse_std if weight is None else weight * inverse_std
+    y = c * scaled if bias is None else torch.addcmul(bias, c, scaled)
+    u = relevance / stabilise(y, epsilon) * scaled
+    return (x * (u - mean(u) if centre else u)).to(x.dtype)
 
 
-def _norm_deeplift(x, x0, dims, centre, eps, affine, multiplier):
-    # y = affine(c * r), c = centre(x), r = (mean(c^2) + eps)^(-1/2); every step exact
-    c = x - x.mean(dims, keepdim=True) if centre else x
-    c0 = x0 - x0.mean(dims, keepdim=True) if centre else x0
-    count = math.prod(x.shape[d] for d in dims)
-    q = c.square().mean(dims, keepdim=True) + eps
-    q0 = c0.square().mean(dims, keepdim=True) + eps
-    r, r0 = torch.rsqrt(q), torch.rsqrt(q0)
+def _norm_deeplift(x, x0, mean, centre, eps, weight, multiplier):
+    # y = w * (c * r) + b, c = centre(x), r = (mean(c^2) + eps)^(-1/2); every step exact
+    c = x - mean(x) if centre else x
+    c0 = x0 - mean(x0) if centre else x0
+    q, q0 = mean(c.square()) + eps, mean(c0.square()) + eps
     root, root0 = torch.sqrt(q), torch.sqrt(q0)
     secant = -1 / (root * root0 * (root + root0))  # (q^-1/2 - q0^-1/2) / (q - q0), no division by dq
-    _, vjp = torch.func.vjp(affine, (c * r + c0 * r0) / 2)  # affine is linear + constant: exact
-    (m_n,) = vjp(multiplier)
+    m_n = multiplier if weight is None else multiplier * weight  # the affine is linear + constant
     mid = (c + c0) / 2
-    m_r = (m_n * mid).sum(dims, keepdim=True)        # Shapley split of n = c * r
-    m_c = m_n * (r + r0) / 2 + (m_r * secant) * (2 * mid / count)  # q = mean(c * c): midpoint again
-    return m_c - m_c.mean(dims, keepdim=True) if centre else m_c
+    # Shapley split of n = c * r (m_r = sum(m_n * mid)), q = mean(c * c) by its midpoint Jacobian
+    m_c = m_n * (1 / root + 1 / root0) / 2 + (2 * secant) * mid * mean(m_n * mid)
+    return (m_c - mean(m_c) if centre else m_c).to(x.dtype)
 
 
-def _channel_affine(weight, bias, ndim):
-    shape = (-1,) + (1,) * (ndim - 2)
-
-    def affine(n):
-        out = n if weight is None else n * weight.reshape(shape)
-        return out if bias is None else out + bias.reshape(shape)
-    return affine
-
-
-def _last_affine(weight, bias):
-    def affine(n):
-        out = n if weight is None else n * weight
-        return out if bias is None else out + bias
-    return affine
+def _channel_shape(weight, x):
+    return None if weight is None else weight.reshape((-1,) + (1,) * (x.ndim - 2))
 
 
 def layer_norm_lrp(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
@@ -306,35 +300,24 @@ def layer_norm_lrp(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     ``A = diag(W / std) C``; conserves up to the bias, ``sum(R_x) = sum(R (y - b) / stabilise(y))``.
     ``rule="pass"``: zennit's ``Pass`` (relevance unchanged). The std is a constant of the
     linearisation only: derivatives of the relevance w.r.t. ``x`` still flow through it."""
-    dims = _layer_norm_dims(x, normalized_shape)
-    return _norm_lrp("op_rules.layer_norm_lrp", x, dims, True, eps, _last_affine(weight, bias), relevance,
-                     rule, epsilon)
+    mean = _last_dims_mean(_layer_norm_dims(x, normalized_shape))
+    return _norm_lrp("op_rules.layer_norm_lrp", x, mean, True, eps, weight, bias, relevance, rule, epsilon)
 
 
 def rms_norm_lrp(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, relevance: Tensor, *,
                  eps: float = 1e-6, rule: str = "epsilon", epsilon: float = 0.0) -> Tensor:
     """LRP through RMSNorm ``y = W x / rms(x)`` (Llama): AttnLRP's identity rule (rms held at its
     value: an element-wise scaling, so ``R_x = R`` up to the stabiliser) or ``rule="pass"``."""
-    dims = _layer_norm_dims(x, normalized_shape)
-    return _norm_lrp("op_rules.rms_norm_lrp", x, dims, False, eps, _last_affine(weight, None), relevance,
-                     rule, epsilon)
-
-
-def _grouped(x: Tensor, groups: int) -> Tensor:
-    return x.reshape(x.shape[0], groups, -1)
+    mean = _last_dims_mean(_layer_norm_dims(x, normalized_shape))
+    return _norm_lrp("op_rules.rms_norm_lrp", x, mean, False, eps, weight, None, relevance, rule, epsilon)
 
 
 def group_norm_lrp(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, relevance: Tensor, *,
                    eps: float = 1e-5, rule: str = "epsilon", epsilon: float = 0.0) -> Tensor:
     """LRP through ``F.group_norm`` on ``x`` of shape ``(N, C, *)`` (std per sample and group held at
     its value; see :func:`layer_norm_lrp`)."""
-    affine = _channel_affine(weight, bias, x.ndim)
-
-    def ungrouped_affine(n):
-        return affine(n.reshape(x.shape))
-    r = _norm_lrp("op_rules.group_norm_lrp", _grouped(x, groups), (2,), True, eps, ungrouped_affine, relevance,
-                  rule, epsilon)
-    return r.reshape(x.shape)
+    return _norm_lrp("op_rules.group_norm_lrp", x, _group_mean(groups), True, eps, _channel_shape(weight, x),
+                     _channel_shape(bias, x), relevance, rule, epsilon)
 
 
 def layer_norm_deeplift(x: Tensor, x0: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
@@ -343,26 +326,21 @@ def layer_norm_deeplift(x: Tensor, x0: Tensor, normalized_shape: Sequence[int], 
     with ``r = (mean(c^2) + eps)^(-1/2)`` is a product (Shapley split), ``q = mean(c * c)`` a
     quadratic (Jacobian at the midpoint) and ``r(q)`` a scalar function (its secant
     ``-1 / (sqrt(q q0) (sqrt(q) + sqrt(q0)))``); the affine is linear."""
-    dims = _layer_norm_dims(x, normalized_shape)
-    return _norm_deeplift(x, x0, dims, True, eps, _last_affine(weight, bias), multiplier)
+    mean = _last_dims_mean(_layer_norm_dims(x, normalized_shape))
+    return _norm_deeplift(x, x0, mean, True, eps, weight, multiplier)
 
 
 def rms_norm_deeplift(x: Tensor, x0: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
                       multiplier: Tensor, *, eps: float = 1e-6) -> Tensor:
     """DeepLIFT through RMSNorm, exact (:func:`layer_norm_deeplift` without the centring)."""
-    dims = _layer_norm_dims(x, normalized_shape)
-    return _norm_deeplift(x, x0, dims, False, eps, _last_affine(weight, None), multiplier)
+    mean = _last_dims_mean(_layer_norm_dims(x, normalized_shape))
+    return _norm_deeplift(x, x0, mean, False, eps, weight, multiplier)
 
 
 def group_norm_deeplift(x: Tensor, x0: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None,
                         multiplier: Tensor, *, eps: float = 1e-5) -> Tensor:
     """DeepLIFT through ``F.group_norm``, exact (:func:`layer_norm_deeplift` per sample and group)."""
-    affine = _channel_affine(weight, bias, x.ndim)
-
-    def ungrouped_affine(n):
-        return affine(n.reshape(x.shape))
-    m = _norm_deeplift(_grouped(x, groups), _grouped(x0, groups), (2,), True, eps, ungrouped_affine, multiplier)
-    return m.reshape(x.shape)
+    return _norm_deeplift(x, x0, _group_mean(groups), True, eps, _channel_shape(weight, x), multiplier)
 
 
 # --- attention ---------------------------------------------------------------------------------

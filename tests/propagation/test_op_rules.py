@@ -551,6 +551,9 @@ def test_agrees_with_lxt():
 @pytest.mark.parametrize("rule", ["epsilon", "gamma", "alpha_beta"])
 def test_conv_transpose_agrees_with_zennit(rule):
     zennit_rules = pytest.importorskip("zennit.rules")
+    from importlib.metadata import version
+    if rule == "gamma" and tuple(int(p) for p in version("zennit").split(".")[:2]) < (0, 5):
+        pytest.skip("zennit < 0.5 (zennit-crp pins it): its Gamma is not the generalised gamma fxattr follows")
     torch.manual_seed(0)
     module = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1).double()
     x = randn(2, 3, 4, 4, seed=1)
@@ -846,24 +849,27 @@ def test_block_deeplift_and_lrp_second_order():
         torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
-def test_squeeze_excitation_gate_takes_no_relevance():
-    """The sigmoid gate of x * sigmoid(s) is a constant for LRP: on a bias-free ReLU signal path,
-    LRP-z equals gradient x input of the signal path with the gate's value held fixed."""
+@pytest.mark.parametrize("gate", ["function", "module", "hardsigmoid_module"])
+def test_squeeze_excitation_gate_takes_no_relevance(gate):
+    """The sigmoid gate of x * sigmoid(s) is a constant for LRP (whether the sigmoid is a function
+    or a module, as torchvision's SqueezeExcitation has it): on a bias-free ReLU signal path, LRP-z
+    equals gradient x input of the signal path with the gate's value held fixed."""
 
     class Gated(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc, self.gate, self.head = nn.Linear(4, 6, bias=False), nn.Linear(4, 6), nn.Linear(6, 3, bias=False)
+            self.act = {"function": torch.sigmoid, "module": nn.Sigmoid(), "hardsigmoid_module": nn.Hardsigmoid()}[gate]
 
         def forward(self, x):
-            return self.head(torch.relu(self.fc(x)) * torch.sigmoid(self.gate(x)))
+            return self.head(self.act(self.gate(x)) * torch.relu(self.fc(x)))
 
     torch.manual_seed(0)
     model = Gated().double().eval()
     f, params = fxattr.functionalize(model)
     xs, t = randn(3, 4, seed=1), torch.tensor([0, 1, 2])
     got = torch.vmap(fxattr.lrp(f, rule="z"), in_dims=(None, 0, 0))(params, xs, t)
-    gate = torch.sigmoid(model.gate(xs)).detach()
+    gate = model.act(model.gate(xs)).detach()
 
     def signal_path(xi, gi, ti):
         return model.head(torch.relu(model.fc(xi)) * gi)[ti]
