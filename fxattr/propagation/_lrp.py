@@ -143,7 +143,10 @@ def lrp(f, *, rule: str | Rule | None = None, composite: str | Composite | None 
             ``"epsilon_gamma_box"`` (``low=``, ``high=``, ``gamma=``), ``"epsilon_alpha2_beta1"``,
             ``"epsilon_alpha2_beta1_flat"`` (zennit's conventions: bias split into b+ and b-,
             stabiliser and epsilon 1e-6, Norm on additions and average pooling; ``epsilon=``,
-            ``stabiliser=``); or an ``fxattr.lrp.Composite``.
+            ``stabiliser=``); for transformers, ``"attnlrp"`` (AttnLRP, Achtibat et al. 2024) and
+            ``"cp_lrp"`` (CP-LRP, Ali et al. 2022) under LXT 2.1's efficient-mode conventions
+            (every constant in :mod:`fxattr.propagation._transformers`); or an
+            ``fxattr.lrp.Composite``.
 
     Example:
         >>> f, params = fxattr.functionalize(torchvision.models.vgg16().eval())
