@@ -35,7 +35,7 @@ import fxattr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "propagation"))
-import lxt_reference  # noqa: E402  (LXT's patches, applied on demand)
+import lxt_reference
 
 hf_logging.set_verbosity_error()
 BATCH, LENGTH = 8, 16
@@ -109,7 +109,7 @@ def main():
             lxt_reference.patch(kind, variant)
         for kind in kinds:
             model, name, x, target = setups[kind]
-            run = lambda m=model, n=name, x=x, t=target: lxt_relevance(m, n, x, t)  # noqa: E731
+            run = lambda m=model, n=name, x=x, t=target: lxt_relevance(m, n, x, t)
             reference = run()
             mine = ours[kind][variant]
             difference[kind, variant] = ((mine - reference).flatten(1).abs().amax(1)
@@ -119,8 +119,8 @@ def main():
         lxt_reference.unpatch()
 
     median = {key: statistics.median(v) for key, v in times.items()}
-    print(f"| model | floor (fxattr.gradient) | AttnLRP | CP-LRP | AttnLRP / floor | CP-LRP / floor | "
-          f"autograd | LXT AttnLRP | LXT CP-LRP | LXT AttnLRP / autograd | max rel. diff to LXT (float32) |")
+    print("| model | floor (fxattr.gradient) | AttnLRP | CP-LRP | AttnLRP / floor | CP-LRP / floor | "
+          "autograd | LXT AttnLRP | LXT CP-LRP | LXT AttnLRP / autograd | max rel. diff to LXT (float32) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in kinds:
         m = {label: median[kind, label] for label in ("floor", "attnlrp", "cp_lrp", "autograd", "lxt attnlrp",

@@ -33,7 +33,16 @@ every node. Every constant, as read from LXT's code:
   projection takes all of the product's relevance); the rest as AttnLRP.
 
 Seeding as everywhere in fxattr's LRP: the selected output's value (LXT's gradient-1 seed of
-gradient x input is the same thing).
+gradient x input is the same thing). Conservation: CP-LRP sums to the target logit on a model
+without biases and position embeddings (to the identity rule's 1e-10); AttnLRP does not (the
+softmax rule drops its bias term), nor does either variant where biases absorb relevance.
+
+Example:
+    >>> model = transformers.GPT2ForSequenceClassification(config).eval()
+    >>> f, params = fxattr.functionalize(Logits(model), input_shape=(length, hidden))  # inputs_embeds
+    >>> explain = fxattr.lrp(f, composite="attnlrp")
+    >>> relevance = torch.vmap(explain, in_dims=(None, 0, 0))(params, embeddings, labels)
+    >>> tokens = relevance.sum(-1)                                  # (batch, length)
 """
 
 from __future__ import annotations

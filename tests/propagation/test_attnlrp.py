@@ -87,7 +87,7 @@ def test_matches_lxt(lxt_relevance, variant, kind, dtype):
     assert (relevance - other["relevance"]).abs().max() > 1e3 * bar * other["relevance"].abs().max()
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sdpa_attention_matches_lxt_eager(lxt_relevance, variant, kind):
     """With ``scaled_dot_product_attention`` (its own rule, grouped-query heads for Llama) the
