@@ -171,3 +171,25 @@ def test_compile_equals_eager():
     batched = torch.vmap(fxattr.lrp(f, composite="attnlrp"), in_dims=(None, 0, 0))
     compiled = torch.compile(batched, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(params, x, target), batched(params, x, target), rtol=1e-10, atol=1e-12)
+
+
+def test_on_a_relu_network_both_presets_are_lrp_zero():
+    """Without attention, products or norms, AttnLRP and CP-LRP are LRP-0 everywhere (the identity
+    rule passes relevance, to its 1e-10): equal to rule="z", and to gradient x input with each
+    activation's gradient replaced by ``act(u) / (u + 1e-10)`` (LXT's identity_rule_implicit), by hand."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 3)).double().eval()
+    f, params = fxattr.functionalize(net)
+    x, target = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    z = torch.vmap(fxattr.lrp(f, rule="z"), in_dims=(None, 0, 0))(params, x, target)
+    for variant in VARIANTS:
+        ours = torch.vmap(fxattr.lrp(f, composite=variant), in_dims=(None, 0, 0))(params, x, target)
+        torch.testing.assert_close(ours, z, rtol=1e-8, atol=1e-12)
+        v = net[0](x)
+        u2 = net[2](v.relu())
+        ratio = torch.tanh(u2) / (u2 + 1e-10)
+        w1, w2, w3 = net[0].weight, net[2].weight, net[4].weight
+        g2 = w3[target] * ratio                              # d out / d u2, tanh replaced
+        g1 = (g2 @ w2) * v.relu() / (v + 1e-10)             # the ReLU's identity rule
+        torch.testing.assert_close(ours, x * (g1 @ w1), rtol=1e-9, atol=1e-12)
