@@ -639,7 +639,16 @@ def product_lrp_reverse(view, relevance, gates: Sequence[bool] | None = None):
         else:
             r_b, r_a = product_gate_lrp(b, a, relevance)
         return r_a, r_b
-    return bilinear_uniform_lrp(view.fn, a, b, relevance, epsilon=LRP_EPSILON)
+    return product_uniform_lrp(a, b, relevance)
+
+
+def product_deeplift_reverse(view, multiplier):
+    """DeepLIFT of ``a * b``: the Shapley split in closed form (``x * x``: its secant ``x + x0``)."""
+    if len(view.inputs) == 1:
+        (x,), (x0,) = view.inputs, _reference(view)
+        return (multiplier * (x + x0),)
+    (a, b), (a0, b0) = view.inputs, _reference(view)
+    return product_deeplift(a, b, a0, b0, multiplier)
 
 
 def bilinear_deeplift_reverse(view, multiplier):
@@ -1029,7 +1038,7 @@ def _one_data(node, data_refs):
 KINDS = {
     # name: (functions, methods, modules, accepts, {method: reverse})
     "product": ({operator.mul, torch.mul}, {"mul", "__mul__"}, (), _two_data,
-                {"lrp": product_lrp_reverse, "deeplift": bilinear_deeplift_reverse}),
+                {"lrp": product_lrp_reverse, "deeplift": product_deeplift_reverse}),
     "quotient": ({operator.truediv, torch.div, torch.true_divide}, {"div", "__truediv__"}, (), _two_data,
                  {"lrp": quotient_lrp_reverse, "deeplift": quotient_deeplift_reverse}),
     # addmm / baddbmm (GPT-2's Conv1D: bias + x @ W): the bias is a constant of the map

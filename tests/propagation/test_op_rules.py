@@ -643,6 +643,8 @@ def test_catalogue_reverses_sum_to_delta():
     m = randn(1, 4, 6, seed=7)
     cases = [
         (O.bilinear_deeplift_reverse, View(torch.mul, (x, g), {}, (0, 1), (x0, g0))),
+        (O.product_deeplift_reverse, View(torch.mul, (x, g), {}, (0, 1), (x0, g0))),
+        (O.product_deeplift_reverse, View(lambda t: t * t, (x,), {}, (0,), (x0,))),
         (O.bilinear_deeplift_reverse, View(lambda t: t * t, (x,), {}, (0,), (x0,))),  # x * x: one distinct input
         (O.quotient_deeplift_reverse, View(torch.div, (x, g), {}, (0, 1), (x0, g0))),
         (O.elementwise_deeplift_reverse, View(lambda t: torch.rsqrt(t.square() + 1), (x,), {}, (0,), (x0,))),
