@@ -106,7 +106,9 @@ def _non_finite(name: str, value, depth: int):
     if isinstance(value, float):
         return None if math.isfinite(value) else (name, value)
     if isinstance(value, torch.Tensor):
-        if value.dtype.is_floating_point and value.numel() and not bool(torch.isfinite(value).all()):
+        plain = readable(value)  # an option built inside vmap / grad: its values, unwrapped
+        if (value.dtype.is_floating_point and value.numel() and plain is not None
+                and not bool(torch.isfinite(plain).all())):
             return name, "a tensor holding NaN or Inf"
         return None
     if isinstance(value, Mapping):

@@ -27,7 +27,7 @@ from fxattr._explainer import (
     tree_map,
 )
 from fxattr.errors import FxattrError, api_boundary, fail
-from fxattr.targets import check_target
+from fxattr.targets import check_target, readable
 
 __all__ = ["QUADRATURES", "integrated_gradients", "quadrature"]
 
@@ -69,8 +69,12 @@ def check_baseline(baseline, where: str = "integrated_gradients") -> None:
         raise fail(where, "baseline must be a number, a tensor of x's shape, a "
                           f"pytree of those matching x, or a callable x -> baseline; got {baseline!r:.80}")
     for b in leaves:
+        # a baseline built inside vmap is read unwrapped; under compile it cannot be read, and NaN
+        # in it then reaches the result
+        plain = readable(b) if isinstance(b, Tensor) else None
         if isinstance(b, Tensor) and (b.dtype.is_complex or (b.dtype.is_floating_point and b.numel()
-                                                              and not bool(torch.isfinite(b).all()))):
+                                                              and plain is not None
+                                                              and not bool(torch.isfinite(plain).all()))):
             raise fail(where, "baseline holds NaN or Inf values")
         if isinstance(b, Real) and not math.isfinite(float(b)):
             raise fail(where, f"baseline must be finite, got {b!r}")
