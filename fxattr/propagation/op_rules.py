@@ -615,13 +615,27 @@ def _one(result):
     return result if isinstance(result, tuple) else (result,)
 
 
+_GATES_KEY = "fxattr_product_gates"
+
+
+def _product_accepts(node, data_refs) -> bool:
+    """The product kind: two data factors. Which of them is a gate is decided here, once, while the
+    graph is classified (reading fx nodes while explaining would stop torch.compile's tracing)."""
+    if data_refs != 2:
+        return False
+    owner = getattr(node.graph, "owning_module", None)
+
+    def module_of(producer):
+        if getattr(producer, "op", None) == "call_module" and owner is not None:
+            return owner.get_submodule(producer.target)
+        return None
+    node.meta[_GATES_KEY] = tuple(is_gate(p, module_of(p)) for p in node.args[:2])
+    return True
+
+
 def _gates(view) -> tuple:
     node = getattr(view, "node", None)
-    if node is None:
-        return (False, False)
-    producers = [a for a in node.args[:2]]
-    module_of = getattr(view, "module_of", lambda n: None)
-    return tuple(is_gate(p, module_of(p)) for p in producers)
+    return (False, False) if node is None else node.meta.get(_GATES_KEY, (False, False))
 
 
 def product_lrp_reverse(view, relevance, gates: Sequence[bool] | None = None):
@@ -1037,7 +1051,7 @@ def _one_data(node, data_refs):
 
 KINDS = {
     # name: (functions, methods, modules, accepts, {method: reverse})
-    "product": ({operator.mul, torch.mul}, {"mul", "__mul__"}, (), _two_data,
+    "product": ({operator.mul, torch.mul}, {"mul", "__mul__"}, (), _product_accepts,
                 {"lrp": product_lrp_reverse, "deeplift": product_deeplift_reverse}),
     "quotient": ({operator.truediv, torch.div, torch.true_divide}, {"div", "__truediv__"}, (), _two_data,
                  {"lrp": quotient_lrp_reverse, "deeplift": quotient_deeplift_reverse}),

@@ -877,3 +877,31 @@ def test_squeeze_excitation_gate_takes_no_relevance(gate):
         return model.head(torch.relu(model.fc(xi)) * gi)[ti]
     want = torch.stack([torch.func.grad(signal_path)(xi, gi, ti) * xi for xi, gi, ti in zip(xs, gate, t)])
     torch.testing.assert_close(got, want.detach())
+
+
+class _Mini(nn.Module):
+    """LayerNorm, GELU, a sigmoid gate, softmax pooling, a matmul of data: the new kinds, small."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(3, 6), nn.LayerNorm(6)
+        self.gate, self.score, self.head = nn.Linear(6, 6), nn.Linear(6, 1), nn.Linear(6, 4)
+
+    def forward(self, x):  # (batch, tokens, 3)
+        h = F.gelu(self.norm(self.embed(x)))
+        h = h * torch.sigmoid(self.gate(h))
+        weights = torch.softmax(self.score(h), dim=1)
+        return self.head((weights.transpose(1, 2) @ h).squeeze(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lrp", "deeplift"])
+def test_compile_equals_eager(method):
+    from tests.contract import assert_compile_equals_eager
+
+    torch.manual_seed(0)
+    model = _Mini().eval()
+    f, params = fxattr.functionalize(model)
+    xs, t = torch.randn(2, 5, 3), torch.tensor([1, 3])
+    explain = fxattr.lrp(f, rule="epsilon") if method == "lrp" else fxattr.deeplift(f, baseline=0.0)
+    assert_compile_equals_eager(explain, params, xs, t)
