@@ -1,4 +1,4 @@
-"""The model's traced graph: tracing a functional model once, and splitting it at a layer.
+"""Capture: the model's pure graph, traced once per input structure, and split at a layer.
 
 ``trace(f)`` turns the module of a :class:`~fxattr.functional.FunctionalModel` into a *pure*
 ``torch.fx.GraphModule`` (module level: ``torch.nn`` modules are leaves, user modules are traced
@@ -7,6 +7,50 @@ through, functional ops appear as nodes; in-place ops are replaced by out-of-pla
 ``head(params, x, activation) -> output``, the two halves every activation-based method needs
 (CAM family, layer attributions), as separate graphs that compose with ``torch.vmap``,
 ``torch.func.grad`` and ``torch.compile``.
+
+What the graph sees is what the model does:
+
+- ``forward`` parameters the explainer does not pass are bound to their defaults before tracing
+  (``forward(x, scale=None)`` explained on ``x`` keeps its ``if scale is None`` branch); a
+  different input structure (``(x, scale)``) is traced separately (:func:`input_names`);
+- tensor attributes that are neither parameters nor buffers (``self.perm = torch.tensor(...)``)
+  are constants; parameters and buffers are read from ``params`` under the user's names, tied
+  ones under each of their names (:func:`bind`);
+- a module with forward hooks is traced *through*, its hooks with it (the engines call kernels
+  directly, so a leaf's hooks would be skipped); a hook on the model itself is refused by name;
+- a module called several times gives one node per call;
+- each node records its module of origin (:func:`origin`), for errors and per-layer choices.
+
+Front-ends, measured on the zoo (capture time on the shared 2-core machine, niced; torchvision
+models at 64 px, vit_b_16 at 32 px, maxvit_t at 224 px; transformers tiny random configs, wrapped
+as embeddings -> logits)::
+
+    model                 torch.fx     dynamo (torch-function level)   torch.export non-strict (aten)
+    resnet50              0.09 s       7.1 s                           2.3 s
+    densenet121           0.28 s       37.9 s                          3.1 s
+    mobilenet_v3_small    0.10 s       7.0 s                           2.7 s
+    efficientnet_b0       1.2 s        14.4 s                          2.9 s
+    convnext_tiny         0.26 s       23.5 s                          3.4 s
+    swin_t                0.6-6.9 s    > 300 s (killed)                50.6 s
+    vit_b_16              0.69 s       13.8 s                          26.7 s
+    maxvit_t              23.5 s       > 300 s (killed)                -
+    HF BERT / GPT-2 /     fails        3.5-10.6 s (eager and sdpa)     works (aten level)
+    Llama / ViT
+
+Choice: torch.fx symbolic tracing is the front-end; torch dynamo is the fallback for the models
+torch.fx cannot trace (every Hugging Face model). torch.fx is 20-300x faster to capture on CNNs,
+and it keeps ``torch.nn`` modules as nodes, which the methods build on (composites choose rules by
+module type and qualified name, batch norms are folded into the module before them, max pooling
+keeps its winners, CAM layers and PatternNet patterns are named by module). Dynamo sees any
+Python (HF models without patching, hooks, defaults bound as called), at the torch-function
+level the catalogue speaks (``F.linear``, ``F.layer_norm``, ``scaled_dot_product_attention``),
+but it needs an example input (so ``functionalize(model, input_shape=...)``; it cannot capture
+from inside ``torch.vmap``), specialises shapes to it, and took minutes on swin_t and maxvit_t.
+torch.export (non-strict) works on both but at the aten level (``aten.addmm``,
+``aten.convolution``...), a second vocabulary for every method's rules, and is 10-30x slower than
+torch.fx on CNNs. The dynamo graph is normalised into the engine's vocabulary (parameters renamed
+to the user's qualified names, other tensors constants, in-place ops purified, ``aten.sym_size``
+as a vmappable shape read, module of origin from ``nn_module_stack``).
 
 The traced graph shares the submodules of the user's module and never modifies them: activation
 modules built with ``inplace=True`` are replaced *in the graph* by their functional out-of-place
@@ -367,6 +411,10 @@ def _dynamo_capture(f, inputs: tuple) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size):
             node.target = tensor_size  # a shape read that torch.vmap can batch
+        name = getattr(node.target, "__name__", None)
+        if (node.op == "call_function" and name and getattr(torch.Tensor, name, None) is node.target
+                and node.args and isinstance(node.args[0], fx.Node)):
+            node.op, node.target = "call_method", name  # Tensor.split(x, ...) -> x.split(...)
         if node.op == "get_attr":
             value = gm
             for part in node.target.split("."):

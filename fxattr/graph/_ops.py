@@ -166,7 +166,7 @@ ROUTE_FUNCTIONS = {
 ROUTE_METHODS = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "squeeze", "unsqueeze",
     "split", "chunk", "unbind", "t", "narrow", "movedim", "swapaxes", "expand", "expand_as",
-    "view_as", "reshape_as", "to", "float", "double", "half", "type_as", "__getitem__", "repeat",
+    "view_as", "reshape_as", "to", "float", "double", "half", "type", "type_as", "__getitem__", "repeat",
 }
 META_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
 META_METHODS = {"size", "dim", "numel", "nelement", "stride", "get_device"}
@@ -250,6 +250,12 @@ def _builtin(node, module, is_data, data_args, data_refs) -> Classified:
             return Classified("route")
         return Classified("unsupported")
     is_method = node.op == "call_method"
+    if not is_method and target is torch.addmm:  # HF's Conv1D (GPT-2): addmm(bias, x, weight)
+        x, bias, weight = kernel_input(node), node.args[0], node.args[2] if len(node.args) > 2 else None
+        if (isinstance(x, fx.Node) and data_args == [x] and not node.kwargs
+                and isinstance(weight, fx.Node) and isinstance(bias, fx.Node)):
+            return Classified("kernel", kernel="linear")
+        return Classified("unsupported")
     if not is_method and target in KERNEL_FUNCTIONS and only_first:
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         if isinstance(weight, fx.Node) and not is_data(weight):
@@ -275,6 +281,13 @@ def _builtin(node, module, is_data, data_args, data_refs) -> Classified:
     if (target in ROUTE_METHODS) if is_method else (target in ROUTE_FUNCTIONS):
         return Classified("route")
     return Classified("unsupported")
+
+
+def kernel_input(node: fx.Node):
+    """The data argument of a kernel node: the first, except ``addmm(bias, x, weight)``'s."""
+    if node.op == "call_function" and node.target is torch.addmm:
+        return node.args[1] if len(node.args) > 1 else None
+    return node.args[0] if node.args else None
 
 
 def describe(node: fx.Node, module: nn.Module | None = None, origin: str | None = None) -> str:
@@ -356,6 +369,8 @@ def linear_layer(nonnegative: bool) -> Layer:
 
 def functional_kernel_layer(kind: str, fn, rest_args: tuple, rest_kwargs: dict,
                             nonnegative: bool) -> Layer:
+    if fn is torch.addmm:  # its parameters are given as F.linear's (weight transposed)
+        return linear_layer(nonnegative)
     def forward(x, p):
         return fn(x, p["weight"], p["bias"], *rest_args, **rest_kwargs)
 

@@ -192,6 +192,13 @@ class Program:
 
     def _functional_kernel_params(self, node: fx.Node):
         args = list(node.args)
+        if node.target is torch.addmm:  # addmm(bias, x, weight) == F.linear(x, weight.T, bias)
+            bias, weight = args[0], args[2]
+
+            def params(p, values):
+                return {"weight": values[weight].t(), "bias": values[bias]}
+            params.needs_values = True
+            return params
         weight = args[1] if len(args) > 1 else node.kwargs.get("weight")
         bias = args[2] if len(args) > 2 else node.kwargs.get("bias")
 
@@ -238,7 +245,7 @@ class Program:
         for node, info in self.nodes.items():
             if info.kind not in ("kernel", "batchnorm"):
                 continue
-            x_nonneg = self.nodes[node.args[0]].nonnegative
+            x_nonneg = self.nodes[ops.kernel_input(node)].nonnegative
             if info.kind == "batchnorm":
                 info.layer = info.layer._replace(nonnegative_input=x_nonneg)
             elif info.module is not None and info.kernel == "conv":
@@ -624,7 +631,7 @@ class Step:
         self.args = _template(node.args, slots)
         self.kwargs = _template(node.kwargs, slots)
         self.data_slots = [slots[a] for a in info.data_args]
-        first = node.args[0] if node.args else None
+        first = ops.kernel_input(node) if info.kind == "kernel" else (node.args[0] if node.args else None)
         self.x = slots[first] if isinstance(first, fx.Node) else None
         self.layer, self.relu, self.params = info.layer, info.relu, info.params
         self.needs_values = getattr(info.params, "needs_values", False)

@@ -147,3 +147,38 @@ def test_transformers_models_are_captured(kind, attn):
     torch.testing.assert_close(program.forward(params, x[0])[2][0], f(params, x[0]))
     guided = torch.vmap(fxattr.guided_backprop(f, seed="one"), in_dims=(None, 0, 0))(params, x, t)
     torch.testing.assert_close(guided, torch.vmap(fxattr.gradient(f), in_dims=(None, 0, 0))(params, x, t))
+
+
+class _Conv1D(nn.Module):
+    """Hugging Face's Conv1D (GPT-2): ``addmm(bias, x, weight)`` with weight (in, out)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = nn.Parameter(torch.randn(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(x.shape[0], x.shape[1], -1)
+
+
+def test_addmm_is_a_kernel_layer():
+    """``addmm(bias, x, W)`` is the dense layer ``F.linear(x, W.T, bias)`` for every rule: the
+    same relevance as the ``nn.Linear`` form of the same model."""
+    torch.manual_seed(0)
+    conv1d = nn.Sequential(_Conv1D(4, 5), nn.ReLU(), _Conv1D(5, 3)).double().eval()
+    linear = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
+    with torch.no_grad():
+        for a, b in ((conv1d[0], linear[0]), (conv1d[2], linear[2])):
+            b.weight.copy_(a.weight.T)
+            b.bias.copy_(a.bias)
+    (f, p), (g, q) = (fxattr.functionalize(m, input_shape=(2, 4)) for m in (conv1d, linear))
+    assert [i.kind for i in Program(f, "test").nodes.values()].count("kernel") == 2
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2])
+
+    def target(i):
+        return lambda out: out[:, i].sum()
+    for method in (lambda h: fxattr.lrp(h, composite="epsilon_alpha2_beta1"), lambda h: fxattr.deeplift(h)):
+        got = torch.stack([method(f)(p, xi, target(ti)) for xi, ti in zip(x, t)])
+        want = torch.stack([method(g)(q, xi, target(ti)) for xi, ti in zip(x, t)])
+        torch.testing.assert_close(got, want)
