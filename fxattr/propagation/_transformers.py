@@ -52,6 +52,7 @@ import operator
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fxattr.errors import fail
 from fxattr.propagation import op_rules
@@ -188,7 +189,10 @@ def cp_sdpa_lrp(view, relevance):
 
     def of_value(v):
         return view.fn(*[v if t is value else t for t in view.inputs])
-    (r_v,) = op_rules.linear_lrp(of_value, (value,), relevance, epsilon=0.0, output=view.output)
+    # the math kernel: the fused CPU kernel's backward has no derivative, and a loss of the
+    # explanation differentiates this vector-Jacobian product
+    with sdpa_kernel(SDPBackend.MATH):
+        (r_v,) = op_rules.linear_lrp(of_value, (value,), relevance, epsilon=0.0, output=view.output)
     return tuple(r_v if i in position else torch.zeros_like(t) for i, t in enumerate(view.inputs))
 
 

@@ -193,3 +193,22 @@ def test_on_a_relu_network_both_presets_are_lrp_zero():
         g2 = w3[target] * ratio                              # d out / d u2, tanh replaced
         g1 = (g2 @ w2) * v.relu() / (v + 1e-10)             # the ReLU's identity rule
         torch.testing.assert_close(ours, x * (g1 @ w1), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_second_order_with_sdpa(variant):
+    """torch.func.grad of a loss of the explanation w.r.t. a query weight with
+    scaled_dot_product_attention (CPU's fused kernel has no double backward: CP-LRP's vjp through
+    it runs on the math kernel) matches central finite differences."""
+    _, f, params, x, target = _captured_model("bert", torch.float64, "sdpa")
+    explain = fxattr.lrp(f, composite=variant)
+    name = "model.bert.encoder.layer.0.attention.self.query.weight"
+
+    def loss(weight):
+        return explain({**params, name: weight}, x[0], target[0]).square().sum()
+    weight = params[name]
+    grad = torch.func.grad(loss)(weight)
+    direction = torch.randn(weight.shape, dtype=weight.dtype, generator=torch.Generator().manual_seed(4))
+    h = 1e-6
+    numeric = (loss(weight + h * direction) - loss(weight - h * direction)) / (2 * h)
+    torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-6, atol=1e-9)
