@@ -578,6 +578,9 @@ def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
         >>> grads = torch.vmap(torch.func.grad(lambda a, x: head(params, x, a)[3]))(a, images)
     """
     gm = trace(f)
+    if gm.meta.get("capture") == "dynamo":
+        raise fail(where, f"{type(f.module).__name__} was captured by torch dynamo (torch.fx cannot "
+                          "trace it); cutting it at a layer needs a torch.fx-traceable model")
     node = find_layer(where, gm, layer)
     if node.op == "placeholder":
         raise fail(where, f"layer {layer!r} is an input of the model, not a layer")
