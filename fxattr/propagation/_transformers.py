@@ -97,9 +97,12 @@ def _node_args(node) -> tuple:
 
 
 def register_kinds() -> None:
-    """Adds the operations of Hugging Face models the catalogue lacks (once): ``torch.addmm``
-    (GPT-2's ``Conv1D``: LRP-0, DeepLIFT through its transpose), ``Tensor.split`` and the dtype cast
-    ``Tensor.type`` (routings: every method by the vector-Jacobian product)."""
+    """Registers (once) operation kinds for Hugging Face models: ``torch.addmm`` (GPT-2's ``Conv1D``:
+    LRP-0, DeepLIFT through its transpose), ``Tensor.split`` and the dtype cast ``Tensor.type``
+    (routings: every method by the vector-Jacobian product). Registered kinds only classify what
+    the built-in classification leaves unsupported, so where the catalogue already knows one
+    (``addmm`` as a kernel layer, ``type`` as a route since the graph commit f016df7) its own
+    classification wins and the result is the same LRP-0 / routing."""
     global _registered
     if _registered:
         return
