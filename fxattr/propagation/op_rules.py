@@ -33,6 +33,12 @@ centring and the affine are linear and take the epsilon rule); element-wise acti
 rule ``R_x = x * (R - s * sum(R))``; linear maps without parameters (interpolation, means, sums) take
 the epsilon / z rule through the map (zennit's ``Norm`` for sums and averages).
 
+The engine's catalogue (:mod:`fxattr.graph`) learns these operations from :data:`KINDS` when the engine
+imports this module (:func:`register_all`): each kind names the torch functions, tensor methods and
+modules it matches and its LRP and DeepLIFT reverse, a function ``reverse(view, signal)`` of a
+:class:`fxattr.graph.NodeView` (guided backprop / deconvnet take the vector-Jacobian product). The
+gate of a product (:func:`is_gate`) is decided once, when the graph is classified.
+
 Example:
     >>> from fxattr.propagation import op_rules
     >>> a, b = torch.randn(8, 16), torch.randn(8, 16)
