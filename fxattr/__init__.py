@@ -29,6 +29,7 @@ from fxattr.targets import select
 from fxattr.runner import attribute_dataset, load_attributions
 from fxattr import text  # noqa: E402  (after the explainers it wraps)
 from fxattr import layers  # noqa: E402  (after the explainers it cuts the model for)
+from fxattr import metrics  # noqa: E402  (after the explainers its metrics re-run)
 
 __version__ = "0.1.0"
 
@@ -67,6 +68,7 @@ __all__ = [
     "load_attributions",
     "load_patterns",
     "lrp",
+    "metrics",
     "noise_tunnel",
     "occlusion",
     "pattern_attribution",
@@ -83,6 +85,7 @@ __all__ = [
     "shapley_values",
     "smoothgrad",
     "smoothgrad_sq",
+    "text",
     "vargrad",
     "viz",
     "xgradcam",

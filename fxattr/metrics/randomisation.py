@@ -263,17 +263,17 @@ def explain_over_sets(where, explain_one, params, layers, parameter_sets, chunk_
             return explain_one(layers.build(params, k), e)
 
         if extra is None:
-            return torch.vmap(lambda k: one(k, None), chunk_size=chunk_size)(index)
-        return torch.vmap(one, chunk_size=chunk_size)(index, extra)
+            return torch.vmap(lambda k: one(k, None), chunk_size=chunk_size, randomness="different")(index)
+        return torch.vmap(one, chunk_size=chunk_size, randomness="different")(index, extra)
     count = check_parameter_sets(where, parameter_sets, params)
     full = {name: parameter_sets.get(name, value.expand(count, *value.shape))
             for name, value in params.items()}
     if extra is None:
         original = explain_one(params, None)
-        randomised = torch.vmap(lambda p: explain_one(p, None), chunk_size=chunk_size)(full)
+        randomised = torch.vmap(lambda p: explain_one(p, None), chunk_size=chunk_size, randomness="different")(full)
     else:
         original = explain_one(params, extra[0])
-        randomised = torch.vmap(explain_one, chunk_size=chunk_size)(full, extra[1:])
+        randomised = torch.vmap(explain_one, chunk_size=chunk_size, randomness="different")(full, extra[1:])
     return torch.cat([original[None], randomised])
 
 

@@ -134,7 +134,7 @@ def uniform_noise(shape, like: Tensor, lower: float, upper: float | None) -> Ten
 
 def reexplain(explain, params, points: Tensor, target, chunk_size):
     """``explain`` at every point of ``points`` (leading sample axis), vmapped in chunks."""
-    return torch.vmap(lambda p: explain(params, p, target), chunk_size=chunk_size)(points)
+    return torch.vmap(lambda p: explain(params, p, target), chunk_size=chunk_size, randomness="different")(points)
 
 
 def as_explanation(a: Tensor, like: Tensor) -> Tensor:
@@ -195,7 +195,7 @@ def prepare_many(explain, params, points, target, like, normalise, abs, chunk_si
     def one(p):
         a = as_explanation(explain(params, p, target), like)
         return prepare(a, normalise=normalise, abs=abs, normalise_func=normalise_func)
-    return torch.vmap(one, chunk_size=chunk_size)(points)
+    return torch.vmap(one, chunk_size=chunk_size, randomness="different")(points)
 
 
 def changed_predictions(f, params, x, points, chunk_size, reference=None) -> Tensor:

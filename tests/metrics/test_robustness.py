@@ -376,3 +376,18 @@ def test_bad_configuration_and_inputs(setup):
         R.continuity(f, explain=g, nr_steps=17)(params, x[0], y[0], a[0])
     with pytest.raises(FxattrError, match=r"called on a whole batch"):
         R.consistency(f)(params, x[0], y[0], a[0, 0])
+
+
+def test_random_explainers_are_re_explained_with_fresh_noise():
+    """SmoothGrad inside max_sensitivity / mprt: the re-explaining vmaps allow randomness."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(2 * 6 * 6, 3)).eval()
+    f, params = fxattr.functionalize(model)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    explain = fxattr.smoothgrad(f, samples=4)
+    a = torch.vmap(explain, in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    for metric in (fxattr.metrics.max_sensitivity(f, explain=explain, nr_samples=3),
+                   fxattr.metrics.mprt(f, explain=explain)):
+        out = torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, x, y, a)
+        assert torch.isfinite(out).all()
