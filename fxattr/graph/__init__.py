@@ -3,9 +3,10 @@ the catalogue of operation kinds, the program (forward interpreter and reverse w
 a model at a layer."""
 
 from fxattr.graph import _ops as ops  # the catalogue of operation kinds, public as fxattr.graph.ops
-from fxattr.graph._capture import batched_args, find_layer, input_names, origin, run, split, trace, unbatch_output
+from fxattr.graph._capture import (batched_args, find_layer, input_names, origin, run, split, trace,
+                                   unbatch_output)
 from fxattr.graph._ops import Layer, OpKind, register, registered_kinds, unregister
 from fxattr.graph._program import NodeView, Program
 
-__all__ = ["Layer", "NodeView", "OpKind", "Program", "ops", "batched_args", "find_layer", "input_names",
+__all__ = ["Layer", "NodeView", "OpKind", "Program", "batched_args", "find_layer", "input_names", "ops",
            "origin", "register", "registered_kinds", "run", "split", "trace", "unbatch_output", "unregister"]

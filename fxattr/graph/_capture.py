@@ -68,13 +68,12 @@ from collections.abc import Callable, Mapping
 
 import optree
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from fxattr.errors import FxattrError, fail
-from fxattr.functional import FunctionalModel, EvalBatchNormAsElementwise
+from fxattr.functional import EvalBatchNormAsElementwise, FunctionalModel
 from fxattr.graph._ops import tensor_size
 
 __all__ = ["split", "trace"]
@@ -202,7 +201,7 @@ def default_inputs(f) -> tuple | None:
 def input_names(f, x) -> tuple | None:
     """The names of the ``forward`` parameters that ``x`` passes (a tensor: the first; a tuple of
     k: the first k; a dict: its keys, in the signature's order)."""
-    names, defaults, variadic = forward_parameters(f.module)
+    names, _, variadic = forward_parameters(f.module)
     if variadic:
         return None
     if isinstance(x, dict):
@@ -346,7 +345,7 @@ def trace(f, inputs: tuple | None = None) -> fx.GraphModule:
     tracer = _Tracer()
     try:
         graph = tracer.trace(module, concrete_args=concrete or None)
-    except Exception as error:  # noqa: BLE001 - any tracing failure is reported the same way
+    except Exception as error:  # any tracing failure is reported the same way
         hooked = [name for name, m in module.named_modules() if _hooks(m)]
         hint = (f" (modules with forward hooks, traced with them: {', '.join(map(repr, hooked))})"
                 if hooked else "")
@@ -355,7 +354,7 @@ def trace(f, inputs: tuple | None = None) -> fx.GraphModule:
                 gm = _dynamo_capture(f, inputs)
             except FxattrError:
                 raise
-            except Exception as dynamo_error:  # noqa: BLE001
+            except Exception as dynamo_error:  # reported with torch.fx's reason
                 raise fail("trace", f"neither torch.fx ({type(error).__name__}: {error}) nor torch "
                                     f"dynamo ({type(dynamo_error).__name__}: {dynamo_error}) can "
                                     f"capture {type(module).__name__}{hint}; use a gradient-based "

@@ -33,15 +33,27 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-__all__ = ["Layer", "OpKind", "SUPPORTED", "classify", "conv_layer", "conv_transpose_layer", "describe", "linear_layer",
-           "functional_kernel_layer", "batch_norm_layer", "register", "registered_kinds", "unregister"]
+__all__ = [
+    "SUPPORTED",
+    "Layer",
+    "OpKind",
+    "batch_norm_layer",
+    "classify",
+    "conv_layer",
+    "conv_transpose_layer",
+    "describe",
+    "functional_kernel_layer",
+    "linear_layer",
+    "register",
+    "registered_kinds",
+    "unregister",
+]
 
 Params = dict
 
@@ -69,7 +81,7 @@ class Layer(NamedTuple):
     transpose: Callable[[Tensor, Params, Tensor], Tensor]
     bias: Callable[[Tensor, Tensor], Tensor]
     nonnegative_input: bool = False
-    groups: Optional[int] = None
+    groups: int | None = None
 
 
 class OpKind(NamedTuple):
@@ -89,7 +101,7 @@ class OpKind(NamedTuple):
     functions: frozenset = frozenset()
     methods: frozenset = frozenset()
     modules: tuple = ()
-    accepts: Optional[Callable[[fx.Node, int], bool]] = None
+    accepts: Callable[[fx.Node, int], bool] | None = None
 
 
 _REGISTERED: list[OpKind] = []
@@ -197,7 +209,7 @@ class Classified(NamedTuple):
     kind: str
     relu: bool = False
     nonnegative: bool = False
-    kernel: Optional[str] = None  # "conv" / "linear" for kernels
+    kernel: str | None = None  # "conv" / "linear" for kernels
 
 
 def classify(node: fx.Node, module: nn.Module | None, is_data: Callable[[fx.Node], bool],

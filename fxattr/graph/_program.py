@@ -26,15 +26,14 @@ from collections.abc import Callable
 
 import optree
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.fx.node import map_arg
 from torch.utils._pytree import tree_unflatten as pytree_unflatten
 
+import fxattr.graph._ops as ops  # the catalogue (same package)
 from fxattr.errors import fail
 from fxattr.functional import batch_norm_affine, elementwise_batch_norm
-import fxattr.graph._ops as ops  # the catalogue (same package)
 from fxattr.graph._capture import bind, input_names, origin, trace
 
 __all__ = ["ArgRef", "NodeView", "Program", "fold", "resolve_args"]
@@ -69,8 +68,21 @@ def _fold_transposed(k, p, target, eps, affine, groups):
 class Info:
     """What the program knows about one graph node."""
 
-    __slots__ = ("node", "kind", "is_data", "data_args", "layer", "fold", "params", "nonnegative",
-                 "relu", "module", "kernel", "origin", "extra")
+    __slots__ = (
+        "data_args",
+        "extra",
+        "fold",
+        "is_data",
+        "kernel",
+        "kind",
+        "layer",
+        "module",
+        "node",
+        "nonnegative",
+        "origin",
+        "params",
+        "relu",
+    )
 
     def __init__(self, node: fx.Node):
         self.node = node

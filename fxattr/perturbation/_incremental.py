@@ -35,9 +35,8 @@ import operator
 from collections.abc import Mapping
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from fxattr.functional import EvalBatchNormAsElementwise
 from fxattr.graph import ops
@@ -535,7 +534,6 @@ def occlusion_scores(where, f, steps, params, x, base, win, step_, grids, rows, 
     def give_up(reason):
         if required:
             raise fail(where, f"incremental=True cannot be used: {reason}")
-        return None
 
     if x.ndim != 3:
         return give_up(f"x must be an image (C, H, W), got shape {tuple(x.shape)}")

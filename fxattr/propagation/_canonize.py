@@ -13,8 +13,6 @@ A batch norm that does not directly follow a kernel layer whose output it alone 
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from fxattr.functional import batch_norm_affine  # noqa: F401 - re-exported
 from fxattr.graph._program import fold  # noqa: F401 - the one implementation, in the engine
 

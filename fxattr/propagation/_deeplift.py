@@ -34,7 +34,6 @@ from fxattr.errors import FxattrError, fail
 from fxattr.gradients._integrated import check_baseline, make_baseline
 from fxattr.graph import Program, input_names
 from fxattr.graph._capture import bind
-from fxattr.graph._program import resolve_args
 from fxattr.propagation._engine import BUILTIN_KINDS, reverse_for
 from fxattr.targets import check_target, select
 

@@ -26,7 +26,7 @@ import importlib
 from collections.abc import Callable
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from fxattr.errors import fail
 from fxattr.graph import Program, ops
@@ -35,7 +35,7 @@ from fxattr.propagation import rules as R
 from fxattr.propagation.composites import Composite, LayerInfo
 from fxattr.targets import select
 
-__all__ = ["BUILTIN_KINDS", "Plan", "REVERSE", "load_op_rules", "register_reverse", "reverse_for"]
+__all__ = ["BUILTIN_KINDS", "REVERSE", "Plan", "load_op_rules", "register_reverse", "reverse_for"]
 
 # method -> {registered kind -> reverse(view, signal) -> [signal per data input]}
 REVERSE: dict[str, dict[str, Callable]] = {"lrp": {}, "deeplift": {}, "guided": {}}

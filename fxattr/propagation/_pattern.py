@@ -33,12 +33,11 @@ import torch
 from torch import Tensor
 
 from fxattr._explainer import check_choice, check_model, explainer
+from fxattr.errors import FxattrError, fail
 from fxattr.graph import Program
 from fxattr.graph._capture import bind
 from fxattr.propagation._engine import BUILTIN_KINDS, load_op_rules
-from fxattr.targets import select
-from fxattr.errors import FxattrError, fail
-from fxattr.targets import check_target
+from fxattr.targets import check_target, select
 
 __all__ = ["PATTERN_TYPES", "load_patterns", "pattern_attribution", "patternnet", "save_patterns"]
 
