@@ -28,7 +28,8 @@ from torch.overrides import TorchFunctionMode
 
 from fxattr.errors import FxattrError, api_boundary, fail
 
-__all__ = ["CAPTURE_LOCK", "CaptureLock", "FunctionalModel", "differentiable", "functionalize", "stateless_view"]
+__all__ = ["CAPTURE_LOCK", "CaptureLock", "FunctionalModel", "call_privately", "differentiable", "functionalize",
+           "stateless_view"]
 
 
 class EvalBatchNormAsElementwise(TorchFunctionMode):
@@ -140,6 +141,22 @@ CAPTURE_LOCK = CaptureLock()
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 _DROPOUTS = (nn.modules.dropout._DropoutNd,)
+
+
+def call_privately(module: nn.Module, params: Mapping[str, Tensor], args=(), kwargs=None, *,
+                   cache: dict | None = None):
+    """``torch.func.functional_call(module, params, args, kwargs)`` on a private view of ``module``
+    (:func:`stateless_view`), so the parameters are swapped into the view and never into the
+    user's module, even for an instant while another thread reads it. A fresh view per call;
+    under ``torch.compile`` one view kept in ``cache`` (a fresh object per call would recompile).
+    """
+    if torch.compiler.is_compiling() and cache is not None:
+        view = cache.get("view")
+        if view is None:
+            view = cache["view"] = stateless_view(module)
+    else:
+        view = stateless_view(module)
+    return torch.func.functional_call(view, params, args, kwargs or {})
 
 
 def stateless_view(module: nn.Module, *, batch_statistics: bool = False) -> nn.Module:

@@ -73,7 +73,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from fxattr.errors import FxattrError, fail
-from fxattr.functional import EvalBatchNormAsElementwise, FunctionalModel
+from fxattr.functional import EvalBatchNormAsElementwise, FunctionalModel, call_privately
 from fxattr.graph._ops import tensor_size
 
 __all__ = ["split", "trace"]
@@ -481,7 +481,7 @@ def _call(gm: fx.GraphModule, params: Mapping[str, Tensor], args, kwargs):
         names = gm.meta["own_names"] = frozenset(names & gm.meta["state_names"])
     own = {k: v for k, v in bind(gm, params).items() if k in names}
     with EvalBatchNormAsElementwise():
-        return torch.func.functional_call(gm, own, args, kwargs)
+        return call_privately(gm, own, args, kwargs, cache=gm.meta.setdefault("private_view", {}))
 
 
 def batched_args(x, extra=()):

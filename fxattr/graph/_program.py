@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_unflatten as pytree_unflatten
 
 import fxattr.graph._ops as ops  # the catalogue (same package)
 from fxattr.errors import fail
-from fxattr.functional import batch_norm_affine, elementwise_batch_norm
+from fxattr.functional import batch_norm_affine, call_privately, elementwise_batch_norm
 from fxattr.graph._capture import bind, input_names, origin, trace
 
 __all__ = ["ArgRef", "NodeView", "Program", "fold", "resolve_args"]
@@ -662,12 +662,12 @@ class Step:
             names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
             names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
             prefix = node.target
+            view_cache: dict = {}
 
             def call(args, kwargs, params):
                 own = {n: params[f"{prefix}.{n}"] for n in names if f"{prefix}.{n}" in params}
-                if own:
-                    return torch.func.functional_call(module, own, args, kwargs)
-                return module(*args, **kwargs)
+                # on a private view: parameters are never swapped into the user's module
+                return call_privately(module, own, args, kwargs, cache=view_cache)
         elif node.op == "call_method":
             method = node.target
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from fxattr.functional import EvalBatchNormAsElementwise
+from fxattr.functional import EvalBatchNormAsElementwise, call_privately
 from fxattr.graph import ops
 from fxattr.graph._capture import bind
 
@@ -78,6 +78,7 @@ class Step:
         self.index, self.op, self.target = index, op, target
         self.args, self.kwargs, self.inputs = args, kwargs, inputs
         self.module, self.prefix = module, prefix
+        self.view_cache: dict = {}
 
 
 def _map(tree, fn):
@@ -131,7 +132,7 @@ def _param(step: Step, params, name: str):
 def _exec(step: Step, params, args, kwargs):
     """One step, evaluated statelessly on the given arguments."""
     if step.op == "call_module":
-        return torch.func.functional_call(step.module, _module_state(step, params), args, kwargs)
+        return call_privately(step.module, _module_state(step, params), args, kwargs, cache=step.view_cache)
     if step.op == "call_function":
         return step.target(*args, **kwargs)
     if step.op == "call_method":

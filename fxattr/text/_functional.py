@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fxattr.errors import FxattrError, fail
+from fxattr.functional import call_privately
 from fxattr.text._targets import predicted_next_token, resolve_target
 
 __all__ = ["TextModel", "attribute", "baseline_value", "check_text_model", "functionalize", "math_attention"]
@@ -127,7 +128,7 @@ class TextModel:
             kwargs["position_ids"] = (attention_mask.long().cumsum(0) - 1).clamp(min=0)[None]
         context = sdpa_kernel(SDPBackend.MATH) if self.attention == "math" else contextlib.nullcontext()
         with context:
-            out = torch.func.functional_call(self.module, params, (), kwargs)
+            out = call_privately(self.module, params, (), kwargs, cache=self.__dict__.setdefault("_view_cache", {}))
         out = self.output(out)
         if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != 1:
             raise fail("text", "output must choose one tensor with the batch axis of 1 from the model's "

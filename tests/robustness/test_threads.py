@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import torch
 from torch import nn
 
@@ -101,9 +100,6 @@ def test_threads_never_change_the_model_and_get_the_same_results():
             torch.testing.assert_close(out, expected[name], rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="fxattr.graph evaluates graph modules that share the user's "
-                                       "submodules with torch.func.functional_call; the capture/engine "
-                                       "rewrite is to run them on fxattr.functional.stateless_view")
 def test_graph_explainers_in_threads_never_change_the_model():
     changes, errors, _, _ = run_concurrently(model(), GRAPH, rounds=3)
     assert not errors and not changes
