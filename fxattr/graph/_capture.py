@@ -63,6 +63,7 @@ import copy
 import difflib
 import inspect
 import operator
+import re
 import weakref
 from collections.abc import Callable, Mapping
 
@@ -439,12 +440,23 @@ def _dynamo_capture(f, inputs: tuple) -> fx.GraphModule:
 def _drop_concrete(graph: fx.Graph, concrete: set) -> None:
     """Removes the placeholders of parameters bound to their defaults (and torch.fx's checks on
     them): the graph's inputs are exactly what the explainer passes."""
+    # torch.fx names a concrete argument's placeholder ``name_1``
+    bound = {node for node in graph.nodes if node.op == "placeholder" and (
+        node.target in concrete or re.sub(r"_\d+$", "", node.target) in concrete)}
     for node in list(graph.nodes):
         if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
             graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch._assert:
+            # torch.fx's check of a non-None default (``multidim_output: bool = False``):
+            # _assert(eq(placeholder, False), ...) -- the value is bound, the check is moot
+            condition = node.args[0] if node.args else None
+            if (isinstance(condition, fx.Node) and condition.target is operator.eq
+                    and condition.args and condition.args[0] in bound):
+                graph.erase_node(node)
+                if not condition.users:
+                    graph.erase_node(condition)
     for node in list(graph.nodes):
-        if node.op == "placeholder" and not node.users and (
-                node.target in concrete or node.target.rstrip("_0123456789") in concrete):
+        if node in bound and not node.users:
             graph.erase_node(node)
 
 

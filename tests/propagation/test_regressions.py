@@ -212,3 +212,30 @@ def test_multihead_attention_in_gradient_mode(method):
         got = torch.vmap(fxattr.guided_backprop(f, seed="one"), in_dims=(None, 0, 0))(params, x, t)
         want = torch.vmap(fxattr.gradient(f), in_dims=(None, 0, 0))(params, x, t)
         torch.testing.assert_close(got, want)
+
+
+def test_captum_test_models_with_non_none_defaults():
+    """captum's own test models bind non-None defaults (``multidim_output: bool = False``,
+    ``x3: int = 2``); torch.fx guards them with ``_assert(eq(x3_1, 2))``, which DeepLIFT's paired
+    forward returned as a bool (a crash), and the placeholder ``x3_1`` was matched to ``x3`` by
+    stripping every trailing digit. Both now give captum's numbers."""
+    captum_attr = pytest.importorskip("captum.attr")
+    basic_models = pytest.importorskip("captum.testing.helpers.basic_models")
+    model = basic_models.BasicModel_MultiLayer().eval()
+    f, params = fxattr.functionalize(model)
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    ours = torch.vmap(fxattr.deeplift(f), in_dims=(None, 0, None))(params, x, 0)
+    torch.testing.assert_close(ours, captum_attr.DeepLift(model).attribute(x, target=0).detach())
+    torch.testing.assert_close(ours, torch.tensor([[3.0, 6.0, 9.0], [1.5, -3.0, 6.0]]))
+    guided = torch.vmap(fxattr.guided_backprop(f, seed="one"), in_dims=(None, 0, None))(params, x, 0)
+    torch.testing.assert_close(guided, captum_attr.GuidedBackprop(model).attribute(x, target=0).detach())
+
+    model = basic_models.ReLUDeepLiftModel().eval()
+    f, params = fxattr.functionalize(model)
+    x1, x2 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0])
+    ours = fxattr.deeplift(f)(params, (x1, x2), 0)
+    theirs = captum_attr.DeepLift(model).attribute((x1[None], x2[None]), baselines=(torch.zeros(1, 3),
+                                                   torch.zeros(1, 3)), target=0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b[0].detach())
+    torch.testing.assert_close(ours[0] + ours[1], torch.tensor([7.0, 0.0, 0.0]))
