@@ -103,6 +103,23 @@ def _check_x(where: str, x) -> None:
         raise fail(where, f"x must be a floating-point tensor, got dtype {x.dtype}")
 
 
+def _configured(where: str, f, feature_mask, baseline, chunk_size) -> _Groups:
+    """The checks every member of the family makes at construction; the resolved groups."""
+    check_model(where, f)
+    groups = _Groups(where, feature_mask)
+    _check_baseline(where, baseline)
+    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    return groups
+
+
+def _prepared(where: str, f, params, x, target, groups: _Groups, baseline):
+    """What every explanation starts from: x's groups, the baseline, the target (None -> argmax)."""
+    check_target(where, target)
+    _check_x(where, x)
+    group_of, count = groups.resolve(x)
+    return group_of, count, _baseline(where, baseline, x), _resolve_target(f, params, x, target)
+
+
 def _coalition_values(where, f, params, x, target, group_of, base, coalitions, chunk_size) -> Tensor:
     """``f`` at every coalition (rows of a ``(n, G)`` boolean tensor), vmapped ``chunk_size`` at a time."""
 
@@ -164,11 +181,8 @@ def shapley_value_sampling(f, *, feature_mask=None, baseline=0.0, samples: int =
         >>> torch.vmap(explain, in_dims=(None, 0, 0), randomness="same")(params, images, labels)
     """
     where = "shapley_value_sampling"
-    check_model(where, f)
-    groups = _Groups(where, feature_mask)
-    _check_baseline(where, baseline)
+    groups = _configured(where, f, feature_mask, baseline, chunk_size)
     check_int(where, "samples", samples, 1)
-    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
     _check_draws(where, "permutations", permutations, "feature group")
     if permutations is not None:
         if permutations.dtype.is_floating_point or permutations.dtype == torch.bool:
@@ -182,11 +196,7 @@ def shapley_value_sampling(f, *, feature_mask=None, baseline=0.0, samples: int =
         samples = permutations.shape[0]
 
     def explain(params, x, target=None):
-        check_target(where, target)
-        _check_x(where, x)
-        group_of, count = groups.resolve(x)
-        base = _baseline(where, baseline, x)
-        target = _resolve_target(f, params, x, target)
+        group_of, count, base, target = _prepared(where, f, params, x, target, groups, baseline)
         if permutations is None:
             orders = torch.rand(samples, count, device=x.device).argsort(dim=1)
         else:
@@ -251,24 +261,17 @@ def shapley_values(f, *, feature_mask=None, baseline=0.0, chunk_size: int | None
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
     where = "shapley_values"
-    check_model(where, f)
-    groups = _Groups(where, feature_mask)
-    _check_baseline(where, baseline)
-    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    groups = _configured(where, f, feature_mask, baseline, chunk_size)
     if groups.count is not None and groups.count > MAX_EXACT_GROUPS:
         raise fail(where, f"feature_mask has {groups.count} groups; exact Shapley values need 2^G "
                           f"forwards and are limited to {MAX_EXACT_GROUPS} groups: merge groups or use "
                           "fxattr.shapley_value_sampling / fxattr.kernel_shap")
 
     def explain(params, x, target=None):
-        check_target(where, target)
-        _check_x(where, x)
-        group_of, count = groups.resolve(x)
+        group_of, count, base, target = _prepared(where, f, params, x, target, groups, baseline)
         if count > MAX_EXACT_GROUPS:
             raise fail(where, f"x has {count} features (no feature_mask); exact Shapley values are "
                               f"limited to {MAX_EXACT_GROUPS} groups: pass a feature_mask")
-        base = _baseline(where, baseline, x)
-        target = _resolve_target(f, params, x, target)
         coalitions = _all_coalitions(count, x.device)
         values = _coalition_values(where, f, params, x, target, group_of, base, coalitions, chunk_size)
         weights = _shapley_weights(coalitions)
@@ -386,19 +389,12 @@ def kernel_shap(f, *, feature_mask=None, baseline=0.0, samples: int = 25,
         >>> torch.vmap(explain, in_dims=(None, 0, 0), randomness="different")(params, images, labels)
     """
     where = "kernel_shap"
-    check_model(where, f)
-    groups = _Groups(where, feature_mask)
-    _check_baseline(where, baseline)
+    groups = _configured(where, f, feature_mask, baseline, chunk_size)
     check_int(where, "samples", samples, 1)
-    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
     _check_coalitions(where, coalitions, groups.count)
 
     def explain(params, x, target=None):
-        check_target(where, target)
-        _check_x(where, x)
-        group_of, count = groups.resolve(x)
-        base = _baseline(where, baseline, x)
-        target = _resolve_target(f, params, x, target)
+        group_of, count, base, target = _prepared(where, f, params, x, target, groups, baseline)
         if coalitions is None:
             if count < 2:
                 raise fail(where, f"KernelSHAP needs at least 2 feature groups, x has {count}")
@@ -456,12 +452,9 @@ def lime(f, *, feature_mask=None, baseline=0.0, samples: int = 50, coalitions: T
         >>> torch.vmap(explain, in_dims=(None, 0, 0), randomness="different")(params, images, labels)
     """
     where = "lime"
-    check_model(where, f)
-    groups = _Groups(where, feature_mask)
-    _check_baseline(where, baseline)
+    groups = _configured(where, f, feature_mask, baseline, chunk_size)
     check_int(where, "samples", samples, 1)
     check_int(where, "iterations", iterations, 1)
-    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
     check_choice(where, "distance", distance, DISTANCES)
     check_choice(where, "regression", regression, REGRESSIONS)
     for name, value, minimum in (("kernel_width", kernel_width, 0.0), ("alpha", alpha, 0.0)):
@@ -472,11 +465,7 @@ def lime(f, *, feature_mask=None, baseline=0.0, samples: int = 50, coalitions: T
     _check_coalitions(where, coalitions, groups.count)
 
     def explain(params, x, target=None):
-        check_target(where, target)
-        _check_x(where, x)
-        group_of, count = groups.resolve(x)
-        base = _baseline(where, baseline, x)
-        target = _resolve_target(f, params, x, target)
+        group_of, count, base, target = _prepared(where, f, params, x, target, groups, baseline)
         if coalitions is None:
             drawn = torch.rand(samples, count, device=x.device) < 0.5
         else:
