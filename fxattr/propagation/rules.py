@@ -203,6 +203,11 @@ def epsilon(epsilon: float = 1e-7, *, bias: bool = True) -> Rule:
     stabilise = signed(eps)
 
     def reverse(layer, params, x, out, relevance):
+        if x.dtype == torch.float16 and not bias:
+            # W x of a dead input is 0, so R / (0 + 1e-7) overflows float16's 65504 and x * inf
+            # gives NaN: the bias-free variant computes in float32 and rounds its result once
+            wide = {k: v.float() if isinstance(v, Tensor) else v for k, v in params.items()}
+            return reverse(layer, wide, x.float(), out.float(), relevance.float()).to(x.dtype)
         denominator = out if bias else _no_bias_output(layer, params, x, out)
         return x * layer.transpose(relevance / stabilise(denominator), params, x)
 

@@ -110,7 +110,7 @@ def test_dead_relu_network_in_float16_stays_finite():
     f, params = fxattr.functionalize(model.eval().half())
     xs = torch.randn(2, 3, 6, 6).half()
     explainers = [fxattr.lrp(f, rule=rule) for rule in (
-        "z", "z_IB", "epsilon", "w_square", "flat", "alpha_beta", "alpha_2_beta_1", "alpha_1_beta_0",
+        "z", "z_IB", "epsilon", "epsilon_IB", "w_square", "flat", "alpha_beta", "alpha_2_beta_1", "alpha_1_beta_0",
         "z_plus", "z_plus_fast", "gamma")]
     explainers += [fxattr.lrp(f, composite="epsilon_plus_flat"), fxattr.deeplift(f), fxattr.deep_taylor(f)]
     for explain in explainers:
