@@ -139,6 +139,28 @@ def check_metric_input(where: str, value, name: str = "attribution", ndim: int |
         raise fail(where, f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
 
 
+
+def check_explainer(where: str, explain, purpose: str) -> None:
+    """``explain`` is given and callable; ``purpose`` says what the metric re-runs it on."""
+    if explain is None:
+        raise fail(where, f"explain is required: the explainer {purpose}, e.g. explain=fxattr.gradient(f)")
+    if not callable(explain):
+        raise fail(where, f"explain must be an explainer explain(params, x, target), got {explain!r}")
+
+
+def check_attribution(where: str, x: Tensor, attribution) -> None:
+    """The attribution has x's shape, or x's with one channel (Quantus's channel-summed maps)."""
+    check_metric_input(where, x, name="x")
+    check_metric_input(where, attribution)
+    a_shape, x_shape = tuple(attribution.shape), tuple(x.shape)
+    if a_shape == x_shape:
+        return
+    if len(a_shape) == len(x_shape) and len(x_shape) >= 2 and a_shape[0] == 1 and a_shape[1:] == x_shape[1:]:
+        return
+    raise fail(where, f"attribution has shape {a_shape} but x has shape {x_shape}: pass one example's "
+                      "attribution (x's shape, or one channel), and torch.vmap over the batch")
+
+
 def check_replay(where: str, name: str, value, shape: tuple, *, integer: bool = False) -> None:
     """A replayed random draw (``subsets=``, ``noise=``...) must be a tensor of exactly ``shape``."""
     if not isinstance(value, Tensor):

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from fxattr.errors import fail
-from fxattr.metrics.common import (check_bool, check_choice, check_float, check_int, check_metric_input,
-                                   check_model, check_replay, normalise_by_max, pearson, resolve_target,
-                                   spearman)
+from fxattr.metrics.common import (check_attribution, check_bool, check_choice, check_explainer, check_float,
+                                   check_int, check_model, check_replay, normalise_by_max, pearson,
+                                   resolve_target, spearman)
 from fxattr.metrics.common import metric as named_metric
 
 __all__ = ["efficient_mprt", "mprt", "random_logit", "smooth_mprt"]
@@ -128,24 +128,6 @@ def prepare(a: Tensor, like: Tensor, *, normalise: bool, abs: bool,  # noqa: A00
     if abs:
         a = a.abs()
     return a
-
-
-def check_explainer(where: str, explain) -> None:
-    if explain is None:
-        raise fail(where, "explain is required: the explainer to re-run on the randomised models, "
-                          "e.g. explain=fxattr.gradient(f)")
-    if not callable(explain):
-        raise fail(where, f"explain must be an explainer explain(params, x, target), got {explain!r}")
-
-
-def check_attribution(where: str, x: Tensor, attribution) -> None:
-    check_metric_input(where, x, name="x")
-    check_metric_input(where, attribution)
-    a_shape, x_shape = tuple(attribution.shape), tuple(x.shape)
-    one_channel = len(a_shape) == len(x_shape) and a_shape[0] == 1 and a_shape[1:] == x_shape[1:]
-    if a_shape != x_shape and not one_channel:
-        raise fail(where, f"attribution has shape {a_shape} but x has shape {x_shape}: pass one example's "
-                          "attribution (x's shape, or one channel), and torch.vmap over the batch")
 
 
 # ---------------------------------------------------------------------------------- random layers
@@ -282,7 +264,7 @@ def explain_over_sets(where, explain_one, params, layers, parameter_sets, chunk_
 def _check_mprt(where, f, explain, similarity_func, layer_order, seed, return_average_correlation,
                 return_last_correlation, skip_layers, abs, normalise, chunk_size):  # noqa: A002
     check_model(where, f)
-    check_explainer(where, explain)
+    check_explainer(where, explain, "to re-run on the randomised models")
     similarity = similarity_function(where, similarity_func)
     check_choice(where, "layer_order", layer_order, LAYER_ORDERS)
     check_int(where, "seed", seed, minimum=-(2 ** 63))
@@ -505,7 +487,7 @@ def efficient_mprt(f, *, explain=None, layer_order: str = "bottom_up", seed: int
     """
     where = "metrics.efficient_mprt"
     check_model(where, f)
-    check_explainer(where, explain)
+    check_explainer(where, explain, "to re-run on the randomised models")
     check_choice(where, "layer_order", layer_order, LAYER_ORDERS)
     check_int(where, "seed", seed, minimum=-(2 ** 63))
     check_int(where, "n_bins", n_bins)
@@ -566,7 +548,7 @@ def random_logit(f, *, explain=None, similarity_func="ssim", num_classes: int | 
     """
     where = "metrics.random_logit"
     check_model(where, f)
-    check_explainer(where, explain)
+    check_explainer(where, explain, "to re-run on the randomised models")
     similarity = similarity_function(where, similarity_func)
     check_int(where, "num_classes", num_classes, minimum=2, allow_none=True)
     check_bool(where, "abs", abs)

@@ -26,15 +26,14 @@ Shared conventions (Quantus's ``Metric``):
 from __future__ import annotations
 
 from collections.abc import Callable
-from numbers import Real
 
 import torch
 from torch import Tensor
 
 import fxattr
 from fxattr.errors import fail
-from fxattr.metrics.common import (baseline_value, check_baseline, check_bool, check_choice, check_float,
-                                   check_int, check_metric_input, check_model, check_replay,
+from fxattr.metrics.common import (baseline_value, check_attribution, check_baseline, check_bool, check_float,
+                                   check_explainer, check_int, check_model, check_replay,
                                    normalise_by_max, resolve_target)
 from fxattr.metrics.common import metric as named_metric
 
@@ -51,27 +50,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------- checks
-
-def check_explainer(where: str, explain) -> None:
-    if explain is None:
-        raise fail(where, "explain is required: the explainer that re-explains the perturbed inputs, "
-                          "e.g. explain=fxattr.gradient(f)")
-    if not callable(explain):
-        raise fail(where, f"explain must be an explainer explain(params, x, target), got {explain!r}")
-
-
-def check_attribution(where: str, x: Tensor, attribution) -> None:
-    """The attribution has x's shape, or x's with one channel (Quantus's channel-summed maps)."""
-    check_metric_input(where, x, name="x")
-    check_metric_input(where, attribution)
-    a_shape, x_shape = tuple(attribution.shape), tuple(x.shape)
-    if a_shape == x_shape:
-        return
-    if len(a_shape) == len(x_shape) and len(x_shape) >= 2 and a_shape[0] == 1 and a_shape[1:] == x_shape[1:]:
-        return
-    raise fail(where, f"attribution has shape {a_shape} but x has shape {x_shape}: pass one example's "
-                      "attribution (x's shape, or one channel), and torch.vmap over the batch")
-
 
 NORMS = ("fro", "l2", "linf")
 
@@ -151,7 +129,7 @@ def _sensitivity(name: str, reduction: str, f, *, explain, nr_samples, lower_bou
                  return_nan_when_prediction_changes, chunk_size):
     where = f"metrics.{name}"
     check_model(where, f)
-    check_explainer(where, explain)
+    check_explainer(where, explain, "that re-explains the perturbed inputs")
     check_int(where, "nr_samples", nr_samples)
     check_float(where, "lower_bound", lower_bound, 0.0)
     check_float(where, "upper_bound", upper_bound, allow_none=True)
@@ -294,7 +272,7 @@ def local_lipschitz_estimate(f, *, explain=None, nr_samples: int = 200, perturb_
     """
     where = "metrics.local_lipschitz_estimate"
     check_model(where, f)
-    check_explainer(where, explain)
+    check_explainer(where, explain, "that re-explains the perturbed inputs")
     check_int(where, "nr_samples", nr_samples)
     check_float(where, "perturb_mean", perturb_mean)
     check_float(where, "perturb_std", perturb_std, 0.0)
@@ -374,7 +352,7 @@ def continuity(f, *, explain=None, nr_steps: int = 28, perturb_baseline="black",
     """
     where = "metrics.continuity"
     check_model(where, f)
-    check_explainer(where, explain)
+    check_explainer(where, explain, "that re-explains the perturbed inputs")
     check_int(where, "nr_steps", nr_steps)
     check_baseline(where, perturb_baseline)
     for flag, value in (("abs", abs), ("normalise", normalise),
@@ -488,7 +466,7 @@ def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_b
                         softmax, representation, chunk_size):
     where = f"metrics.{name}"
     check_model(where, f)
-    check_explainer(where, explain)
+    check_explainer(where, explain, "that re-explains the perturbed inputs")
     check_int(where, "nr_samples", nr_samples)
     check_float(where, "lower_bound", lower_bound)
     check_float(where, "upper_bound", upper_bound, allow_none=True)
