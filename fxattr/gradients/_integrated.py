@@ -27,7 +27,7 @@ from fxattr._explainer import (
     tree_map,
 )
 from fxattr.errors import FxattrError, api_boundary, fail
-from fxattr.targets import check_target, readable
+from fxattr.targets import check_target, readable, select
 
 __all__ = ["QUADRATURES", "integrated_gradients", "quadrature"]
 
@@ -105,7 +105,8 @@ def make_baseline(where: str, baseline, x):
 
 @api_boundary("integrated_gradients")
 def integrated_gradients(f, *, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
-                         chunk_size: int | None = 4):
+                         chunk_size: int | None = 4, multiply_by_inputs: bool = True,
+                         return_convergence_delta: bool = False):
     """Integrated gradients along the straight path from ``baseline`` to ``x``.
 
     Defaults, and why: Gauss-Legendre with 32 points, because for smooth models it is exact far
@@ -127,6 +128,14 @@ def integrated_gradients(f, *, steps: int = 32, baseline=0.0, method: str = "gau
             ``x -> baseline``.
         method: one of ``QUADRATURES`` (see :func:`quadrature`).
         chunk_size: how many integration points are evaluated at once, per example (``None``: all).
+        multiply_by_inputs: ``False`` returns the path-averaged gradient without the factor
+            ``x - baseline`` (captum's ``multiply_by_inputs=False``).
+        return_convergence_delta: also return ``sum(attributions) - (f(x)[t] - f(baseline)[t])``
+            for the attributions with the factor (captum's convergence delta; 0 when complete).
+
+    Returns:
+        ``explain(params, x, target)`` -> attributions of x's structure, or
+        ``(attributions, delta)`` with ``return_convergence_delta``.
 
     Example:
         >>> explain = fxattr.integrated_gradients(f, steps=16)
@@ -139,6 +148,10 @@ def integrated_gradients(f, *, steps: int = 32, baseline=0.0, method: str = "gau
     check_int(where, "steps", steps, 2 if method == "riemann_trapezoid" else 1)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
     check_baseline(baseline)
+    for name, value in (("multiply_by_inputs", multiply_by_inputs),
+                        ("return_convergence_delta", return_convergence_delta)):
+        if not isinstance(value, bool):
+            raise fail(where, f"{name} must be True or False, got {value!r}")
     alphas, weights = quadrature(method, steps)
 
     def explain(params, x, target=None):
@@ -159,8 +172,16 @@ def integrated_gradients(f, *, steps: int = 32, baseline=0.0, method: str = "gau
 
         grads = torch.vmap(grad_at, chunk_size=chunk_size)(a)
         # the weighted sum in float32 at least (a bfloat16 sum of steps loses 1e-2)
-        return tree_map(lambda d, g: (d.to(acc) * torch.tensordot(w, g.to(acc), dims=1)).to(d.dtype),
-                        diff, grads)
+        mean_grad = tree_map(lambda g: torch.tensordot(w, g.to(acc), dims=1), grads)
+        attributions = tree_map(lambda d, m: (d.to(acc) * m).to(d.dtype), diff, mean_grad)
+        result = attributions if multiply_by_inputs else tree_map(
+            lambda d, m: m.to(d.dtype), diff, mean_grad)
+        if not return_convergence_delta:
+            return result
+        total = sum(t.sum() for t in optree.tree_leaves(attributions, namespace="torch"))
+        change = select(where, f(params, x), target) - select(where, f(params, base), target)
+        return result, total - change
 
-    config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size}
+    config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size,
+              "multiply_by_inputs": multiply_by_inputs, "return_convergence_delta": return_convergence_delta}
     return explainer(where, f, config, explain)

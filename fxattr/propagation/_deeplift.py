@@ -96,12 +96,12 @@ class _DeepLift:
                         and nodes[source].layer is not None:
                     self.pairs[program.slot_of[node]] = program.step_of[program.slot_of[source]]
 
-    def __call__(self, params, x, base, target):
+    def __call__(self, params, x, base, target, multiply=True, delta=False):
         names = input_names(self.f, x)
         if names is not None and names != self.program.inputs:
             if names not in self.variants:
                 self.variants[names] = _DeepLift(self.f, self.where, self.rule, self.eps, names)
-            return self.variants[names](params, x, base, target)
+            return self.variants[names](params, x, base, target, multiply, delta)
         program = self.program
         params = bind(program.gm, params)  # tied parameters under each of their names
         at_x, at_b = program.pair_forward(params, x, base)
@@ -122,7 +122,14 @@ class _DeepLift:
             return None
 
         grads = program.reverse(params, at_x, None, seeds, override)
-        return program.to_input(x, at_x, grads, lambda g, i: g * (at_x[i][0] - at_b[i][0]))
+        attributions = program.to_input(x, at_x, grads, lambda g, i: g * (at_x[i][0] - at_b[i][0]))
+        result = attributions if multiply else program.to_input(x, at_x, grads, lambda g, i: g)
+        if not delta:
+            return result
+        # the summation-to-delta error of the attributions m * (x - baseline)
+        y_base = program.output_of(program.raw_output(at_b))[0]
+        total = sum(t.sum() for t in optree.tree_leaves(attributions, namespace="torch"))
+        return result, total - (select(self.where, y, target) - select(self.where, y_base, target))
 
     def _rescale(self, st, params, at_x, at_b, g):
         (_, gradient), = self.program.vjp(st, at_x, params, g)
@@ -178,7 +185,8 @@ def _check_eps(where, eps):
         raise fail(where, f"eps must be a positive number, got {eps!r}")
 
 
-def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10):
+def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10, multiply_by_inputs: bool = True,
+             return_convergence_delta: bool = False):
     """DeepLIFT attributions ``m * (x - baseline)`` with multipliers ``m`` from a reverse pass.
 
     One vmapped forward pass evaluates the model at ``x`` and at the baseline; the reverse pass
@@ -193,6 +201,14 @@ def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10):
             ``x -> baseline`` (as in :func:`fxattr.integrated_gradients`).
         rule: ``"rescale"`` or ``"reveal_cancel"``.
         eps: below this ``|delta x|`` a non-linearity passes its gradient (captum: 1e-10).
+        multiply_by_inputs: ``False`` returns the multipliers ``m`` themselves (captum's
+            ``multiply_by_inputs=False``, the "global" attributions).
+        return_convergence_delta: also return ``sum(m * (x - baseline)) - (f(x)[t] -
+            f(baseline)[t])``, the summation-to-delta error (captum's convergence delta).
+
+    Returns:
+        ``explain(params, x, target)`` -> attributions of x's structure, or
+        ``(attributions, delta)`` with ``return_convergence_delta``.
 
     Example:
         >>> explain = fxattr.deeplift(f, baseline=0.0)
@@ -207,14 +223,20 @@ def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10):
         check_baseline(baseline)
     except FxattrError as error:
         raise fail(where, str(error).split(": ", 1)[1]) from error
+    for name, value in (("multiply_by_inputs", multiply_by_inputs),
+                        ("return_convergence_delta", return_convergence_delta)):
+        if not isinstance(value, bool):
+            raise fail(where, f"{name} must be True or False, got {value!r}")
     engine = _DeepLift(f, where, rule, eps)
 
     def explain(params, x, target=None):
         check_target(where, target)
         base = make_baseline(where, baseline, x)
-        return f.guarded(x, lambda: engine(params, x, base, target), where)
+        return f.guarded(x, lambda: engine(params, x, base, target, multiply_by_inputs,
+                                           return_convergence_delta), where)
 
-    config = {"baseline": baseline, "rule": rule, "eps": eps}
+    config = {"baseline": baseline, "rule": rule, "eps": eps, "multiply_by_inputs": multiply_by_inputs,
+              "return_convergence_delta": return_convergence_delta}
     return explainer(where, f, config, explain)
 
 
