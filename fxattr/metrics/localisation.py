@@ -59,6 +59,13 @@ def flat_mask(where: str, attribution: Tensor, mask) -> Tensor:
     return mask.expand(a_shape).reshape(-1)
 
 
+def masked_flat(where: str, attribution, mask, *, normalise: bool, abs: bool):
+    """The flat mask and the flat prepared attribution (Quantus's normalise-then-abs), checked."""
+    check_metric_input(where, attribution)
+    return flat_mask(where, attribution, mask), prepare_attribution(
+        attribution, normalise=normalise, abs=abs).reshape(-1)
+
+
 def nan_where_empty(score: Tensor, mask: Tensor) -> Tensor:
     """``score``, or NaN where the mask holds no feature (as Quantus)."""
     return torch.where(mask.any(), score, torch.full_like(score, float("nan")))
@@ -100,9 +107,7 @@ def pointing_game(f=None, *, weighted: bool = False, abs: bool = False,  # noqa:
     config = {"weighted": weighted, "abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        check_metric_input(where, attribution)
-        m = flat_mask(where, attribution, mask)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
+        m, a = masked_flat(where, attribution, mask, normalise=normalise, abs=abs)
         hit = (m & (a == a.max())).any().to(a.dtype)
         if weighted:
             hit = hit * (1 - m.to(a.dtype).mean())
@@ -150,9 +155,7 @@ def attribution_localisation(f=None, *, weighted: bool = False, positive_attribu
               "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        check_metric_input(where, attribution)
-        m = flat_mask(where, attribution, mask)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
+        m, a = masked_flat(where, attribution, mask, normalise=normalise, abs=abs)
         if positive_attributions:
             a = a.clamp(min=0)
         inside = torch.where(m, a, torch.zeros_like(a)).sum()
@@ -240,9 +243,7 @@ def relevance_rank_accuracy(f=None, *, abs: bool = False, normalise: bool = True
     config = {"abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        check_metric_input(where, attribution)
-        m = flat_mask(where, attribution, mask)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
+        m, a = masked_flat(where, attribution, mask, normalise=normalise, abs=abs)
         order = torch.argsort(a, descending=True, stable=True)
         size = m.sum()
         # the mask along the order, counted over its first |mask| places
@@ -279,9 +280,7 @@ def relevance_mass_accuracy(f=None, *, abs: bool = False, normalise: bool = True
     config = {"abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        check_metric_input(where, attribution)
-        m = flat_mask(where, attribution, mask)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
+        m, a = masked_flat(where, attribution, mask, normalise=normalise, abs=abs)
         inside = torch.where(m, a, torch.zeros_like(a)).sum()
         return nan_where_empty(inside / a.sum(), m)
 
@@ -320,9 +319,7 @@ def auc(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
     config = {"abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        check_metric_input(where, attribution)
-        m = flat_mask(where, attribution, mask)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
+        m, a = masked_flat(where, attribution, mask, normalise=normalise, abs=abs)
         ordered, order = torch.sort(a)
         n = a.numel()
         place = torch.arange(n, device=a.device)
