@@ -25,6 +25,8 @@ so the explanation composes with ``torch.vmap``, ``torch.func.grad`` and ``torch
 
 from __future__ import annotations
 
+import inspect
+
 import optree
 import torch
 from torch import Tensor
@@ -74,11 +76,12 @@ def _safe_ratio(num: Tensor, den: Tensor, fallback: Tensor, eps: float) -> Tenso
 
 
 class _DeepLift:
-    def __init__(self, f, where: str, rule: str, eps: float, inputs=None):
+    def __init__(self, f, where: str, rule: str, eps: float, inputs=None, softmax: str = "exact"):
         self.f = f
         self.program = program = _program(where, f, inputs)
         self.rule = rule
         self.eps = eps
+        self.softmax = softmax
         self.where = where
         self.variants: dict = {}
         self.registered = reverse_for("deeplift")
@@ -100,7 +103,7 @@ class _DeepLift:
         names = input_names(self.f, x)
         if names is not None and names != self.program.inputs:
             if names not in self.variants:
-                self.variants[names] = _DeepLift(self.f, self.where, self.rule, self.eps, names)
+                self.variants[names] = _DeepLift(self.f, self.where, self.rule, self.eps, names, self.softmax)
             return self.variants[names](params, x, base, target, multiply, delta)
         program = self.program
         params = bind(program.gm, params)  # tied parameters under each of their names
@@ -110,6 +113,8 @@ class _DeepLift:
         seeds = program.seed(at_x, grad)
 
         def override(st, g):
+            if st.kind == "softmax" and self.softmax == "rescale":
+                return self._softmax_rescale(st, params, at_x, at_b, g)
             if st.kind in self.registered:
                 view = program.view(st, at_x, params, reference=at_b)
                 return list(zip(st.data_slots, _tuple(self.registered[st.kind](view, g))))
@@ -136,6 +141,14 @@ class _DeepLift:
         dx = at_x[st.x] - at_b[st.x]
         dy = at_x[st.slot] - at_b[st.slot]
         return [(st.x, _safe_ratio(g * dy, dx, gradient, self.eps))]
+
+    def _softmax_rescale(self, st, params, at_x, at_b, g):
+        # captum's softmax rule: element-wise rescale (the softmax's own vjp where |delta x| < eps),
+        # then the mean multiplier subtracted (softmax is invariant to a shift of its input)
+        x = st.data_slots[0]
+        (_, gradient), = self.program.vjp(st, at_x, params, g)
+        m = _safe_ratio(g * (at_x[st.slot] - at_b[st.slot]), at_x[x] - at_b[x], gradient, self.eps)
+        return [(x, m - m.mean())]
 
     def _maxpool(self, st, params, at_x, at_b, g):
         # captum's rule: split the output difference at the cross maximum and route each part
@@ -180,13 +193,57 @@ def _tuple(result):
     return (result,) if isinstance(result, Tensor) or result is None else tuple(result)
 
 
+SOFTMAX = ("exact", "rescale")
+
+
 def _check_eps(where, eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise fail(where, f"eps must be a positive number, got {eps!r}")
 
 
-def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10, multiply_by_inputs: bool = True,
-             return_convergence_delta: bool = False):
+def _check_options(where, softmax, multiply_by_inputs, return_convergence_delta, custom_attribution):
+    """The public options shared by :func:`deeplift` and :func:`deeplift_shap`; returns the custom
+    attribution function's arity (0 without one)."""
+    check_choice(where, "softmax", softmax, SOFTMAX)
+    for name, value in (("multiply_by_inputs", multiply_by_inputs),
+                        ("return_convergence_delta", return_convergence_delta)):
+        if not isinstance(value, bool):
+            raise fail(where, f"{name} must be True or False, got {value!r}")
+    if custom_attribution is None:
+        return 0
+    if not callable(custom_attribution) or isinstance(custom_attribution, Tensor):
+        raise fail(where, "custom_attribution must be a callable (multipliers[, x[, baseline]]) -> "
+                          f"attributions, got {type(custom_attribution).__name__}")
+    try:
+        parameters = inspect.signature(custom_attribution).parameters.values()
+    except (TypeError, ValueError):
+        return 3
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return 3
+    if not 1 <= len(positional) <= 3:
+        raise fail(where, "custom_attribution must take 1 to 3 positional arguments (multipliers, x, "
+                          f"baseline), as captum's custom_attribution_func; it takes {len(positional)}")
+    return len(positional)
+
+
+def _attribute(where, engine, params, x, base, target, multiply, delta, custom, arity):
+    """One DeepLIFT explanation with the public options applied."""
+    if custom is None:
+        return engine(params, x, base, target, multiply, delta)
+    result = engine(params, x, base, target, False, delta)
+    multipliers, error = result if delta else (result, None)
+    attributions = custom(*(multipliers, x, base)[:arity])
+    leaves = optree.tree_leaves(attributions, namespace="torch")
+    if not leaves or not all(isinstance(t, Tensor) for t in leaves):
+        raise fail(where, "custom_attribution must return a tensor or a pytree of tensors, got "
+                          f"{type(attributions).__name__}")
+    return (attributions, error) if delta else attributions
+
+
+def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10, softmax: str = "exact",
+             multiply_by_inputs: bool = True, return_convergence_delta: bool = False,
+             custom_attribution=None):
     """DeepLIFT attributions ``m * (x - baseline)`` with multipliers ``m`` from a reverse pass.
 
     One vmapped forward pass evaluates the model at ``x`` and at the baseline; the reverse pass
@@ -201,10 +258,21 @@ def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10, mult
             ``x -> baseline`` (as in :func:`fxattr.integrated_gradients`).
         rule: ``"rescale"`` or ``"reveal_cancel"``.
         eps: below this ``|delta x|`` a non-linearity passes its gradient (captum: 1e-10).
+        softmax: ``"exact"`` (default: the exact multipliers of softmax, summation-to-delta holds)
+            or ``"rescale"`` (captum's ``DeepLift`` treatment of ``nn.Softmax``: element-wise
+            rescale ``m * delta y / delta x``, then the mean multiplier subtracted, as the DeepLIFT
+            paper recommends for softmax inputs; summation-to-delta then holds only when the
+            softmax input's differences sum to 0). captum subtracts the mean over the whole batch
+            of inputs and baselines; fxattr over the one example, equal to captum at batch 1.
         multiply_by_inputs: ``False`` returns the multipliers ``m`` themselves (captum's
             ``multiply_by_inputs=False``, the "global" attributions).
         return_convergence_delta: also return ``sum(m * (x - baseline)) - (f(x)[t] -
             f(baseline)[t])``, the summation-to-delta error (captum's convergence delta).
+        custom_attribution: a callable ``(multipliers[, x[, baseline]]) -> attributions``
+            replacing ``m * (x - baseline)`` (captum's ``custom_attribution_func``; e.g. the
+            hypothetical contributions of one-hot sequences). It gets one example's tensors (x's
+            structure), so it must work under ``torch.vmap``. ``multiply_by_inputs`` is then
+            ignored, and the convergence delta is still that of ``m * (x - baseline)``.
 
     Returns:
         ``explain(params, x, target)`` -> attributions of x's structure, or
@@ -214,6 +282,7 @@ def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10, mult
         >>> explain = fxattr.deeplift(f, baseline=0.0)
         >>> attributions = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
         >>> fast = torch.compile(torch.vmap(explain, in_dims=(None, 0, 0)))
+        >>> hypothetical = fxattr.deeplift(f, custom_attribution=lambda m, x, b: m - (m * x).sum(0))
     """
     where = "deeplift"
     check_model(where, f)
@@ -223,25 +292,24 @@ def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10, mult
         check_baseline(baseline)
     except FxattrError as error:
         raise fail(where, str(error).split(": ", 1)[1]) from error
-    for name, value in (("multiply_by_inputs", multiply_by_inputs),
-                        ("return_convergence_delta", return_convergence_delta)):
-        if not isinstance(value, bool):
-            raise fail(where, f"{name} must be True or False, got {value!r}")
-    engine = _DeepLift(f, where, rule, eps)
+    arity = _check_options(where, softmax, multiply_by_inputs, return_convergence_delta, custom_attribution)
+    engine = _DeepLift(f, where, rule, eps, softmax=softmax)
 
     def explain(params, x, target=None):
         check_target(where, target)
         base = make_baseline(where, baseline, x)
-        return f.guarded(x, lambda: engine(params, x, base, target, multiply_by_inputs,
-                                           return_convergence_delta), where)
+        return f.guarded(x, lambda: _attribute(where, engine, params, x, base, target, multiply_by_inputs,
+                                               return_convergence_delta, custom_attribution, arity), where)
 
-    config = {"baseline": baseline, "rule": rule, "eps": eps, "multiply_by_inputs": multiply_by_inputs,
-              "return_convergence_delta": return_convergence_delta}
+    config = {"baseline": baseline, "rule": rule, "eps": eps, "softmax": softmax,
+              "multiply_by_inputs": multiply_by_inputs, "return_convergence_delta": return_convergence_delta,
+              "custom_attribution": custom_attribution}
     return explainer(where, f, config, explain)
 
 
-def deeplift_shap(f, *, baselines, rule: str = "rescale", eps: float = 1e-10,
-                  chunk_size: int | None = None):
+def deeplift_shap(f, *, baselines, rule: str = "rescale", eps: float = 1e-10, softmax: str = "exact",
+                  chunk_size: int | None = None, multiply_by_inputs: bool = True,
+                  return_convergence_delta: bool = False, custom_attribution=None):
     """DeepLIFT averaged over a set of baselines (captum's ``DeepLiftShap``).
 
     Each baseline gets its own DeepLIFT explanation (vmapped over the baselines, ``chunk_size`` at a
@@ -251,8 +319,18 @@ def deeplift_shap(f, *, baselines, rule: str = "rescale", eps: float = 1e-10,
         f: the function of ``fxattr.functionalize``.
         baselines: a tensor ``(K, *x.shape)`` of K >= 1 baselines (a pytree of those for pytree
             inputs), or a callable ``x -> baselines``.
-        rule, eps: as in :func:`deeplift`.
+        rule, eps, softmax: as in :func:`deeplift`.
         chunk_size: how many baselines are explained at once (``None``: all).
+        multiply_by_inputs: ``False`` returns the mean of the multipliers over the baselines
+            (captum's ``DeepLiftShap(multiply_by_inputs=False)``).
+        return_convergence_delta: also return the ``(K,)`` summation-to-delta errors, one per
+            baseline (captum returns them for every (example, baseline) pair: ``(B * K,)``, which
+            is this ``(B, K)`` flattened).
+        custom_attribution: as in :func:`deeplift`, applied per baseline before the mean (as captum).
+
+    Returns:
+        ``explain(params, x, target)`` -> attributions of x's structure, or
+        ``(attributions, delta)`` with ``return_convergence_delta``.
 
     Example:
         >>> explain = fxattr.deeplift_shap(f, baselines=background[:16])
@@ -263,12 +341,13 @@ def deeplift_shap(f, *, baselines, rule: str = "rescale", eps: float = 1e-10,
     check_choice(where, "rule", rule, RULES)
     _check_eps(where, eps)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    arity = _check_options(where, softmax, multiply_by_inputs, return_convergence_delta, custom_attribution)
     leaves = optree.tree_leaves(baselines, namespace="torch")
     if not (callable(baselines) and not isinstance(baselines, Tensor)) and (
             not leaves or not all(isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] >= 1 for t in leaves)):
         raise fail(where, "baselines must be a tensor (K, *x.shape) of K >= 1 baselines, a pytree of "
                           f"those, or a callable x -> baselines; got {type(baselines).__name__}")
-    engine = _DeepLift(f, where, rule, eps)
+    engine = _DeepLift(f, where, rule, eps, softmax=softmax)
 
     def explain(params, x, target=None):
         check_target(where, target)
@@ -284,9 +363,15 @@ def deeplift_shap(f, *, baselines, rule: str = "rescale", eps: float = 1e-10,
         bases = tree_map(check, bases, x)
         if target is None:  # the argmax at x, the same for every baseline
             target = f(params, x).detach().reshape(-1).argmax()
-        attributions = torch.vmap(lambda b: engine(params, x, b, target),
-                                  chunk_size=chunk_size)(bases)
-        return tree_map(lambda a: a.mean(0), attributions)
+        result = torch.vmap(lambda b: _attribute(where, engine, params, x, b, target, multiply_by_inputs,
+                                                 return_convergence_delta, custom_attribution, arity),
+                            chunk_size=chunk_size)(bases)
+        if return_convergence_delta:
+            attributions, delta = result
+            return tree_map(lambda a: a.mean(0), attributions), delta
+        return tree_map(lambda a: a.mean(0), result)
 
-    config = {"baselines": baselines, "rule": rule, "eps": eps, "chunk_size": chunk_size}
+    config = {"baselines": baselines, "rule": rule, "eps": eps, "softmax": softmax, "chunk_size": chunk_size,
+              "multiply_by_inputs": multiply_by_inputs, "return_convergence_delta": return_convergence_delta,
+              "custom_attribution": custom_attribution}
     return explainer(where, f, config, explain)
