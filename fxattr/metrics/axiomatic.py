@@ -13,10 +13,21 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fxattr.errors import fail
-from fxattr.metrics.common import (baseline_value, check_baseline, check_bool, check_float, check_int,
-                                   check_metric_input, check_model, is_concrete, model_output,
-                                   prepare_attribution, resolve_target, target_scores)
+from fxattr.errors import api_boundary, fail
+from fxattr.metrics.common import (
+    baseline_value,
+    check_baseline,
+    check_bool,
+    check_float,
+    check_int,
+    check_metric_input,
+    check_model,
+    is_concrete,
+    model_output,
+    prepare_attribution,
+    resolve_target,
+    target_scores,
+)
 from fxattr.metrics.common import metric as named_metric
 
 __all__ = ["completeness", "input_invariance", "non_sensitivity"]
@@ -26,6 +37,7 @@ def select_target(out: Tensor, target) -> Tensor:
     return out.reshape(-1)[torch.as_tensor(target, device=out.device)]
 
 
+@api_boundary("metrics.completeness")
 def completeness(f, *, abs: bool = False, normalise: bool = True,  # noqa: A002 - Quantus's name
                  output_func=None, perturb_baseline="black", softmax: bool = False,
                  rtol: float = 0.0, atol: float = 0.0):
@@ -56,20 +68,19 @@ def completeness(f, *, abs: bool = False, normalise: bool = True,  # noqa: A002 
         >>> a = torch.vmap(fxattr.integrated_gradients(f), in_dims=(None, 0, 0))(params, x, y)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0))(params, x, y, a)
     """
-    where = "metrics.completeness"
-    check_model(where, f)
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_model(f)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
     if output_func is not None and not callable(output_func):
-        raise fail(where, f"output_func must be a callable of the output difference, got {output_func!r}")
-    check_baseline(where, perturb_baseline)
-    check_bool(where, "softmax", softmax)
-    check_float(where, "rtol", rtol, 0.0)
-    check_float(where, "atol", atol, 0.0)
+        raise fail(None, f"output_func must be a callable of the output difference, got {output_func!r}")
+    check_baseline(perturb_baseline)
+    check_bool("softmax", softmax)
+    check_float("rtol", rtol, 0.0)
+    check_float("atol", atol, 0.0)
 
     def metric(params, x, target, attribution):
-        check_metric_input(where, x, name="x")
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs, where=where)
+        check_metric_input(x, name="x")
+        a = prepare_attribution(attribution, normalise=normalise, abs=abs)
         target = resolve_target(f, params, x, target)
         # "uniform": one draw per example, as Quantus's batched baseline
         fill = baseline_value(perturb_baseline, x)
@@ -88,6 +99,7 @@ def completeness(f, *, abs: bool = False, normalise: bool = True,  # noqa: A002 
     return named_metric("completeness", f, config, metric)
 
 
+@api_boundary("metrics.non_sensitivity")
 def non_sensitivity(f, *, eps: float = 1e-5, features_in_step: int = 1, abs: bool = True,  # noqa: A002
                     normalise: bool = True, perturb_baseline="black", softmax: bool = True,
                     chunk_size: int | None = 16):
@@ -113,19 +125,18 @@ def non_sensitivity(f, *, eps: float = 1e-5, features_in_step: int = 1, abs: boo
         >>> metric = fxattr.metrics.non_sensitivity(f)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0))(params, x, y, a)
     """
-    where = "metrics.non_sensitivity"
-    check_model(where, f)
-    check_float(where, "eps", eps, 0.0, strict_minimum=True)
-    check_int(where, "features_in_step", features_in_step)
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
-    check_baseline(where, perturb_baseline)
-    check_bool(where, "softmax", softmax)
-    check_int(where, "chunk_size", chunk_size, allow_none=True)
+    check_model(f)
+    check_float("eps", eps, 0.0, strict_minimum=True)
+    check_int("features_in_step", features_in_step)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
+    check_baseline(perturb_baseline)
+    check_bool("softmax", softmax)
+    check_int("chunk_size", chunk_size, allow_none=True)
 
     def metric(params, x, target, attribution):
-        check_metric_input(where, x, name="x")
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x, where=where).reshape(-1)
+        check_metric_input(x, name="x")
+        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x).reshape(-1)
         target = resolve_target(f, params, x, target)
         n = a.shape[0]
         steps = math.ceil(n / features_in_step)
@@ -138,7 +149,7 @@ def non_sensitivity(f, *, eps: float = 1e-5, features_in_step: int = 1, abs: boo
             return torch.where(step_of_feature == k, fill, x_flat).reshape(x.shape)
 
         copies = torch.vmap(perturbed, randomness="different")(torch.arange(steps, device=x.device))
-        scores = target_scores(where, f, params, copies, target, softmax=softmax, chunk_size=chunk_size)
+        scores = target_scores(f, params, copies, target, softmax=softmax, chunk_size=chunk_size)
         clean = select_target(model_output(f, params, x, softmax), target)
         insensitive = ((scores - clean).abs() < eps)[step_of_feature]
         return (insensitive ^ (a < eps)).sum()
@@ -148,10 +159,10 @@ def non_sensitivity(f, *, eps: float = 1e-5, features_in_step: int = 1, abs: boo
     return named_metric("non_sensitivity", f, config, metric)
 
 
-def first_layer_of(where: str, f, name: str | None) -> tuple[str, nn.Module]:
+def first_layer_of(f, name: str | None) -> tuple[str, nn.Module]:
     module = getattr(f, "module", None)
     if not isinstance(module, nn.Module):
-        raise fail(where, "input_invariance shifts the first layer's bias, so it needs the module behind "
+        raise fail(None, "input_invariance shifts the first layer's bias, so it needs the module behind "
                           "f: pass the f of fxattr.functionalize(model)")
     layers = dict(module.named_modules())
     if name is None:
@@ -160,18 +171,19 @@ def first_layer_of(where: str, f, name: str | None) -> tuple[str, nn.Module]:
                 name = candidate
                 break
         else:
-            raise fail(where, f"{type(module).__name__} has no Linear or Conv layer to shift")
+            raise fail(None, f"{type(module).__name__} has no Linear or Conv layer to shift")
     if name not in layers:
-        raise fail(where, f"first_layer {name!r} is not a module of {type(module).__name__}")
+        raise fail(None, f"first_layer {name!r} is not a module of {type(module).__name__}")
     layer = layers[name]
     if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        raise fail(where, f"first_layer {name!r} is a {type(layer).__name__}; the input shift is absorbed "
+        raise fail(None, f"first_layer {name!r} is a {type(layer).__name__}; the input shift is absorbed "
                           "by the bias of a Linear or Conv layer")
     if layer.bias is None:
-        raise fail(where, f"first_layer {name!r} has no bias to absorb the input shift")
+        raise fail(None, f"first_layer {name!r} has no bias to absorb the input shift")
     return name, layer
 
 
+@api_boundary("metrics.input_invariance")
 def input_invariance(f, *, explain=None, input_shift: float = -1, first_layer: str | None = None,
                      abs: bool = False, normalise: bool = False):  # noqa: A002 - Quantus's name
     """Input invariance (Kindermans et al. 2019, "The (un)reliability of saliency methods",
@@ -201,17 +213,16 @@ def input_invariance(f, *, explain=None, input_shift: float = -1, first_layer: s
         >>> metric = fxattr.metrics.input_invariance(f, explain=fxattr.gradient(f))
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0))(params, x, y, a)
     """
-    where = "metrics.input_invariance"
-    check_model(where, f)
+    check_model(f)
     if explain is None or not callable(explain):
-        raise fail(where, "explain must be an explainer explain(params, x, target) to re-run on the "
+        raise fail(None, "explain must be an explainer explain(params, x, target) to re-run on the "
                           f"shifted input, e.g. explain=fxattr.gradient(f); got {explain!r}")
-    check_float(where, "input_shift", input_shift)
+    check_float("input_shift", input_shift)
     if first_layer is not None and not isinstance(first_layer, str):
-        raise fail(where, f"first_layer must be a module name (str) or None, got {first_layer!r}")
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
-    name, layer = first_layer_of(where, f, first_layer)
+        raise fail(None, f"first_layer must be a module name (str) or None, got {first_layer!r}")
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
+    name, layer = first_layer_of(f, first_layer)
     weight_name, bias_name = f"{name}.weight", f"{name}.bias"
 
     def shifted_params(params, shape, dtype, device):
@@ -220,23 +231,23 @@ def input_invariance(f, *, explain=None, input_shift: float = -1, first_layer: s
         response = torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (delta,))[0]
         channels = response.reshape(response.shape[0], -1)  # (out, positions): W m + b per position
         if is_concrete(channels) and not torch.equal(channels.amin(-1), channels.amax(-1)):
-            raise fail(where, f"the response of {name!r} to a constant shift varies across positions "
+            raise fail(None, f"the response of {name!r} to a constant shift varies across positions "
                               "(padding): no bias can absorb the shift; name an unpadded first layer")
         shifted = dict(params)
         shifted[bias_name] = 2 * bias - channels.amin(-1)
         return shifted
 
     def metric(params, x, target, attribution):
-        check_metric_input(where, x, name="x")
+        check_metric_input(x, name="x")
         for needed in (weight_name, bias_name):
             if needed not in params:
-                raise fail(where, f"params has no {needed!r}; pass the params of fxattr.functionalize(model)")
+                raise fail(None, f"params has no {needed!r}; pass the params of fxattr.functionalize(model)")
         target = resolve_target(f, params, x, target)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs, where=where)
+        a = prepare_attribution(attribution, normalise=normalise, abs=abs)
         shifted = explain(shifted_params(params, tuple(x.shape), x.dtype, x.device), x + input_shift, target)
         if shifted.shape != a.shape:
             shifted = shifted.sum(0, keepdim=True)
-        shifted = prepare_attribution(shifted, normalise=normalise, abs=abs, where=where)
+        shifted = prepare_attribution(shifted, normalise=normalise, abs=abs)
         # np.isclose(a, shifted, atol=1e-4): |a - b| <= atol + rtol * |b|
         return ((a - shifted).abs() <= 1e-4 + 1e-5 * shifted.abs()).all()
 

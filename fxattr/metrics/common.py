@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 import fxattr
-from fxattr.errors import fail
+from fxattr.errors import api_boundary, fail
 
 __all__ = [
     "BASELINE_NAMES",
@@ -68,16 +68,16 @@ BASELINE_NAMES = ("black", "white", "mean", "uniform")
 
 # ----------------------------------------------------------------------------------- config checks
 
-def check_model(where: str, f) -> None:
+def check_model(f) -> None:
     """``f`` must be the function of ``fxattr.functionalize`` (or any ``f(params, x)``)."""
     if isinstance(f, nn.Module):
-        raise fail(where, "f must be a function f(params, x), not an nn.Module: "
+        raise fail(None, "f must be a function f(params, x), not an nn.Module: "
                           "use f, params = fxattr.functionalize(model)")
     if not callable(f):
-        raise fail(where, f"f must be a callable f(params, x), got {type(f).__name__}")
+        raise fail(None, f"f must be a callable f(params, x), got {type(f).__name__}")
 
 
-def check_int(where: str, name: str, value, minimum: int = 1, allow_none: bool = False,
+def check_int(name: str, value, minimum: int = 1, allow_none: bool = False,
               maximum: int | None = None) -> None:
     """Raises unless ``value`` is an int (not a bool) in ``[minimum, maximum]`` (or None if allowed)."""
     if value is None and allow_none:
@@ -85,92 +85,92 @@ def check_int(where: str, name: str, value, minimum: int = 1, allow_none: bool =
     if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
             or (maximum is not None and value > maximum)):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise fail(where, f"{name} must be an int {bound}{' or None' if allow_none else ''}, "
+        raise fail(None, f"{name} must be an int {bound}{' or None' if allow_none else ''}, "
                           f"got {value!r}")
 
 
-def check_float(where: str, name: str, value, minimum: float | None = None,
+def check_float(name: str, value, minimum: float | None = None,
                 maximum: float | None = None, *, strict_minimum: bool = False,
                 allow_none: bool = False) -> None:
     """Raises unless ``value`` is a finite real number (not a bool) within the bounds given."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise fail(where, f"{name} must be a finite number, got {value!r}")
+        raise fail(None, f"{name} must be a finite number, got {value!r}")
     if minimum is not None and (value <= minimum if strict_minimum else value < minimum):
-        raise fail(where, f"{name} must be {'>' if strict_minimum else '>='} {minimum}, got {value!r}")
+        raise fail(None, f"{name} must be {'>' if strict_minimum else '>='} {minimum}, got {value!r}")
     if maximum is not None and value > maximum:
-        raise fail(where, f"{name} must be <= {maximum}, got {value!r}")
+        raise fail(None, f"{name} must be <= {maximum}, got {value!r}")
 
 
-def check_bool(where: str, name: str, value) -> None:
+def check_bool(name: str, value) -> None:
     """Raises unless ``value`` is exactly ``True`` or ``False``."""
     if not isinstance(value, bool):
-        raise fail(where, f"{name} must be True or False, got {value!r}")
+        raise fail(None, f"{name} must be True or False, got {value!r}")
 
 
-def check_choice(where: str, name: str, value, choices) -> None:
+def check_choice(name: str, value, choices) -> None:
     """Raises unless ``value`` is one of ``choices``."""
     if not isinstance(value, str) or value not in choices:
-        raise fail(where, f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise fail(None, f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_baseline(where: str, value, name: str = "perturb_baseline") -> None:
+def check_baseline(value, name: str = "perturb_baseline") -> None:
     """A baseline is a finite number, a floating tensor or one of :data:`BASELINE_NAMES`."""
     if isinstance(value, str):
         if value.lower() == "random":
-            raise fail(where, f"{name}='random' was removed in Quantus 0.6.0; use 'uniform'")
-        check_choice(where, name, value.lower(), BASELINE_NAMES)
+            raise fail(None, f"{name}='random' was removed in Quantus 0.6.0; use 'uniform'")
+        check_choice(name, value.lower(), BASELINE_NAMES)
         return
     if isinstance(value, Tensor):
         if not value.dtype.is_floating_point:
-            raise fail(where, f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+            raise fail(None, f"{name} must be a floating-point tensor, got dtype {value.dtype}")
         return
-    check_float(where, name, value)
+    check_float(name, value)
 
 
-def check_metric_input(where: str, value, name: str = "attribution", ndim: int | None = None) -> None:
+def check_metric_input(value, name: str = "attribution", ndim: int | None = None) -> None:
     """Raises unless ``value`` is a floating-point tensor (with ``ndim`` dimensions if given)."""
     if not isinstance(value, Tensor):
-        raise fail(where, f"{name} must be a tensor, got {type(value).__name__}")
+        raise fail(None, f"{name} must be a tensor, got {type(value).__name__}")
     if not value.dtype.is_floating_point:
-        raise fail(where, f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        raise fail(None, f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if ndim is not None and value.ndim != ndim:
-        raise fail(where, f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+        raise fail(None, f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
 
 
 
-def check_explainer(where: str, explain, purpose: str) -> None:
+def check_explainer(explain, purpose: str) -> None:
     """``explain`` is given and callable; ``purpose`` says what the metric re-runs it on."""
     if explain is None:
-        raise fail(where, f"explain is required: the explainer {purpose}, e.g. explain=fxattr.gradient(f)")
+        raise fail(None, f"explain is required: the explainer {purpose}, e.g. explain=fxattr.gradient(f)")
     if not callable(explain):
-        raise fail(where, f"explain must be an explainer explain(params, x, target), got {explain!r}")
+        raise fail(None, f"explain must be an explainer explain(params, x, target), got {explain!r}")
 
 
-def check_attribution(where: str, x: Tensor, attribution) -> None:
+def check_attribution(x: Tensor, attribution) -> None:
     """The attribution has x's shape, or x's with one channel (Quantus's channel-summed maps)."""
-    check_metric_input(where, x, name="x")
-    check_metric_input(where, attribution)
+    check_metric_input(x, name="x")
+    check_metric_input(attribution)
     a_shape, x_shape = tuple(attribution.shape), tuple(x.shape)
     if a_shape == x_shape:
         return
     if len(a_shape) == len(x_shape) and len(x_shape) >= 2 and a_shape[0] == 1 and a_shape[1:] == x_shape[1:]:
         return
-    raise fail(where, f"attribution has shape {a_shape} but x has shape {x_shape}: pass one example's "
+    raise fail(None, f"attribution has shape {a_shape} but x has shape {x_shape}: pass one example's "
                       "attribution (x's shape, or one channel), and torch.vmap over the batch")
 
 
-def check_replay(where: str, name: str, value, shape: tuple, *, integer: bool = False) -> None:
+def check_replay(name: str, value, shape: tuple, *, integer: bool = False) -> None:
     """A replayed random draw (``subsets=``, ``noise=``...) must be a tensor of exactly ``shape``."""
     if not isinstance(value, Tensor):
-        raise fail(where, f"{name} must be a tensor of shape {shape}, got {type(value).__name__}")
+        raise fail(None, f"{name} must be a tensor of shape {shape}, got {type(value).__name__}")
     if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
-        raise fail(where, f"{name} must be an integer tensor, got dtype {value.dtype}")
+        raise fail(None, f"{name} must be an integer tensor, got dtype {value.dtype}")
     if not integer and not value.dtype.is_floating_point:
-        raise fail(where, f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        raise fail(None, f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if tuple(value.shape) != tuple(shape):
-        raise fail(where, f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+        raise fail(None, f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
 
 
 def is_concrete(t: Tensor) -> bool:
@@ -181,11 +181,14 @@ def is_concrete(t: Tensor) -> bool:
 
 
 def metric(name: str, f, config: dict, fn):
-    """Names ``fn`` and records the model and configuration it evaluates (``fn.model``, ``fn.config``)."""
+    """``fn`` named ``name``, its errors reported under ``fxattr.metrics.<name>`` (one
+    :func:`~fxattr.errors.api_boundary`), with the model and configuration it evaluates recorded
+    (``.model``, ``.config``)."""
     fn.__name__ = fn.__qualname__ = name
-    fn.model = f
-    fn.config = MappingProxyType(dict(config))
-    return fn
+    named = api_boundary(name if name.startswith("metrics.") else f"metrics.{name}")(fn)
+    named.model = f
+    named.config = MappingProxyType(dict(config))
+    return named
 
 
 # ------------------------------------------------------------------------------------ attributions
@@ -214,15 +217,14 @@ def normalise_batch(attributions: Tensor) -> Tensor:
     return normalise_by_max(attributions)
 
 
-def prepare_attribution(attribution: Tensor, *, normalise: bool, abs: bool, x: Tensor | None = None,
-                        where: str = "metrics") -> Tensor:
+def prepare_attribution(attribution: Tensor, *, normalise: bool, abs: bool, x: Tensor | None = None) -> Tensor:
     """Quantus's preprocessing of one example's attribution: ``normalise`` (divide by the largest
     absolute value of this example), then ``abs``; with ``x`` given, also broadcast to x's shape as
     Quantus does (an attribution of shape ``(1, H, W)`` or ``(H, W)`` for x of shape ``(C, H, W)``
     is repeated over the channels)."""
     a = attribution
     if x is not None:
-        a = broadcast_attribution(where, a, x)
+        a = broadcast_attribution(a, x)
     if normalise:
         a = normalise_by_max(a)
     if abs:
@@ -230,17 +232,17 @@ def prepare_attribution(attribution: Tensor, *, normalise: bool, abs: bool, x: T
     return a
 
 
-def broadcast_attribution(where: str, attribution: Tensor, x: Tensor) -> Tensor:
+def broadcast_attribution(attribution: Tensor, x: Tensor) -> Tensor:
     """The attribution broadcast to x's shape (Quantus's ``expand_attribution_channel`` then
     ``np.broadcast_to``): missing or size-1 leading dimensions are repeated."""
-    check_metric_input(where, attribution)
+    check_metric_input(attribution)
     a_shape, x_shape = tuple(attribution.shape), tuple(x.shape)
     if a_shape == x_shape:
         return attribution
     ok = len(a_shape) <= len(x_shape) and all(
         s in (1, t) for s, t in zip(reversed(a_shape), reversed(x_shape)))
     if not ok:
-        raise fail(where, f"attribution of shape {a_shape} does not broadcast to x's shape {x_shape}")
+        raise fail(None, f"attribution of shape {a_shape} does not broadcast to x's shape {x_shape}")
     return attribution.broadcast_to(x_shape)
 
 
@@ -315,23 +317,23 @@ def model_output(f, params, x: Tensor, softmax: bool) -> Tensor:
     return torch.softmax(out, dim=-1) if softmax else out
 
 
-def target_scores(where: str, f, params, copies: Tensor, target, *, softmax: bool,
+def target_scores(f, params, copies: Tensor, target, *, softmax: bool,
                   chunk_size: int | None) -> Tensor:
     """The target's score for every copy in ``copies`` (``(K, *x.shape)``): one vmapped, chunked
     forward, shape ``(K,)``."""
     def score(copy):
-        return fxattr.select(where, model_output(f, params, copy, softmax), target)
+        return fxattr.select(None, model_output(f, params, copy, softmax), target)
 
     return torch.vmap(score, chunk_size=chunk_size)(copies)
 
 
-def scores_along(where: str, f, params, make_copy, steps: Tensor, target, *, softmax: bool,
+def scores_along(f, params, make_copy, steps: Tensor, target, *, softmax: bool,
                  chunk_size: int | None) -> Tensor:
     """The target's score on ``make_copy(k)`` for every ``k`` in ``steps``: one vmapped, chunked
     forward, shape ``(len(steps),)``. Each copy is built inside the vmap from its index, so memory
     grows with ``chunk_size``, not with the number of copies."""
     def score(k):
-        return fxattr.select(where, model_output(f, params, make_copy(k), softmax), target)
+        return fxattr.select(None, model_output(f, params, make_copy(k), softmax), target)
 
     return torch.vmap(score, chunk_size=chunk_size)(steps)
 

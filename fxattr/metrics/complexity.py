@@ -20,13 +20,20 @@ from __future__ import annotations
 
 import torch
 
-from fxattr.metrics.common import check_bool, check_float, check_metric_input, prepare_attribution
+from fxattr.errors import api_boundary
+from fxattr.metrics.common import (
+    check_bool,
+    check_float,
+    check_metric_input,
+    prepare_attribution,
+)
 from fxattr.metrics.common import metric as named_metric
 from fxattr.metrics.localisation import check_unused_model
 
 __all__ = ["complexity", "effective_complexity", "sparseness"]
 
 
+@api_boundary("metrics.sparseness")
 def sparseness(f=None, *, abs: bool = True, normalise: bool = True):  # noqa: A002 - Quantus's name
     """Sparseness (Chalasani et al. 2020, "Concise explanations of neural networks using
     adversarial training", ICML): the Gini index of the attribution.
@@ -50,15 +57,14 @@ def sparseness(f=None, *, abs: bool = True, normalise: bool = True):  # noqa: A0
         >>> scores = torch.vmap(metric, in_dims=(None, 0, 0, 0))(params, x, y, a)
         >>> grad = torch.func.grad(lambda a: metric(params, x[0], y[0], a))(a[0])
     """
-    where = "metrics.sparseness"
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
 
-    check_unused_model(where, f)
+    check_unused_model(f)
     config = {"abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution):
-        check_metric_input(where, attribution)
+        check_metric_input(attribution)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1) + 1e-7
         n = a.numel()
         ordered = torch.sort(a).values
@@ -68,6 +74,7 @@ def sparseness(f=None, *, abs: bool = True, normalise: bool = True):  # noqa: A0
     return named_metric('sparseness', f, config, score)
 
 
+@api_boundary("metrics.complexity")
 def complexity(f=None, *, abs: bool = True, normalise: bool = True):  # noqa: A002
     """Complexity (Bhatt et al. 2020, "Evaluating and aggregating feature-based model
     explanations", IJCAI): the entropy of the attribution's share per feature.
@@ -88,15 +95,14 @@ def complexity(f=None, *, abs: bool = True, normalise: bool = True):  # noqa: A0
         >>> metric = fxattr.metrics.complexity(f)
         >>> scores = torch.vmap(metric, in_dims=(None, 0, 0, 0))(params, x, y, a)
     """
-    where = "metrics.complexity"
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
 
-    check_unused_model(where, f)
+    check_unused_model(f)
     config = {"abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution):
-        check_metric_input(where, attribution)
+        check_metric_input(attribution)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
         share = a / a.abs().sum()
         return -(share * torch.log(share + 1e-12)).sum()
@@ -104,6 +110,7 @@ def complexity(f=None, *, abs: bool = True, normalise: bool = True):  # noqa: A0
     return named_metric('complexity', f, config, score)
 
 
+@api_boundary("metrics.effective_complexity")
 def effective_complexity(f=None, *, eps: float = 1e-5, abs: bool = True,  # noqa: A002
                          normalise: bool = True):
     """Effective complexity (Nguyen and Martinez 2020, "On quantitative aspects of model
@@ -129,17 +136,16 @@ def effective_complexity(f=None, *, eps: float = 1e-5, abs: bool = True,  # noqa
         >>> metric = fxattr.metrics.effective_complexity(f, eps=1e-3)
         >>> counts = torch.vmap(metric, in_dims=(None, 0, 0, 0))(params, x, y, a)
     """
-    where = "metrics.effective_complexity"
-    check_float(where, "eps", eps)
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_float("eps", eps)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
     threshold = float(eps)
 
-    check_unused_model(where, f)
+    check_unused_model(f)
     config = {"eps": eps, "abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution):
-        check_metric_input(where, attribution)
+        check_metric_input(attribution)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs)
         return (a > threshold).sum()
 

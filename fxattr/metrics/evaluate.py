@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fxattr.errors import fail
+from fxattr.errors import api_boundary, fail
 
 __all__ = ["MetricTable", "evaluate", "metric_kind"]
 
@@ -70,7 +70,7 @@ def area(curve: Tensor) -> Tensor:
     return torch.trapezoid(curve, dx=1.0 / (curve.shape[-1] - 1), dim=-1)
 
 
-def per_example_scores(where: str, name: str, value, batch: int, kind: str, batch_curve: bool) -> Tensor:
+def per_example_scores(name: str, value, batch: int, kind: str, batch_curve: bool) -> Tensor:
     """A metric's output as ``(B,)`` scores or ``(B, T)`` curves (a batch-level metric's scalar as
     ``(1,)``, its curve as ``(1, T)``). A batch-level metric's 1-d output of length B counts as a
     score per example unless ``batch_curve``."""
@@ -78,7 +78,7 @@ def per_example_scores(where: str, name: str, value, batch: int, kind: str, batc
     if kind == "batch" and (batch_curve or not (value.ndim == 1 and value.shape[0] == batch)):
         value = value.reshape(1, *value.shape)
     if value.ndim not in (1, 2):
-        raise fail(where, f"metric {name!r} gave shape {tuple(value.shape)}; evaluate takes a scalar or a "
+        raise fail(None, f"metric {name!r} gave shape {tuple(value.shape)}; evaluate takes a scalar or a "
                           "1-d curve per example")
     return value
 
@@ -155,6 +155,7 @@ class MetricTable:
         return self.to_markdown()
 
 
+@api_boundary("metrics.evaluate")
 def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, mask=None, *,
              chunk_size: int | None = None) -> MetricTable:
     """Scores every explainer with every metric on one batch: mean ± standard error per pair.
@@ -200,37 +201,36 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
         ...     params, images, labels, mask=masks)
         >>> print(table)
     """
-    where = "metrics.evaluate"
     for name, mapping in (("explainers", explainers), ("metrics", metrics)):
         if not isinstance(mapping, Mapping) or not mapping:
-            raise fail(where, f"{name} must be a non-empty dict name -> callable, "
+            raise fail(None, f"{name} must be a non-empty dict name -> callable, "
                               f"got {type(mapping).__name__}")
         for key, value in mapping.items():
             if not isinstance(key, str) or not callable(value):
-                raise fail(where, f"{name}[{key!r}] must be a callable under a str name, "
+                raise fail(None, f"{name}[{key!r}] must be a callable under a str name, "
                                   f"got {type(value).__name__}")
     if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[0] == 0:
-        raise fail(where, f"x must be a batch (B, ...) tensor with B >= 1, got "
+        raise fail(None, f"x must be a batch (B, ...) tensor with B >= 1, got "
                           f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     batch = x.shape[0]
     if target is not None and (not isinstance(target, Tensor) or target.shape[:1] != (batch,)
                                or target.is_floating_point()):
         got = (f"{tuple(target.shape)} of dtype {target.dtype}" if isinstance(target, Tensor)
                else type(target).__name__)
-        raise fail(where, f"target must be None or a ({batch},) integer tensor, got {got}")
+        raise fail(None, f"target must be None or a ({batch},) integer tensor, got {got}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
-        raise fail(where, f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        raise fail(None, f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
     def extra_for(name: str) -> Tensor:
         value = mask.get(name) if isinstance(mask, Mapping) else mask
         if value is None:
-            raise fail(where, f"metric {name!r} takes a fifth argument (a mask, the quadrant flags or "
+            raise fail(None, f"metric {name!r} takes a fifth argument (a mask, the quadrant flags or "
                               "a segment map): pass mask= a (B, ...) tensor, or a dict with an entry "
                               f"for {name!r}")
         if not isinstance(value, Tensor) or value.shape[:1] != (batch,):
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise fail(where, f"mask for metric {name!r} must be a ({batch}, ...) tensor, got {shape}")
+            raise fail(None, f"mask for metric {name!r} must be a ({batch}, ...) tensor, got {shape}")
         return value
 
     target_dim = None if target is None else 0
@@ -252,7 +252,7 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
                 if metric is None:  # the builder declines this explainer: the cell stays empty
                     continue
                 if not callable(metric) or metric_kind(metric) == "builder":
-                    raise fail(where, f"metrics[{metric_name!r}] given the explainer must build a metric "
+                    raise fail(None, f"metrics[{metric_name!r}] given the explainer must build a metric "
                                       f"(params, x, target, attribution), got {metric!r}")
             kind = metric_kind(metric)
             if kind == "batch":
@@ -263,7 +263,7 @@ def evaluate(explainers: Mapping, metrics: Mapping, params, x: Tensor, target, m
             else:
                 value = torch.vmap(metric, in_dims=(None, 0, target_dim, 0), randomness="different",
                                    chunk_size=chunk_size)(params, x, target, a)
-            value = per_example_scores(where, metric_name, value, batch, kind,
+            value = per_example_scores(metric_name, value, batch, kind,
                                        quantus_name(metric) in BATCH_CURVES)
             if value.ndim == 2:  # a curve per example: its area enters the table
                 curves[explainer_name][metric_name] = value

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fxattr
-from fxattr.errors import fail
+from fxattr.errors import api_boundary, fail
 from fxattr.metrics.common import (
     baseline_value,
     broadcast_attribution,
@@ -76,25 +76,25 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------- helpers
 
-def _check_common(where, f, *, abs, normalise, softmax=None, chunk_size=None, perturb_baseline=None,
+def _check_common(f, *, abs, normalise, softmax=None, chunk_size=None, perturb_baseline=None,
                   uniform_low=0.0, uniform_high=1.0):
-    check_model(where, f)
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_model(f)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
     if softmax is not None:
-        check_bool(where, "softmax", softmax)
-    check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+        check_bool("softmax", softmax)
+    check_int("chunk_size", chunk_size, 1, allow_none=True)
     if perturb_baseline is not None:
-        check_baseline(where, perturb_baseline)
-    check_float(where, "uniform_low", uniform_low)
-    check_float(where, "uniform_high", uniform_high)
+        check_baseline(perturb_baseline)
+    check_float("uniform_low", uniform_low)
+    check_float("uniform_high", uniform_high)
     if uniform_high < uniform_low:
-        raise fail(where, f"uniform_high ({uniform_high}) must be >= uniform_low ({uniform_low})")
+        raise fail(None, f"uniform_high ({uniform_high}) must be >= uniform_low ({uniform_low})")
 
 
-def _check_example(where, x, attribution):
-    check_metric_input(where, x, "x")
-    check_metric_input(where, attribution, "attribution")
+def _check_example(x, attribution):
+    check_metric_input(x, "x")
+    check_metric_input(attribution, "attribution")
 
 
 def _is_uniform(baseline) -> bool:
@@ -106,7 +106,7 @@ def _rank(order: Tensor) -> Tensor:
     return torch.argsort(order)
 
 
-def _step_values(where, baseline, canvas: Tensor, step: Tensor, n_steps: int, *, cumulative: bool,
+def _step_values(baseline, canvas: Tensor, step: Tensor, n_steps: int, *, cumulative: bool,
                  low: float, high: float, shape: tuple, draws: Tensor | None = None) -> Tensor:
     """The value every feature of the flat ``canvas`` takes when its step (``step``, ``>= n_steps``:
     never) is perturbed: Quantus's baseline computed on the array being perturbed at that step.
@@ -116,7 +116,7 @@ def _step_values(where, baseline, canvas: Tensor, step: Tensor, n_steps: int, *,
     per-feature values for a tensor baseline.
     """
     if isinstance(baseline, Tensor):
-        return _tensor_baseline(where, baseline, canvas, shape)
+        return _tensor_baseline(baseline, canvas, shape)
     name = baseline.lower() if isinstance(baseline, str) else None
     clamped = step.clamp(max=n_steps - 1)
     if name == "mean" and cumulative:
@@ -131,14 +131,14 @@ def _step_values(where, baseline, canvas: Tensor, step: Tensor, n_steps: int, *,
     return baseline_value(baseline, canvas).expand(canvas.shape[-1])
 
 
-def _tensor_baseline(where, baseline: Tensor, canvas: Tensor, shape: tuple) -> Tensor:
+def _tensor_baseline(baseline: Tensor, canvas: Tensor, shape: tuple) -> Tensor:
     """A tensor baseline as per-feature values of the flat canvas (of unflattened ``shape``)."""
     baseline = baseline.to(dtype=canvas.dtype, device=canvas.device)
     if baseline.numel() == 1:
         return baseline.reshape(()).expand(canvas.shape[-1])
     b_shape = tuple(baseline.shape)
     if len(b_shape) > len(shape) or not all(s in (1, t) for s, t in zip(reversed(b_shape), reversed(shape))):
-        raise fail(where, f"perturb_baseline of shape {b_shape} does not broadcast to the perturbed "
+        raise fail(None, f"perturb_baseline of shape {b_shape} does not broadcast to the perturbed "
                           f"array's shape {tuple(shape)}")
     return baseline.broadcast_to(shape).reshape(-1)
 
@@ -161,19 +161,20 @@ def _block_ids(channels: int, height: int, width: int, patch: int, device) -> Te
     return ids.expand(channels, height, width).reshape(-1)
 
 
-def _check_image(where, x):
+def _check_image(x):
     if x.ndim != 3:
-        raise fail(where, f"x must be one image of shape (C, H, W), got shape {tuple(x.shape)}")
+        raise fail(None, f"x must be one image of shape (C, H, W), got shape {tuple(x.shape)}")
 
 
-def _index_target(where, target):
+def _index_target(target):
     if callable(target) and not isinstance(target, Tensor):
-        raise fail(where, "target must be a class index (int or 0-d integer tensor) or None: the "
+        raise fail(None, "target must be a class index (int or 0-d integer tensor) or None: the "
                           "metric compares it with the predicted class")
 
 
 # -------------------------------------------------------------------------------- pixel flipping
 
+@api_boundary("metrics.pixel_flipping")
 def pixel_flipping(f, *, features_in_step: int = 1, perturb_baseline="black", abs: bool = False,
                    normalise: bool = True, softmax: bool = True, return_auc_per_sample: bool = False,
                    uniform_low: float = 0.0, uniform_high: float = 1.0, chunk_size: int | None = 64):
@@ -204,33 +205,32 @@ def pixel_flipping(f, *, features_in_step: int = 1, perturb_baseline="black", ab
         >>> metric = fxattr.metrics.pixel_flipping(f, features_in_step=4)
         >>> curves = torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, X, T, A)
     """
-    where = "metrics.pixel_flipping"
-    _check_common(where, f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
+    _check_common(f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
                   perturb_baseline=perturb_baseline, uniform_low=uniform_low, uniform_high=uniform_high)
-    check_int(where, "features_in_step", features_in_step, 1)
-    check_bool(where, "return_auc_per_sample", return_auc_per_sample)
+    check_int("features_in_step", features_in_step, 1)
+    check_bool("return_auc_per_sample", return_auc_per_sample)
 
     def evaluate(params, x, target, attribution):
-        _check_example(where, x, attribution)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x, where=where).reshape(-1)
+        _check_example(x, attribution)
+        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x).reshape(-1)
         target = resolve_target(f, params, x, target)
         n = a.shape[0]
         if features_in_step > n:
-            raise fail(where, f"features_in_step={features_in_step} exceeds the {n} features of x")
+            raise fail(None, f"features_in_step={features_in_step} exceeds the {n} features of x")
         n_steps = math.ceil(n / features_in_step)
         step = _rank(descending_order(a)) // features_in_step
         x_flat = x.reshape(-1)
-        values = _step_values(where, perturb_baseline, x_flat, step, n_steps, cumulative=True,
+        values = _step_values(perturb_baseline, x_flat, step, n_steps, cumulative=True,
                               low=uniform_low, high=uniform_high, shape=x.shape)
 
         def copy(k):
             return torch.where(step <= k, values, x_flat).reshape(x.shape)
 
         ks = torch.arange(n_steps, device=x.device)
-        curve = scores_along(where, f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
+        curve = scores_along(f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
         return trapezoid(curve) if return_auc_per_sample else curve
 
-    return metric(where, f, {"features_in_step": features_in_step, "perturb_baseline": perturb_baseline,
+    return metric("metrics.pixel_flipping", f, {"features_in_step": features_in_step, "perturb_baseline": perturb_baseline,
                                  "abs": abs, "normalise": normalise, "softmax": softmax,
                                  "return_auc_per_sample": return_auc_per_sample, "chunk_size": chunk_size},
                   evaluate)
@@ -238,17 +238,17 @@ def pixel_flipping(f, *, features_in_step: int = 1, perturb_baseline="black", ab
 
 # ------------------------------------------------------------------ region perturbation, selectivity
 
-def _region_curve(where, f, params, x, target, attribution, *, patch_size, order, n_regions,
+def _region_curve(f, params, x, target, attribution, *, patch_size, order, n_regions,
                   perturb_baseline, abs, normalise, softmax, low, high, chunk_size):
     """Quantus's region perturbation: the target's scores after removing patch after patch
     (cumulatively), on an edge-padded canvas; returns (scores, unperturbed score)."""
-    _check_example(where, x, attribution)
-    _check_image(where, x)
-    a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x, where=where)
+    _check_example(x, attribution)
+    _check_image(x)
+    a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x)
     target = resolve_target(f, params, x, target)
     channels, height, width = x.shape
     if patch_size > height or patch_size > width:
-        raise fail(where, f"patch_size={patch_size} is larger than x's spatial shape {(height, width)}")
+        raise fail(None, f"patch_size={patch_size} is larger than x's spatial shape {(height, width)}")
     pad_h, pad_w = _pad_sizes(height, patch_size), _pad_sizes(width, patch_size)
     padding = (pad_w[0], pad_w[1], pad_h[0], pad_h[1])
     # x is padded by repeating its edge (Quantus's mode="edge"), the attribution with zeros.
@@ -267,7 +267,7 @@ def _region_curve(where, f, params, x, target, attribution, *, patch_size, order
     step = _rank(block_order)[blocks]
     n_steps = n_blocks if n_regions is None else min(n_regions, n_blocks)
     canvas_flat = canvas.reshape(-1)
-    values = _step_values(where, perturb_baseline, canvas_flat, step, n_steps, cumulative=True,
+    values = _step_values(perturb_baseline, canvas_flat, step, n_steps, cumulative=True,
                           low=low, high=high, shape=canvas.shape)
 
     def copy(k):
@@ -275,11 +275,12 @@ def _region_curve(where, f, params, x, target, attribution, *, patch_size, order
         return perturbed[:, pad_h[0]:pad_h[0] + height, pad_w[0]:pad_w[0] + width]
 
     ks = torch.arange(n_steps, device=x.device)
-    scores = scores_along(where, f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
-    reference = fxattr.select(where, model_output(f, params, x, softmax), target)
+    scores = scores_along(f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
+    reference = fxattr.select(None, model_output(f, params, x, softmax), target)
     return scores, reference
 
 
+@api_boundary("metrics.region_perturbation")
 def region_perturbation(f, *, patch_size: int = 8, order: str = "morf", regions_evaluation: int = 100,
                         perturb_baseline="black", abs: bool = False, normalise: bool = True,
                         softmax: bool = True, uniform_low: float = 0.0, uniform_high: float = 1.0,
@@ -299,29 +300,29 @@ def region_perturbation(f, *, patch_size: int = 8, order: str = "morf", regions_
         >>> metric = fxattr.metrics.region_perturbation(f, patch_size=4, regions_evaluation=10)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, X, T, A)
     """
-    where = "metrics.region_perturbation"
-    _check_common(where, f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
+    _check_common(f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
                   perturb_baseline=perturb_baseline, uniform_low=uniform_low, uniform_high=uniform_high)
-    check_int(where, "patch_size", patch_size, 1)
-    check_int(where, "regions_evaluation", regions_evaluation, 1)
-    check_choice(where, "order", order.lower() if isinstance(order, str) else order,
+    check_int("patch_size", patch_size, 1)
+    check_int("regions_evaluation", regions_evaluation, 1)
+    check_choice("order", order.lower() if isinstance(order, str) else order,
                  ("morf", "lerf", "random"))
     order_name = order.lower()
 
     def evaluate(params, x, target, attribution):
         scores, reference = _region_curve(
-            where, f, params, x, target, attribution, patch_size=patch_size, order=order_name,
+            f, params, x, target, attribution, patch_size=patch_size, order=order_name,
             n_regions=regions_evaluation, perturb_baseline=perturb_baseline, abs=abs,
             normalise=normalise, softmax=softmax, low=uniform_low, high=uniform_high,
             chunk_size=chunk_size)
         return reference - scores
 
-    return metric(where, f, {"patch_size": patch_size, "order": order_name,
+    return metric("metrics.region_perturbation", f, {"patch_size": patch_size, "order": order_name,
                                  "regions_evaluation": regions_evaluation,
                                  "perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
                                  "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
+@api_boundary("metrics.selectivity")
 def selectivity(f, *, patch_size: int = 8, perturb_baseline="black", abs: bool = False,
                 normalise: bool = True, softmax: bool = True, uniform_low: float = 0.0,
                 uniform_high: float = 1.0, chunk_size: int | None = 64):
@@ -337,24 +338,24 @@ def selectivity(f, *, patch_size: int = 8, perturb_baseline="black", abs: bool =
         >>> metric = fxattr.metrics.selectivity(f, patch_size=4)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, X, T, A)
     """
-    where = "metrics.selectivity"
-    _check_common(where, f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
+    _check_common(f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
                   perturb_baseline=perturb_baseline, uniform_low=uniform_low, uniform_high=uniform_high)
-    check_int(where, "patch_size", patch_size, 1)
+    check_int("patch_size", patch_size, 1)
 
     def evaluate(params, x, target, attribution):
         scores, _ = _region_curve(
-            where, f, params, x, target, attribution, patch_size=patch_size, order="morf",
+            f, params, x, target, attribution, patch_size=patch_size, order="morf",
             n_regions=None, perturb_baseline=perturb_baseline, abs=abs, normalise=normalise,
             softmax=softmax, low=uniform_low, high=uniform_high, chunk_size=chunk_size)
         return scores
 
-    return metric(where, f, {"patch_size": patch_size, "perturb_baseline": perturb_baseline, "abs": abs,
+    return metric("metrics.selectivity", f, {"patch_size": patch_size, "perturb_baseline": perturb_baseline, "abs": abs,
                                  "normalise": normalise, "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
 # ------------------------------------------------------------------------------------ sensitivity_n
 
+@api_boundary("metrics.sensitivity_n")
 def sensitivity_n(f, *, n_max_percentage: float = 0.8, features_in_step: int = 1,
                   perturb_baseline="black", abs: bool = False, normalise: bool = True,
                   softmax: bool = True, uniform_low: float = 0.0, uniform_high: float = 1.0,
@@ -380,21 +381,20 @@ def sensitivity_n(f, *, n_max_percentage: float = 0.8, features_in_step: int = 1
         >>> metric = fxattr.metrics.sensitivity_n(f, features_in_step=4)
         >>> metric(params, X, T, A)   # whole batch; differentiable in A and params
     """
-    where = "metrics.sensitivity_n"
-    _check_common(where, f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
+    _check_common(f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
                   perturb_baseline=perturb_baseline, uniform_low=uniform_low, uniform_high=uniform_high)
-    check_float(where, "n_max_percentage", n_max_percentage, 0.0, 1.0, strict_minimum=True)
-    check_int(where, "features_in_step", features_in_step, 1)
+    check_float("n_max_percentage", n_max_percentage, 0.0, 1.0, strict_minimum=True)
+    check_int("features_in_step", features_in_step, 1)
 
     def evaluate(params, X, T, A):
-        check_metric_input(where, X, "X")
-        check_metric_input(where, A, "A")
+        check_metric_input(X, "X")
+        check_metric_input(A, "A")
         if X.ndim < 2 or A.shape[0] != X.shape[0]:
-            raise fail(where, f"X and A must be batches of the same length, got shapes "
+            raise fail(None, f"X and A must be batches of the same length, got shapes "
                               f"{tuple(X.shape)} and {tuple(A.shape)}")
         if X.shape[0] < 2:
-            raise fail(where, "needs a batch of at least 2 examples: it correlates over the batch")
-        A = torch.vmap(lambda a, x: broadcast_attribution(where, a, x))(A, X)
+            raise fail(None, "needs a batch of at least 2 examples: it correlates over the batch")
+        A = torch.vmap(lambda a, x: broadcast_attribution(a, x))(A, X)
         if normalise:
             A = normalise_by_max(A)
         if abs:
@@ -404,7 +404,7 @@ def sensitivity_n(f, *, n_max_percentage: float = 0.8, features_in_step: int = 1
         max_features = int(n_max_percentage * spatial // features_in_step)
         n_steps = math.ceil(n / features_in_step)
         if not 1 <= max_features <= n_steps:
-            raise fail(where, f"n_max_percentage={n_max_percentage} gives {max_features} steps for x "
+            raise fail(None, f"n_max_percentage={n_max_percentage} gives {max_features} steps for x "
                               f"of shape {tuple(X.shape[1:])}; it must be between 1 and {n_steps}")
 
         def one(x, t, a):
@@ -412,15 +412,15 @@ def sensitivity_n(f, *, n_max_percentage: float = 0.8, features_in_step: int = 1
             t = resolve_target(f, params, x, t)
             step = _rank(descending_order(a)) // features_in_step
             x_flat = x.reshape(-1)
-            values = _step_values(where, perturb_baseline, x_flat, step, n_steps, cumulative=True,
+            values = _step_values(perturb_baseline, x_flat, step, n_steps, cumulative=True,
                                   low=uniform_low, high=uniform_high, shape=x.shape)
 
             def copy(k):
                 return torch.where(step <= k, values, x_flat).reshape(x.shape)
 
             ks = torch.arange(max_features, device=x.device)
-            scores = scores_along(where, f, params, copy, ks, t, softmax=softmax, chunk_size=chunk_size)
-            reference = fxattr.select(where, model_output(f, params, x, softmax), t)
+            scores = scores_along(f, params, copy, ks, t, softmax=softmax, chunk_size=chunk_size)
+            reference = fxattr.select(None, model_output(f, params, x, softmax), t)
             clamped = step.clamp(max=max_features)
             sums = torch.zeros(max_features + 1, dtype=a.dtype, device=a.device).index_add(0, clamped, a)
             return reference - scores, sums[:max_features]
@@ -428,13 +428,14 @@ def sensitivity_n(f, *, n_max_percentage: float = 0.8, features_in_step: int = 1
         deltas, sums = torch.vmap(one, randomness="different")(X, T, A)
         return pearson(deltas.T, sums.T)
 
-    return metric(where, f, {"n_max_percentage": n_max_percentage, "features_in_step": features_in_step,
+    return metric("metrics.sensitivity_n", f, {"n_max_percentage": n_max_percentage, "features_in_step": features_in_step,
                                  "perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
                                  "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
 # -------------------------------------------------------------------------------------------- irof
 
+@api_boundary("metrics.irof")
 def irof(f, *, perturb_baseline="mean", abs: bool = False, normalise: bool = True,
          softmax: bool = True, max_segments: int | None = None, uniform_low: float = 0.0,
          uniform_high: float = 1.0, chunk_size: int | None = 64):
@@ -463,30 +464,29 @@ def irof(f, *, perturb_baseline="mean", abs: bool = False, normalise: bool = Tru
         >>> metric = fxattr.metrics.irof(f, max_segments=16)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0, 0))(params, X, T, A, S)
     """
-    where = "metrics.irof"
-    _check_common(where, f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
+    _check_common(f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
                   perturb_baseline=perturb_baseline, uniform_low=uniform_low, uniform_high=uniform_high)
-    check_int(where, "max_segments", max_segments, 2, allow_none=True)
+    check_int("max_segments", max_segments, 2, allow_none=True)
 
     def evaluate(params, x, target, attribution, segments):
-        _check_example(where, x, attribution)
-        _check_image(where, x)
+        _check_example(x, attribution)
+        _check_image(x)
         if not isinstance(segments, Tensor) or segments.dtype.is_floating_point or segments.dtype == torch.bool:
-            raise fail(where, "segments must be an integer tensor of labels (H x W)")
+            raise fail(None, "segments must be an integer tensor of labels (H x W)")
         if tuple(segments.shape) != tuple(x.shape[1:]):
-            raise fail(where, f"segments must have x's spatial shape {tuple(x.shape[1:])}, got "
+            raise fail(None, f"segments must have x's spatial shape {tuple(x.shape[1:])}, got "
                               f"{tuple(segments.shape)}")
         if max_segments is None:
             if not is_concrete(segments):
-                raise fail(where, "under torch.vmap / compile the number of segments cannot be read "
+                raise fail(None, "under torch.vmap / compile the number of segments cannot be read "
                                   "from the labels: pass max_segments= to irof")
             n_labels = int(segments.max()) + 1
         else:
             n_labels = max_segments
         if is_concrete(segments) and (int(segments.min()) < 0 or int(segments.max()) >= n_labels):
-            raise fail(where, f"segment labels must be in [0, {n_labels}), got "
+            raise fail(None, f"segment labels must be in [0, {n_labels}), got "
                               f"[{int(segments.min())}, {int(segments.max())}]")
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x, where=where)
+        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x)
         target = resolve_target(f, params, x, target)
         channels = x.shape[0]
         labels = segments.reshape(-1).to(torch.int64)
@@ -506,15 +506,15 @@ def irof(f, *, perturb_baseline="mean", abs: bool = False, normalise: bool = Tru
             values = baseline_value("uniform", x_flat, uniform_low=uniform_low,
                                     uniform_high=uniform_high, shape=x_flat.shape)
         else:
-            values = _step_values(where, perturb_baseline, x_flat, step, n_labels, cumulative=True,
+            values = _step_values(perturb_baseline, x_flat, step, n_labels, cumulative=True,
                                   low=uniform_low, high=uniform_high, shape=x.shape)
 
         def copy(k):
             return torch.where(step <= k, values, x_flat).reshape(x.shape)
 
         ks = torch.arange(n_labels, device=x.device)
-        scores = scores_along(where, f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
-        reference = fxattr.select(where, model_output(f, params, x, softmax), target)
+        scores = scores_along(f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
+        reference = fxattr.select(None, model_output(f, params, x, softmax), target)
         curve = scores / reference
         n_present = present.sum()
         # the trapezoids between consecutive present segments only (Quantus's curve of one example).
@@ -522,13 +522,14 @@ def irof(f, *, perturb_baseline="mean", abs: bool = False, normalise: bool = Tru
         keep = (torch.arange(1, n_labels, device=x.device) < n_present).to(curve.dtype)
         return n_present.to(curve.dtype) - (inner * keep).sum()
 
-    return metric(where, f, {"perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
+    return metric("metrics.irof", f, {"perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
                                  "softmax": softmax, "max_segments": max_segments, "chunk_size": chunk_size},
                   evaluate)
 
 
 # --------------------------------------------------------------------- faithfulness correlation
 
+@api_boundary("metrics.faithfulness_correlation")
 def faithfulness_correlation(f, *, nr_runs: int = 100, subset_size: int = 224, perturb_baseline="black",
                              abs: bool = False, normalise: bool = True, softmax: bool = False,
                              uniform_low: float = 0.0, uniform_high: float = 1.0,
@@ -549,47 +550,46 @@ def faithfulness_correlation(f, *, nr_runs: int = 100, subset_size: int = 224, p
         >>> metric = fxattr.metrics.faithfulness_correlation(f, nr_runs=50, subset_size=16)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, X, T, A)
     """
-    where = "metrics.faithfulness_correlation"
-    _check_common(where, f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
+    _check_common(f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
                   perturb_baseline=perturb_baseline, uniform_low=uniform_low, uniform_high=uniform_high)
-    check_int(where, "nr_runs", nr_runs, 2)
-    check_int(where, "subset_size", subset_size, 1)
+    check_int("nr_runs", nr_runs, 2)
+    check_int("subset_size", subset_size, 1)
 
     def evaluate(params, x, target, attribution, subsets=None):
-        _check_example(where, x, attribution)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x, where=where).reshape(-1)
+        _check_example(x, attribution)
+        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x).reshape(-1)
         n = a.shape[0]
         if subset_size >= n:
-            raise fail(where, f"subset_size={subset_size} must be smaller than x's {n} features")
+            raise fail(None, f"subset_size={subset_size} must be smaller than x's {n} features")
         if subsets is None:
             subsets = torch.argsort(torch.rand(nr_runs, n, device=x.device), dim=1)[:, :subset_size]
         else:
-            check_replay(where, "subsets", subsets, (nr_runs, subset_size), integer=True)
+            check_replay("subsets", subsets, (nr_runs, subset_size), integer=True)
             subsets = subsets.to(x.device)
         target = resolve_target(f, params, x, target)
         x_flat = x.reshape(-1)
-        value = _subset_baseline(where, perturb_baseline, x_flat, nr_runs, uniform_low, uniform_high)
+        value = _subset_baseline(perturb_baseline, x_flat, nr_runs, uniform_low, uniform_high)
 
         def copy(run):
             chosen = subsets[run]
             return x_flat.scatter(0, chosen, value[run].expand(chosen.shape)).reshape(x.shape)
 
         runs = torch.arange(nr_runs, device=x.device)
-        scores = scores_along(where, f, params, copy, runs, target, softmax=softmax, chunk_size=chunk_size)
-        reference = fxattr.select(where, model_output(f, params, x, softmax), target)
+        scores = scores_along(f, params, copy, runs, target, softmax=softmax, chunk_size=chunk_size)
+        reference = fxattr.select(None, model_output(f, params, x, softmax), target)
         att_sums = a[subsets].sum(-1)
         return pearson(att_sums, reference - scores)
 
-    return metric(where, f, {"nr_runs": nr_runs, "subset_size": subset_size,
+    return metric("metrics.faithfulness_correlation", f, {"nr_runs": nr_runs, "subset_size": subset_size,
                                  "perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
                                  "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
-def _subset_baseline(where, baseline, x_flat, count, low, high):
+def _subset_baseline(baseline, x_flat, count, low, high):
     """One baseline value per copy of the unperturbed x (non-cumulative metrics), shape (count,)."""
     if isinstance(baseline, Tensor):
         if baseline.numel() != 1:
-            raise fail(where, "perturb_baseline must be a number or a named baseline for this metric")
+            raise fail(None, "perturb_baseline must be a number or a named baseline for this metric")
         return baseline.to(x_flat.dtype).reshape(()).expand(count)
     if _is_uniform(baseline):
         return baseline_value("uniform", x_flat, uniform_low=low, uniform_high=high, shape=(count,))
@@ -598,6 +598,7 @@ def _subset_baseline(where, baseline, x_flat, count, low, high):
 
 # ---------------------------------------------------------------------------- faithfulness estimate
 
+@api_boundary("metrics.faithfulness_estimate")
 def faithfulness_estimate(f, *, features_in_step: int = 1, perturb_baseline="black", abs: bool = False,
                           normalise: bool = True, softmax: bool = False, uniform_low: float = 0.0,
                           uniform_high: float = 1.0, chunk_size: int | None = 64):
@@ -614,40 +615,40 @@ def faithfulness_estimate(f, *, features_in_step: int = 1, perturb_baseline="bla
         >>> metric = fxattr.metrics.faithfulness_estimate(f, features_in_step=4)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, X, T, A)
     """
-    where = "metrics.faithfulness_estimate"
-    _check_common(where, f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
+    _check_common(f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
                   perturb_baseline=perturb_baseline, uniform_low=uniform_low, uniform_high=uniform_high)
-    check_int(where, "features_in_step", features_in_step, 1)
+    check_int("features_in_step", features_in_step, 1)
 
     def evaluate(params, x, target, attribution):
-        _check_example(where, x, attribution)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x, where=where).reshape(-1)
+        _check_example(x, attribution)
+        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x).reshape(-1)
         target = resolve_target(f, params, x, target)
         n = a.shape[0]
         n_steps = math.ceil(n / features_in_step)
         if n_steps < 2:
-            raise fail(where, f"features_in_step={features_in_step} leaves fewer than 2 groups of "
+            raise fail(None, f"features_in_step={features_in_step} leaves fewer than 2 groups of "
                               f"x's {n} features: nothing to correlate")
         step = _rank(descending_order(a)) // features_in_step
         x_flat = x.reshape(-1)
-        value = _subset_baseline(where, perturb_baseline, x_flat, n_steps, uniform_low, uniform_high)
+        value = _subset_baseline(perturb_baseline, x_flat, n_steps, uniform_low, uniform_high)
 
         def copy(k):
             return torch.where(step == k, value[k], x_flat).reshape(x.shape)
 
         ks = torch.arange(n_steps, device=x.device)
-        scores = scores_along(where, f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
-        reference = fxattr.select(where, model_output(f, params, x, softmax), target)
+        scores = scores_along(f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
+        reference = fxattr.select(None, model_output(f, params, x, softmax), target)
         sums = torch.zeros(n_steps, dtype=a.dtype, device=x.device).index_add(0, step, a)
         return pearson(sums, reference - scores)
 
-    return metric(where, f, {"features_in_step": features_in_step, "perturb_baseline": perturb_baseline,
+    return metric("metrics.faithfulness_estimate", f, {"features_in_step": features_in_step, "perturb_baseline": perturb_baseline,
                                  "abs": abs, "normalise": normalise, "softmax": softmax, "chunk_size": chunk_size},
                   evaluate)
 
 
 # ------------------------------------------------------------------------------------- monotonicity
 
+@api_boundary("metrics.monotonicity")
 def monotonicity(f, *, features_in_step: int = 1, perturb_baseline="black", abs: bool = True,
                  normalise: bool = True, softmax: bool = True, uniform_low: float = 0.0,
                  uniform_high: float = 1.0, chunk_size: int | None = 64):
@@ -667,14 +668,13 @@ def monotonicity(f, *, features_in_step: int = 1, perturb_baseline="black", abs:
         >>> metric = fxattr.metrics.monotonicity(f)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, X, T, A)
     """
-    where = "metrics.monotonicity"
-    _check_common(where, f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
+    _check_common(f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
                   perturb_baseline=perturb_baseline, uniform_low=uniform_low, uniform_high=uniform_high)
-    check_int(where, "features_in_step", features_in_step, 1)
+    check_int("features_in_step", features_in_step, 1)
 
     def evaluate(params, x, target, attribution):
-        _check_example(where, x, attribution)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x, where=where).reshape(-1)
+        _check_example(x, attribution)
+        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x).reshape(-1)
         target = resolve_target(f, params, x, target)
         n = a.shape[0]
         n_steps = math.ceil(n / features_in_step)
@@ -683,21 +683,22 @@ def monotonicity(f, *, features_in_step: int = 1, perturb_baseline="black", abs:
         if isinstance(perturb_baseline, Tensor):
             start = perturb_baseline.to(x.dtype).broadcast_to(x.shape).reshape(-1)
         else:
-            start = _subset_baseline(where, perturb_baseline, x_flat, 1, uniform_low, uniform_high)[0]
+            start = _subset_baseline(perturb_baseline, x_flat, 1, uniform_low, uniform_high)[0]
             start = start.expand(n)
 
         def copy(k):
             return torch.where(step <= k, x_flat, start).reshape(x.shape)
 
         ks = torch.arange(n_steps, device=x.device)
-        scores = scores_along(where, f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
+        scores = scores_along(f, params, copy, ks, target, softmax=softmax, chunk_size=chunk_size)
         return torch.all(torch.diff(scores) >= 0)
 
-    return metric(where, f, {"features_in_step": features_in_step, "perturb_baseline": perturb_baseline,
+    return metric("metrics.monotonicity", f, {"features_in_step": features_in_step, "perturb_baseline": perturb_baseline,
                                  "abs": abs, "normalise": normalise, "softmax": softmax, "chunk_size": chunk_size},
                   evaluate)
 
 
+@api_boundary("metrics.monotonicity_correlation")
 def monotonicity_correlation(f, *, nr_samples: int = 100, features_in_step: int = 1, eps: float = 1e-5,
                              perturb_baseline="uniform", abs: bool = True, normalise: bool = True,
                              softmax: bool = True, uniform_low: float = 0.0, uniform_high: float = 1.0,
@@ -721,16 +722,15 @@ def monotonicity_correlation(f, *, nr_samples: int = 100, features_in_step: int 
         >>> metric = fxattr.metrics.monotonicity_correlation(f, nr_samples=10, features_in_step=4)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, X, T, A)
     """
-    where = "metrics.monotonicity_correlation"
-    _check_common(where, f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
+    _check_common(f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
                   perturb_baseline=perturb_baseline, uniform_low=uniform_low, uniform_high=uniform_high)
-    check_int(where, "nr_samples", nr_samples, 1)
-    check_int(where, "features_in_step", features_in_step, 1)
-    check_float(where, "eps", eps, 0.0)
+    check_int("nr_samples", nr_samples, 1)
+    check_int("features_in_step", features_in_step, 1)
+    check_float("eps", eps, 0.0)
 
     def evaluate(params, x, target, attribution, baseline_draws=None):
-        _check_example(where, x, attribution)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x, where=where).reshape(-1)
+        _check_example(x, attribution)
+        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x).reshape(-1)
         target = resolve_target(f, params, x, target)
         n = a.shape[0]
         n_steps = math.ceil(n / features_in_step)
@@ -742,34 +742,35 @@ def monotonicity_correlation(f, *, nr_samples: int = 100, features_in_step: int 
                 baseline_draws = baseline_value("uniform", x_flat, uniform_low=uniform_low,
                                                 uniform_high=uniform_high, shape=(n_steps, nr_samples))
             else:
-                check_replay(where, "baseline_draws", baseline_draws, (n_steps, nr_samples))
+                check_replay("baseline_draws", baseline_draws, (n_steps, nr_samples))
             draws = baseline_draws.to(x.dtype).reshape(-1)
         else:
             if baseline_draws is not None:
-                raise fail(where, "baseline_draws replays the 'uniform' baseline only")
+                raise fail(None, "baseline_draws replays the 'uniform' baseline only")
             samples = 1
-            draws = _subset_baseline(where, perturb_baseline, x_flat, n_steps, uniform_low, uniform_high)
+            draws = _subset_baseline(perturb_baseline, x_flat, n_steps, uniform_low, uniform_high)
 
         def copy(index):
             return torch.where(step == index // samples, draws[index], x_flat).reshape(x.shape)
 
         indices = torch.arange(n_steps * samples, device=x.device)
-        scores = scores_along(where, f, params, copy, indices, target, softmax=softmax,
+        scores = scores_along(f, params, copy, indices, target, softmax=softmax,
                               chunk_size=chunk_size).reshape(n_steps, samples)
-        reference = fxattr.select(where, model_output(f, params, x, softmax), target)
+        reference = fxattr.select(None, model_output(f, params, x, softmax), target)
         magnitude = reference.abs()
         inverse = torch.where(magnitude >= eps, 1 / torch.where(magnitude >= eps, magnitude, 1.0), 1.0) ** 2
         variances = ((scores - reference) ** 2).mean(-1) * inverse
         sums = torch.zeros(n_steps, dtype=a.dtype, device=x.device).index_add(0, step, a)
         return spearman(sums, variances)
 
-    return metric(where, f, {"nr_samples": nr_samples, "features_in_step": features_in_step, "eps": eps,
+    return metric("metrics.monotonicity_correlation", f, {"nr_samples": nr_samples, "features_in_step": features_in_step, "eps": eps,
                                  "perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
                                  "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
 
 # -------------------------------------------------------------------------------------- infidelity
 
+@api_boundary("metrics.infidelity")
 def infidelity(f, *, perturb_patch_sizes=(4,), n_perturb_samples: int = 10, perturb_baseline="black",
                abs: bool = False, normalise: bool = False, softmax: bool = False,
                uniform_low: float = 0.0, uniform_high: float = 1.0, chunk_size: int | None = 64):
@@ -790,44 +791,43 @@ def infidelity(f, *, perturb_patch_sizes=(4,), n_perturb_samples: int = 10, pert
         >>> metric = fxattr.metrics.infidelity(f, perturb_patch_sizes=(2, 4))
         >>> loss = torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, X, T, A).mean()
     """
-    where = "metrics.infidelity"
-    _check_common(where, f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
+    _check_common(f, abs=abs, normalise=normalise, softmax=softmax, chunk_size=chunk_size,
                   perturb_baseline=perturb_baseline, uniform_low=uniform_low, uniform_high=uniform_high)
     if isinstance(perturb_patch_sizes, int):
         perturb_patch_sizes = (perturb_patch_sizes,)
     if not isinstance(perturb_patch_sizes, (tuple, list)) or not perturb_patch_sizes:
-        raise fail(where, f"perturb_patch_sizes must be a non-empty list of ints, got {perturb_patch_sizes!r}")
+        raise fail(None, f"perturb_patch_sizes must be a non-empty list of ints, got {perturb_patch_sizes!r}")
     for size in perturb_patch_sizes:
-        check_int(where, "perturb_patch_sizes entry", size, 1)
-    check_int(where, "n_perturb_samples", n_perturb_samples, 1)
+        check_int("perturb_patch_sizes entry", size, 1)
+    check_int("n_perturb_samples", n_perturb_samples, 1)
     patch_sizes = tuple(perturb_patch_sizes)
     samples = n_perturb_samples if _is_uniform(perturb_baseline) else 1
 
     def evaluate(params, x, target, attribution):
-        _check_example(where, x, attribution)
-        _check_image(where, x)
-        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x, where=where).reshape(-1)
+        _check_example(x, attribution)
+        _check_image(x)
+        a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x).reshape(-1)
         target = resolve_target(f, params, x, target)
         channels, height, width = x.shape
         x_flat = x.reshape(-1)
-        reference = fxattr.select(where, model_output(f, params, x, softmax), target)
+        reference = fxattr.select(None, model_output(f, params, x, softmax), target)
         losses = []
         for p in patch_sizes:  # a handful of patch sizes, each with its own number of steps
             if height % p or width % p:
-                raise fail(where, f"x's spatial shape {(height, width)} is not a multiple of the "
+                raise fail(None, f"x's spatial shape {(height, width)} is not a multiple of the "
                                   f"patch size {p}")
             step = _block_ids(channels, height, width, p, x.device)
             n_steps = (height // p) * (width // p)
             per_sample = []
             for _ in range(samples):  # only for a "uniform" baseline: independent draws
-                values = _step_values(where, perturb_baseline, x_flat, step, n_steps, cumulative=True,
+                values = _step_values(perturb_baseline, x_flat, step, n_steps, cumulative=True,
                                       low=uniform_low, high=uniform_high, shape=x.shape)
 
                 def copy(k, values=values, step=step):
                     return torch.where(step <= k, values, x_flat).reshape(x.shape)
 
                 ks = torch.arange(n_steps, device=x.device)
-                scores = scores_along(where, f, params, copy, ks, target, softmax=softmax,
+                scores = scores_along(f, params, copy, ks, target, softmax=softmax,
                                       chunk_size=chunk_size)
                 # sum(a * (x - x_k)) for every k: a cumulative sum over the steps.
                 contributions = torch.zeros(n_steps, dtype=x.dtype, device=x.device).index_add(
@@ -837,7 +837,7 @@ def infidelity(f, *, perturb_patch_sizes=(4,), n_perturb_samples: int = 10, pert
             losses.append(torch.stack(per_sample))
         return torch.stack(losses, 1).mean(1).mean(0)
 
-    return metric(where, f, {"perturb_patch_sizes": patch_sizes, "n_perturb_samples": n_perturb_samples,
+    return metric("metrics.infidelity", f, {"perturb_patch_sizes": patch_sizes, "n_perturb_samples": n_perturb_samples,
                                  "perturb_baseline": perturb_baseline, "abs": abs, "normalise": normalise,
                                  "softmax": softmax, "chunk_size": chunk_size}, evaluate)
 
@@ -865,6 +865,7 @@ def _tridiagonal_times(diagonal: Tensor, upper: Tensor, lower: Tensor, matrix: T
     return out
 
 
+@api_boundary("metrics.road_imputation")
 def road_imputation(x: Tensor, missing: Tensor) -> Tensor:
     """ROAD's linear imputation (Rong et al. 2022), without its noise: every missing pixel becomes
     the weighted mean of its 8 neighbours (weights 1/6 for the 4 direct, 1/12 for the diagonal
@@ -886,10 +887,9 @@ def road_imputation(x: Tensor, missing: Tensor) -> Tensor:
     Example:
         >>> torch.vmap(fxattr.metrics.road_imputation)(images, masks)
     """
-    where = "metrics.road_imputation"
-    check_metric_input(where, x, "x", ndim=3)
+    check_metric_input(x, "x", ndim=3)
     if not isinstance(missing, Tensor) or tuple(missing.shape) != tuple(x.shape[1:]):
-        raise fail(where, f"missing must be a bool tensor of shape {tuple(x.shape[1:])}")
+        raise fail(None, f"missing must be a bool tensor of shape {tuple(x.shape[1:])}")
     m = missing.to(x.dtype)
     height, width = m.shape
     known = 1 - m
@@ -946,6 +946,7 @@ def road_imputation(x: Tensor, missing: Tensor) -> Tensor:
     return torch.where(missing, solution, x)
 
 
+@api_boundary("metrics.road")
 def road(f, *, percentages=tuple(range(1, 100, 2)), noise: float = 0.01, abs: bool = False,
          normalise: bool = True, chunk_size: int | str | None = "auto"):
     """ROAD, remove and debias (Rong et al. 2022, "A consistent and efficient evaluation strategy
@@ -973,38 +974,37 @@ def road(f, *, percentages=tuple(range(1, 100, 2)), noise: float = 0.01, abs: bo
         >>> metric = fxattr.metrics.road(f, percentages=(10, 50, 90))
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, X, T, A).mean(0)
     """
-    where = "metrics.road"
-    _check_common(where, f, abs=abs, normalise=normalise,
+    _check_common(f, abs=abs, normalise=normalise,
                   chunk_size=None if chunk_size == "auto" else chunk_size)
-    check_float(where, "noise", noise, 0.0)
+    check_float("noise", noise, 0.0)
     if not isinstance(percentages, (tuple, list, range)) or len(percentages) == 0:
-        raise fail(where, f"percentages must be a non-empty sequence of numbers, got {percentages!r}")
+        raise fail(None, f"percentages must be a non-empty sequence of numbers, got {percentages!r}")
     for p in percentages:
-        check_float(where, "percentages entry", p, 0.0, 100.0, strict_minimum=False)
+        check_float("percentages entry", p, 0.0, 100.0, strict_minimum=False)
         if p >= 100:
-            raise fail(where, f"percentages must be < 100 (imputing every pixel leaves nothing to "
+            raise fail(None, f"percentages must be < 100 (imputing every pixel leaves nothing to "
                               f"impute from), got {p}")
     percentages = tuple(percentages)
 
     def evaluate(params, x, target, attribution, draws=None):
-        _check_example(where, x, attribution)
-        _check_image(where, x)
-        _index_target(where, target)
+        _check_example(x, attribution)
+        _check_image(x)
+        _index_target(target)
         channels, height, width = x.shape
         if channels > 1:
             if attribution.numel() != height * width:
-                raise fail(where, f"for x with {channels} channels the attribution must be one map "
+                raise fail(None, f"for x with {channels} channels the attribution must be one map "
                                   f"of shape (H, W) or (1, H, W), got {tuple(attribution.shape)}")
             a = prepare_attribution(attribution.reshape(1, height, width), normalise=normalise, abs=abs)
         else:
-            a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x, where=where)
+            a = prepare_attribution(attribution, normalise=normalise, abs=abs, x=x)
         size = attribution.numel()
         rank = _rank(descending_order(a)).reshape(height, width)
         counts = torch.tensor([int(size * p / 100) for p in percentages], device=x.device)
         if draws is None:
             draws = torch.randn((len(percentages), *x.shape), dtype=x.dtype, device=x.device)
         else:
-            check_replay(where, "draws", draws, (len(percentages), *x.shape))
+            check_replay("draws", draws, (len(percentages), *x.shape))
         target = resolve_target(f, params, x, target)
 
         def correct(count, draw):
@@ -1017,12 +1017,13 @@ def road(f, *, percentages=tuple(range(1, 100, 2)), noise: float = 0.01, abs: bo
             chunk = max(1, 2 ** 24 // (height * width * width))
         return torch.vmap(correct, chunk_size=chunk)(counts, draws)
 
-    return metric(where, f, {"percentages": percentages, "noise": noise, "abs": abs, "normalise": normalise,
+    return metric("metrics.road", f, {"percentages": percentages, "noise": noise, "abs": abs, "normalise": normalise,
                                  "chunk_size": chunk_size}, evaluate)
 
 
 # ------------------------------------------------------------------------------------- sufficiency
 
+@api_boundary("metrics.sufficiency")
 def sufficiency(f, *, threshold: float = 0.6, abs: bool = True, normalise: bool = True):
     """Sufficiency (Dasgupta, Frost and Moshkovitz 2022, "Framework for evaluating faithfulness of
     local explanations", ICML): how often do examples with similar attributions get the same
@@ -1043,15 +1044,14 @@ def sufficiency(f, *, threshold: float = 0.6, abs: bool = True, normalise: bool 
     Example:
         >>> fxattr.metrics.sufficiency(f, threshold=0.6)(params, X, T, A)
     """
-    where = "metrics.sufficiency"
-    _check_common(where, f, abs=abs, normalise=normalise)
-    check_float(where, "threshold", threshold)
+    _check_common(f, abs=abs, normalise=normalise)
+    check_float("threshold", threshold)
 
     def evaluate(params, X, T, A):
-        check_metric_input(where, X, "X")
-        check_metric_input(where, A, "A")
+        check_metric_input(X, "X")
+        check_metric_input(A, "A")
         if A.shape[0] != X.shape[0] or X.shape[0] < 2:
-            raise fail(where, f"X and A must be batches of the same length >= 2, got shapes "
+            raise fail(None, f"X and A must be batches of the same length >= 2, got shapes "
                               f"{tuple(X.shape)} and {tuple(A.shape)}")
         flat = A.reshape(A.shape[0], -1)
         if normalise:
@@ -1070,4 +1070,4 @@ def sufficiency(f, *, threshold: float = 0.6, abs: bool = True, normalise: bool 
         total = similar.sum(-1).to(X.dtype)
         return torch.where(total > 0, hits / total.clamp(min=1), torch.zeros_like(total))
 
-    return metric(where, f, {"threshold": threshold, "abs": abs, "normalise": normalise}, evaluate)
+    return metric("metrics.sufficiency", f, {"threshold": threshold, "abs": abs, "normalise": normalise}, evaluate)

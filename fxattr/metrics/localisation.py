@@ -21,9 +21,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxattr.errors import fail
-from fxattr.metrics.common import (check_bool, check_int, check_metric_input, check_model,
-                                   prepare_attribution)
+from fxattr.errors import api_boundary, fail
+from fxattr.metrics.common import (
+    check_bool,
+    check_int,
+    check_metric_input,
+    check_model,
+    prepare_attribution,
+)
 from fxattr.metrics.common import metric as named_metric
 
 __all__ = [
@@ -37,32 +42,32 @@ __all__ = [
 ]
 
 
-def check_unused_model(where: str, f) -> None:
+def check_unused_model(f) -> None:
     """``f`` is not called by metrics that read only the attribution: ``None`` or a model function."""
     if f is not None:
-        check_model(where, f)
+        check_model(f)
 
 
-def flat_mask(where: str, attribution: Tensor, mask) -> Tensor:
+def flat_mask(attribution: Tensor, mask) -> Tensor:
     """``mask`` checked (bool, ``(1, *a.shape[1:])`` or ``a.shape``) and broadcast, flattened."""
     if not isinstance(mask, Tensor):
-        raise fail(where, f"mask must be a bool tensor of shape (1, H, W), got {type(mask).__name__}")
+        raise fail(None, f"mask must be a bool tensor of shape (1, H, W), got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise fail(where, f"mask must be a bool tensor, got dtype {mask.dtype} (use mask > 0.5 "
+        raise fail(None, f"mask must be a bool tensor, got dtype {mask.dtype} (use mask > 0.5 "
                           "or mask.bool())")
     shape, a_shape = tuple(mask.shape), tuple(attribution.shape)
     fits = len(shape) == len(a_shape) and shape[1:] == a_shape[1:] and shape[0] in (1, a_shape[0])
     if not fits:
-        raise fail(where, f"mask has shape {shape} but the attribution has shape {a_shape}; the mask "
+        raise fail(None, f"mask has shape {shape} but the attribution has shape {a_shape}; the mask "
                           f"must be (1, {', '.join(map(str, a_shape[1:]))}) (one channel, broadcast "
                           "over the attribution's) or the attribution's shape")
     return mask.expand(a_shape).reshape(-1)
 
 
-def masked_flat(where: str, attribution, mask, *, normalise: bool, abs: bool):
+def masked_flat(attribution, mask, *, normalise: bool, abs: bool):
     """The flat mask and the flat prepared attribution (Quantus's normalise-then-abs), checked."""
-    check_metric_input(where, attribution)
-    return flat_mask(where, attribution, mask), prepare_attribution(
+    check_metric_input(attribution)
+    return flat_mask(attribution, mask), prepare_attribution(
         attribution, normalise=normalise, abs=abs).reshape(-1)
 
 
@@ -71,6 +76,7 @@ def nan_where_empty(score: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.any(), score, torch.full_like(score, float("nan")))
 
 
+@api_boundary("metrics.pointing_game")
 def pointing_game(f=None, *, weighted: bool = False, abs: bool = False,  # noqa: A002 - Quantus's name
                   normalise: bool = True):
     """Pointing game (Zhang et al. 2018, "Top-down neural attention by excitation backprop", IJCV).
@@ -98,16 +104,15 @@ def pointing_game(f=None, *, weighted: bool = False, abs: bool = False,  # noqa:
         >>> metric = fxattr.metrics.pointing_game(f)
         >>> scores = torch.vmap(metric, in_dims=(None, 0, 0, 0, 0))(params, x, y, a, masks)
     """
-    where = "metrics.pointing_game"
-    check_bool(where, "weighted", weighted)
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_bool("weighted", weighted)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
 
-    check_unused_model(where, f)
+    check_unused_model(f)
     config = {"weighted": weighted, "abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        m, a = masked_flat(where, attribution, mask, normalise=normalise, abs=abs)
+        m, a = masked_flat(attribution, mask, normalise=normalise, abs=abs)
         hit = (m & (a == a.max())).any().to(a.dtype)
         if weighted:
             hit = hit * (1 - m.to(a.dtype).mean())
@@ -116,6 +121,7 @@ def pointing_game(f=None, *, weighted: bool = False, abs: bool = False,  # noqa:
     return named_metric('pointing_game', f, config, score)
 
 
+@api_boundary("metrics.attribution_localisation")
 def attribution_localisation(f=None, *, weighted: bool = False, positive_attributions: bool = False,
                              abs: bool = True, normalise: bool = True):  # noqa: A002
     """Attribution localisation (Kohlbrenner et al. 2020, "Towards best practice in explaining
@@ -145,17 +151,16 @@ def attribution_localisation(f=None, *, weighted: bool = False, positive_attribu
         >>> metric = fxattr.metrics.attribution_localisation(f)
         >>> scores = torch.vmap(metric, in_dims=(None, 0, 0, 0, 0))(params, x, y, a, masks)
     """
-    where = "metrics.attribution_localisation"
     for name, value in (("weighted", weighted), ("positive_attributions", positive_attributions),
                         ("abs", abs), ("normalise", normalise)):
-        check_bool(where, name, value)
+        check_bool(name, value)
 
-    check_unused_model(where, f)
+    check_unused_model(f)
     config = {"weighted": weighted, "positive_attributions": positive_attributions, "abs": abs,
               "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        m, a = masked_flat(where, attribution, mask, normalise=normalise, abs=abs)
+        m, a = masked_flat(attribution, mask, normalise=normalise, abs=abs)
         if positive_attributions:
             a = a.clamp(min=0)
         inside = torch.where(m, a, torch.zeros_like(a)).sum()
@@ -168,6 +173,7 @@ def attribution_localisation(f=None, *, weighted: bool = False, positive_attribu
     return named_metric('attribution_localisation', f, config, score)
 
 
+@api_boundary("metrics.top_k_intersection")
 def top_k_intersection(f=None, *, k: int = 1000, concept_influence: bool = False,
                        abs: bool = False, normalise: bool = True):  # noqa: A002
     """Top-k intersection (Theiner et al. 2021, "Interpretable semantic photo geolocalization",
@@ -191,20 +197,19 @@ def top_k_intersection(f=None, *, k: int = 1000, concept_influence: bool = False
         >>> metric = fxattr.metrics.top_k_intersection(f, k=16)
         >>> scores = torch.vmap(metric, in_dims=(None, 0, 0, 0, 0))(params, x, y, a, masks)
     """
-    where = "metrics.top_k_intersection"
-    check_int(where, "k", k, 1)
+    check_int("k", k, 1)
     for name, value in (("concept_influence", concept_influence), ("abs", abs),
                         ("normalise", normalise)):
-        check_bool(where, name, value)
+        check_bool(name, value)
 
-    check_unused_model(where, f)
+    check_unused_model(f)
     config = {"k": k, "concept_influence": concept_influence, "abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        check_metric_input(where, attribution)
-        m = flat_mask(where, attribution, mask)
+        check_metric_input(attribution)
+        m = flat_mask(attribution, mask)
         if k > m.numel():
-            raise fail(where, f"k={k} exceeds the attribution's {m.numel()} features")
+            raise fail(None, f"k={k} exceeds the attribution's {m.numel()} features")
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).reshape(-1)
         top = torch.topk(a, k).indices
         share = m[top].to(a.dtype).mean()
@@ -215,6 +220,7 @@ def top_k_intersection(f=None, *, k: int = 1000, concept_influence: bool = False
     return named_metric('top_k_intersection', f, config, score)
 
 
+@api_boundary("metrics.relevance_rank_accuracy")
 def relevance_rank_accuracy(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
     """Relevance rank accuracy (Arras et al. 2022, "CLEVR-XAI: a benchmark dataset for the ground
     truth evaluation of neural network explanations", Information Fusion).
@@ -235,15 +241,14 @@ def relevance_rank_accuracy(f=None, *, abs: bool = False, normalise: bool = True
         >>> metric = fxattr.metrics.relevance_rank_accuracy(f)
         >>> scores = torch.vmap(metric, in_dims=(None, 0, 0, 0, 0))(params, x, y, a, masks)
     """
-    where = "metrics.relevance_rank_accuracy"
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
 
-    check_unused_model(where, f)
+    check_unused_model(f)
     config = {"abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        m, a = masked_flat(where, attribution, mask, normalise=normalise, abs=abs)
+        m, a = masked_flat(attribution, mask, normalise=normalise, abs=abs)
         order = torch.argsort(a, descending=True, stable=True)
         size = m.sum()
         # the mask along the order, counted over its first |mask| places
@@ -254,6 +259,7 @@ def relevance_rank_accuracy(f=None, *, abs: bool = False, normalise: bool = True
     return named_metric('relevance_rank_accuracy', f, config, score)
 
 
+@api_boundary("metrics.relevance_mass_accuracy")
 def relevance_mass_accuracy(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
     """Relevance mass accuracy (Arras et al. 2022, "CLEVR-XAI", Information Fusion).
 
@@ -272,21 +278,21 @@ def relevance_mass_accuracy(f=None, *, abs: bool = False, normalise: bool = True
         >>> metric = fxattr.metrics.relevance_mass_accuracy(f, abs=True)
         >>> scores = torch.vmap(metric, in_dims=(None, 0, 0, 0, 0))(params, x, y, a, masks)
     """
-    where = "metrics.relevance_mass_accuracy"
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
 
-    check_unused_model(where, f)
+    check_unused_model(f)
     config = {"abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        m, a = masked_flat(where, attribution, mask, normalise=normalise, abs=abs)
+        m, a = masked_flat(attribution, mask, normalise=normalise, abs=abs)
         inside = torch.where(m, a, torch.zeros_like(a)).sum()
         return nan_where_empty(inside / a.sum(), m)
 
     return named_metric('relevance_mass_accuracy', f, config, score)
 
 
+@api_boundary("metrics.auc")
 def auc(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
     """Area under the ROC curve of the attribution as a detector of the mask (Fawcett 2006, "An
     introduction to ROC analysis", Pattern Recognition Letters), as Quantus computes with
@@ -311,15 +317,14 @@ def auc(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
         >>> metric = fxattr.metrics.auc(f)
         >>> scores = torch.vmap(metric, in_dims=(None, 0, 0, 0, 0))(params, x, y, a, masks)
     """
-    where = "metrics.auc"
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
 
-    check_unused_model(where, f)
+    check_unused_model(f)
     config = {"abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution, mask):
-        m, a = masked_flat(where, attribution, mask, normalise=normalise, abs=abs)
+        m, a = masked_flat(attribution, mask, normalise=normalise, abs=abs)
         ordered, order = torch.sort(a)
         n = a.numel()
         place = torch.arange(n, device=a.device)
@@ -340,6 +345,7 @@ def auc(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
     return named_metric('auc', f, config, score)
 
 
+@api_boundary("metrics.focus")
 def focus(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
     """Focus (Arias-Duart et al. 2022, "Focus! Rating XAI methods and finding biases", FUZZ-IEEE).
 
@@ -363,24 +369,23 @@ def focus(f=None, *, abs: bool = False, normalise: bool = True):  # noqa: A002
         >>> metric = fxattr.metrics.focus(f)
         >>> scores = torch.vmap(metric, in_dims=(None, 0, 0, 0, 0))(params, mosaics, y, a, flags)
     """
-    where = "metrics.focus"
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
 
-    check_unused_model(where, f)
+    check_unused_model(f)
     config = {"abs": abs, "normalise": normalise}
 
     def score(params, x, target, attribution, quadrants):
-        check_metric_input(where, attribution)
+        check_metric_input(attribution)
         if attribution.ndim != 3:
-            raise fail(where, f"the attribution must be (C, H, W) (a mosaic image's), got shape "
+            raise fail(None, f"the attribution must be (C, H, W) (a mosaic image's), got shape "
                               f"{tuple(attribution.shape)}")
         if not isinstance(quadrants, Tensor) or tuple(quadrants.shape) != (4,):
             shape = tuple(quadrants.shape) if isinstance(quadrants, Tensor) else type(quadrants).__name__
-            raise fail(where, "quadrants must be a (4,) tensor of flags (top-left, top-right, "
+            raise fail(None, "quadrants must be a (4,) tensor of flags (top-left, top-right, "
                               f"bottom-left, bottom-right), got {shape}")
         if quadrants.is_floating_point() or quadrants.is_complex():
-            raise fail(where, f"quadrants must be bool or 0/1 integers, got dtype {quadrants.dtype}")
+            raise fail(None, f"quadrants must be bool or 0/1 integers, got dtype {quadrants.dtype}")
         a = prepare_attribution(attribution, normalise=normalise, abs=abs).clamp(min=0)
         height, width = a.shape[-2:]
         half_h, half_w = height // 2, width // 2

@@ -12,35 +12,36 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
-from fxattr.errors import fail
+from fxattr.errors import api_boundary, fail
 from fxattr.metrics.evaluate import MetricTable
 
 __all__ = ["plot_curves", "plot_metrics"]
 
 
-def agg_figure(where: str, size: tuple[float, float], dpi: int):
+def agg_figure(size: tuple[float, float], dpi: int):
     """A matplotlib Figure on an Agg canvas; a clear error when matplotlib is missing."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise fail(where, "matplotlib is needed for plots: pip install matplotlib "
+        raise fail(None, "matplotlib is needed for plots: pip install matplotlib "
                           "(or pip install 'fxattr[examples]')") from None
     figure = Figure(figsize=size, dpi=dpi)
     FigureCanvasAgg(figure)
     return figure
 
 
-def curve_array(where: str, name: str, curve) -> np.ndarray:
+def curve_array(name: str, curve) -> np.ndarray:
     """A ``(B, T)`` float array from a ``(B, T)`` or ``(T,)`` tensor / array."""
     arr = curve.detach().cpu().double().numpy() if isinstance(curve, Tensor) else np.asarray(curve, float)
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] < 1:
-        raise fail(where, f"curves[{name!r}] must be (B, T) or (T,), got shape {arr.shape}")
+        raise fail(None, f"curves[{name!r}] must be (B, T) or (T,), got shape {arr.shape}")
     return arr
 
 
+@api_boundary("viz.plot_curves")
 def plot_curves(curves, metric: str | None = None, *, file=None, title: str | None = None,
                 xlabel: str = "perturbation step (first to last)", ylabel: str = "target score",
                 step_labels: Sequence[str] | None = None, size: tuple[float, float] = (5.0, 3.5),
@@ -72,24 +73,23 @@ def plot_curves(curves, metric: str | None = None, *, file=None, title: str | No
         ...                                 params, x, y)
         >>> fxattr.viz.plot_curves(table, "deletion", file="deletion.png")
     """
-    where = "viz.plot_curves"
     if isinstance(curves, MetricTable):
         if metric is None or metric not in curves.metrics:
-            raise fail(where, f"with a MetricTable, metric must name one of its metrics "
+            raise fail(None, f"with a MetricTable, metric must name one of its metrics "
                               f"({', '.join(curves.metrics)}); got {metric!r}")
         table = curves
         curves = {name: table.curves[name][metric] for name in table.explainers
                   if metric in table.curves[name]}
         if not curves:
-            raise fail(where, f"metric {metric!r} gave one score per example, not a curve")
+            raise fail(None, f"metric {metric!r} gave one score per example, not a curve")
     if not isinstance(curves, Mapping) or not curves:
-        raise fail(where, "curves must be a non-empty dict name -> (B, T) curves, "
+        raise fail(None, "curves must be a non-empty dict name -> (B, T) curves, "
                           f"got {type(curves).__name__}")
-    arrays = {str(name): curve_array(where, name, c) for name, c in curves.items()}
+    arrays = {str(name): curve_array(name, c) for name, c in curves.items()}
     lengths = {arr.shape[1] for arr in arrays.values()}
     if step_labels is not None and (len(lengths) != 1 or len(step_labels) not in lengths):
-        raise fail(where, f"step_labels has {len(step_labels)} labels for curves of {sorted(lengths)} steps")
-    figure = agg_figure(where, size, dpi)
+        raise fail(None, f"step_labels has {len(step_labels)} labels for curves of {sorted(lengths)} steps")
+    figure = agg_figure(size, dpi)
     ax = figure.subplots()
     for name, arr in arrays.items():
         steps = np.linspace(0.0, 1.0, arr.shape[1]) if arr.shape[1] > 1 else np.zeros(1)
@@ -115,6 +115,7 @@ def plot_curves(curves, metric: str | None = None, *, file=None, title: str | No
     return figure
 
 
+@api_boundary("viz.plot_metrics")
 def plot_metrics(table: MetricTable, metrics: Sequence[str] | None = None, *, file=None,
                  title: str | None = None, cell_size: tuple[float, float] = (2.6, 0.3), dpi: int = 100):
     """The metric x method chart: one panel per metric, one horizontal bar per method (its mean)
@@ -136,21 +137,20 @@ def plot_metrics(table: MetricTable, metrics: Sequence[str] | None = None, *, fi
         >>> table = fxattr.metrics.evaluate(explainers, metrics, params, x, y, mask=masks)
         >>> fxattr.viz.plot_metrics(table, file="metrics.png")
     """
-    where = "viz.plot_metrics"
     if not isinstance(table, MetricTable):
-        raise fail(where, "table must be a MetricTable (from fxattr.metrics.evaluate), "
+        raise fail(None, "table must be a MetricTable (from fxattr.metrics.evaluate), "
                           f"got {type(table).__name__}")
     chosen = list(table.metrics if metrics is None else metrics)
     unknown = [m for m in chosen if m not in table.metrics]
     if unknown or not chosen:
-        raise fail(where, f"metrics must name some of the table's metrics ({', '.join(table.metrics)}); "
+        raise fail(None, f"metrics must name some of the table's metrics ({', '.join(table.metrics)}); "
                           f"got {chosen!r}")
     n_methods = len(table.explainers)
     columns = min(len(chosen), 4)
     rows = math.ceil(len(chosen) / columns)
     width, per_method = cell_size
     height = (0.7 + per_method * n_methods) * rows + (0.4 if title else 0)
-    figure = agg_figure(where, (1.4 + width * columns, height), dpi)
+    figure = agg_figure((1.4 + width * columns, height), dpi)
     axes = figure.subplots(rows, columns, squeeze=False)
     positions = np.arange(n_methods)[::-1]
     colours = [f"C{i % 10}" for i in range(n_methods)]

@@ -30,10 +30,21 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from fxattr.errors import fail
-from fxattr.metrics.common import (check_attribution, check_bool, check_choice, check_explainer, check_float,
-                                   check_int, check_model, check_replay, normalise_by_max, pearson,
-                                   resolve_target, spearman)
+from fxattr.errors import api_boundary, fail
+from fxattr.metrics.common import (
+    check_attribution,
+    check_bool,
+    check_choice,
+    check_explainer,
+    check_float,
+    check_int,
+    check_model,
+    check_replay,
+    normalise_by_max,
+    pearson,
+    resolve_target,
+    spearman,
+)
 from fxattr.metrics.common import metric as named_metric
 
 __all__ = ["efficient_mprt", "mprt", "random_logit", "smooth_mprt"]
@@ -94,10 +105,10 @@ def ranked_spearman(ranks_a: Tensor, b: Tensor) -> Tensor:
 SIMILARITY_FUNCTIONS = {"spearman": spearman, "pearson": pearson, "ssim": ssim, "cosine": cosine_distance}
 
 
-def similarity_function(where: str, similarity_func):
+def similarity_function(similarity_func):
     if callable(similarity_func):
         return similarity_func
-    check_choice(where, "similarity_func", similarity_func, SIMILARITIES)
+    check_choice("similarity_func", similarity_func, SIMILARITIES)
     return SIMILARITY_FUNCTIONS[similarity_func]
 
 
@@ -139,11 +150,11 @@ class RandomLayers:
     ``owner[tensor name]``: the position in that order of the layer the tensor belongs to.
     """
 
-    def __init__(self, where: str, module: nn.Module, layer_order: str, seed: int):
+    def __init__(self, module: nn.Module, layer_order: str, seed: int):
         scratch = copy.deepcopy(module)  # Quantus's deepcopy: the user's module is never touched
         layers = [(name, m) for name, m in scratch.named_modules() if hasattr(m, "reset_parameters")]
         if not layers:
-            raise fail(where, f"{type(module).__name__} has no module with reset_parameters() to randomise")
+            raise fail(None, f"{type(module).__name__} has no module with reset_parameters() to randomise")
         if layer_order == "top_down":
             layers = layers[::-1]
         self.names = [name for name, _ in layers]
@@ -185,6 +196,7 @@ class RandomLayers:
         return out
 
 
+@api_boundary("metrics.randomised_parameter_sets")
 def randomised_parameter_sets(f, params: dict, *, layer_order: str = "top_down", seed: int = 42):
     """Quantus's randomised models as explicit, stacked parameter sets.
 
@@ -198,26 +210,25 @@ def randomised_parameter_sets(f, params: dict, *, layer_order: str = "top_down",
         >>> torch.vmap(fxattr.gradient(f), in_dims=(0, None, None))(sets, x[0], y[0]).shape[0] == len(names)
         True
     """
-    where = "metrics.randomised_parameter_sets"
-    check_choice(where, "layer_order", layer_order, LAYER_ORDERS)
-    check_int(where, "seed", seed, minimum=-(2 ** 63))
-    layers = RandomLayers(where, model_module(where, f), layer_order, seed)
+    check_choice("layer_order", layer_order, LAYER_ORDERS)
+    check_int("seed", seed, minimum=-(2 ** 63))
+    layers = RandomLayers(model_module(f), layer_order, seed)
     k = torch.arange(1, len(layers) + 1)
     sets = torch.vmap(lambda i: layers.build(params, i))(k)
     return layers.names, sets
 
 
-def model_module(where: str, f) -> nn.Module:
+def model_module(f) -> nn.Module:
     module = getattr(f, "module", None)
     if not isinstance(module, nn.Module):
-        raise fail(where, "randomising layers needs the module behind f: pass the f of "
+        raise fail(None, "randomising layers needs the module behind f: pass the f of "
                           "fxattr.functionalize(model), or pass parameter_sets= explicitly")
     return module
 
 
-def check_parameter_sets(where: str, parameter_sets, params) -> int:
+def check_parameter_sets(parameter_sets, params) -> int:
     if not isinstance(parameter_sets, dict) or not parameter_sets:
-        raise fail(where, "parameter_sets must be a dict of tensors with a leading axis of parameter "
+        raise fail(None, "parameter_sets must be a dict of tensors with a leading axis of parameter "
                           f"sets (like params), got {type(parameter_sets).__name__}")
     sizes = set()
     for name, value in parameter_sets.items():
@@ -225,16 +236,16 @@ def check_parameter_sets(where: str, parameter_sets, params) -> int:
         fits = isinstance(value, Tensor) and reference is not None
         if not fits or tuple(value.shape[1:]) != tuple(reference.shape):
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise fail(where, f"parameter_sets[{name!r}] has shape {got}; expected (sets, "
+            raise fail(None, f"parameter_sets[{name!r}] has shape {got}; expected (sets, "
                               f"{', '.join(map(str, getattr(reference, 'shape', ('?',))))}) matching params")
         sizes.add(value.shape[0])
     if len(sizes) != 1 or 0 in sizes:
-        raise fail(where, "parameter_sets must all have the same (non-zero) number of sets, got "
+        raise fail(None, "parameter_sets must all have the same (non-zero) number of sets, got "
                           f"{sorted(sizes)}")
     return sizes.pop()
 
 
-def explain_over_sets(where, explain_one, params, layers, parameter_sets, chunk_size, extra=None):
+def explain_over_sets(explain_one, params, layers, parameter_sets, chunk_size, extra=None):
     """``explain_one(p, extra_k)`` for the original parameters and every randomised set, stacked
     (index 0: the original model). ``extra`` holds per-set inputs with a leading axis of sets + 1."""
     if parameter_sets is None:
@@ -247,7 +258,7 @@ def explain_over_sets(where, explain_one, params, layers, parameter_sets, chunk_
         if extra is None:
             return torch.vmap(lambda k: one(k, None), chunk_size=chunk_size, randomness="different")(index)
         return torch.vmap(one, chunk_size=chunk_size, randomness="different")(index, extra)
-    count = check_parameter_sets(where, parameter_sets, params)
+    count = check_parameter_sets(parameter_sets, params)
     full = {name: parameter_sets.get(name, value.expand(count, *value.shape))
             for name, value in params.items()}
     if extra is None:
@@ -261,26 +272,26 @@ def explain_over_sets(where, explain_one, params, layers, parameter_sets, chunk_
 
 # ------------------------------------------------------------------------------------------- MPRT
 
-def _check_mprt(where, f, explain, similarity_func, layer_order, seed, return_average_correlation,
+def _check_mprt(f, explain, similarity_func, layer_order, seed, return_average_correlation,
                 return_last_correlation, skip_layers, abs, normalise, chunk_size):  # noqa: A002
-    check_model(where, f)
-    check_explainer(where, explain, "to re-run on the randomised models")
-    similarity = similarity_function(where, similarity_func)
-    check_choice(where, "layer_order", layer_order, LAYER_ORDERS)
-    check_int(where, "seed", seed, minimum=-(2 ** 63))
+    check_model(f)
+    check_explainer(explain, "to re-run on the randomised models")
+    similarity = similarity_function(similarity_func)
+    check_choice("layer_order", layer_order, LAYER_ORDERS)
+    check_int("seed", seed, minimum=-(2 ** 63))
     for flag, value in (("return_average_correlation", return_average_correlation),
                         ("return_last_correlation", return_last_correlation),
                         ("skip_layers", skip_layers), ("abs", abs), ("normalise", normalise)):
-        check_bool(where, flag, value)
+        check_bool(flag, value)
     if return_average_correlation and return_last_correlation:
-        raise fail(where, "return_average_correlation and return_last_correlation cannot both be True")
+        raise fail(None, "return_average_correlation and return_last_correlation cannot both be True")
     if return_average_correlation and skip_layers:
-        raise fail(where, "return_average_correlation needs every layer: it cannot be combined with "
+        raise fail(None, "return_average_correlation needs every layer: it cannot be combined with "
                           "skip_layers=True")
-    check_int(where, "chunk_size", chunk_size, allow_none=True)
+    check_int("chunk_size", chunk_size, allow_none=True)
     layers = None
     if isinstance(getattr(f, "module", None), nn.Module):
-        layers = RandomLayers(where, f.module, layer_order, seed)
+        layers = RandomLayers(f.module, layer_order, seed)
     return similarity, layers
 
 
@@ -295,6 +306,7 @@ def reduce_layers(similarities: Tensor, return_average_correlation: bool, return
     return similarities
 
 
+@api_boundary("metrics.mprt")
 def mprt(f, *, explain=None, similarity_func="spearman", layer_order: str = "top_down", seed: int = 42,
          return_average_correlation: bool = False, return_last_correlation: bool = False,
          skip_layers: bool = False, abs: bool = True, normalise: bool = True,  # noqa: A002
@@ -326,15 +338,14 @@ def mprt(f, *, explain=None, similarity_func="spearman", layer_order: str = "top
         >>> a = torch.vmap(fxattr.gradient(f), in_dims=(None, 0, 0))(params, x, y)
         >>> curves = torch.vmap(metric, in_dims=(None, 0, 0, 0))(params, x, y, a)  # (B, layers + 1)
     """
-    where = "metrics.mprt"
-    similarity, layers = _check_mprt(where, f, explain, similarity_func, layer_order, seed,
+    similarity, layers = _check_mprt(f, explain, similarity_func, layer_order, seed,
                                      return_average_correlation, return_last_correlation, skip_layers,
                                      abs, normalise, chunk_size)
 
     def metric(params, x, target, attribution, *, parameter_sets=None):
-        check_attribution(where, x, attribution)
+        check_attribution(x, attribution)
         if parameter_sets is None and layers is None:
-            model_module(where, f)
+            model_module(f)
         target = resolve_target(f, params, x, target)
         a = prepare(attribution, attribution, normalise=normalise, abs=abs).reshape(-1)
         compare = against(similarity_func, similarity, a)
@@ -343,7 +354,7 @@ def mprt(f, *, explain=None, similarity_func="spearman", layer_order: str = "top
             b = prepare(explain(p, x, target), attribution, normalise=normalise, abs=abs)
             return compare(b.reshape(-1))
 
-        similarities = explain_over_sets(where, similarity_to, params, layers, parameter_sets, chunk_size)
+        similarities = explain_over_sets(similarity_to, params, layers, parameter_sets, chunk_size)
         return reduce_layers(similarities, return_average_correlation, return_last_correlation, skip_layers)
 
     config = dict(explain=explain, similarity_func=similarity_func, layer_order=layer_order, seed=seed,
@@ -354,6 +365,7 @@ def mprt(f, *, explain=None, similarity_func="spearman", layer_order: str = "top
     return named_metric("mprt", f, config, metric)
 
 
+@api_boundary("metrics.smooth_mprt")
 def smooth_mprt(f, *, explain=None, similarity_func="spearman", layer_order: str = "bottom_up",
                 seed: int = 42, nr_samples: int = 50, noise_magnitude: float = 0.1,
                 return_average_correlation: bool = False, return_last_correlation: bool = False,
@@ -385,25 +397,24 @@ def smooth_mprt(f, *, explain=None, similarity_func="spearman", layer_order: str
         >>> metric = fxattr.metrics.smooth_mprt(f, explain=fxattr.gradient(f), nr_samples=8)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, x, y, a)
     """
-    where = "metrics.smooth_mprt"
-    similarity, layers = _check_mprt(where, f, explain, similarity_func, layer_order, seed,
+    similarity, layers = _check_mprt(f, explain, similarity_func, layer_order, seed,
                                      return_average_correlation, return_last_correlation, skip_layers,
                                      abs, normalise, chunk_size)
-    check_int(where, "nr_samples", nr_samples)
-    check_float(where, "noise_magnitude", noise_magnitude, 0.0)
+    check_int("nr_samples", nr_samples)
+    check_float("noise_magnitude", noise_magnitude, 0.0)
 
     def metric(params, x, target, attribution, *, noise=None, parameter_sets=None):
-        check_attribution(where, x, attribution)
+        check_attribution(x, attribution)
         if parameter_sets is None:
             if layers is None:
-                model_module(where, f)
+                model_module(f)
             models = len(layers) + 1
         else:
-            models = check_parameter_sets(where, parameter_sets, params) + 1
+            models = check_parameter_sets(parameter_sets, params) + 1
         shape = (models, nr_samples - 1, *x.shape)
         if noise is None:
             noise = torch.randn(shape, dtype=x.dtype, device=x.device)
-        check_replay(where, "noise", noise, shape)
+        check_replay("noise", noise, shape)
         target = resolve_target(f, params, x, target)
         std = noise_magnitude * (x.amax() - x.amin()).detach()
         a = prepare(attribution, attribution, normalise=normalise, abs=abs,
@@ -421,7 +432,7 @@ def smooth_mprt(f, *, explain=None, similarity_func="spearman", layer_order: str
                         normalise_func=normalise_by_second_moment)
             return compare(b.reshape(-1))
 
-        similarities = explain_over_sets(where, similarity_to, params, layers, parameter_sets, chunk_size,
+        similarities = explain_over_sets(similarity_to, params, layers, parameter_sets, chunk_size,
                                          extra=noise)
         return reduce_layers(similarities, return_average_correlation, return_last_correlation, skip_layers)
 
@@ -460,6 +471,7 @@ def discrete_entropy(a: Tensor, n_bins: int) -> Tensor:
     return -(p * torch.log(safe)).sum()
 
 
+@api_boundary("metrics.efficient_mprt")
 def efficient_mprt(f, *, explain=None, layer_order: str = "bottom_up", seed: int = 42, n_bins: int = 100,
                    abs: bool = False, normalise: bool = False,  # noqa: A002 - Quantus's name
                    chunk_size: int | None = 8):
@@ -485,28 +497,27 @@ def efficient_mprt(f, *, explain=None, layer_order: str = "bottom_up", seed: int
         >>> metric = fxattr.metrics.efficient_mprt(f, explain=fxattr.gradient(f))
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0))(params, x, y, a)
     """
-    where = "metrics.efficient_mprt"
-    check_model(where, f)
-    check_explainer(where, explain, "to re-run on the randomised models")
-    check_choice(where, "layer_order", layer_order, LAYER_ORDERS)
-    check_int(where, "seed", seed, minimum=-(2 ** 63))
-    check_int(where, "n_bins", n_bins)
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
-    check_int(where, "chunk_size", chunk_size, allow_none=True)
+    check_model(f)
+    check_explainer(explain, "to re-run on the randomised models")
+    check_choice("layer_order", layer_order, LAYER_ORDERS)
+    check_int("seed", seed, minimum=-(2 ** 63))
+    check_int("n_bins", n_bins)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
+    check_int("chunk_size", chunk_size, allow_none=True)
     layers = None
     if isinstance(getattr(f, "module", None), nn.Module):
-        layers = RandomLayers(where, f.module, layer_order, seed)
+        layers = RandomLayers(f.module, layer_order, seed)
 
     def metric(params, x, target, attribution, *, parameter_sets=None):
-        check_attribution(where, x, attribution)
+        check_attribution(x, attribution)
         target = resolve_target(f, params, x, target)
         if parameter_sets is None:
             if layers is None:
-                model_module(where, f)
+                model_module(f)
             randomised = layers.build(params, torch.tensor(len(layers)))
         else:
-            count = check_parameter_sets(where, parameter_sets, params)
+            count = check_parameter_sets(parameter_sets, params)
             randomised = {name: parameter_sets[name][count - 1] if name in parameter_sets else value
                           for name, value in params.items()}
         a = prepare(attribution, attribution, normalise=normalise, abs=abs,
@@ -524,6 +535,7 @@ def efficient_mprt(f, *, explain=None, layer_order: str = "bottom_up", seed: int
 
 # ------------------------------------------------------------------------------------ random logit
 
+@api_boundary("metrics.random_logit")
 def random_logit(f, *, explain=None, similarity_func="ssim", num_classes: int | None = None,
                  abs: bool = False, normalise: bool = True):  # noqa: A002 - Quantus's name
     """Random Logit (Sixt et al. 2020, "When explanations lie: why many modified BP attributions
@@ -546,16 +558,15 @@ def random_logit(f, *, explain=None, similarity_func="ssim", num_classes: int | 
         >>> metric = fxattr.metrics.random_logit(f, explain=fxattr.gradient(f))
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, x, y, a)
     """
-    where = "metrics.random_logit"
-    check_model(where, f)
-    check_explainer(where, explain, "to re-run on the randomised models")
-    similarity = similarity_function(where, similarity_func)
-    check_int(where, "num_classes", num_classes, minimum=2, allow_none=True)
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_model(f)
+    check_explainer(explain, "to re-run on the randomised models")
+    similarity = similarity_function(similarity_func)
+    check_int("num_classes", num_classes, minimum=2, allow_none=True)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
 
     def metric(params, x, target, attribution, *, off_target=None):
-        check_attribution(where, x, attribution)
+        check_attribution(x, attribution)
         classes = num_classes
         if classes is None:
             classes = f(params, x).reshape(-1).shape[0]
@@ -563,7 +574,7 @@ def random_logit(f, *, explain=None, similarity_func="ssim", num_classes: int | 
         if off_target is None:
             draw = torch.randint(0, classes - 1, (), device=x.device)
             off_target = draw + (draw >= target).to(draw.dtype)
-        check_replay(where, "off_target", off_target, (), integer=True)
+        check_replay("off_target", off_target, (), integer=True)
         a = prepare(attribution, attribution, normalise=normalise, abs=abs).reshape(-1)
         b = prepare(explain(params, x, off_target), attribution, normalise=normalise, abs=abs).reshape(-1)
         return similarity(a, b)

@@ -31,10 +31,20 @@ import torch
 from torch import Tensor
 
 import fxattr
-from fxattr.errors import fail
-from fxattr.metrics.common import (baseline_value, check_attribution, check_baseline, check_bool, check_float,
-                                   check_explainer, check_int, check_model, check_replay,
-                                   normalise_by_max, resolve_target)
+from fxattr.errors import api_boundary, fail
+from fxattr.metrics.common import (
+    baseline_value,
+    check_attribution,
+    check_baseline,
+    check_bool,
+    check_explainer,
+    check_float,
+    check_int,
+    check_model,
+    check_replay,
+    normalise_by_max,
+    resolve_target,
+)
 from fxattr.metrics.common import metric as named_metric
 
 __all__ = [
@@ -64,9 +74,9 @@ def vector_norm(name_or_fn, v: Tensor) -> Tensor:
     return torch.linalg.vector_norm(v, dim=-1)
 
 
-def check_norm(where: str, name: str, value) -> None:
+def check_norm(name: str, value) -> None:
     if not (callable(value) or value in NORMS):
-        raise fail(where, f"{name} must be one of {', '.join(map(repr, NORMS))} or a callable of a flat "
+        raise fail(None, f"{name} must be one of {', '.join(map(repr, NORMS))} or a callable of a flat "
                           f"tensor, got {value!r}")
 
 
@@ -127,28 +137,27 @@ def as_explanation(a: Tensor, like: Tensor) -> Tensor:
 def _sensitivity(name: str, reduction: str, f, *, explain, nr_samples, lower_bound, upper_bound,
                  norm_numerator, norm_denominator, abs, normalise,  # noqa: A002
                  return_nan_when_prediction_changes, chunk_size):
-    where = f"metrics.{name}"
-    check_model(where, f)
-    check_explainer(where, explain, "that re-explains the perturbed inputs")
-    check_int(where, "nr_samples", nr_samples)
-    check_float(where, "lower_bound", lower_bound, 0.0)
-    check_float(where, "upper_bound", upper_bound, allow_none=True)
+    check_model(f)
+    check_explainer(explain, "that re-explains the perturbed inputs")
+    check_int("nr_samples", nr_samples)
+    check_float("lower_bound", lower_bound, 0.0)
+    check_float("upper_bound", upper_bound, allow_none=True)
     if upper_bound is not None and upper_bound <= lower_bound:
-        raise fail(where, f"upper_bound must be larger than lower_bound, got {upper_bound!r} <= "
+        raise fail(None, f"upper_bound must be larger than lower_bound, got {upper_bound!r} <= "
                           f"{lower_bound!r}")
-    check_norm(where, "norm_numerator", norm_numerator)
-    check_norm(where, "norm_denominator", norm_denominator)
+    check_norm("norm_numerator", norm_numerator)
+    check_norm("norm_denominator", norm_denominator)
     for flag, value in (("abs", abs), ("normalise", normalise),
                         ("return_nan_when_prediction_changes", return_nan_when_prediction_changes)):
-        check_bool(where, flag, value)
-    check_int(where, "chunk_size", chunk_size, allow_none=True)
+        check_bool(flag, value)
+    check_int("chunk_size", chunk_size, allow_none=True)
 
     def metric(params, x, target, attribution, *, noise=None):
-        check_attribution(where, x, attribution)
+        check_attribution(x, attribution)
         shape = (nr_samples, *x.shape)
         if noise is None:
             noise = uniform_noise(shape, x, lower_bound, upper_bound)
-        check_replay(where, "noise", noise, shape)
+        check_replay("noise", noise, shape)
         target = resolve_target(f, params, x, target)
         a = prepare(attribution, normalise=normalise, abs=abs)
         perturbed = prepare_many(explain, params, x + noise, target, a, normalise, abs, chunk_size)
@@ -164,7 +173,7 @@ def _sensitivity(name: str, reduction: str, f, *, explain, nr_samples, lower_bou
                   norm_denominator=norm_denominator, abs=abs, normalise=normalise,
                   chunk_size=chunk_size,
                   return_nan_when_prediction_changes=return_nan_when_prediction_changes)
-    return named_metric(where.removeprefix("metrics."), f, config, metric)
+    return named_metric(name, f, config, metric)
 
 
 def prepare_many(explain, params, points, target, like, normalise, abs, chunk_size,  # noqa: A002
@@ -188,6 +197,7 @@ def nan_where_changed(f, params, x, points, values, chunk_size, reference=None) 
     return torch.where(changed, torch.full_like(values, float("nan")), values)
 
 
+@api_boundary("metrics.max_sensitivity")
 def max_sensitivity(f, *, explain=None, nr_samples: int = 200, lower_bound: float = 0.2,
                     upper_bound: float | None = None, norm_numerator="fro", norm_denominator="fro",
                     abs: bool = False, normalise: bool = False,  # noqa: A002 - Quantus's name
@@ -230,6 +240,7 @@ def max_sensitivity(f, *, explain=None, nr_samples: int = 200, lower_bound: floa
                         chunk_size=chunk_size)
 
 
+@api_boundary("metrics.avg_sensitivity")
 def avg_sensitivity(f, *, explain=None, nr_samples: int = 200, lower_bound: float = 0.2,
                     upper_bound: float | None = None, norm_numerator="fro", norm_denominator="fro",
                     abs: bool = False, normalise: bool = False,  # noqa: A002 - Quantus's name
@@ -250,6 +261,7 @@ def avg_sensitivity(f, *, explain=None, nr_samples: int = 200, lower_bound: floa
                         chunk_size=chunk_size)
 
 
+@api_boundary("metrics.local_lipschitz_estimate")
 def local_lipschitz_estimate(f, *, explain=None, nr_samples: int = 200, perturb_mean: float = 0.0,
                              perturb_std: float = 0.1, abs: bool = False,  # noqa: A002
                              normalise: bool = True, return_nan_when_prediction_changes: bool = False,
@@ -270,23 +282,22 @@ def local_lipschitz_estimate(f, *, explain=None, nr_samples: int = 200, perturb_
         >>> metric = fxattr.metrics.local_lipschitz_estimate(f, explain=fxattr.gradient(f), nr_samples=10)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0), randomness="different")(params, x, y, a)
     """
-    where = "metrics.local_lipschitz_estimate"
-    check_model(where, f)
-    check_explainer(where, explain, "that re-explains the perturbed inputs")
-    check_int(where, "nr_samples", nr_samples)
-    check_float(where, "perturb_mean", perturb_mean)
-    check_float(where, "perturb_std", perturb_std, 0.0)
+    check_model(f)
+    check_explainer(explain, "that re-explains the perturbed inputs")
+    check_int("nr_samples", nr_samples)
+    check_float("perturb_mean", perturb_mean)
+    check_float("perturb_std", perturb_std, 0.0)
     for flag, value in (("abs", abs), ("normalise", normalise),
                         ("return_nan_when_prediction_changes", return_nan_when_prediction_changes)):
-        check_bool(where, flag, value)
-    check_int(where, "chunk_size", chunk_size, allow_none=True)
+        check_bool(flag, value)
+    check_int("chunk_size", chunk_size, allow_none=True)
 
     def metric(params, x, target, attribution, *, noise=None):
-        check_attribution(where, x, attribution)
+        check_attribution(x, attribution)
         shape = (nr_samples, *x.shape)
         if noise is None:
             noise = perturb_mean + perturb_std * torch.randn(shape, dtype=x.dtype, device=x.device)
-        check_replay(where, "noise", noise, shape)
+        check_replay("noise", noise, shape)
         target = resolve_target(f, params, x, target)
         a = prepare(attribution, normalise=normalise, abs=abs)
         perturbed = prepare_many(explain, params, x + noise, target, a, normalise, abs, chunk_size)
@@ -300,7 +311,7 @@ def local_lipschitz_estimate(f, *, explain=None, nr_samples: int = 200, perturb_
     config = dict(explain=explain, nr_samples=nr_samples, perturb_mean=perturb_mean,
                   perturb_std=perturb_std, abs=abs, normalise=normalise, chunk_size=chunk_size,
                   return_nan_when_prediction_changes=return_nan_when_prediction_changes)
-    return named_metric(where.removeprefix("metrics."), f, config, metric)
+    return named_metric("local_lipschitz_estimate", f, config, metric)
 
 
 # -------------------------------------------------------------------------------------- continuity
@@ -322,6 +333,7 @@ def translate(x: Tensor, shifts: Tensor, fill: Tensor) -> Tensor:
     return torch.where(inside.reshape(len(shifts), *([1] * (x.ndim - 1)), width), gathered, fill)
 
 
+@api_boundary("metrics.continuity")
 def continuity(f, *, explain=None, nr_steps: int = 28, perturb_baseline="black",
                abs: bool = True, normalise: bool = True,  # noqa: A002 - Quantus's name
                return_nan_when_prediction_changes: bool = False, chunk_size: int | None = 16):
@@ -350,25 +362,24 @@ def continuity(f, *, explain=None, nr_steps: int = 28, perturb_baseline="black",
         >>> metric = fxattr.metrics.continuity(f, explain=fxattr.gradient(f), nr_steps=8)
         >>> torch.vmap(metric, in_dims=(None, 0, 0, 0))(params, x, y, a)
     """
-    where = "metrics.continuity"
-    check_model(where, f)
-    check_explainer(where, explain, "that re-explains the perturbed inputs")
-    check_int(where, "nr_steps", nr_steps)
-    check_baseline(where, perturb_baseline)
+    check_model(f)
+    check_explainer(explain, "that re-explains the perturbed inputs")
+    check_int("nr_steps", nr_steps)
+    check_baseline(perturb_baseline)
     for flag, value in (("abs", abs), ("normalise", normalise),
                         ("return_nan_when_prediction_changes", return_nan_when_prediction_changes)):
-        check_bool(where, flag, value)
-    check_int(where, "chunk_size", chunk_size, allow_none=True)
+        check_bool(flag, value)
+    check_int("chunk_size", chunk_size, allow_none=True)
 
     def metric(params, x, target, attribution):
-        check_attribution(where, x, attribution)
+        check_attribution(x, attribution)
         if x.ndim not in (2, 3):
-            raise fail(where, "x must be an image (C, H, W) or a time series (C, W), got shape "
+            raise fail(None, "x must be an image (C, H, W) or a time series (C, W), got shape "
                               f"{tuple(x.shape)}")
         shifts = translations(x.shape[-1], nr_steps)
         largest = max(max(shifts), -min(shifts))
         if largest > x.shape[-1]:
-            raise fail(where, f"nr_steps={nr_steps} gives shifts up to {largest} pixels, "
+            raise fail(None, f"nr_steps={nr_steps} gives shifts up to {largest} pixels, "
                               f"more than the width {x.shape[-1]}")
         target = resolve_target(f, params, x, target)
         fill = baseline_value(perturb_baseline, x)
@@ -386,7 +397,7 @@ def continuity(f, *, explain=None, nr_steps: int = 28, perturb_baseline="black",
     config = dict(explain=explain, nr_steps=nr_steps, perturb_baseline=perturb_baseline, abs=abs,
                   normalise=normalise, chunk_size=chunk_size,
                   return_nan_when_prediction_changes=return_nan_when_prediction_changes)
-    return named_metric(where.removeprefix("metrics."), f, config, metric)
+    return named_metric("continuity", f, config, metric)
 
 
 # ------------------------------------------------------------------------------------- consistency
@@ -394,6 +405,7 @@ def continuity(f, *, explain=None, nr_steps: int = 28, perturb_baseline="black",
 DISCRETISERS = ("top_n_sign", "sign", "rank")
 
 
+@api_boundary("metrics.consistency")
 def consistency(f, *, discretise_func: str = "top_n_sign", n: int = 5,
                 abs: bool = True, normalise: bool = True):  # noqa: A002 - Quantus's name
     """Consistency (Dasgupta et al. 2022, "Framework for evaluating faithfulness of local
@@ -414,20 +426,19 @@ def consistency(f, *, discretise_func: str = "top_n_sign", n: int = 5,
         >>> metric = fxattr.metrics.consistency(f)
         >>> scores = metric(params, x, y, torch.vmap(fxattr.gradient(f), in_dims=(None, 0, 0))(params, x, y))
     """
-    where = "metrics.consistency"
-    check_model(where, f)
+    check_model(f)
     if discretise_func not in DISCRETISERS:
-        raise fail(where, f"discretise_func must be one of {', '.join(map(repr, DISCRETISERS))}, "
+        raise fail(None, f"discretise_func must be one of {', '.join(map(repr, DISCRETISERS))}, "
                           f"got {discretise_func!r}")
-    check_int(where, "n", n)
-    check_bool(where, "abs", abs)
-    check_bool(where, "normalise", normalise)
+    check_int("n", n)
+    check_bool("abs", abs)
+    check_bool("normalise", normalise)
 
     def metric(params, x, target, attribution):
         if not isinstance(attribution, Tensor) or not isinstance(x, Tensor):
-            raise fail(where, "x and attribution must be tensors of a whole batch")
+            raise fail(None, "x and attribution must be tensors of a whole batch")
         if attribution.ndim < 2 or attribution.shape[0] != x.shape[0]:
-            raise fail(where, f"consistency is called on a whole batch: attribution has shape "
+            raise fail(None, f"consistency is called on a whole batch: attribution has shape "
                               f"{tuple(attribution.shape)}, x has shape {tuple(x.shape)} (the batch "
                               "axes must agree)")
         batch = x.shape[0]
@@ -446,7 +457,7 @@ def consistency(f, *, discretise_func: str = "top_n_sign", n: int = 5,
         return agree / (same_code.sum(-1).to(a.dtype) + 1e-9)
 
     config = dict(discretise_func=discretise_func, n=n, abs=abs, normalise=normalise)
-    return named_metric(where.removeprefix("metrics."), f, config, metric)
+    return named_metric("consistency", f, config, metric)
 
 
 # ------------------------------------------------------------------------------ relative stability
@@ -464,24 +475,23 @@ def floor_zero(norm: Tensor, eps_min: float) -> Tensor:
 def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_bound, upper_bound,
                         eps_min, abs, normalise, return_nan_when_prediction_changes,  # noqa: A002
                         softmax, representation, chunk_size):
-    where = f"metrics.{name}"
-    check_model(where, f)
-    check_explainer(where, explain, "that re-explains the perturbed inputs")
-    check_int(where, "nr_samples", nr_samples)
-    check_float(where, "lower_bound", lower_bound)
-    check_float(where, "upper_bound", upper_bound, allow_none=True)
+    check_model(f)
+    check_explainer(explain, "that re-explains the perturbed inputs")
+    check_int("nr_samples", nr_samples)
+    check_float("lower_bound", lower_bound)
+    check_float("upper_bound", upper_bound, allow_none=True)
     if upper_bound is not None and upper_bound <= lower_bound:
-        raise fail(where, f"upper_bound must be larger than lower_bound, got {upper_bound!r} <= "
+        raise fail(None, f"upper_bound must be larger than lower_bound, got {upper_bound!r} <= "
                           f"{lower_bound!r}")
     if upper_bound is None:
-        check_float(where, "lower_bound", lower_bound, 0.0)
-    check_float(where, "eps_min", eps_min, 0.0, strict_minimum=True)
+        check_float("lower_bound", lower_bound, 0.0)
+    check_float("eps_min", eps_min, 0.0, strict_minimum=True)
     for flag, value in (("abs", abs), ("normalise", normalise), ("softmax", softmax),
                         ("return_nan_when_prediction_changes", return_nan_when_prediction_changes)):
-        check_bool(where, flag, value)
-    check_int(where, "chunk_size", chunk_size, allow_none=True)
+        check_bool(flag, value)
+    check_int("chunk_size", chunk_size, allow_none=True)
     if kind == "representation":
-        representation = representation_function(where, f, representation)
+        representation = representation_function(f, representation)
 
     def hidden(params, x):
         if kind == "output":
@@ -490,11 +500,11 @@ def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_b
         return representation(params, x).reshape(-1)
 
     def metric(params, x, target, attribution, *, noise=None):
-        check_attribution(where, x, attribution)
+        check_attribution(x, attribution)
         shape = (nr_samples, *x.shape)
         if noise is None:
             noise = uniform_noise(shape, x, lower_bound, upper_bound)
-        check_replay(where, "noise", noise, shape)
+        check_replay("noise", noise, shape)
         target = resolve_target(f, params, x, target)
         points = x + noise
         a = prepare(attribution, normalise=normalise, abs=abs, normalise_func=normalise_by_second_moment)
@@ -520,10 +530,10 @@ def _relative_stability(name: str, kind: str, f, *, explain, nr_samples, lower_b
                   upper_bound=upper_bound, eps_min=eps_min, abs=abs, normalise=normalise,
                   softmax=softmax, representation=representation, chunk_size=chunk_size,
                   return_nan_when_prediction_changes=return_nan_when_prediction_changes)
-    return named_metric(where.removeprefix("metrics."), f, config, metric)
+    return named_metric(name, f, config, metric)
 
 
-def representation_function(where: str, f, representation):
+def representation_function(f, representation):
     """``representation`` as a callable ``(params, x) -> tensor``: a callable is kept; a layer name
     (or a list of them) becomes the layer's output, cut out of ``f`` with ``fxattr.graph.split``
     (no hooks), several layers' outputs flattened and concatenated in the order given."""
@@ -531,10 +541,10 @@ def representation_function(where: str, f, representation):
         return representation
     names = [representation] if isinstance(representation, str) else representation
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
-        raise fail(where, "representation must be a callable (params, x) -> tensor giving the internal "
+        raise fail(None, "representation must be a callable (params, x) -> tensor giving the internal "
                           "representation of one example, or a layer name (or a list of them), got "
                           f"{representation!r}")
-    bodies = [fxattr.graph.split(f, name, where=where)[0] for name in names]
+    bodies = [fxattr.graph.split(f, name)[0] for name in names]
 
     def layers(params, x):
         return torch.cat([body(params, x).reshape(-1) for body in bodies])
@@ -542,6 +552,7 @@ def representation_function(where: str, f, representation):
     return layers
 
 
+@api_boundary("metrics.relative_input_stability")
 def relative_input_stability(f, *, explain=None, nr_samples: int = 200, lower_bound: float = 0.02,
                              upper_bound: float | None = 0.2, eps_min: float = 1e-6,
                              abs: bool = False, normalise: bool = False,  # noqa: A002
@@ -572,6 +583,7 @@ def relative_input_stability(f, *, explain=None, nr_samples: int = 200, lower_bo
                                softmax=False, representation=None, chunk_size=chunk_size)
 
 
+@api_boundary("metrics.relative_output_stability")
 def relative_output_stability(f, *, explain=None, nr_samples: int = 200, lower_bound: float = 0.02,
                               upper_bound: float | None = 0.2, eps_min: float = 1e-6,
                               abs: bool = False, normalise: bool = False,  # noqa: A002
@@ -592,6 +604,7 @@ def relative_output_stability(f, *, explain=None, nr_samples: int = 200, lower_b
                                softmax=softmax, representation=None, chunk_size=chunk_size)
 
 
+@api_boundary("metrics.relative_representation_stability")
 def relative_representation_stability(f, *, explain=None, representation: Callable | str | list | None = None,
                                       nr_samples: int = 200, lower_bound: float = 0.02,
                                       upper_bound: float | None = 0.2, eps_min: float = 1e-6,
