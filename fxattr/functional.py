@@ -252,6 +252,11 @@ def example_ndim(module: nn.Module) -> tuple[int, str] | None:
     return None
 
 
+def shape_matches(shape: tuple, pattern: tuple) -> bool:
+    """Whether ``shape`` fits ``input_shape``'s ``pattern`` (``None`` there: any size)."""
+    return len(shape) == len(pattern) and all(p is None or p == s for s, p in zip(shape, pattern))
+
+
 class FunctionalModel:
     """A module as a pure function ``f(params, x) -> output`` of ONE example.
 
@@ -266,7 +271,8 @@ class FunctionalModel:
                  input_shape: tuple[int, ...] | None = None, batch_statistics: bool = False):
         self.module = module
         self.output = output
-        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self.input_shape = None if input_shape is None else tuple(
+            None if s is None else int(s) for s in input_shape)
         self.batch_statistics = batch_statistics
         self.expected_ndim = None if self.input_shape is not None else example_ndim(module)
         self.stochastic = [(name, m) for name, m in module.named_modules()
@@ -299,8 +305,8 @@ class FunctionalModel:
         batch_hint = (" -- this looks like a batch: explain one example and map over the batch"
                       " with torch.vmap(explain, in_dims=(None, 0, 0))")
         if self.input_shape is not None and isinstance(x, Tensor):
-            if tuple(x.shape) != self.input_shape:
-                hint = batch_hint if tuple(x.shape[1:]) == self.input_shape else ""
+            if not shape_matches(tuple(x.shape), self.input_shape):
+                hint = batch_hint if shape_matches(tuple(x.shape[1:]), self.input_shape) else ""
                 raise fail(where, f"x has shape {tuple(x.shape)} but the model takes one example "
                                   f"of shape {self.input_shape}{hint}")
         elif self.expected_ndim is not None and isinstance(x, Tensor):
@@ -443,7 +449,9 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
         output: chooses one tensor (with its batch axis) from a model that returns several,
             e.g. ``output=lambda out: out["logits"]``.
         input_shape: the shape of one example; when given, a batch passed by mistake is reported
-            by name instead of by a shape error deep inside the model.
+            by name instead of by a shape error deep inside the model. ``None`` marks a size that
+            varies (a sequence length: ``input_shape=(None, hidden)``); graph methods on models
+            captured by torch dynamo then capture that dimension symbolically.
         batch_statistics: allow training-mode batch norm / dropout (see above).
 
     Returns:
@@ -464,8 +472,9 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
     if not isinstance(batch_statistics, bool):
         raise fail("functionalize", f"batch_statistics must be True or False, got {batch_statistics!r}")
     if input_shape is not None and (not isinstance(input_shape, (tuple, list, torch.Size)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in input_shape)):
-        raise fail("functionalize", f"input_shape must be a tuple of ints >= 0, got {input_shape!r}")
+            s is None or (isinstance(s, int) and not isinstance(s, bool) and s >= 0) for s in input_shape)):
+        raise fail("functionalize", f"input_shape must be a tuple of ints >= 0 (None for a size that "
+                                    f"varies), got {input_shape!r}")
     f = FunctionalModel(model, output=output, input_shape=input_shape,
                         batch_statistics=batch_statistics)
     f.check_training()
