@@ -22,7 +22,7 @@ from fxattr.gradients import (QUADRATURES, expected_gradients, gradient, gradien
 from fxattr.perturbation import (feature_ablation, kernel_shap, lime, occlusion, rise, rise_masks,
                                  shapley_value_sampling, shapley_values)
 from fxattr.propagation import crp, crp_reference_samples
-from fxattr.propagation import (deconvnet, deep_taylor, deep_taylor_bounded, deeplift, deeplift_shap,
+from fxattr.propagation import (beta_smooth, deconvnet, deep_taylor, deep_taylor_bounded, deeplift, deeplift_shap,
                                 guided_backprop, load_patterns, lrp, pattern_attribution, patternnet,
                                 save_patterns)
 from fxattr.targets import select
@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analyzer",
     "attribute_dataset",
+    "beta_smooth",
     "cam",
     "create_analyzer",
     "crp",

@@ -4,12 +4,12 @@ DeepLIFT / DeepLiftShap, PatternNet / PatternAttribution — reverse passes over
 from fxattr.propagation import composites, rules
 from fxattr.propagation._crp import ConceptAttribution, ReferenceSamples, crp, crp_reference_samples
 from fxattr.propagation._deeplift import deeplift, deeplift_shap
-from fxattr.propagation._lrp import (Composite, LayerInfo, deconvnet, deep_taylor, deep_taylor_bounded,
+from fxattr.propagation._lrp import (Composite, LayerInfo, beta_smooth, deconvnet, deep_taylor, deep_taylor_bounded,
                                      guided_backprop, lrp)
 from fxattr.propagation._pattern import load_patterns, pattern_attribution, patternnet, save_patterns
 
 __all__ = [
-    "Composite", "ConceptAttribution", "LayerInfo", "ReferenceSamples", "composites", "crp",
+    "Composite", "ConceptAttribution", "LayerInfo", "ReferenceSamples", "beta_smooth", "composites", "crp",
     "crp_reference_samples", "deconvnet", "deep_taylor", "deep_taylor_bounded",
     "deeplift", "deeplift_shap", "guided_backprop", "load_patterns", "lrp", "pattern_attribution",
     "patternnet", "rules", "save_patterns",

@@ -12,6 +12,8 @@ Rules and composites are data: ``fxattr.propagation.rules`` holds the rule const
 
 from __future__ import annotations
 
+import torch
+
 from fxattr._explainer import check_choice, check_model, explainer
 from fxattr.errors import FxattrError, fail
 from fxattr.propagation import rules
@@ -19,9 +21,11 @@ from fxattr.propagation.composites import COMPOSITES, Composite, LayerInfo, rule
 from fxattr.propagation.composites import composite as _preset
 from fxattr.propagation.composites import deep_taylor_composite
 from fxattr.propagation._engine import Plan
+from fxattr.propagation._transformers import preset_explainer
 from fxattr.propagation.rules import Rule
+from fxattr.targets import select
 
-__all__ = ["COMPOSITES", "RULES", "Composite", "LayerInfo", "Rule", "deconvnet", "deep_taylor",
+__all__ = ["COMPOSITES", "RULES", "Composite", "LayerInfo", "Rule", "beta_smooth", "deconvnet", "deep_taylor",
            "deep_taylor_bounded", "guided_backprop", "lrp", "rules"]
 
 
@@ -42,8 +46,9 @@ _RULES = {
     "z_IB": (lambda w: rules.z(bias=False), ()),
     "epsilon": (lambda w, epsilon=1e-7: rules.epsilon(epsilon), ("epsilon",)),
     "epsilon_IB": (lambda w, epsilon=1e-7: rules.epsilon(epsilon, bias=False), ("epsilon",)),
-    "gamma": (lambda w, gamma=0.25, stabiliser=1e-6: rules.gamma(gamma, stabiliser=stabiliser),
-              ("gamma", "stabiliser")),
+    "gamma": (lambda w, gamma=0.25, stabiliser=1e-6, zero_params=None:
+              rules.gamma(gamma, stabiliser=stabiliser, zero_params=zero_params),
+              ("gamma", "stabiliser", "zero_params")),
     "alpha_beta": (lambda w, alpha=None, beta=None: _alpha_beta(w, alpha, beta), ("alpha", "beta")),
     "alpha_beta_IB": (lambda w, alpha=None, beta=None: _alpha_beta(w, alpha, beta, bias=False),
                       ("alpha", "beta")),
@@ -157,13 +162,16 @@ def lrp(f, *, rule: str | Rule | None = None, composite: str | Composite | None 
     check_model(where, f)
     chosen = _build_composite(where, rule, composite, options)
     plan = _plan(where, f, chosen)
+    # the AttnLRP / CP-LRP presets run as one vjp of a modified forward where they can
+    run = preset_explainer(plan)
 
     def explain(params, x, target=None):
-        return plan.explain(params, x, target, seed="value")
+        return run(params, x, target, seed="value")
 
     config = {"rule": rule, "composite": composite, **options}
     fn = explainer("lrp", f, config, explain)
     fn.composite = chosen
+    fn.gradient_form = run.gradient_form
     return fn
 
 
@@ -244,6 +252,53 @@ def deconvnet(f, *, seed: str = "value"):
         >>> torch.vmap(fxattr.deconvnet(f), in_dims=(None, 0, 0))(params, images, labels)
     """
     return _modified_gradient("deconvnet", f, "deconvnet", seed)
+
+
+def beta_smooth(f, *, beta: float = 10.0, seed: str = "one"):
+    """The gradient with every ReLU's derivative replaced by ``sigmoid(beta * x)`` (zennit's
+    ``BetaSmooth`` composite with its ``ReLUBetaSmooth`` rule; Dombrowski et al. 2019): the
+    derivative of the softplus ``log(1 + exp(beta x)) / beta``, which approaches the ReLU as
+    ``beta`` grows. The forward pass is the model's own; only the reverse pass is smoothed, so
+    derivatives of the explanation (second order through ReLUs) are no longer zero almost everywhere.
+
+    Every ReLU is smoothed: ``nn.ReLU`` modules, ``F.relu``, ``torch.relu`` and ``x.relu()`` (zennit
+    hooks ``nn.ReLU`` modules only, and reads a module called twice, such as torchvision's
+    ``BasicBlock.relu``, at its last call's input for both calls); other activations keep their
+    gradient.
+
+    Args:
+        f: the function of ``fxattr.functionalize``.
+        beta: the softplus sharpness, a finite number > 0 (zennit's default 10).
+        seed: ``"one"`` seeds the selected output with 1 (the gradient, zennit's ``Gradient``
+            attributor with a one-hot output), ``"value"`` with its value.
+
+    Example:
+        >>> explain = fxattr.beta_smooth(f, beta=10.0)
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+    """
+    where = "beta_smooth"
+    b = rules._number(where, "beta", beta)
+    if b <= 0:
+        raise fail(where, f"beta must be > 0, got {beta!r}")
+    check_choice(where, "seed", seed, _SEEDS)
+    plan = _plan(where, f, None)
+
+    def explain(params, x, target=None):
+        program = plan.for_input(x)
+        values, cache, raw = program.f.guarded(x, lambda: program.forward(params, x), where)
+        y = program.output_of(raw)[0]
+        grad = torch.func.grad(lambda t: select(where, t, target))(y)
+        gradient = program.rule_override(values, cache, params)
+
+        def override(step, signal):
+            if step.kind == "activation" and step.relu:
+                return [(step.x, torch.sigmoid(b * values[step.x]) * signal)]
+            return gradient(step, signal)
+
+        seeds = program.seed(values, y * grad if seed == "value" else grad)
+        return program.to_input(x, values, program.reverse(params, values, cache, seeds, override))
+
+    return explainer(where, f, {"beta": b, "seed": seed}, explain)
 
 
 # ``fxattr.lrp`` is this function; its rules and composites ride along as attributes.

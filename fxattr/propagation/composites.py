@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, Optional
 
+import torch
 from torch import nn
 
 from fxattr.errors import fail
@@ -237,11 +238,18 @@ def _innvestigate_preset(conv_rule, flat_input: bool, until: bool = False):
     return build
 
 
+def stabiliser_option(where: str, name: str, value):
+    """A preset's ``epsilon=`` / ``stabiliser=``: a finite number >= 0, or a stabiliser ``z -> z'``
+    (:func:`fxattr.propagation.rules.stabiliser` with zennit's ``clip`` / ``norm_scale``)."""
+    return value if callable(value) else R._number(where, name, value)
+
+
 def _zennit_preset(conv, first=None, first_kinds=KERNEL_KINDS, box=False):
-    def build(where, epsilon=1e-6, stabiliser=1e-6, gamma=0.25, low=None, high=None):
-        eps = R._number(where, "epsilon", epsilon)
-        stab = R._number(where, "stabiliser", stabiliser)
-        conv_rule = conv(stab, R._number(where, "gamma", gamma))
+    def build(where, epsilon=1e-6, stabiliser=1e-6, gamma=0.25, low=None, high=None, zero_params=None):
+        eps = stabiliser_option(where, "epsilon", epsilon)
+        stab = stabiliser_option(where, "stabiliser", stabiliser)
+        no_bias = R.zero_bias(where, zero_params)
+        conv_rule = conv(stab, R._number(where, "gamma", gamma), no_bias)
         first_rule = None
         if box:
             if low is None or high is None:
@@ -252,7 +260,7 @@ def _zennit_preset(conv, first=None, first_kinds=KERNEL_KINDS, box=False):
             raise fail(where, "low and high are options of epsilon_gamma_box only")
         elif first is not None:
             first_rule = first(stab)
-        comp = Composite(kinds={"conv": conv_rule, "linear": R.epsilon(eps), "add": R.norm(stab),
+        comp = Composite(kinds={"conv": conv_rule, "linear": R.epsilon(eps, bias=not no_bias), "add": R.norm(stab),
                                 "avgpool": R.norm(stab), "batchnorm": R.pass_()},
                          name=build.preset_name)
         if first_rule is not None:
@@ -271,7 +279,23 @@ def deep_taylor_composite(low=None, high=None) -> Composite:
     return composite
 
 
-_ZENNIT_OPTIONS = ("epsilon", "stabiliser")
+def activation_gradient(view, relevance):
+    """The reverse of an activation by its gradient (``R * f'(x)``), for composites that do not
+    pass relevance through activations (zennit's ExcitationBackprop hooks none)."""
+    _, back = torch.func.vjp(view.fn, *view.inputs)
+    return back(relevance)
+
+
+def _excitation_backprop(where, stabiliser=1e-6, zero_params=None):
+    """zennit's ``ExcitationBackprop`` composite (Zhang et al. 2016): see :func:`fxattr.lrp`."""
+    stab = stabiliser_option(where, "stabiliser", stabiliser)
+    z_plus = R.z_plus(bias=False if R.zero_bias(where, zero_params) else "split", stabiliser=stab)
+    return Composite(kinds={"conv": z_plus, "linear": z_plus, "add": R.norm(stab), "avgpool": R.norm(stab),
+                            "batchnorm": R.gradient()},
+                     operations={"activation": activation_gradient}, name="excitation_backprop")
+
+
+_ZENNIT_OPTIONS = ("epsilon", "stabiliser", "zero_params")
 _INNV_OPTIONS = ("epsilon", "input_layer_rule")
 
 def _transformer_preset(variant: str):
@@ -291,18 +315,23 @@ COMPOSITES: dict = {
     "sequential_preset_b_flat_until_idx": (
         _innvestigate_preset(lambda: R.alpha_beta(2, 1), True, until=True),
         _INNV_OPTIONS + ("until_layer_idx",)),
-    "epsilon_plus": (_zennit_preset(lambda s, g: R.z_plus(bias="split", stabiliser=s)), _ZENNIT_OPTIONS),
+    # zero_params="bias" (nb): zennit's ZPlus / AlphaBeta without any bias in their denominators
+    "epsilon_plus": (_zennit_preset(lambda s, g, nb: R.z_plus(bias=not nb and "split", stabiliser=s)),
+                     _ZENNIT_OPTIONS),
     "epsilon_plus_flat": (
-        _zennit_preset(lambda s, g: R.z_plus(bias="split", stabiliser=s),
+        _zennit_preset(lambda s, g, nb: R.z_plus(bias=not nb and "split", stabiliser=s),
                        first=lambda s: R.flat(stabiliser=s)), _ZENNIT_OPTIONS),
     "epsilon_gamma_box": (
-        _zennit_preset(lambda s, g: R.gamma(g, stabiliser=s), first_kinds=("conv",), box=True),
+        _zennit_preset(lambda s, g, nb: R.gamma(g, stabiliser=s, zero_params="bias" if nb else None),
+                       first_kinds=("conv",), box=True),
         _ZENNIT_OPTIONS + ("gamma", "low", "high")),
     "epsilon_alpha2_beta1": (
-        _zennit_preset(lambda s, g: R.alpha_beta(2, 1, bias="split", stabiliser=s)), _ZENNIT_OPTIONS),
+        _zennit_preset(lambda s, g, nb: R.alpha_beta(2, 1, bias=not nb and "split", stabiliser=s)),
+        _ZENNIT_OPTIONS),
     "epsilon_alpha2_beta1_flat": (
-        _zennit_preset(lambda s, g: R.alpha_beta(2, 1, bias="split", stabiliser=s),
+        _zennit_preset(lambda s, g, nb: R.alpha_beta(2, 1, bias=not nb and "split", stabiliser=s),
                        first=lambda s: R.flat(stabiliser=s)), _ZENNIT_OPTIONS),
+    "excitation_backprop": (_excitation_backprop, ("stabiliser", "zero_params")),
 }
 for _name, (_build, _) in COMPOSITES.items():
     _build.preset_name = _name

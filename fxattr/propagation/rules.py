@@ -32,7 +32,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from typing import Any, NamedTuple, Optional
 
@@ -40,11 +41,11 @@ import torch
 from torch import Tensor
 
 from fxattr.errors import fail
-from fxattr.graph._ops import Layer
+from fxattr.graph._ops import RELU, Layer
 
 __all__ = [
-    "Layer", "Rule", "alpha_beta", "epsilon", "flat", "gamma", "gradient", "norm", "pass_", "safe",
-    "signed", "w_square", "z", "z_plus", "z_plus_fast", "zb",
+    "Layer", "Rule", "alpha_beta", "epsilon", "flat", "gamma", "gradient", "norm", "pass_",
+    "relu_beta_smooth", "safe", "signed", "stabiliser", "w_square", "z", "z_plus", "z_plus_fast", "zb",
 ]
 
 Stabiliser = Callable[[Tensor], Tensor]
@@ -113,6 +114,66 @@ def safe(epsilon: float = 1e-7) -> Stabiliser:
     return stabilise
 
 
+def stabiliser(epsilon: float = 1e-6, *, clip: bool = False, norm_scale: bool = False,
+               dim: Sequence[int] | int | None = None) -> Stabiliser:
+    """zennit's stabiliser with its options (``zennit.core.Stabilizer``): ``z -> z'`` for ``R / z'``.
+
+    With ``sign(z)`` taken as +1 at 0:
+
+    - default: ``z' = z + e * sign(z)`` (the same as :func:`signed`);
+    - ``clip=True``: ``z' = sign(z) * max(|z|, e)``: only denominators smaller than ``e`` in
+      magnitude change (to ``+-e``), the others are left exact;
+    - ``norm_scale=True``: ``e = epsilon * sqrt(mean(z ** 2))`` over the axes ``dim`` of the layer's
+      output, so the stabiliser scales with the layer's activations (one ``e`` per example).
+
+    Args:
+        epsilon: the shift (or the clip level), a finite number >= 0.
+        clip: clip ``|z|`` from below instead of shifting ``z``.
+        norm_scale: scale ``epsilon`` by the root mean square of ``z``.
+        dim: the axes of ``z`` the mean runs over with ``norm_scale``, counted as zennit counts them,
+            on the layer's output with a leading batch axis (inside a rule ``z`` has shape
+            ``(1, C, H, W)``: the batch axis of ONE example, the vmapped examples are not seen);
+            default every axis but 0, i.e. the whole output of one example.
+
+    Example:
+        >>> composite = fxattr.lrp.Composite(kinds={
+        ...     "conv": rules.gamma(0.25, stabiliser=rules.stabiliser(1e-6, clip=True)),
+        ...     "linear": rules.epsilon(rules.stabiliser(0.1, norm_scale=True))})
+        >>> torch.vmap(fxattr.lrp(f, composite=composite), in_dims=(None, 0, 0))(params, x, labels)
+    """
+    where = "lrp.rules.stabiliser"
+    eps = _number(where, "epsilon", epsilon)
+    for name, flag in (("clip", clip), ("norm_scale", norm_scale)):
+        if not isinstance(flag, bool):
+            raise fail(where, f"{name} must be True or False, got {flag!r}")
+    if dim is not None:
+        axes = (dim,) if isinstance(dim, int) else dim
+        if (not isinstance(axes, (tuple, list)) or not axes
+                or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes)):
+            raise fail(where, f"dim must be an int or a non-empty tuple of ints, got {dim!r}")
+        if not norm_scale:
+            raise fail(where, "dim applies with norm_scale=True only")
+        dim = tuple(axes)
+
+    def stabilise(z: Tensor) -> Tensor:
+        # sign(z) with sign(0) = +1, as zennit; sign has derivative 0 everywhere
+        sign = torch.sign(z) + (1 - torch.sign(z).abs())
+        e = eps
+        if norm_scale:
+            axes = dim if dim is not None else tuple(range(1, z.ndim))
+            if any(a >= z.ndim or a < -z.ndim for a in axes):
+                raise fail("lrp", f"stabiliser dim={dim!r} does not fit a layer output of rank {z.ndim}")
+            e = eps * (z * z).mean(dim=axes, keepdim=True).sqrt()
+        if clip:
+            return sign * z.abs().clamp(min=e) if not norm_scale else sign * torch.maximum(z.abs(), e)
+        return z + sign * e
+
+    stabilise.epsilon = eps
+    stabilise.__qualname__ = (f"stabiliser({eps!r}, clip={clip!r}, norm_scale={norm_scale!r}"
+                              f"{'' if dim is None else f', dim={dim!r}'})")
+    return stabilise
+
+
 def _stabiliser(where: str, value) -> Stabiliser:
     if callable(value):
         return value
@@ -124,6 +185,8 @@ def _stabiliser(where: str, value) -> Stabiliser:
 def _number(where: str, name: str, value, minimum: float | None = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise fail(where, f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise fail(where, f"{name} must be finite, got {value!r}")
     if minimum is not None and value < minimum:
         raise fail(where, f"{name} must be >= {minimum}, got {value!r}")
     return float(value)
@@ -198,9 +261,14 @@ def z(*, bias: bool = True, stabiliser=None) -> Rule:
 
 def epsilon(epsilon: float = 1e-7, *, bias: bool = True) -> Rule:
     """LRP-epsilon: ``R_x = x * W^T (R / (z + epsilon * sign(z)))``, ``sign(0) = +1``, ``z = W x + b``
-    (``bias=False``: ``z = W x``). Default ``epsilon = 1e-7`` (iNNvestigate; zennit's is 1e-6)."""
-    eps = _number("lrp.rules.epsilon", "epsilon", epsilon)
-    stabilise = signed(eps)
+    (``bias=False``: ``z = W x``). Default ``epsilon = 1e-7`` (iNNvestigate; zennit's is 1e-6).
+    ``epsilon`` may also be a stabiliser ``z -> z'`` (e.g. :func:`stabiliser` with ``clip`` or
+    ``norm_scale``), as zennit's ``Epsilon(epsilon=callable)``."""
+    if callable(epsilon):
+        stabilise, eps = epsilon, epsilon
+    else:
+        eps = _number("lrp.rules.epsilon", "epsilon", epsilon)
+        stabilise = signed(eps)
 
     def reverse(layer, params, x, out, relevance):
         if x.dtype == torch.float16 and not bias:
@@ -226,7 +294,21 @@ def norm(stabiliser=1e-6) -> Rule:
     return Rule("norm", reverse, stabilise)
 
 
-def gamma(gamma: float = 0.25, *, stabiliser=1e-6) -> Rule:
+def zero_bias(where: str, zero_params) -> bool:
+    """zennit's ``zero_params`` option: ``None`` (nothing zeroed) or the bias (``"bias"`` or
+    ``["bias"]``); returns whether the bias is zeroed. Zeroing the weight would make every relevance
+    zero, so it is refused, as is any other name (the kernel layers have a weight and a bias only)."""
+    if zero_params is None:
+        return False
+    names = [zero_params] if isinstance(zero_params, str) else zero_params
+    if (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)
+            or not set(names) <= {"bias"}):
+        raise fail(where, f"zero_params must be None, 'bias' or ['bias'] (zennit's option; zeroing the "
+                          f"weight would zero every relevance), got {zero_params!r}")
+    return bool(names)
+
+
+def gamma(gamma: float = 0.25, *, stabiliser=1e-6, zero_params=None) -> Rule:
     """zennit's generalised gamma rule (sign-aware for signed inputs; Montavon et al. 2019 for x >= 0).
 
     With ``W^g+ = W + gamma W+`` and ``W^g- = W + gamma W-``:
@@ -234,11 +316,20 @@ def gamma(gamma: float = 0.25, *, stabiliser=1e-6) -> Rule:
     ``R_x = x+ * (W^g+)^T s + x- * (W^g-)^T s`` with ``s = R / stabilise(z')``;
     where ``z < 0``: ``z' = W^g- x+ + W^g+ x- + b + gamma b-``,
     ``R_x = x+ * (W^g-)^T s + x- * (W^g+)^T s``. Default stabiliser ``signed(1e-6)`` (zennit).
+
+    ``zero_params="bias"`` (zennit's option) drops ``b`` and ``gamma b+-`` from both denominators;
+    which branch an output takes is still decided by the sign of the layer's output with its bias
+    (zennit's Gamma reads it from the unmodified layer).
     """
     g = _number("lrp.rules.gamma", "gamma", gamma)
     stabilise = _stabiliser("lrp.rules.gamma", stabiliser)
+    no_bias = zero_bias("lrp.rules.gamma", zero_params)
 
     def reverse(layer, params, x, out, relevance):
+        branch = out  # the sign of the true output picks each output's branch
+        if no_bias and _bias(params) is not None:
+            out = _no_bias_output(layer, params, x, out)
+            params = _with(params, params["weight"], None)
         weight, b = params["weight"], _bias(params)
         wp, wn = weight.clamp(min=0), weight.clamp(max=0)
         w_up, w_down = torch.add(weight, wp, alpha=g), torch.add(weight, wn, alpha=g)
@@ -246,7 +337,7 @@ def gamma(gamma: float = 0.25, *, stabiliser=1e-6) -> Rule:
         b_up = None if b is None else b + g * b_plus
         b_down = None if b is None else b + g * b.clamp(max=0)
         p_up, p_down = _with(params, w_up, b_up), _with(params, w_down, b_down)
-        positive, negative = (out > 0).to(out), (out < 0).to(out)
+        positive, negative = (branch > 0).to(out), (branch < 0).to(out)
         axis = None if layer.nonnegative_input else _channel_axis(layer, x, weight)
         if layer.nonnegative_input:  # x >= 0: x+ = x, x- = 0
             xs, w_act, p_up_s, p_down_s = x, wp, p_up, p_down
@@ -271,7 +362,8 @@ def gamma(gamma: float = 0.25, *, stabiliser=1e-6) -> Rule:
         return _split_sum(xs * (layer.transpose(s_pos, p_up_s, xs) + layer.transpose(s_neg, p_down_s, xs)),
                           axis)
 
-    return Rule("gamma", reverse, stabilise, config=(("gamma", g),))
+    return Rule("gamma", reverse, stabilise,
+                config=(("gamma", g),) + ((("zero_params", "bias"),) if no_bias else ()))
 
 
 def alpha_beta(alpha: float = 2.0, beta: float = 1.0, *, bias=True, stabiliser=None) -> Rule:
@@ -483,6 +575,44 @@ def gradient() -> Rule:
         return layer.transpose(relevance, params, x)
 
     return Rule("gradient", reverse, None)
+
+
+def is_relu(view) -> bool:
+    """Whether a node (a :class:`fxattr.graph.NodeView`) is a ReLU: an ``nn.ReLU`` module, ``F.relu``,
+    ``torch.relu`` or ``x.relu()``."""
+    if view.module is not None:
+        return type(view.module) is torch.nn.ReLU
+    return view.node.op in ("call_function", "call_method") and view.node.target in RELU
+
+
+def relu_beta_smooth(beta: float = 10.0) -> Callable:
+    """zennit's ``ReLUBetaSmooth`` (Dombrowski et al. 2019) as the reverse of the ``"activation"``
+    operations of a composite: a ReLU passes ``sigmoid(beta * x) * R`` (``x`` its input), the
+    derivative of the softplus ``log(1 + exp(beta x)) / beta`` that approaches the ReLU as ``beta``
+    grows, so that second derivatives through ReLUs are not zero. Other activations pass ``R``
+    unchanged, as under every LRP composite. For the gradient with smooth ReLUs (zennit's
+    ``BetaSmooth`` composite) use :func:`fxattr.beta_smooth`.
+
+    Args:
+        beta: the softplus sharpness, a finite number > 0 (zennit's default 10).
+
+    Example:
+        >>> composite = fxattr.lrp.Composite(kinds={"conv": rules.z_plus(), "linear": rules.epsilon(1e-6)},
+        ...                                  operations={"activation": rules.relu_beta_smooth(10.0)})
+        >>> torch.vmap(fxattr.lrp(f, composite=composite), in_dims=(None, 0, 0))(params, x, labels)
+    """
+    b = _number("lrp.rules.relu_beta_smooth", "beta", beta)
+    if b <= 0:
+        raise fail("lrp.rules.relu_beta_smooth", f"beta must be > 0, got {beta!r}")
+
+    def reverse(view, relevance):
+        if is_relu(view):
+            return torch.sigmoid(b * view.inputs[0]) * relevance
+        return relevance
+
+    reverse.beta = b
+    reverse.__qualname__ = f"relu_beta_smooth({b!r})"
+    return reverse
 
 
 def describe(rule: Any) -> str:
