@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fxattr.errors import check_finite, fail
+from fxattr.errors import api_boundary, check_finite, fail
 
 __all__ = ["clip_quantile", "gamma", "graymap", "heatmap", "overlay", "plot_grid", "project"]
 
@@ -42,7 +42,7 @@ _REDUCE = ("sum", "absmax")
 NAN_COLOR = (0.0, 0.0, 0.0)  # heatmap pixels whose value is NaN are drawn black
 
 
-def _as_tensor(where: str, x, name: str = "x") -> tuple[Tensor, bool]:
+def _as_tensor(x, name: str = "x") -> tuple[Tensor, bool]:
     """``x`` as a floating tensor (no copy where possible) and whether it came as numpy."""
     if isinstance(x, Tensor):
         t = x.detach()
@@ -50,10 +50,10 @@ def _as_tensor(where: str, x, name: str = "x") -> tuple[Tensor, bool]:
     if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
         arr = np.asarray(x)
         if arr.dtype.kind not in "fiub":
-            raise fail(where, f"{name} must hold numbers, got an array of dtype {arr.dtype}")
+            raise fail(None, f"{name} must hold numbers, got an array of dtype {arr.dtype}")
         t = torch.from_numpy(np.array(arr, dtype=arr.dtype if arr.dtype.kind == "f" else np.float64))
         return t, True
-    raise fail(where, f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}")
+    raise fail(None, f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}")
 
 
 def _back(t: Tensor, was_numpy: bool):
@@ -64,6 +64,7 @@ def _batch_shape(t: Tensor) -> tuple[int, ...]:
     return (t.shape[0],) + (1,) * (t.ndim - 1)
 
 
+@api_boundary("viz.project")
 def project(x, output_range=(0, 1), absmax=None, input_is_positive_only: bool = False):
     """Maps values into ``output_range`` by their magnitude, as iNNvestigate's ``project``.
 
@@ -87,23 +88,22 @@ def project(x, output_range=(0, 1), absmax=None, input_is_positive_only: bool = 
         >>> fxattr.viz.project(torch.tensor([[-2.0, 0.0, 1.0]]))
         tensor([[0.0000, 0.5000, 0.7500]])
     """
-    where = "viz.project"
-    t, was_numpy = _as_tensor(where, x)
-    low, high = _range(where, output_range)
+    t, was_numpy = _as_tensor(x)
+    low, high = _range(output_range)
     if t.ndim == 0:
-        raise fail(where, "x must have a batch axis (axis 0); got a 0-d value")
+        raise fail(None, "x must have a batch axis (axis 0); got a 0-d value")
     if absmax is None:
         # NaN / Inf values do not set the scale: NaN stays NaN (heatmap draws it in NAN_COLOR),
         # +-Inf lands on the ends of the range
         magnitude = torch.where(torch.isfinite(t), t, torch.zeros_like(t)).abs()
         absmax_t = magnitude.amax(dim=tuple(range(1, t.ndim))) if t.ndim > 1 else magnitude
     else:
-        absmax_t, _ = _as_tensor(where, absmax, "absmax")
+        absmax_t, _ = _as_tensor(absmax, "absmax")
         absmax_t = absmax_t.to(device=t.device, dtype=t.dtype)
         if absmax_t.numel() and not bool((torch.isfinite(absmax_t) & (absmax_t >= 0)).all()):
-            raise fail(where, "absmax must be finite and >= 0")
+            raise fail(None, "absmax must be finite and >= 0")
         if absmax_t.ndim > 1 or (absmax_t.ndim == 1 and absmax_t.shape[0] not in (1, t.shape[0])):
-            raise fail(where, f"absmax must be a number or hold one value per example ({t.shape[0]}), "
+            raise fail(None, f"absmax must be a number or hold one value per example ({t.shape[0]}), "
                               f"got shape {tuple(absmax_t.shape)}")
     absmax_t = absmax_t.expand(t.shape[0])
     scale = torch.where(absmax_t != 0, absmax_t, torch.ones_like(absmax_t)).reshape(_batch_shape(t))
@@ -114,18 +114,18 @@ def project(x, output_range=(0, 1), absmax=None, input_is_positive_only: bool = 
     return _back(low + y * (high - low), was_numpy)
 
 
-def _range(where, output_range):
+def _range(output_range):
     try:
         low, high = output_range
         low, high = float(low), float(high)
     except (TypeError, ValueError):
-        raise fail(where, f"output_range must be a pair (low, high), got {output_range!r}") from None
+        raise fail(None, f"output_range must be a pair (low, high), got {output_range!r}") from None
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise fail(where, f"output_range must be finite, got {output_range!r}")
+        raise fail(None, f"output_range must be finite, got {output_range!r}")
     return low, high
 
 
-def _reduce_channels(where: str, t: Tensor, reduce: str, channel_axis) -> Tensor:
+def _reduce_channels(t: Tensor, reduce: str, channel_axis) -> Tensor:
     """NCHW -> NHW (or CHW -> HW) by ``reduce`` over the channel axis."""
     if channel_axis is None:
         return t
@@ -137,7 +137,7 @@ def _reduce_channels(where: str, t: Tensor, reduce: str, channel_axis) -> Tensor
     return torch.where(pos >= -neg, pos, neg)
 
 
-def _colormap_table(where: str, cmap, dtype, device) -> Tensor:
+def _colormap_table(cmap, dtype, device) -> Tensor:
     """The (256, 3) RGB table of ``cmap`` (a name or a matplotlib Colormap)."""
     if isinstance(cmap, str) and cmap in _BUILTIN_CMAPS:
         colors = torch.tensor(_BUILTIN_CMAPS[cmap], dtype=torch.float64)
@@ -146,15 +146,16 @@ def _colormap_table(where: str, cmap, dtype, device) -> Tensor:
         frac = (positions - lower)[:, None]
         table = colors[lower] * (1 - frac) + colors[lower + 1] * frac
         return table.to(dtype=dtype, device=device)
-    mpl = _matplotlib(where, f"the colour map {cmap!r} (built in: {', '.join(_BUILTIN_CMAPS)})")
+    mpl = _matplotlib(f"the colour map {cmap!r} (built in: {', '.join(_BUILTIN_CMAPS)})")
     try:
         colormap = mpl.colormaps[cmap] if isinstance(cmap, str) else cmap
         table = np.asarray(colormap(np.arange(256)))[:, :3]
     except (KeyError, ValueError, TypeError) as error:
-        raise fail(where, f"cmap must be a matplotlib colour map or its name, got {cmap!r}: {error}") from None
+        raise fail(None, f"cmap must be a matplotlib colour map or its name, got {cmap!r}: {error}") from None
     return torch.as_tensor(table, dtype=dtype, device=device)
 
 
+@api_boundary("viz.heatmap")
 def heatmap(x, reduce: str = "sum", cmap="seismic", *, channel_axis: int | None = -3,
             absmax=None, input_is_positive_only: bool = False):
     """An RGB picture of an attribution, as iNNvestigate's ``heatmap``.
@@ -181,16 +182,15 @@ def heatmap(x, reduce: str = "sum", cmap="seismic", *, channel_axis: int | None 
         >>> fxattr.viz.heatmap(relevance).shape  # images: (8, 3, 224, 224)
         torch.Size([8, 224, 224, 3])
     """
-    where = "viz.heatmap"
     if reduce not in _REDUCE:
-        raise fail(where, f"reduce must be one of {', '.join(map(repr, _REDUCE))}; got {reduce!r}")
-    t, was_numpy = _as_tensor(where, x)
+        raise fail(None, f"reduce must be one of {', '.join(map(repr, _REDUCE))}; got {reduce!r}")
+    t, was_numpy = _as_tensor(x)
     if channel_axis is not None and channel_axis not in (-3, -1, 0, 1):
-        raise fail(where, f"channel_axis must be -3, -1, 0, 1 or None, got {channel_axis!r}")
+        raise fail(None, f"channel_axis must be -3, -1, 0, 1 or None, got {channel_axis!r}")
     expected = (3, 4) if channel_axis is not None else (2, 3)
     if t.ndim not in expected:
         what = "(C, H, W) or (N, C, H, W)" if channel_axis is not None else "(H, W) or (N, H, W)"
-        raise fail(where, f"x must have shape {what}, got {tuple(t.shape)}"
+        raise fail(None, f"x must have shape {what}, got {tuple(t.shape)}"
                           + (" (pass channel_axis=None for maps without channels)"
                              if channel_axis is not None and t.ndim == 2 else ""))
     single = t.ndim == expected[0]
@@ -198,12 +198,12 @@ def heatmap(x, reduce: str = "sum", cmap="seismic", *, channel_axis: int | None 
         t = t.unsqueeze(0)
         if channel_axis is not None and channel_axis >= 0:
             channel_axis += 1
-    maps = _reduce_channels(where, t, reduce, channel_axis)
+    maps = _reduce_channels(t, reduce, channel_axis)
     projected = project(maps, output_range=(0, 255), absmax=absmax,
                         input_is_positive_only=input_is_positive_only)
     missing = torch.isnan(projected)
     levels = torch.where(missing, torch.zeros_like(projected), projected).long()
-    rgb = _colormap_table(where, cmap, t.dtype, t.device)[levels]
+    rgb = _colormap_table(cmap, t.dtype, t.device)[levels]
     if bool(missing.any()):  # NaN is drawn, not crashed on: NAN_COLOR marks it
         rgb = torch.where(missing[..., None], torch.tensor(NAN_COLOR, dtype=rgb.dtype, device=rgb.device), rgb)
     return _back(rgb[0] if single else rgb, was_numpy)
@@ -214,6 +214,7 @@ def graymap(x, reduce: str = "sum", **kwargs):
     return heatmap(x, reduce, cmap="gray", **kwargs)
 
 
+@api_boundary("viz.gamma")
 def gamma(x, gamma: float = 0.5, minamp: float = 0, maxamp=None):
     """Gamma correction that keeps the order of values and their sign around ``minamp``.
 
@@ -225,12 +226,11 @@ def gamma(x, gamma: float = 0.5, minamp: float = 0, maxamp=None):
         >>> fxattr.viz.gamma(torch.tensor([-4.0, 1.0, 4.0]), gamma=0.5)
         tensor([-4.,  2.,  4.])
     """
-    where = "viz.gamma"
-    t, was_numpy = _as_tensor(where, x)
-    check_finite(where, "gamma", gamma, minimum=0, strict_minimum=True)
-    check_finite(where, "minamp", minamp)
+    t, was_numpy = _as_tensor(x)
+    check_finite(None, "gamma", gamma, minimum=0, strict_minimum=True)
+    check_finite(None, "minamp", minamp)
     if maxamp is None or not isinstance(maxamp, Tensor):
-        check_finite(where, "maxamp", maxamp, minimum=0, strict_minimum=True, allow_none=True)
+        check_finite(None, "maxamp", maxamp, minimum=0, strict_minimum=True, allow_none=True)
     v = t - minamp
     amp = v.abs().max() if maxamp is None else torch.as_tensor(maxamp, dtype=t.dtype, device=t.device)
     if v.numel() == 0 or amp == 0:
@@ -240,6 +240,7 @@ def gamma(x, gamma: float = 0.5, minamp: float = 0, maxamp=None):
     return _back(y * amp + minamp, was_numpy)
 
 
+@api_boundary("viz.clip_quantile")
 def clip_quantile(x, quantile=1):
     """Clips x to its percentiles ``quantile`` and ``100 - quantile`` (or a ``(low, high)`` pair of
     percentiles), computed over the whole array with linear interpolation, as iNNvestigate's
@@ -249,11 +250,10 @@ def clip_quantile(x, quantile=1):
         >>> fxattr.viz.clip_quantile(torch.arange(11.0), 10)
         tensor([1., 1., 2., 3., 4., 5., 6., 7., 8., 9., 9.])
     """
-    where = "viz.clip_quantile"
-    t, was_numpy = _as_tensor(where, x)
+    t, was_numpy = _as_tensor(x)
     q = quantile if isinstance(quantile, (list, tuple)) else (quantile, 100 - quantile)
     if len(q) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 100 for v in q):
-        raise fail(where, f"quantile must be a percentile in [0, 100] or a (low, high) pair of them, "
+        raise fail(None, f"quantile must be a percentile in [0, 100] or a (low, high) pair of them, "
                           f"got {quantile!r}")
     if t.numel() == 0:
         return _back(t.clone(), was_numpy)
@@ -271,6 +271,7 @@ def _percentile(t: Tensor, p: float) -> Tensor:
     return values[i] * (1 - frac) + values[j] * frac
 
 
+@api_boundary("viz.overlay")
 def overlay(image, attribution, alpha: float = 0.5, *, reduce: str = "sum", cmap="seismic",
             channel_axis: int | None = -3, absmax=None):
     """The heatmap of ``attribution`` blended over a gray version of ``image``.
@@ -292,13 +293,12 @@ def overlay(image, attribution, alpha: float = 0.5, *, reduce: str = "sum", cmap
         >>> cam = torch.vmap(fxattr.gradcam(f, layer="layer4"), in_dims=(None, 0, 0))(params, x, y)
         >>> fxattr.viz.overlay(x, cam, channel_axis=None, cmap="bwr")
     """
-    where = "viz.overlay"
-    check_finite(where, "alpha", alpha, minimum=0, maximum=1)
-    img, was_numpy = _as_tensor(where, image, "image")
+    check_finite(None, "alpha", alpha, minimum=0, maximum=1)
+    img, was_numpy = _as_tensor(image, "image")
     if img.ndim not in (2, 3, 4):
-        raise fail(where, f"image must have shape (H, W), (C, H, W) or (N, C, H, W), got {tuple(img.shape)}")
+        raise fail(None, f"image must have shape (H, W), (C, H, W) or (N, C, H, W), got {tuple(img.shape)}")
     heat = heatmap(attribution, reduce, cmap, channel_axis=channel_axis, absmax=absmax)
-    heat, _ = _as_tensor(where, heat, "attribution")
+    heat, _ = _as_tensor(heat, "attribution")
     heat = heat.to(device=img.device, dtype=img.dtype)
     single = heat.ndim == 3
     if single:
@@ -309,7 +309,7 @@ def overlay(image, attribution, alpha: float = 0.5, *, reduce: str = "sum", cmap
     else:
         gray = (img.mean(0) if img.ndim == 3 else img).unsqueeze(0)
     if gray.shape[0] != heat.shape[0]:
-        raise fail(where, f"got {gray.shape[0]} image(s) but {heat.shape[0]} attribution(s)")
+        raise fail(None, f"got {gray.shape[0]} image(s) but {heat.shape[0]} attribution(s)")
     flat = gray.reshape(gray.shape[0], -1)
     low, high = flat.amin(1), flat.amax(1)
     span = torch.where(high > low, high - low, torch.ones_like(high))
@@ -322,16 +322,16 @@ def overlay(image, attribution, alpha: float = 0.5, *, reduce: str = "sum", cmap
     return _back(out[0] if single else out, was_numpy)
 
 
-def _matplotlib(where: str, purpose: str):
+def _matplotlib(purpose: str):
     try:
         import matplotlib
     except ImportError:
-        raise fail(where, f"matplotlib is needed for {purpose}: pip install matplotlib "
+        raise fail(None, f"matplotlib is needed for {purpose}: pip install matplotlib "
                           "(or pip install 'fxattr[examples]')") from None
     return matplotlib
 
 
-def _image_array(where: str, image) -> np.ndarray:
+def _image_array(image) -> np.ndarray:
     """A picture for imshow: (H, W), (H, W, 3|4), or channels-first (1|3, H, W)."""
     if isinstance(image, Tensor):
         image = image.detach().cpu().numpy()
@@ -341,11 +341,12 @@ def _image_array(where: str, image) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise fail(where, f"each image must be (H, W), (H, W, 3), (H, W, 4) or (1|3, H, W), "
+        raise fail(None, f"each image must be (H, W), (H, W, 3), (H, W, 4) or (1|3, H, W), "
                           f"got shape {arr.shape}")
     return arr
 
 
+@api_boundary("viz.plot_grid")
 def plot_grid(rows: Sequence[Sequence], row_labels: Sequence[str] | None = None,
               col_labels: Sequence[str] | None = None, file=None, *, cell_size: float = 1.6,
               dpi: int = 100, title: str | None = None):
@@ -373,19 +374,18 @@ def plot_grid(rows: Sequence[Sequence], row_labels: Sequence[str] | None = None,
         ...         for i in range(len(x))]
         >>> fxattr.viz.plot_grid(rows, col_labels=["input", *names], file="grid.png")
     """
-    where = "viz.plot_grid"
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or len(rows) == 0:
-        raise fail(where, "rows must be a non-empty sequence of rows (sequences of images)")
+        raise fail(None, "rows must be a non-empty sequence of rows (sequences of images)")
     grid = [list(row) for row in rows]
     n_cols = max(len(row) for row in grid)
     if n_cols == 0:
-        raise fail(where, "rows must hold at least one image")
+        raise fail(None, "rows must hold at least one image")
     if row_labels is not None and len(row_labels) != len(grid):
-        raise fail(where, f"row_labels has {len(row_labels)} entries for {len(grid)} rows")
+        raise fail(None, f"row_labels has {len(row_labels)} entries for {len(grid)} rows")
     if col_labels is not None and len(col_labels) != n_cols:
-        raise fail(where, f"col_labels has {len(col_labels)} entries for {n_cols} columns")
-    images = [[None if im is None else _image_array(where, im) for im in row] for row in grid]
-    _matplotlib(where, "plot_grid")
+        raise fail(None, f"col_labels has {len(col_labels)} entries for {n_cols} columns")
+    images = [[None if im is None else _image_array(im) for im in row] for row in grid]
+    _matplotlib("plot_grid")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
