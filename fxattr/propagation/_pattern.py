@@ -32,7 +32,7 @@ import optree
 import torch
 from torch import Tensor
 
-from fxattr._explainer import check_choice, check_model, explainer
+from fxattr._explainer import check_choice, check_model, explainer, upcast
 from fxattr.errors import FxattrError, fail
 from fxattr.graph import Program
 from fxattr.graph._capture import bind
@@ -99,7 +99,7 @@ def _fit(where: str, program: Program, params, data: Iterable, pattern_type: str
     static = {st: _static_params(where, program, st, params) for st in kernels}
     one_input = len(program.placeholders) == 1
 
-    def activations(x):
+    def activations(params, x):
         vals = program.forward(params, x)[0]
         return [vals[st.x] for st in kernels], [vals[st.slot] for st in kernels]
 
@@ -112,8 +112,8 @@ def _fit(where: str, program: Program, params, data: Iterable, pattern_type: str
         if not leaves or not all(isinstance(t, Tensor) and t.ndim >= 1 for t in leaves):
             raise fail(where, "data must be an iterable of batches: tensors with the examples "
                               f"along the first axis; got a {type(batch).__name__}")
-        with torch.no_grad():
-            xs, zs = torch.vmap(activations)(batch)
+        with torch.no_grad():  # half precision: the rounded weights and data in float32 (upcast)
+            xs, zs = torch.vmap(activations, in_dims=(None, 0))(*upcast(params, batch)[:2])
         seen += leaves[0].shape[0]
         for node, x, z in zip(kernels, xs, zs):
             layer = node.layer
@@ -141,7 +141,8 @@ def _fit(where: str, program: Program, params, data: Iterable, pattern_type: str
         n = _safe(count).reshape(shape)
         cov = sum_xy / n - (sum_x / n) * (sum_y.reshape(shape) / n)
         scale = (weight.double() * cov).flatten(1).sum(1)  # w_j^T cov(x, y_j)
-        patterns[key] = (cov / _safe(scale).reshape(shape)).to(weight.dtype)
+        # kept in float32 for a half-precision model: explanations run in float32 (upcast)
+        patterns[key] = (cov / _safe(scale).reshape(shape)).to(torch.promote_types(weight.dtype, torch.float32))
     return patterns
 
 
