@@ -17,11 +17,11 @@ import torch
 from fxattr._explainer import check_choice, check_model, explainer
 from fxattr.errors import FxattrError, fail
 from fxattr.propagation import rules
+from fxattr.propagation._canonize import Canonizer, canonize, merge_batch_norm, replace_modules
 from fxattr.propagation.composites import COMPOSITES, Composite, LayerInfo, rule_option, single_rule
 from fxattr.propagation.composites import composite as _preset
 from fxattr.propagation.composites import deep_taylor_composite
 from fxattr.propagation._engine import Plan
-from fxattr.propagation._transformers import preset_explainer
 from fxattr.propagation.rules import Rule
 from fxattr.targets import select
 
@@ -119,7 +119,8 @@ def _plan(where, f, composite=None, relu=None) -> Plan:
         raise fail(where, message.removeprefix("fxattr.")) from error
 
 
-def lrp(f, *, rule: str | Rule | None = None, composite: str | Composite | None = None, **options):
+def lrp(f, *, rule: str | Rule | None = None, composite: str | Composite | None = None,
+        canonizers=None, **options):
     """Layer-wise relevance propagation (Bach et al. 2015) with one rule or a composite of rules.
 
     ``explain(params, x, target)`` runs the model once, seeds the selected output with its value
@@ -152,6 +153,18 @@ def lrp(f, *, rule: str | Rule | None = None, composite: str | Composite | None 
             ``"cp_lrp"`` (CP-LRP, Ali et al. 2022) under LXT 2.1's efficient-mode conventions
             (every constant in :mod:`fxattr.propagation._transformers`); or an
             ``fxattr.lrp.Composite``.
+            zennit's ``"excitation_backprop"`` (Zhang et al. 2016 as zennit writes it: z+ with
+            ``b+`` in the denominator on every convolution and dense layer, the first included,
+            Norm on additions and average pooling, the gradient through activations and unfolded
+            batch norms; ``stabiliser=``, ``zero_params="bias"`` for the paper's bias-free
+            z+). Seeded with the output's value like every LRP composite: divide by
+            ``f(params, x)[target]`` for Zhang's marginal winning probabilities.
+            zennit's presets take ``zero_params="bias"`` (no bias in any rule's denominator) and
+            ``epsilon=`` / ``stabiliser=`` as numbers or as :func:`fxattr.propagation.rules.stabiliser`
+            (zennit's ``clip`` / ``norm_scale``).
+        canonizers: a list of :class:`fxattr.lrp.Canonizer` (graph rewrites and parameter
+            transforms, applied in order before fxattr's own batch-norm fold; see
+            :mod:`fxattr.propagation._canonize`), e.g. ``[fxattr.lrp.merge_batch_norm()]``.
 
     Example:
         >>> f, params = fxattr.functionalize(torchvision.models.vgg16().eval())
@@ -161,17 +174,17 @@ def lrp(f, *, rule: str | Rule | None = None, composite: str | Composite | None 
     where = "lrp"
     check_model(where, f)
     chosen = _build_composite(where, rule, composite, options)
-    plan = _plan(where, f, chosen)
-    # the AttnLRP / CP-LRP presets run as one vjp of a modified forward where they can
-    run = preset_explainer(plan)
+    canonical, to_canonical = canonize(where, f, canonizers)
+    plan = _plan(where, canonical, chosen)
 
     def explain(params, x, target=None):
-        return run(params, x, target, seed="value")
+        return plan.explain(to_canonical(params), x, target, seed="value")
 
     config = {"rule": rule, "composite": composite, **options}
+    if canonizers:
+        config["canonizers"] = tuple(c.name for c in canonizers)
     fn = explainer("lrp", f, config, explain)
     fn.composite = chosen
-    fn.gradient_form = run.gradient_form
     return fn
 
 
@@ -306,5 +319,8 @@ lrp.rules = rules
 lrp.Rule = Rule
 lrp.Composite = Composite
 lrp.LayerInfo = LayerInfo
+lrp.Canonizer = Canonizer
+lrp.merge_batch_norm = merge_batch_norm
+lrp.replace_modules = replace_modules
 lrp.RULES = RULES
 lrp.COMPOSITES = tuple(sorted(COMPOSITES))
