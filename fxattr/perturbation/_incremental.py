@@ -1,4 +1,5 @@
-"""Incremental occlusion: per window, recompute only the part of each feature map it changes.
+"""Incremental occlusion on the one program: per window, recompute only the part of each feature
+map it changes.
 
 Krypton (Nakandala, Kumar and Papakonstantinou, SIGMOD 2019, "Incremental and approximate
 inference for faster occlusion-based deep CNN explanations"): an occluding window changes a small
@@ -6,158 +7,86 @@ box of the input, hence only a box of the early feature maps (the union of the r
 it touches), growing layer by layer. Everything outside a node's box equals the node's value on
 the unoccluded x, computed once.
 
-The plan (:func:`plan`, plain Python ints from the shapes, at explain time):
+It is an extension of :class:`fxattr.graph.Program` (the one forward interpreter): nothing here
+reads the ``torch.fx`` graph. The program's steps, the catalogue's kinds and the values of one
+:meth:`Program.forward <fxattr.graph.Program.forward>` on x (with its cache of batch-norm-folded
+kernel parameters) are all it uses:
 
-1. a reference pass evaluates the traced graph (``fxattr.graph.trace``) node by node on x and
-   keeps every value;
-2. a region analysis gives every node, for every window position, the bounding box (H, W) of the
-   positions that can differ from the reference (element-wise ops keep it, ``add``/``mul`` take the
-   union, Conv2d/MaxPool2d/AvgPool2d map it through their receptive fields, anything else makes
-   it "everything"). Rows and columns are independent, so it is done per dimension;
-3. every node gets one STATIC box size (the largest over windows) and a per-window start, clamped
-   so that the box stays inside the map: all windows share the shapes, so they are vmapped.
-
-Per window (:func:`window_output`, vmapped over windows by the caller), a node is one of
-``_REF`` (unchanged: the reference value), ``("patch", p, start_h, start_w)`` (the reference with
-the box ``p`` pasted at a per-window start) or ``("full", v)``. Element-wise ops run on the patch
-only; Conv2d/pooling read the input region their output box needs (reference outside the input's
-box, patch inside; zero or -inf padding as the op's own) and run with padding 0; add/mul read both
-operands over their union box; any other op gets full per-window values. Reading is a gather with
-``start + arange(size)`` index tensors and a ``torch.where``, which vmap batches without a
-fallback. Every box is computed exactly, so a box larger than needed only costs time: correctness
-needs the analysis to give a superset, never a tight one.
+1. :func:`plan` gives every step, for every window position, the bounding box (H, W) of the
+   positions that can differ from the forward's value, by the step's catalogue kind
+   (``activation`` / ``identity`` / ``batchnorm`` / ``scale`` by a number keep it, a ``folded``
+   batch norm is its kernel layer's value, additions and products of same-shape maps take the
+   union, ``kernel`` Conv2d / ``maxpool`` MaxPool2d / ``avgpool`` AvgPool2d map it through their
+   receptive fields, anything else makes it "everything"). Rows and columns are independent, so it
+   is done per dimension. Every step gets one STATIC box size (the largest over windows) and a
+   per-window start, clamped so that the box stays inside the map: all windows share the shapes,
+   so they are vmapped. The plan is plain Python ints from the shapes, made at explain time.
+2. :func:`window_output` walks the program's steps for ONE window (vmapped over windows by the
+   caller). A step's value is one of ``_REF`` (unchanged: the forward's value), ``("patch", p,
+   start_h, start_w)`` (the forward's value with the box ``p`` pasted at a per-window start) or
+   ``("full", v)``. Element-wise steps run on the patch only (through :meth:`Program.run_step`);
+   Conv2d / pooling read the input region their output box needs (the forward's value outside the
+   input's box, the patch inside; zero or -inf padding as the op's own) and run with padding 0;
+   additions / products read both operands over their union box; any other step is run by
+   :meth:`Program.run_step` on full per-window values. Reading is a gather with
+   ``start + arange(size)`` index tensors and a ``torch.where``, which vmap batches without a
+   fallback. Every box is computed exactly, so a box larger than needed only costs time:
+   correctness needs the analysis to give a superset, never a tight one.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from fxattr.functional import EvalBatchNormAsElementwise, call_privately
-from fxattr.graph import ops
+from fxattr.graph import Program, unbatch_output
 from fxattr.graph._capture import bind
+from fxattr.graph._program import ArgRef
+
+__all__ = ["Plan", "occlusion_scores", "plan", "program_for", "reference", "window_output"]
 
 _REF = ("ref",)
 
-# ops that act on each position separately (in eval mode): the changed box is kept. Element-wise
-# activations and identities come from the graph's catalogue of operation kinds; the element-wise
-# math ops below are not activations there.
-_POINTWISE_MODULES = (*ops.ACTIVATION_MODULES, nn.Identity)
-_DROPOUT = tuple(m for m in ops.IDENTITY_MODULES if m is not nn.Identity)
-_POINTWISE_FUNCTIONS = {*ops.ACTIVATION_FUNCTIONS, torch.exp, torch.abs, torch.neg, torch.square}
-_POINTWISE_METHODS = {*ops.ACTIVATION_METHODS, "exp", "abs", "neg", "square", "contiguous", "clone"}
-_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
-           torch.mul, torch.div}
+# catalogue kinds that act on each position separately when their one data argument is the first
+# and the others are numbers (eval mode; "add" as ``h - 0.25``; "elementwise" is the kind
+# fxattr.propagation registers for exp, sqrt, abs, pow, ...)
+_POINTWISE_KINDS = ("activation", "identity", "batchnorm", "scale", "add", "elementwise")
+# element-wise math the catalogue has no kind for (it is not an activation there)
+_POINTWISE_FUNCTIONS = {torch.exp, torch.abs, torch.neg, torch.square}
+_POINTWISE_METHODS = {"exp", "abs", "neg", "square"}
+_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+                     torch.mul, torch.div}
 _BINARY_METHODS = {"add", "sub", "mul", "div"}
-# nodes that read only a shape: unchanged by any window
-_SHAPE_METHODS = {"size", "dim"}
+_BOXED = ("input", "pointwise", "binary", "window", "folded")
 
 
-# ------------------------------------------------------------------------------ graph evaluation
+class _Overlay:
+    """The forward's values with some slots replaced (what :meth:`Program.run_step` reads)."""
 
-class _Arg:
-    """A reference to the value of step ``index`` inside a step's arguments."""
+    __slots__ = ("base", "over")
 
-    __slots__ = ("index",)
+    def __init__(self, base: list, over: dict):
+        self.base, self.over = base, over
 
-    def __init__(self, index: int):
-        self.index = index
-
-
-class Step:
-    """One node of the traced graph as plain Python data (torch.compile does not trace into
-    ``torch.fx`` objects): ``op`` is the fx opcode, ``args``/``kwargs`` hold :class:`_Arg` where the
-    node reads another node's value, ``inputs`` lists those indices."""
-
-    def __init__(self, index, op, target, args, kwargs, inputs, module, prefix):
-        self.index, self.op, self.target = index, op, target
-        self.args, self.kwargs, self.inputs = args, kwargs, inputs
-        self.module, self.prefix = module, prefix
-        self.view_cache: dict = {}
+    def __getitem__(self, slot: int):
+        return self.over[slot] if slot in self.over else self.base[slot]
 
 
-def _map(tree, fn):
-    """``fn`` applied to every leaf of nested tuples/lists/dicts."""
-    if isinstance(tree, tuple):
-        return tuple(_map(t, fn) for t in tree)
-    if isinstance(tree, list):
-        return [_map(t, fn) for t in tree]
+def _refs(tree) -> list:
+    """The slots an argument template reads."""
+    if isinstance(tree, ArgRef):
+        return [tree.slot]
+    if isinstance(tree, (tuple, list)):
+        return [s for t in tree for s in _refs(t)]
     if isinstance(tree, dict):
-        return {k: _map(v, fn) for k, v in tree.items()}
-    return fn(tree)
-
-
-def _leaves(tree):
-    out = []
-    _map(tree, out.append)
-    return out
-
-
-def program(gm: fx.GraphModule) -> list:
-    """The graph's nodes as :class:`Step` s, in order; the last one is the output."""
-    index = {}
-    steps = []
-    for i, node in enumerate(gm.graph.nodes):
-        index[node] = i
-        args = fx.node.map_arg(node.args, lambda n: _Arg(index[n]))
-        kwargs = _map(dict(fx.node.map_arg(node.kwargs, lambda n: _Arg(index[n]))), lambda a: a)
-        inputs = sorted({index[n] for n in node.all_input_nodes})
-        module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if node.op == "get_attr":
-            obj = gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            module = obj  # the attribute itself, used when params lacks it
-        steps.append(Step(i, node.op, node.target, _map(tuple(args), lambda a: a), kwargs, inputs,
-                          module, f"{node.target}." if node.op == "call_module" else ""))
-    return steps
-
-
-def _module_state(step: Step, params: Mapping[str, Tensor]) -> dict:
-    prefix = step.prefix
-    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-
-
-def _param(step: Step, params, name: str):
-    """A module's parameter from ``params`` (the module's own one when params lacks it)."""
-    value = params.get(step.prefix + name)
-    return getattr(step.module, name) if value is None else value
-
-
-def _exec(step: Step, params, args, kwargs):
-    """One step, evaluated statelessly on the given arguments."""
-    if step.op == "call_module":
-        return call_privately(step.module, _module_state(step, params), args, kwargs, cache=step.view_cache)
-    if step.op == "call_function":
-        return step.target(*args, **kwargs)
-    if step.op == "call_method":
-        return getattr(args[0], step.target)(*args[1:], **kwargs)
-    if step.op == "get_attr":
-        return params[step.target] if step.target in params else step.module
-    raise AssertionError(step.op)
-
-
-def reference(steps: list, params, x: Tensor) -> list:
-    """Every step's value on ``x`` (with the graph's batch axis of 1)."""
-    env: list = []
-
-    def value(a):
-        return env[a.index] if isinstance(a, _Arg) else a
-
-    with EvalBatchNormAsElementwise():
-        for step in steps:
-            if step.op == "placeholder":
-                env.append(x.unsqueeze(0))
-            elif step.op == "output":
-                env.append(_map(step.args[0], value))
-            else:
-                env.append(_exec(step, params, _map(step.args, value), _map(step.kwargs, value)))
-    return env
+        return [s for t in tree.values() for s in _refs(t)]
+    if isinstance(tree, slice):
+        return _refs((tree.start, tree.stop, tree.step))
+    return []
 
 
 # ------------------------------------------------------------------------------- region analysis
@@ -166,25 +95,30 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _window_op(step: Step):
-    """``(kind, kernel, stride, padding, dilation)`` per spatial dimension for a Conv2d /
-    MaxPool2d / AvgPool2d module whose output box can be computed from an input region with
-    padding 0; ``None`` otherwise."""
-    if step.op != "call_module" or len(step.args) != 1 or step.kwargs:
+def _single_input(step) -> bool:
+    return (len(step.args) == 1 and isinstance(step.args[0], ArgRef) and not step.kwargs
+            and step.data_slots == [step.args[0].slot])
+
+
+def window_geometry(step):
+    """``(kind, kernel, stride, padding, dilation)`` per spatial dimension of a ``kernel`` Conv2d /
+    ``maxpool`` MaxPool2d / ``avgpool`` AvgPool2d step whose output box can be computed from an
+    input region with padding 0; ``None`` otherwise."""
+    if step.op != "module" or not _single_input(step):
         return None
-    m = step.module
-    if type(m) is nn.Conv2d:
+    m = step.info.module
+    if step.kind == "kernel" and type(m) is nn.Conv2d:
         if m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
             return None
         padding = (0, 0) if isinstance(m.padding, str) else _pair(m.padding)
         return "conv", _pair(m.kernel_size), _pair(m.stride), padding, _pair(m.dilation)
-    if type(m) is nn.MaxPool2d:
+    if step.kind == "maxpool" and type(m) is nn.MaxPool2d:
         if m.return_indices:
             return None
         stride = m.kernel_size if m.stride is None else m.stride
         # ceil_mode: the last windows may overhang, read as -inf like the padding
         return "max", _pair(m.kernel_size), _pair(stride), _pair(m.padding), _pair(m.dilation)
-    if type(m) is nn.AvgPool2d:
+    if step.kind == "avgpool" and type(m) is nn.AvgPool2d:
         # zero padding counted in the divisor == avg_pool of the zero-padded region
         if m.ceil_mode or m.divisor_override is not None or (not m.count_include_pad and m.padding):
             return None
@@ -193,38 +127,32 @@ def _window_op(step: Step):
     return None
 
 
-def _pointwise(step: Step) -> bool:
-    """One data argument (the first), every other argument a constant, acting per position."""
-    if not step.args or not isinstance(step.args[0], _Arg):
+def _pointwise(step) -> bool:
+    """One data argument (the first), every other argument a Python constant (a tensor constant
+    may not broadcast per position), acting per position."""
+    if not step.args or not isinstance(step.args[0], ArgRef) or step.data_slots != [step.args[0].slot]:
         return False
-    if any(isinstance(a, _Arg) for a in _leaves((step.args[1:], step.kwargs))):
+    if _refs((step.args[1:], step.kwargs)):
         return False
-    if step.op == "call_module":
-        m = step.module
-        if isinstance(m, _DROPOUT):
-            return not m.training
-        if isinstance(m, nn.BatchNorm2d):  # eval: a per-channel affine map
-            return not m.training and m.running_mean is not None
-        return type(m) in _POINTWISE_MODULES
-    if step.op == "call_function":
-        return step.target in _POINTWISE_FUNCTIONS and not step.kwargs.get("inplace", False)
-    if step.op == "call_method":
-        return step.target in _POINTWISE_METHODS
-    return False
+    if step.kind in _POINTWISE_KINDS:
+        return not (step.op == "function" and step.kwargs.get("inplace", False))
+    if step.op == "function":
+        return step.target in _POINTWISE_FUNCTIONS
+    return step.op == "method" and step.target in _POINTWISE_METHODS
 
 
-def _binary(step: Step, ref) -> bool:
+def _binary(step, values) -> bool:
     """Two same-shape 4-d tensors, or a tensor and a number, combined element-wise."""
     if step.kwargs or len(step.args) != 2:
         return False
-    if not ((step.op == "call_function" and step.target in _BINARY)
-            or (step.op == "call_method" and step.target in _BINARY_METHODS)):
+    if not ((step.op == "function" and step.target in _BINARY_FUNCTIONS)
+            or (step.op == "method" and step.target in _BINARY_METHODS)):
         return False
-    tensors = [a for a in step.args if isinstance(a, _Arg)]
+    tensors = [a for a in step.args if isinstance(a, ArgRef)]
     numbers = [a for a in step.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
     if len(tensors) + len(numbers) != 2 or not tensors:
         return False
-    shapes = {tuple(ref[a.index].shape) if isinstance(ref[a.index], Tensor) else None for a in tensors}
+    shapes = {tuple(values[a.slot].shape) if isinstance(values[a.slot], Tensor) else None for a in tensors}
     return len(shapes) == 1 and None not in shapes and len(next(iter(shapes))) == 4
 
 
@@ -245,102 +173,111 @@ def _union(*intervals):
     return min(i[0] for i in present), max(i[1] for i in present)
 
 
-def _shape_only(step: Step) -> bool:
-    return (step.op == "call_method" and step.target in _SHAPE_METHODS) or (
-        step.op == "call_function" and step.target is getattr
-        and step.args[1] in ("shape", "dtype", "device", "ndim"))
-
-
 class Plan:
-    """The static part of incremental occlusion for one graph, input shape and window geometry.
+    """The static part of incremental occlusion for one program, input shape and window geometry.
 
     Attributes:
-        kinds: per step, ``"ref"`` (unchanged by every window), ``"input"``, ``"pointwise"``,
-            ``"binary"``, ``"window"`` (a conv/pool computed on its box) or ``"full"``
+        input_slot: the program's input slot.
+        kinds: by slot, ``"input"``, ``"ref"`` (unchanged by every window), ``"pointwise"``,
+            ``"binary"``, ``"window"`` (a conv/pool computed on its box), ``"folded"`` (a batch
+            norm folded into the kernel layer before it: that layer's value) or ``"full"``
             (computed on full per-window values).
-        sizes: per boxed step, its static box size ``(S_h, S_w)``.
-        column: per boxed step, its column in ``starts`` (pointwise steps share their input's).
+        sizes: per boxed slot, its static box size ``(S_h, S_w)``.
+        column: per boxed slot, its column in ``starts`` (pointwise and folded steps share their
+            input's).
         starts: ``(windows, columns, 2)`` int64 box starts (row, column) of every window.
-        windows: per window step, its ``_window_op`` geometry; out_sizes: its output map size.
+        windows: per window slot, its :func:`window_geometry`; out_sizes: its output map size.
         saved: the fraction of conv/pool output positions that are not recomputed.
     """
 
 
-def plan(steps: list, ref: list, x_shape, win, step_, grids, device) -> Plan | str:
+def plan(program: Program, values: list, x_shape, win, step_, grids, device) -> Plan | str:
     """The plan for occluding ``x`` of shape ``x_shape`` (C, H, W) with windows ``win`` sliding by
-    ``step_`` (captum's geometry); ``grids`` are the per-dimension position indices of each
-    window. Returns a reason string when incremental evaluation would save nothing."""
+    ``step_`` (captum's geometry); ``values`` are the program's values at x (:func:`reference`),
+    ``grids`` the per-dimension position indices of each window. Returns a reason string when
+    incremental evaluation would save nothing."""
     height, width = x_shape[-2:]
     pos = []  # per spatial dimension: the window's input rows at each position, clipped
     for size, w, k in zip((height, width), win[-2:], step_[-2:]):
         count = math.ceil((size - w) / k) + 1
         pos.append([(i * k, min(i * k + w, size) - 1) for i in range(count)])
-    ivs: list = []  # per step: (intervals_h, intervals_w) | None (unchanged) | "full"
-    kinds: list = []
+    input_slot = program.input_slots[0][0]
+    ivs: dict = {input_slot: (pos[0], pos[1])}  # by slot: (intervals_h, intervals_w) | None | "full"
+    kinds: dict = {input_slot: "input"}
     windows: dict = {}
-    for st in steps:
-        value = ref[st.index]
-        changed = [i for i in st.inputs if ivs[i] is not None]
+    for st in program.steps:
+        value = values[st.slot]
+        changed = [s for s in st.data_slots if ivs.get(s) is not None]
         spatial = isinstance(value, Tensor) and value.ndim == 4
-        boxed_inputs = all(ivs[i] != "full" for i in changed)
-        op = _window_op(st) if spatial and boxed_inputs else None
-        if st.op == "placeholder":
-            iv, kind = (pos[0], pos[1]), "input"
-        elif st.op in ("get_attr", "output") or not changed or _shape_only(st):
-            iv, kind = None, "ref" if st.op != "output" else "output"
-        elif op is not None:
-            src = ivs[st.args[0].index]
-            _, kernel, stride, padding, dilation = op
+        boxed_inputs = all(ivs[s] != "full" for s in changed)
+        geometry = window_geometry(st) if spatial and boxed_inputs else None
+        if not st.is_data or not changed:
+            iv, kind = None, "ref"
+        elif st.kind == "folded" and ivs.get(st.x) is not None:
+            iv, kind = ivs[st.x], "folded" if ivs[st.x] != "full" else "full"
+        elif geometry is not None:
+            src = ivs[st.args[0].slot]
+            _, kernel, stride, padding, dilation = geometry
             iv = tuple([_through(i, value.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d])
                         for i in src[d]] for d in range(2))
             kind = "window"
-            windows[st.index] = op
+            windows[st.slot] = geometry
         elif spatial and boxed_inputs and _pointwise(st):
-            iv, kind = ivs[st.args[0].index], "pointwise"
-        elif spatial and boxed_inputs and _binary(st, ref):
-            iv = tuple([_union(*[ivs[i][d][p] for i in changed]) for p in range(len(pos[d]))]
+            iv, kind = ivs[st.args[0].slot], "pointwise"
+        elif spatial and boxed_inputs and _binary(st, values):
+            iv = tuple([_union(*[ivs[s][d][p] for s in changed]) for p in range(len(pos[d]))]
                        for d in range(2))
             kind = "binary"
         else:
             iv, kind = "full", "full"
         if isinstance(iv, tuple) and any(all(i is None for i in iv[d]) for d in range(2)):
             iv, kind = None, "ref"  # no window changes it (e.g. strides skipping the rows)
-        ivs.append(iv)
-        kinds.append(kind)
+        ivs[st.slot] = iv
+        kinds[st.slot] = kind
 
     result = Plan()
-    result.kinds, result.sizes, result.column = list(kinds), {}, {}
+    result.input_slot = input_slot
+    result.kinds, result.sizes, result.column = dict(kinds), {}, {}
     result.windows = windows
-    result.out_sizes = {i: tuple(ref[i].shape[-2:]) for i in windows}
+    result.out_sizes = {s: tuple(values[s].shape[-2:]) for s in windows}
     columns = []  # per column: (starts per row position, starts per column position)
     computed = total = 0
-    for st, kind in zip(steps, kinds):
-        i = st.index
-        if kind == "full" and _window_op(st) is not None and isinstance(ref[i], Tensor):
-            total += ref[i].shape[-2] * ref[i].shape[-1]
-            computed += ref[i].shape[-2] * ref[i].shape[-1]
-        if kind not in ("input", "pointwise", "binary", "window"):
+    order = [input_slot] + [st.slot for st in program.steps]
+    for slot in order:
+        kind = kinds[slot]
+        st = program.step_of.get(slot)
+        if kind == "full" and st is not None and window_geometry(st) is not None:
+            total += values[slot].shape[-2] * values[slot].shape[-1]
+            computed += values[slot].shape[-2] * values[slot].shape[-1]
+        if kind not in _BOXED:
             continue
-        shape = ref[i].shape[-2:]
+        if kind == "folded":  # the kernel layer's value: its box, or full with it
+            source = st.x
+            if result.kinds[source] == "full":
+                result.kinds[slot] = "full"
+            else:
+                result.sizes[slot], result.column[slot] = result.sizes[source], result.column[source]
+            continue
+        shape = values[slot].shape[-2:]
         sizes, starts = [], []
         for d in range(2):
-            size = min(max(iv[1] - iv[0] + 1 for iv in ivs[i][d] if iv is not None), shape[d])
+            size = min(max(iv[1] - iv[0] + 1 for iv in ivs[slot][d] if iv is not None), shape[d])
             sizes.append(size)
             # clamped so the box stays inside the map; it still covers the changed rows
-            starts.append([0 if iv is None else min(iv[0], shape[d] - size) for iv in ivs[i][d]])
+            starts.append([0 if iv is None else min(iv[0], shape[d] - size) for iv in ivs[slot][d]])
         if kind == "window":
             total += shape[0] * shape[1]
             computed += sizes[0] * sizes[1]
         if tuple(sizes) == tuple(shape) and kind != "input":
-            result.kinds[i] = "full"  # the box is the whole map
+            result.kinds[slot] = "full"  # the box is the whole map
             continue
-        result.sizes[i] = tuple(sizes)
+        result.sizes[slot] = tuple(sizes)
         if kind == "pointwise":  # the same box as its input: the same starts
-            result.column[i] = result.column[st.args[0].index]
+            result.column[slot] = result.column[st.args[0].slot]
             continue
-        result.column[i] = len(columns)
+        result.column[slot] = len(columns)
         columns.append(starts)
-    if "window" not in result.kinds:
+    if "window" not in result.kinds.values():
         return "no convolution or pooling of the model can be computed on a part of its map"
     gh, gw = grids[-2].reshape(-1), grids[-1].reshape(-1)
     per_h = torch.tensor([c[0] for c in columns], dtype=torch.long, device=device)  # (cols, pos_h)
@@ -367,7 +304,7 @@ def _crop(t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 def _read(value, ref: Tensor, start_h, start_w, size, pad=(0, 0, 0, 0), fill=0.0, padded=None):
     """A step's per-window value on rows/columns ``start + arange(size)`` of its map padded by
     ``pad`` = (top, bottom, left, right) with ``fill`` (coordinates in the padded map);
-    ``padded``: the reference padded so, when already at hand."""
+    ``padded``: the forward's value padded so, when already at hand."""
     top, bottom, left, right = pad
     if value[0] == "full":
         base = value[1]
@@ -383,7 +320,7 @@ def _read(value, ref: Tensor, start_h, start_w, size, pad=(0, 0, 0, 0), fill=0.0
     if value[0] == "ref":
         return out
     _, patch, ph, pw = value
-    # where the region meets the patch, the patch's values; the reference elsewhere
+    # where the region meets the patch, the patch's values; the forward's value elsewhere
     u, v = rows - top - ph, cols - left - pw
     inside_h = (u >= 0) & (u < patch.shape[-2])
     inside_w = (v >= 0) & (v < patch.shape[-1])
@@ -400,89 +337,97 @@ def _full(value, ref):
     return _read(value, ref, zero, zero, tuple(ref.shape[-2:]))
 
 
-def _padding(plan_: Plan, index: int, ref_in: Tensor):
+def _padding(plan_: Plan, slot: int, ref_in: Tensor):
     """``(pad, fill)`` of a window step's input: the op's own padding (zeros; -inf for max pool),
     more at the bottom/right where ceil_mode lets the last windows overhang."""
-    kind, kernel, stride, padding, dilation = plan_.windows[index]
+    kind, kernel, stride, padding, dilation = plan_.windows[slot]
     extra = [max(0, (o - 1) * s + (k - 1) * d + 1 - (n + 2 * p)) for o, s, k, d, n, p in zip(
-        plan_.out_sizes[index], stride, kernel, dilation, ref_in.shape[-2:], padding)]
+        plan_.out_sizes[slot], stride, kernel, dilation, ref_in.shape[-2:], padding)]
     pad = (padding[0], padding[0] + extra[0], padding[1], padding[1] + extra[1])
     return pad, float("-inf") if kind == "max" else 0.0
 
 
-def padded_references(steps: list, plan_: Plan, ref: list) -> dict:
-    """The padded reference input of every boxed window step, once (shared by all windows)."""
+def padded_references(program: Program, plan_: Plan, values: list) -> dict:
+    """The padded forward value of every boxed window step's input, once (shared by all windows)."""
     out = {}
-    for i in plan_.windows:
-        if plan_.kinds[i] == "window":
-            src = ref[steps[i].args[0].index]
-            (top, bottom, left, right), fill = _padding(plan_, i, src)
-            out[i] = F.pad(src, (left, right, top, bottom), value=fill)
+    for slot in plan_.windows:
+        if plan_.kinds[slot] == "window":
+            src = values[program.step_of[slot].args[0].slot]
+            (top, bottom, left, right), fill = _padding(plan_, slot, src)
+            out[slot] = F.pad(src, (left, right, top, bottom), value=fill)
     return out
 
 
-def _window_patch(st: Step, params, plan_: Plan, value, ref_in: Tensor, start_h, start_w, padded):
-    """A conv/pool's output box from its input region (padded as the op pads), with padding 0."""
-    kind, kernel, stride, padding, dilation = plan_.windows[st.index]
+def _window_patch(st, kernel_params, plan_: Plan, value, ref_in: Tensor, start_h, start_w, padded):
+    """A conv/pool's output box from its input region (padded as the op pads), with padding 0;
+    ``kernel_params``: the convolution's (batch-norm folded) weight and bias."""
+    kind, kernel, stride, padding, dilation = plan_.windows[st.slot]
     size = tuple((o - 1) * s + (k - 1) * d + 1
-                 for o, s, k, d in zip(plan_.sizes[st.index], stride, kernel, dilation))
-    pad, fill = _padding(plan_, st.index, ref_in)
+                 for o, s, k, d in zip(plan_.sizes[st.slot], stride, kernel, dilation))
+    pad, fill = _padding(plan_, st.slot, ref_in)
     region = _read(value, ref_in, start_h * stride[0], start_w * stride[1], size, pad, fill,
-                   padded.get(st.index))
+                   padded.get(st.slot))
     if kind == "conv":
-        bias = _param(st, params, "bias") if st.module.bias is not None else None
-        return F.conv2d(region, _param(st, params, "weight"), bias, stride, 0, dilation,
-                        st.module.groups)
+        return F.conv2d(region, kernel_params["weight"], kernel_params["bias"], stride, 0, dilation,
+                        st.info.module.groups)
     if kind == "max":
         return F.max_pool2d(region, kernel, stride, 0, dilation)
     return F.avg_pool2d(region, kernel, stride, 0)
 
 
-def window_output(steps: list, params, plan_: Plan, ref: list, padded: dict, x: Tensor, base: Tensor,
-                  mask_rows, starts):
-    """The graph's output for ONE window (vmapped over windows by the caller): ``mask_rows`` are
-    the window's indicator rows per dimension of x, ``starts`` its ``(columns, 2)`` box starts."""
-    env: list = []
+def window_output(program: Program, params, plan_: Plan, values: list, cache: dict, padded: dict,
+                  x: Tensor, base: Tensor, mask_rows, starts):
+    """The program's raw output for ONE window (vmapped over windows by the caller): ``values`` and
+    ``cache`` are :func:`reference`'s, ``params`` bound to the program (``graph._capture.bind``),
+    ``mask_rows`` the window's indicator rows per dimension of x, ``starts`` its ``(columns, 2)``
+    box starts."""
+    env: dict = {}  # by slot, the per-window value of every changed step
 
-    def full(a):
-        return _full(env[a.index], ref[a.index]) if isinstance(a, _Arg) else a
+    def full(slot):
+        return _full(env[slot], values[slot]) if slot in env else values[slot]
 
-    with EvalBatchNormAsElementwise():
-        for st in steps:
-            kind = plan_.kinds[st.index]
-            if kind == "output":
-                return _map(st.args[0], full)
-            if kind == "ref":
-                env.append(_REF)
-                continue
-            if kind == "full":
-                if st.op == "placeholder":
-                    value = (x * (1 - _outer(mask_rows)) + base * _outer(mask_rows)).unsqueeze(0)
-                else:
-                    value = _exec(st, params, _map(st.args, full), _map(st.kwargs, full))
-                env.append(("full", value))
-                continue
-            start_h, start_w = starts[plan_.column[st.index]].unbind()
-            if kind == "input":
-                size_h, size_w = plan_.sizes[st.index]
-                rows, cols = _rows(start_h, size_h, x), _rows(start_w, size_w, x)
-                # the occluded copy on the box only, in captum's form x (1 - m) + b m
-                mask = _outer([*mask_rows[:-2], mask_rows[-2][rows], mask_rows[-1][cols]])
-                xs = _crop(x.unsqueeze(0), rows, cols)
-                bs = _crop(base.expand(x.shape).unsqueeze(0), rows, cols)
-                patch = xs * (1 - mask) + bs * mask
-            elif kind == "pointwise":
-                patch = _exec(st, params, (env[st.args[0].index][1], *st.args[1:]), st.kwargs)
-            elif kind == "binary":
-                size = plan_.sizes[st.index]
-                args = tuple(_read(env[a.index], ref[a.index], start_h, start_w, size)
-                             if isinstance(a, _Arg) else a for a in st.args)
-                patch = _exec(st, params, args, {})
-            else:  # window
-                src = st.args[0].index
-                patch = _window_patch(st, params, plan_, env[src], ref[src], start_h, start_w, padded)
-            env.append(("patch", patch, start_h, start_w))
-    raise AssertionError("the graph has no output")
+    def run_full(st):
+        over = {s: full(s) for s in _refs((st.args, st.kwargs)) if s in env}
+        return program.run_step(st, _Overlay(values, over), params)
+
+    slot = plan_.input_slot
+    start_h, start_w = starts[plan_.column[slot]].unbind()
+    size_h, size_w = plan_.sizes[slot]
+    rows, cols = _rows(start_h, size_h, x), _rows(start_w, size_w, x)
+    # the occluded copy on the box only, in captum's form x (1 - m) + b m
+    mask = _outer([*mask_rows[:-2], mask_rows[-2][rows], mask_rows[-1][cols]])
+    xs = _crop(x.unsqueeze(0), rows, cols)
+    bs = _crop(base.expand(x.shape).unsqueeze(0), rows, cols)
+    env[slot] = ("patch", xs * (1 - mask) + bs * mask, start_h, start_w)
+
+    for st in program.steps:
+        kind = plan_.kinds[st.slot]
+        if kind == "ref":
+            continue
+        if kind == "full":
+            env[st.slot] = ("full", run_full(st))
+            continue
+        if kind == "folded":  # the kernel layer's value (batch norm folded into it)
+            env[st.slot] = env[st.x]
+            continue
+        start_h, start_w = starts[plan_.column[st.slot]].unbind()
+        if kind == "pointwise":
+            source = st.args[0].slot
+            patch = program.run_step(st, _Overlay(values, {source: env[source][1]}), params)
+        elif kind == "binary":
+            size = plan_.sizes[st.slot]
+            over = {a.slot: _read(env.get(a.slot, _REF), values[a.slot], start_h, start_w, size)
+                    for a in st.args if isinstance(a, ArgRef)}
+            patch = program.run_step(st, _Overlay(values, over), params)
+        else:  # window
+            source = st.args[0].slot
+            kernel_params = cache.get(st.slot) if st.kind == "kernel" else None
+            if st.kind == "kernel" and kernel_params is None:
+                kernel_params = st.kernel_params(params, values)
+            patch = _window_patch(st, kernel_params, plan_, env.get(source, _REF), values[source],
+                                  start_h, start_w, padded)
+        env[st.slot] = ("patch", patch, start_h, start_w)
+    return program.raw_output(_Overlay(values, {s: full(s) for s in program.output_slots if s in env}))
 
 
 def _outer(rows):
@@ -495,12 +440,11 @@ def _outer(rows):
 
 # ------------------------------------------------------------------------------------- entry points
 
-def traced(where: str, f, required: bool):
-    """The traced graph of ``f`` as :func:`program` steps, or ``None`` when it cannot be had
-    (``required``: an error naming why)."""
+def program_for(where: str, f, required: bool) -> Program | None:
+    """The program of ``f`` (:class:`fxattr.graph.Program`), or ``None`` when it cannot be had
+    (``required``: an error naming why). Call it under ``fxattr.functional.CAPTURE_LOCK``."""
     from fxattr.errors import FxattrError, fail
     from fxattr.functional import FunctionalModel
-    from fxattr.graph import trace
 
     if not isinstance(f, FunctionalModel):
         if required:
@@ -508,28 +452,33 @@ def traced(where: str, f, required: bool):
                               f"to trace its module, got {type(f).__name__}")
         return None
     try:
-        gm = trace(f)
+        program = Program(f, where)
     except FxattrError as error:
         if required:
             raise fail(where, f"incremental=True needs a traceable model: {error}") from error
         return None
-    steps = program(gm)
-    steps[0].gm = gm  # its aliases of tied parameters (graph.bind)
-    placeholders = [s for s in steps if s.op == "placeholder"]
-    if len(placeholders) != 1:
+    if len(program.input_slots) != 1:
         if required:
             raise fail(where, f"incremental=True needs a model with one input, this one takes "
-                              f"{len(placeholders)}")
+                              f"{len(program.input_slots)}")
         return None
-    return steps
+    return program
 
 
-def occlusion_scores(where, f, steps, params, x, base, win, step_, grids, rows, target, chunk_size,
+traced = program_for  # the name occlusion calls it by
+
+
+def reference(program: Program, params, x: Tensor):
+    """``(values, cache, raw output)`` of one program forward on ``x``: every step's value (batch
+    axis of 1) and the kernel layers' (batch-norm folded) parameters, computed once."""
+    return program.forward(params, x)
+
+
+def occlusion_scores(where, f, program, params, x, base, win, step_, grids, rows, target, chunk_size,
                      required: bool):
     """``(f(x)[t], f(x_occluded_k)[t] for every window k)`` computed incrementally, or ``None``
     when it does not apply (``required``: an error naming why)."""
     from fxattr.errors import fail
-    from fxattr.graph import unbatch_output
     from fxattr.targets import select
 
     def give_up(reason):
@@ -538,20 +487,20 @@ def occlusion_scores(where, f, steps, params, x, base, win, step_, grids, rows, 
 
     if x.ndim != 3:
         return give_up(f"x must be an image (C, H, W), got shape {tuple(x.shape)}")
-    params = bind(steps[0].gm, params)
-    ref = f.guarded(x, lambda: reference(steps, params, x), where)
-    out = unbatch_output(f, ref[-1])
+    params = bind(program.gm, params)
+    values, cache, raw = f.guarded(x, lambda: reference(program, params, x), where)
+    out = unbatch_output(f, raw)
     if target is None:
         target = out.detach().reshape(-1).argmax()
     ref_score = select(where, out, target)
-    plan_ = plan(steps, ref, tuple(x.shape), win, step_, grids, x.device)
+    plan_ = plan(program, values, tuple(x.shape), win, step_, grids, x.device)
     if isinstance(plan_, str):
         return give_up(plan_)
 
-    padded = padded_references(steps, plan_, ref)
+    padded = padded_references(program, plan_, values)
 
     def score(starts, *row):
-        out = window_output(steps, params, plan_, ref, padded, x, base, row, starts)
-        return select(where, unbatch_output(f, out), target)
+        raw_k = window_output(program, params, plan_, values, cache, padded, x, base, row, starts)
+        return select(where, unbatch_output(f, raw_k), target)
 
     return ref_score, torch.vmap(score, chunk_size=chunk_size)(plan_.starts, *rows)

@@ -1,4 +1,5 @@
-"""Incremental occlusion (fxattr/_incremental.py): the same numbers as full occluded copies.
+"""Incremental occlusion (fxattr/perturbation/_incremental.py, on fxattr.graph.Program): the same
+numbers as full occluded copies.
 
 Every window's output is recomputed only on the boxes of the feature maps it changes; these tests
 pin (1) equality with ``incremental=False`` on strided / padded / dilated convs, batch norm, max
@@ -18,7 +19,7 @@ from torch import nn
 
 import fxattr
 from fxattr.perturbation import _incremental
-from fxattr.graph import trace
+from fxattr.graph import Program
 from tests.contract import (assert_compile_equals_eager, assert_second_order, assert_vmap_equals_loop,
                             model_unchanged)
 from tests.models import small_cnn
@@ -65,6 +66,27 @@ class Downsample(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
+class Gated(nn.Module):
+    """A batch norm that is not folded (after a ReLU), a gate of two same-shape maps
+    (``h * sigmoid(conv(h))``), a constant tensor attribute multiplied in (not per position: full)
+    and a subtraction of a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gate = nn.Conv2d(4, 4, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.bn(torch.relu(self.stem(x)))
+        h = h * torch.sigmoid(self.gate(h)) - 0.25
+        h = torch.abs(self.pool(h))
+        h = h * torch.linspace(0.5, 1.5, h.shape[-1], dtype=h.dtype)
+        return self.head(h.mean((2, 3)))
+
+
 def _randomise_bn(model):
     with torch.no_grad():  # test-side set-up of a random eval state; fxattr never does this
         for m in model.modules():
@@ -82,6 +104,8 @@ def _model(name, dtype=torch.float64):
         return _randomise_bn(Strided().to(dtype))
     if name == "downsample":
         return _randomise_bn(Downsample().to(dtype))
+    if name == "gated":
+        return _randomise_bn(Gated().to(dtype))
     return small_cnn(dtype, activation=nn.ReLU)
 
 
@@ -120,7 +144,7 @@ GEOMETRIES = [
 ]
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "strided", "downsample"])
+@pytest.mark.parametrize("name", ["small_cnn", "strided", "downsample", "gated"])
 @pytest.mark.parametrize("window,stride", GEOMETRIES)
 @pytest.mark.parametrize("baseline", ["number", "tensor"])
 def test_equals_full_copies(name, window, stride, baseline):
@@ -172,42 +196,66 @@ def test_agrees_with_captum_on_resnet18():
 # ----------------------------------------------------------------------------- the region analysis
 
 def _plan(f, params, x, window, stride):
-    steps = _incremental.program(trace(f))
-    ref = _incremental.reference(steps, params, x)
+    program = Program(f, "occlusion")
+    values = _incremental.reference(program, params, x)[0]
     counts = [math.ceil((s - w) / k) + 1 for s, w, k in zip(x.shape, window, stride)]
     grids = torch.meshgrid(*[torch.arange(c) for c in counts], indexing="ij")
-    return steps, ref, _incremental.plan(steps, ref, tuple(x.shape), window, stride, grids, x.device)
+    return program, values, _incremental.plan(program, values, tuple(x.shape), window, stride, grids,
+                                              x.device)
 
 
-@pytest.mark.parametrize("name", ["strided", "downsample"])
+@pytest.mark.parametrize("name", ["strided", "downsample", "gated"])
 def test_boxes_cover_every_changed_position(name):
     """Brute force: evaluate every occluded copy fully; wherever a node differs from the
     reference, the position lies inside that window's box of the node (or the node is full)."""
     f, params = fxattr.functionalize(_model(name))
     x = torch.randn(3, 13, 11, dtype=torch.float64)
     window, stride = (3, 4, 3), (3, 3, 2)
-    steps, ref, plan = _plan(f, params, x, window, stride)
+    program, ref, plan = _plan(f, params, x, window, stride)
     counts = [math.ceil((s - w) / k) + 1 for s, w, k in zip(x.shape, window, stride)]
     checked = 0
     for k, (ph, pw) in enumerate((a, b) for a in range(counts[1]) for b in range(counts[2])):
         occluded = x.clone()
         occluded[:, ph * stride[1]:ph * stride[1] + window[1], pw * stride[2]:pw * stride[2] + window[2]] = 7.0
-        values = _incremental.reference(steps, params, occluded)
-        for st in steps:
-            kind = plan.kinds[st.index]
-            if not isinstance(ref[st.index], torch.Tensor) or kind in ("full", "output"):
+        values = _incremental.reference(program, params, occluded)[0]
+        for slot, kind in plan.kinds.items():
+            if not isinstance(ref[slot], torch.Tensor) or kind == "full":
                 continue
-            changed = (values[st.index] != ref[st.index]).reshape(-1, *ref[st.index].shape[-2:]).any(0)
+            changed = (values[slot] != ref[slot]).reshape(-1, *ref[slot].shape[-2:]).any(0)
             if kind == "ref":
-                assert not changed.any(), st.target
+                assert not changed.any(), slot
                 continue
-            start = plan.starts[k, plan.column[st.index]]
+            start = plan.starts[k, plan.column[slot]]
             inside = torch.zeros_like(changed)
-            (sh, sw), (h0, w0) = plan.sizes[st.index], start.tolist()
+            (sh, sw), (h0, w0) = plan.sizes[slot], start.tolist()
             inside[h0:h0 + sh, w0:w0 + sw] = True
-            assert not (changed & ~inside).any(), (st.target, k)
+            assert not (changed & ~inside).any(), (slot, k)
             checked += 1
     assert checked > 50
+
+
+def test_plan_reads_the_catalogue_kinds():
+    """The gated model's steps get the boxes their kinds allow: the unfolded batch norm and the
+    gate's product keep the box, the constant-tensor product and everything after it are full."""
+    f, params = fxattr.functionalize(_model("gated"))
+    program, _, plan = _plan(f, params, torch.randn(3, 13, 11, dtype=torch.float64), (3, 3, 3), (3, 2, 2))
+    by_name = {st.name: plan.kinds[st.slot] for st in program.steps}
+    assert by_name["stem"] == by_name["gate"] == by_name["pool"] == "window"
+    assert by_name["bn"] == by_name["sigmoid"] == by_name["abs_1"] == "pointwise"
+    assert by_name["mul"] == "binary" and by_name["sub"] == "pointwise"
+    assert by_name["mul_1"] == by_name["head"] == "full"
+
+
+def test_runs_on_the_program_not_on_its_own_interpreter():
+    """The one forward interpreter (fxattr.graph.Program) runs incremental occlusion: the module
+    neither reads torch.fx nor evaluates nodes itself."""
+    import inspect
+    import types
+    modules = {v.__name__ for v in vars(_incremental).values() if isinstance(v, types.ModuleType)}
+    assert "torch.fx" not in modules and not hasattr(_incremental, "Step")
+    source = inspect.getsource(_incremental)
+    assert "call_privately" not in source and "getattr(args[0]" not in source
+    assert "program.run_step(" in source
 
 
 @pytest.mark.slow
@@ -218,14 +266,14 @@ def test_resnet18_boxes_are_the_receptive_field_growth():
     torchvision = pytest.importorskip("torchvision")
     f, params = fxattr.functionalize(torchvision.models.resnet18(weights=None).eval())
     x = torch.randn(3, 224, 224)
-    steps, _, plan = _plan(f, params, x, (3, 16, 16), (3, 8, 8))
-    sizes = {st.target: plan.sizes.get(st.index) for st in steps if st.op == "call_module"}
+    program, _, plan = _plan(f, params, x, (3, 16, 16), (3, 8, 8))
+    sizes = {st.target: plan.sizes.get(st.slot) for st in program.steps if st.op == "module"}
     assert sizes["conv1"] == (11, 11)
     assert sizes["maxpool"] == (7, 7)
     assert sizes["layer1.0.conv1"] == (9, 9)
     assert sizes["layer1.0.conv2"] == (11, 11)
     assert sizes["layer2.0.downsample.0"] == (7, 7)
-    assert all(plan.kinds[st.index] == "full" for st in steps if str(st.target).startswith("layer4"))
+    assert all(plan.kinds[st.slot] == "full" for st in program.steps if str(st.target).startswith("layer4"))
     assert 0.9 < plan.saved < 0.95
 
 
