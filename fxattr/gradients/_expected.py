@@ -14,6 +14,8 @@ torch's global generator, so ``torch.manual_seed`` reproduces a run,
 
 from __future__ import annotations
 
+import inspect
+
 import optree
 import torch
 from torch import Tensor
@@ -27,7 +29,7 @@ from fxattr._explainer import (
     tree_map,
 )
 from fxattr.errors import FxattrError, api_boundary, check_finite, fail
-from fxattr.targets import check_target, is_concrete
+from fxattr.targets import check_target, is_concrete, readable, select
 
 __all__ = ["expected_gradients", "gradient_shap"]
 
@@ -40,7 +42,8 @@ def _check_baselines(where, baselines):
         raise fail(where, "baselines must be a tensor of shape (N, *x.shape) holding the reference "
                           f"set (or a pytree of those matching x), got {type(baselines).__name__}")
     for b in leaves:
-        if b.dtype.is_floating_point and b.numel() and not bool(torch.isfinite(b).all()):
+        plain = readable(b)  # returned by a callable under vmap: read under the wrappers
+        if b.dtype.is_floating_point and b.numel() and plain is not None and not bool(torch.isfinite(plain).all()):
             raise fail(where, "baselines hold NaN or Inf values")
         if not b.dtype.is_floating_point:
             raise fail(where, f"baselines must be floating-point, got dtype {b.dtype}")
@@ -96,9 +99,30 @@ def _check_noise(where, noise, x, samples, count, sigma):
                                   f"= {(samples, *t.shape)}")
 
 
+def _check_flags(where, multiply_by_inputs, return_convergence_delta):
+    for name, value in (("multiply_by_inputs", multiply_by_inputs),
+                        ("return_convergence_delta", return_convergence_delta)):
+        if not isinstance(value, bool):
+            raise fail(where, f"{name} must be True or False, got {value!r}")
+
+
+def _baseline_function(where, baselines):
+    """A callable ``baselines`` as ``x -> reference set``; captum's zero-argument form included."""
+    try:
+        parameters = [p for p in inspect.signature(baselines).parameters.values()
+                      if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        parameters = [None]
+    if len(parameters) > 1:
+        raise fail(where, f"a callable baselines must take x (one example) or nothing, it takes "
+                          f"{len(parameters)} arguments")
+    return (lambda x: baselines(x)) if parameters else (lambda x: baselines())
+
+
 @api_boundary("expected_gradients")
 def expected_gradients(f, *, baselines, samples: int = 16, sigma: float = 0.0,
-                       chunk_size: int | None = None):
+                       chunk_size: int | None = None, multiply_by_inputs: bool = True,
+                       return_convergence_delta: bool = False):
     """Expected gradients: IG with baselines drawn from a set and one random path point per draw.
 
     For ``k = 1..samples``: draw a baseline ``b_k`` uniformly from ``baselines``, ``a_k ~ U(0, 1)``
@@ -123,30 +147,51 @@ def expected_gradients(f, *, baselines, samples: int = 16, sigma: float = 0.0,
     Args:
         f: the function of ``fxattr.functionalize``.
         baselines: the reference set, a tensor of shape ``(N, *x.shape)`` (e.g. a batch of training
-            examples), or a pytree of those matching x.
+            examples), or a pytree of those matching x; or a callable returning it, called with
+            x (one example) or with nothing (captum's callable baselines).
         samples: number of draws (>= 1).
         sigma: standard deviation of the Gaussian noise added to x (>= 0; 0 = no noise).
         chunk_size: how many draws are evaluated at once (``None``: all).
+        multiply_by_inputs: ``False`` returns the mean of the gradients at the drawn points,
+            without the factor ``x_k - b_k`` (captum's ``GradientShap(multiply_by_inputs=False)``).
+        return_convergence_delta: also return the ``(samples,)`` errors ``sum((x_k - b_k) * g_k)
+            - (f(x_k)[t] - f(b_k)[t])``, one per draw, of the attributions with the factor
+            (captum's deltas: ``(B * samples,)`` over a batch, this ``(B, samples)`` flattened).
+
+    Returns:
+        ``explain(params, x, target)`` -> attributions of x's structure, or
+        ``(attributions, delta)`` with ``return_convergence_delta``.
 
     Example:
         >>> explain = fxattr.expected_gradients(f, baselines=train_images[:100], samples=32)
         >>> torch.manual_seed(0)
         >>> torch.vmap(explain, in_dims=(None, 0, 0), randomness="different")(params, images, labels)
     """
-    return _build(_WHERE, f, baselines, samples, sigma, chunk_size)
+    return _build(_WHERE, f, baselines, samples, sigma, chunk_size, multiply_by_inputs,
+                  return_convergence_delta)
 
 
-def _build(where, f, baselines, samples, sigma, chunk_size):
+def _build(where, f, baselines, samples, sigma, chunk_size, multiply_by_inputs, return_convergence_delta):
     check_model(where, f)
     check_int(where, "samples", samples, 1)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
     sigma = check_finite(where, "sigma", sigma, minimum=0)
-    count = _check_baselines(where, baselines)
+    _check_flags(where, multiply_by_inputs, return_convergence_delta)
+    given = callable(baselines) and not isinstance(baselines, Tensor)
+    if given:
+        reference_set = _baseline_function(where, baselines)
+    else:
+        _check_baselines(where, baselines)
     sigma = float(sigma)
 
     def explain(params, x, target=None, *, noise=None):
         check_target(where, target)
-        refs = _match_baselines(where, baselines, x)
+        if given:
+            drawn_from = reference_set(x)
+            count = _check_baselines(where, drawn_from)
+        else:
+            drawn_from, count = baselines, optree.tree_leaves(baselines, namespace="torch")[0].shape[0]
+        refs = _match_baselines(where, drawn_from, x)
         like = optree.tree_leaves(x, namespace="torch")[0]
         if noise is None:
             index = torch.randint(count, (samples,), device=like.device)
@@ -168,27 +213,42 @@ def _build(where, f, baselines, samples, sigma, chunk_size):
             diff = tree_map(torch.sub, xk, b)
             point = tree_map(lambda b_, d: b_ + a * d, b, diff)
             grads = grad_of_target(where, f, params, point, target)
-            return tree_map(torch.mul, diff, grads)
+            attributions = tree_map(torch.mul, diff, grads)
+            result = attributions if multiply_by_inputs else grads
+            if not return_convergence_delta:
+                return result
+            total = sum(t.sum() for t in optree.tree_leaves(attributions, namespace="torch"))
+            change = select(where, f(params, xk), target) - select(where, f(params, b), target)
+            return result, total - change
 
         if normal is None:
-            attributions = torch.vmap(lambda b, a: one(b, a, None), chunk_size=chunk_size)(drawn, alpha)
+            result = torch.vmap(lambda b, a: one(b, a, None), chunk_size=chunk_size)(drawn, alpha)
         else:
-            attributions = torch.vmap(one, chunk_size=chunk_size)(drawn, alpha, normal)
-        return tree_map(lambda a: a.mean(0), attributions)
+            result = torch.vmap(one, chunk_size=chunk_size)(drawn, alpha, normal)
+        if return_convergence_delta:
+            attributions, delta = result
+            return tree_map(lambda a: a.mean(0), attributions), delta
+        return tree_map(lambda a: a.mean(0), result)
 
-    config = {"baselines": tuple(b.shape for b in optree.tree_leaves(baselines, namespace="torch")),
-              "samples": samples, "sigma": sigma, "chunk_size": chunk_size}
+    config = {"baselines": baselines if given else tuple(
+                  b.shape for b in optree.tree_leaves(baselines, namespace="torch")),
+              "samples": samples, "sigma": sigma, "chunk_size": chunk_size,
+              "multiply_by_inputs": multiply_by_inputs, "return_convergence_delta": return_convergence_delta}
     return explainer(where, f, config, explain)
 
 
 @api_boundary("gradient_shap")
 def gradient_shap(f, *, baselines, samples: int = 16, sigma: float = 0.0,
-                  chunk_size: int | None = None):
+                  chunk_size: int | None = None, multiply_by_inputs: bool = True,
+                  return_convergence_delta: bool = False):
     """Gradient SHAP: :func:`expected_gradients` under captum's name (``sigma`` = captum's ``stdevs``,
-    ``samples`` = ``n_samples``; captum's default ``stdevs`` is 0 too).
+    ``samples`` = ``n_samples``; captum's default ``stdevs`` is 0 too). ``baselines`` may be a
+    callable, ``multiply_by_inputs`` and ``return_convergence_delta`` are captum's options (see
+    :func:`expected_gradients`).
 
     Example:
         >>> explain = fxattr.gradient_shap(f, baselines=torch.zeros(1, 3, 32, 32), samples=8, sigma=0.1)
         >>> torch.vmap(explain, in_dims=(None, 0, 0), randomness="different")(params, images, labels)
     """
-    return _build("gradient_shap", f, baselines, samples, sigma, chunk_size)
+    return _build("gradient_shap", f, baselines, samples, sigma, chunk_size, multiply_by_inputs,
+                  return_convergence_delta)

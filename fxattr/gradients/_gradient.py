@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optree
 import torch
 
 from fxattr._explainer import (
@@ -11,7 +12,7 @@ from fxattr._explainer import (
     grad_of_target,
     tree_map,
 )
-from fxattr.errors import api_boundary, check_finite
+from fxattr.errors import api_boundary, check_finite, fail
 from fxattr.targets import check_target
 
 __all__ = ["gradient", "input", "input_x_gradient", "random"]
@@ -20,7 +21,7 @@ _POSTPROCESS = {None: lambda g: g, "abs": torch.abs, "square": torch.square}
 
 
 @api_boundary("gradient")
-def gradient(f, *, postprocess: str | None = None):
+def gradient(f, *, postprocess=None):
     """Saliency: the gradient of the target output with respect to the input.
 
     ``explain(params, x, target)`` returns ``d f(params, x)[target] / dx`` (seeded with 1, as
@@ -29,7 +30,11 @@ def gradient(f, *, postprocess: str | None = None):
     Args:
         f: the function of ``fxattr.functionalize``.
         postprocess: ``None`` (the signed gradient), ``"abs"`` (Simonyan et al.; captum's default)
-            or ``"square"``.
+            or ``"square"``, applied to every tensor of the gradient; or a callable ``gradient ->
+            attributions`` (PyTorch-Explanations' ``SimpleGradient(post_process=...)``) called with
+            the gradient of one example (x's structure), so it must work under ``torch.vmap`` and
+            should be differentiable for second-order use (e.g. ``lambda g: g.abs().amax(0)``, the
+            channel maximum).
 
     Example:
         >>> f, params = fxattr.functionalize(model)
@@ -37,13 +42,26 @@ def gradient(f, *, postprocess: str | None = None):
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
     check_model("gradient", f)
-    check_choice("gradient", "postprocess", postprocess, tuple(_POSTPROCESS))
-    post = _POSTPROCESS[postprocess]
+    custom = callable(postprocess) and not isinstance(postprocess, (str, torch.Tensor))
+    if not custom:
+        if not isinstance(postprocess, (str, type(None))):
+            raise fail("gradient", "postprocess must be None, 'abs', 'square' or a callable gradient -> "
+                                   f"attributions; got {postprocess!r:.80}")
+        check_choice("gradient", "postprocess", postprocess, tuple(_POSTPROCESS))
 
     def explain(params, x, target=None):
-        return tree_map(post, grad_of_target("gradient", f, params, x, target))
+        grads = grad_of_target("gradient", f, params, x, target)
+        if not custom:
+            return tree_map(_POSTPROCESS[postprocess], grads)
+        result = postprocess(grads)
+        leaves = optree.tree_leaves(result, namespace="torch")
+        if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+            raise fail("gradient", "postprocess must return a tensor or a pytree of tensors, got "
+                                   f"{type(result).__name__}")
+        return result
 
-    return explainer("gradient", f, {"postprocess": postprocess}, explain)
+    # a callable may change the shape: an empty batch then runs it on a zero example
+    return explainer("gradient", f, {"postprocess": postprocess}, explain, empty="run" if custom else "like_x")
 
 
 @api_boundary("input_x_gradient")

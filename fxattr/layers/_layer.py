@@ -383,9 +383,8 @@ def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float 
 
     :func:`fxattr.deeplift` on the head's graph, a model of ``(activation, x)``, from the reference
     ``(body(baseline), baseline)``: ``(a - a_b) * m`` with the multipliers ``m`` of the layers
-    after the cut. ``multiply_by_inputs=False`` (captum: ``m`` alone) is an error for now:
-    fxattr's DeepLIFT engine returns ``m * (a - a_b)``, and ``m`` cannot be recovered from it
-    where ``a == a_b`` (every unit a ReLU zeroes at both points), so dividing would be wrong there.
+    after the cut. ``multiply_by_inputs=False`` returns the multipliers ``m`` alone (captum's
+    ``LayerDeepLift(multiply_by_inputs=False)``).
 
     Example:
         >>> explain = fxattr.layers.layer_deeplift(f, layer="features.3")
@@ -394,10 +393,6 @@ def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float 
     where = "layer_deeplift"
     check_layer_baseline(where, baseline)
     check_bool(where, "multiply_by_inputs", multiply_by_inputs)
-    if not multiply_by_inputs:
-        raise fail(where, "multiply_by_inputs=False is not supported: fxattr's DeepLIFT engine returns "
-                          "multipliers times (a - a_b), and the multiplier of a unit with a == a_b "
-                          "cannot be recovered from that")
     check_choice(where, "rule", rule, ("rescale", "reveal_cancel"))
     check_finite(where, "eps", eps, minimum=0)
     from fxattr import deeplift
@@ -405,16 +400,19 @@ def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float 
     def make(cut, params, x):
         base = input_baseline(where, baseline, x)
         reference = cut.head_input(cut.body(params, base), base)
-        return deeplift(cut.head_model, baseline=lambda _: reference, rule=rule, eps=eps)
+        return deeplift(cut.head_model, baseline=lambda _: reference, rule=rule, eps=eps,
+                        multiply_by_inputs=multiply_by_inputs)
 
     config = {"baseline": baseline, "rule": rule, "eps": eps, "multiply_by_inputs": multiply_by_inputs}
     return _graph_method(where, f, layer, attribute_to_layer_input, config, make)
 
 
 def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", eps: float = 1e-10,
-                        chunk_size: int | None = None, attribute_to_layer_input: bool = False):
+                        chunk_size: int | None = None, multiply_by_inputs: bool = True,
+                        attribute_to_layer_input: bool = False):
     """DeepLIFT at the layer averaged over a set of input baselines (captum's
-    ``LayerDeepLiftShap``): the mean over ``b`` in ``baselines`` of :func:`layer_deeplift`.
+    ``LayerDeepLiftShap``): the mean over ``b`` in ``baselines`` of :func:`layer_deeplift`
+    (``multiply_by_inputs=False``: the mean of the multipliers, as captum).
 
     Example:
         >>> explain = fxattr.layers.layer_deeplift_shap(f, layer="features.3", baselines=refs[:8])
@@ -427,6 +425,7 @@ def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", e
     check_choice(where, "rule", rule, ("rescale", "reveal_cancel"))
     check_finite(where, "eps", eps, minimum=0)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
+    check_bool(where, "multiply_by_inputs", multiply_by_inputs)
     from fxattr import deeplift_shap
 
     def make(cut, params, x):
@@ -437,9 +436,10 @@ def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", e
         acts = torch.vmap(lambda b: cut.body(params, b))(bases)
         references = cut.head_input(acts, bases)
         return deeplift_shap(cut.head_model, baselines=lambda _: references, rule=rule, eps=eps,
-                             chunk_size=chunk_size)
+                             chunk_size=chunk_size, multiply_by_inputs=multiply_by_inputs)
 
-    config = {"baselines": tuple(baselines.shape), "rule": rule, "eps": eps, "chunk_size": chunk_size}
+    config = {"baselines": tuple(baselines.shape), "rule": rule, "eps": eps, "chunk_size": chunk_size,
+              "multiply_by_inputs": multiply_by_inputs}
     return _graph_method(where, f, layer, attribute_to_layer_input, config, make)
 
 

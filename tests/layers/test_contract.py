@@ -192,7 +192,7 @@ def test_clear_errors():
         (lambda: L.layer_gradient_shap(f, layer="features.2", baselines="zeros"), "baselines"),
         (lambda: L.layer_gradient_shap(f, layer="features.2", baselines=torch.zeros(1, 2, 6, 6), sigma=-1), "sigma"),
         (lambda: L.layer_deeplift(f, layer="features.2", rule="linear"), "rule"),
-        (lambda: L.layer_deeplift(f, layer="features.2", multiply_by_inputs=False), "not supported"),
+        (lambda: L.layer_deeplift(f, layer="features.2", multiply_by_inputs=0), "multiply_by_inputs"),
         (lambda: L.layer_deeplift_shap(f, layer="features.2", baselines=torch.zeros(0, 2, 6, 6)), "baselines"),
         (lambda: L.layer_integrated_gradients(model, layer="features.2"), "functionalize"),
         (lambda: L.layer_integrated_gradients(lambda p, x: x, layer="features.2"), "functionalize"),
