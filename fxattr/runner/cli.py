@@ -24,75 +24,76 @@ from pathlib import Path
 import torch
 
 import fxattr
-from fxattr.errors import FxattrError, fail
+from fxattr.errors import FxattrError, api_boundary, fail
 from fxattr.runner import storage
 from fxattr.runner.dataset import attribute_dataset, load_attributions
 from fxattr.runner.sources import check_resize, open_data, parse_floats
 
 __all__ = ["build_explainer", "load_model", "main", "view"]
 
-WHERE = "explain"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 # ------------------------------------------------------------------ the model
 
+@api_boundary("explain")
 def load_model(spec: str, weights: str | None = None) -> torch.nn.Module:
     """``MODULE:FACTORY`` (an import path or a ``file.py``), or ``torchvision:NAME`` (random
     weights), called with no arguments; ``weights`` (a state_dict: ``torch.save`` file read with
     ``weights_only=True``, or ``.safetensors``) loaded into it; the module put in eval mode."""
     if not isinstance(spec, str) or ":" not in spec:
-        raise fail(WHERE, f"--model must be MODULE:FACTORY or torchvision:NAME, got {spec!r}")
+        raise fail(None, f"--model must be MODULE:FACTORY or torchvision:NAME, got {spec!r}")
     module_name, factory_name = spec.rsplit(":", 1)
     if module_name == "torchvision":
         try:
             import torchvision
         except ImportError:
-            raise fail(WHERE, "--model torchvision:NAME needs torchvision installed") from None
+            raise fail(None, "--model torchvision:NAME needs torchvision installed") from None
         names = torchvision.models.list_models()
         if factory_name not in names:
             close = difflib.get_close_matches(factory_name, names, n=4, cutoff=0.5)
-            raise fail(WHERE, f"--model: torchvision has no model {factory_name!r}"
+            raise fail(None, f"--model: torchvision has no model {factory_name!r}"
                               + (f"; did you mean {', '.join(map(repr, close))}?" if close else ""))
         model = torchvision.models.get_model(factory_name, weights=None)
     else:
         if module_name.endswith(".py"):
             path = Path(module_name)
             if not path.is_file():
-                raise fail(WHERE, f"--model: no file {module_name!r}")
+                raise fail(None, f"--model: no file {module_name!r}")
             module_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(module_spec)
             try:
                 module_spec.loader.exec_module(module)
             except Exception as error:
-                raise fail(WHERE, f"--model: importing {module_name!r} failed: {type(error).__name__}: {error}") from error
+                raise fail(None, f"--model: importing {module_name!r} failed: {type(error).__name__}: {error}") from error
         else:
             try:
                 module = importlib.import_module(module_name)
             except ImportError as error:
-                raise fail(WHERE, f"--model: cannot import module {module_name!r}: {error}") from error
+                raise fail(None, f"--model: cannot import module {module_name!r}: {error}") from error
         factory = module
         for part in factory_name.split("."):
             if not hasattr(factory, part):
-                raise fail(WHERE, f"--model: module {module_name!r} has no {factory_name!r}")
+                raise fail(None, f"--model: module {module_name!r} has no {factory_name!r}")
             factory = getattr(factory, part)
         if not callable(factory):
-            raise fail(WHERE, f"--model: {spec!r} is not callable")
+            raise fail(None, f"--model: {spec!r} is not callable")
         try:
             model = factory()
         except Exception as error:
-            raise fail(WHERE, f"--model: {spec}() failed: {type(error).__name__}: {error}") from error
+            raise fail(None, f"--model: {spec}() failed: {type(error).__name__}: {error}") from error
     if not isinstance(model, torch.nn.Module):
-        raise fail(WHERE, f"--model: {spec}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise fail(None, f"--model: {spec}() returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         load_state(model, weights)
     return model.eval()
 
 
+@api_boundary("explain")
 def read_weights(weights: str) -> dict:
     path = Path(weights)
     if not path.is_file():
-        raise fail(WHERE, f"--weights: no file {weights!r}")
+        raise fail(None, f"--weights: no file {weights!r}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -100,20 +101,21 @@ def read_weights(weights: str) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise fail(WHERE, f"--weights: cannot read {weights!r} as a state_dict (torch.save with "
+        raise fail(None, f"--weights: cannot read {weights!r} as a state_dict (torch.save with "
                           f"weights_only=True, or safetensors): {type(error).__name__}: {error}") from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise fail(WHERE, f"--weights: {weights!r} holds a {type(state).__name__}, not a state_dict")
+        raise fail(None, f"--weights: {weights!r} holds a {type(state).__name__}, not a state_dict")
     return state
 
 
+@api_boundary("explain")
 def load_state(model: torch.nn.Module, weights: str) -> None:
     try:
         model.load_state_dict(read_weights(weights))
     except RuntimeError as error:
-        raise fail(WHERE, f"--weights {weights!r} does not fit the model: {error}") from error
+        raise fail(None, f"--weights {weights!r} does not fit the model: {error}") from error
 
 
 # ------------------------------------------------------------------ the method
@@ -130,6 +132,7 @@ def functional_names() -> list[str]:
     return sorted(names)
 
 
+@api_boundary("explain")
 def parse_method_kw(items) -> dict:
     """``KEY=VALUE`` pairs; values are Python literals (``0.25``, ``(8, 8)``, ``None``) or strings."""
     kwargs = {}
@@ -137,10 +140,10 @@ def parse_method_kw(items) -> dict:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
-            raise fail(WHERE, f"--method-kw {item!r}: expected KEY=VALUE with KEY a keyword name "
+            raise fail(None, f"--method-kw {item!r}: expected KEY=VALUE with KEY a keyword name "
                               "(e.g. --method-kw epsilon=0.25)")
         if key in kwargs:
-            raise fail(WHERE, f"--method-kw: {key!r} given twice")
+            raise fail(None, f"--method-kw: {key!r} given twice")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -149,6 +152,7 @@ def parse_method_kw(items) -> dict:
     return kwargs
 
 
+@api_boundary("explain")
 def build_explainer(method: str, model: torch.nn.Module, kwargs: dict):
     """``(explain, params)`` for an analyzer name (``fxattr.list_analyzers()``, iNNvestigate's
     keywords and defaults) or a functional explainer's name (``integrated_gradients`` is the
@@ -165,18 +169,19 @@ def build_explainer(method: str, model: torch.nn.Module, kwargs: dict):
             try:
                 return getattr(fxattr, name)(f, **kwargs), params
             except TypeError as error:
-                raise fail(WHERE, f"--method-kw: {name!r} does not take these keywords: {error}") from error
+                raise fail(None, f"--method-kw: {name!r} does not take these keywords: {error}") from error
     except FxattrError as error:
-        raise fail(WHERE, f"--method {method!r} with --method-kw {kwargs!r}: {error}") from error
+        raise fail(None, f"--method {method!r} with --method-kw {kwargs!r}: {error}") from error
     known = sorted(set(analyzers) | set(functional))
     close = difflib.get_close_matches(method, known, n=4, cutoff=0.5)
-    raise fail(WHERE, f"--method: no method {method!r}"
+    raise fail(None, f"--method: no method {method!r}"
                       + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
                       + " (fxattr.list_analyzers() lists the analyzer names)")
 
 
 # ------------------------------------------------------------------ explain
 
+@api_boundary("explain")
 def parse_normalize(text: str | None):
     if text is None:
         return None
@@ -190,10 +195,11 @@ def parse_normalize(text: str | None):
         return values[0], values[1]
     if len(values) >= 2 and len(values) % 2 == 0:
         return values[: len(values) // 2], values[len(values) // 2:]
-    raise fail(WHERE, f"--normalize {text!r}: expected MEAN,STD (two numbers), per-channel means then "
+    raise fail(None, f"--normalize {text!r}: expected MEAN,STD (two numbers), per-channel means then "
                       "stds (0.5,0.5,0.5,0.2,0.2,0.2), or 'imagenet'")
 
 
+@api_boundary("explain")
 def parse_resize(text: str | None):
     if text is None:
         return None
@@ -202,16 +208,17 @@ def parse_resize(text: str | None):
     except ValueError:
         values = []
     if len(values) not in (1, 2):
-        raise fail(WHERE, f"--resize {text!r}: expected SIZE or HEIGHT,WIDTH (positive ints)")
-    return check_resize(WHERE, values[0] if len(values) == 1 else tuple(values))
+        raise fail(None, f"--resize {text!r}: expected SIZE or HEIGHT,WIDTH (positive ints)")
+    return check_resize(values[0] if len(values) == 1 else tuple(values))
 
 
+@api_boundary("explain")
 def explain_command(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise fail(WHERE, "--device cuda: no CUDA device is available")
+        raise fail(None, "--device cuda: no CUDA device is available")
     model = load_model(args.model, args.weights)
     kwargs = parse_method_kw(args.method_kw)
-    data = open_data(WHERE, args.data, resize=parse_resize(args.resize), normalize=parse_normalize(args.normalize))
+    data = open_data(args.data, resize=parse_resize(args.resize), normalize=parse_normalize(args.normalize))
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:  # under torchrun: this rank's GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -234,12 +241,12 @@ def explain_command(args) -> int:
 
 # ------------------------------------------------------------------ view
 
+@api_boundary("view")
 def view(out, *, count: int = 32, columns: int = 8, reduce: str = "sum") -> Path:
     """Writes ``out/view/grid.png`` (the first ``count`` heatmaps, and the class means) and
     ``out/view/index.html`` (a table of every shown example with its heatmap)."""
     from PIL import Image
 
-    where = "view"
     run = load_attributions(out)
     view_dir = Path(out) / "view"
     (view_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
@@ -250,7 +257,7 @@ def view(out, *, count: int = 32, columns: int = 8, reduce: str = "sum") -> Path
     elif attribution.ndim == 4:
         maps = fxattr.viz.heatmap(attribution, reduce=reduce)
     else:
-        raise fail(where, f"view draws image attributions (C, H, W) or maps (H, W); these are "
+        raise fail(None, f"view draws image attributions (C, H, W) or maps (H, W); these are "
                           f"{tuple(attribution.shape[1:])}")
     rows = [list(maps[i:i + columns]) for i in range(0, shown, columns)]
     row_labels = [f"#{int(run['index'][i])}-{int(run['index'][min(i + columns, shown) - 1])}"

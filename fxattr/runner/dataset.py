@@ -21,13 +21,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from fxattr.errors import FxattrError, fail
+from fxattr.errors import FxattrError, api_boundary, fail
 from fxattr.runner import storage
 from fxattr.runner.distributed import Group, join, my_shards
 
 __all__ = ["RunSummary", "attribute_dataset", "load_attributions"]
 
-WHERE = "attribute_dataset"
 TARGETS = ("predicted", "label")
 RANDOMNESS = ("different", "same")
 
@@ -61,15 +60,15 @@ def check_positive_int(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(WHERE, f"{name} must be an int >= 1, got {value!r}")
+        raise fail(None, f"{name} must be an int >= 1, got {value!r}")
 
 
-def storage_dtype(where: str, dtype) -> torch.dtype:
+def storage_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str) and dtype in storage.DTYPES:
         return storage.DTYPES[dtype]
     if dtype in storage.DTYPES.values():
         return dtype
-    raise fail(where, f"dtype must be one of torch.float16, torch.bfloat16, torch.float32 (or their "
+    raise fail(None, f"dtype must be one of torch.float16, torch.bfloat16, torch.float32 (or their "
                       f"names); got {dtype!r}")
 
 
@@ -82,7 +81,7 @@ def split_batch(batch) -> tuple[Tensor, Tensor | None]:
         if not isinstance(labels, Tensor):
             labels = torch.as_tensor(labels)
         return batch[0], labels
-    raise fail(WHERE, "each example must be an image tensor or an (image, label) pair; the dataset "
+    raise fail(None, "each example must be an image tensor or an (image, label) pair; the dataset "
                       f"gave {type(batch).__name__}"
                       + (f" of {len(batch)} items" if isinstance(batch, (list, tuple)) else ""))
 
@@ -101,9 +100,9 @@ def loader_settings(data) -> tuple[torch.utils.data.Dataset, dict]:
     elif isinstance(data, torch.utils.data.Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         dataset, settings = data, {}
     else:
-        raise fail(WHERE, f"data must be a Dataset, a DataLoader or a tensor of examples, got {type(data).__name__}")
+        raise fail(None, f"data must be a Dataset, a DataLoader or a tensor of examples, got {type(data).__name__}")
     if isinstance(dataset, torch.utils.data.IterableDataset):
-        raise fail(WHERE, "data must be a map-style Dataset (indexable): an IterableDataset has no "
+        raise fail(None, "data must be a map-style Dataset (indexable): an IterableDataset has no "
                           "positions to resume from or to split across ranks")
     return dataset, settings
 
@@ -144,7 +143,7 @@ class ShardWriter:
 
     def check(self) -> None:
         if self.error is not None:
-            raise fail(WHERE, f"writing a shard failed: {self.error}") from self.error
+            raise fail(None, f"writing a shard failed: {self.error}") from self.error
 
     def close(self, report: bool = True) -> None:
         """Writes what is queued (finished shards survive an error in the loop), then stops."""
@@ -156,6 +155,7 @@ class ShardWriter:
 
 # ------------------------------------------------------------------ the runner
 
+@api_boundary("attribute_dataset")
 def attribute_dataset(explain, params, data, out, *, batch_size: int = 32,
                       target: str | Callable = "predicted", format: str = "safetensors",
                       dtype=torch.float32, shard_size: int | None = None, resume: bool = False,
@@ -214,53 +214,53 @@ def attribute_dataset(explain, params, data, out, *, batch_size: int = 32,
     """
     started = time.perf_counter()
     if not callable(explain):
-        raise fail(WHERE, f"explain must be an fxattr explainer (a callable), got {type(explain).__name__}")
+        raise fail(None, f"explain must be an fxattr explainer (a callable), got {type(explain).__name__}")
     f = model if model is not None else getattr(explain, "model", None)
     if not callable(f):
-        raise fail(WHERE, "explain has no .model to predict with (not an fxattr explainer?): pass model=f, "
+        raise fail(None, "explain has no .model to predict with (not an fxattr explainer?): pass model=f, "
                           "the function of fxattr.functionalize")
     if not isinstance(params, dict):
-        raise fail(WHERE, f"params must be the dict of fxattr.functionalize, got {type(params).__name__}")
+        raise fail(None, f"params must be the dict of fxattr.functionalize, got {type(params).__name__}")
     check_positive_int("batch_size", batch_size)
     check_positive_int("shard_size", shard_size, allow_none=True)
     shard_size = batch_size if shard_size is None else shard_size
     if shard_size % batch_size:
-        raise fail(WHERE, f"shard_size ({shard_size}) must be a multiple of batch_size ({batch_size})")
+        raise fail(None, f"shard_size ({shard_size}) must be a multiple of batch_size ({batch_size})")
     if not (callable(target) or (isinstance(target, str) and target in TARGETS)):
-        raise fail(WHERE, f"target must be 'predicted', 'label' or a callable (outputs, labels) -> "
+        raise fail(None, f"target must be 'predicted', 'label' or a callable (outputs, labels) -> "
                           f"class indices; got {target!r}")
     if format not in storage.FORMATS:
-        raise fail(WHERE, f"format must be one of {', '.join(map(repr, storage.FORMATS))}; got {format!r}")
-    stored = storage_dtype(WHERE, dtype)
+        raise fail(None, f"format must be one of {', '.join(map(repr, storage.FORMATS))}; got {format!r}")
+    stored = storage_dtype(dtype)
     if format == "hdf5" and stored == torch.bfloat16:
-        raise fail(WHERE, "HDF5 has no bfloat16 (ViRelAy could not read it): use dtype float16 or "
+        raise fail(None, "HDF5 has no bfloat16 (ViRelAy could not read it): use dtype float16 or "
                           "float32, or format 'safetensors' / 'zarr'")
     if format == "hdf5":
-        storage.import_h5py(WHERE)
+        storage.import_h5py()
     if format == "zarr":
-        storage.import_zarr(WHERE)
+        storage.import_zarr()
     for name, flag in (("resume", resume), ("progress", progress)):
         if not isinstance(flag, bool):
-            raise fail(WHERE, f"{name} must be True or False, got {flag!r}")
+            raise fail(None, f"{name} must be True or False, got {flag!r}")
     if not isinstance(compile, (bool, dict)):
-        raise fail(WHERE, f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+        raise fail(None, f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise fail(WHERE, f"num_workers must be an int >= 0, got {num_workers!r}")
+        raise fail(None, f"num_workers must be an int >= 0, got {num_workers!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise fail(WHERE, f"seed must be an int, got {seed!r}")
+        raise fail(None, f"seed must be an int, got {seed!r}")
     if randomness not in RANDOMNESS:
-        raise fail(WHERE, f"randomness must be one of {RANDOMNESS}, got {randomness!r}")
+        raise fail(None, f"randomness must be one of {RANDOMNESS}, got {randomness!r}")
     if config is not None and not isinstance(config, dict):
-        raise fail(WHERE, f"config must be a dict, got {type(config).__name__}")
+        raise fail(None, f"config must be a dict, got {type(config).__name__}")
     if isinstance(out, (str, Path)):
         out = Path(out)
     else:
-        raise fail(WHERE, f"out must be a directory path, got {type(out).__name__}")
+        raise fail(None, f"out must be a directory path, got {type(out).__name__}")
 
     dataset, settings = loader_settings(data)
     length = len(dataset)
     if length == 0:
-        raise fail(WHERE, "the dataset is empty")
+        raise fail(None, "the dataset is empty")
     if settings.get("num_workers", 0) == 0 and num_workers:
         settings["num_workers"] = num_workers
         settings["prefetch_factor"] = 4
@@ -292,11 +292,11 @@ def run(explain, f, params, dataset, settings, out: Path, length: int, group: Gr
     except FxattrError:
         raise
     except Exception as error:
-        raise fail(WHERE, f"the model fails on the dataset's first example (shape {tuple(x0.shape[1:])}, "
+        raise fail(None, f"the model fails on the dataset's first example (shape {tuple(x0.shape[1:])}, "
                           f"dtype {x0.dtype}): {type(error).__name__}: {error}") from error
     output_size = output0.numel()
     if target == "label" and not has_labels:
-        raise fail(WHERE, "target='label' needs (image, label) examples; this dataset gives images only")
+        raise fail(None, "target='label' needs (image, label) examples; this dataset gives images only")
     shards = math.ceil(length / shard_size)
     manifest = {
         "layout": storage.LAYOUT_VERSION,
@@ -331,11 +331,11 @@ def run(explain, f, params, dataset, settings, out: Path, length: int, group: Gr
         except FxattrError as error:
             refusal = error
     if not group.all_ok(refusal is None):
-        raise refusal or fail(WHERE, f"rank 0 refused the run in {str(out)!r} (see its error)")
-    existing = storage.read_manifest(WHERE, out)
+        raise refusal or fail(None, f"rank 0 refused the run in {str(out)!r} (see its error)")
+    existing = storage.read_manifest(out)
     differences = compare_configs(existing["config"], manifest["config"])
     if differences:
-        raise fail(WHERE, f"{str(out)!r} holds a run with a different configuration ({differences}); "
+        raise fail(None, f"{str(out)!r} holds a run with a different configuration ({differences}); "
                           "resume it with the same configuration, or choose another directory")
     if existing.get("complete"):
         return RunSummary(out, length, shards, 0, len(my_shards(shards, group)), time.perf_counter() - started)
@@ -394,12 +394,12 @@ def run(explain, f, params, dataset, settings, out: Path, length: int, group: Gr
 def prepare_directory(out: Path, manifest: dict, resume: bool) -> dict:
     if (out / storage.MANIFEST).is_file():
         if not resume:
-            raise fail(WHERE, f"{str(out)!r} already holds an fxattr run ({storage.MANIFEST}); pass "
+            raise fail(None, f"{str(out)!r} already holds an fxattr run ({storage.MANIFEST}); pass "
                               "resume=True (--resume) to continue it, or choose another directory")
         storage.remove_temporaries(out)
-        return storage.read_manifest(WHERE, out)
+        return storage.read_manifest(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise fail(WHERE, f"{str(out)!r} is not an empty directory (and holds no fxattr run); choose "
+        raise fail(None, f"{str(out)!r} is not an empty directory (and holds no fxattr run); choose "
                           "a new or empty directory")
     (out / storage.SHARDS).mkdir(parents=True, exist_ok=True)
     storage.write_manifest(out, manifest)
@@ -445,12 +445,12 @@ def make_step(explain, f, target, batch_size: int, compile: bool, randomness: st
             if not isinstance(chosen, Tensor) or chosen.shape != prediction.shape \
                     or chosen.dtype.is_floating_point or chosen.dtype == torch.bool:
                 shape = tuple(chosen.shape) if isinstance(chosen, Tensor) else type(chosen).__name__
-                raise fail(WHERE, f"the target callable must return {len(prediction)} integer class "
+                raise fail(None, f"the target callable must return {len(prediction)} integer class "
                                   f"indices (shape ({len(prediction)},)), got {shape}")
             chosen = chosen.long()
         bad = (chosen < 0) | (chosen >= output_size)
         if bad.any():
-            raise fail(WHERE, f"target {int(chosen[bad][0])} is out of range for the model's "
+            raise fail(None, f"target {int(chosen[bad][0])} is out of range for the model's "
                               f"{output_size} outputs")
         return chosen
 
@@ -466,7 +466,7 @@ def make_step(explain, f, target, batch_size: int, compile: bool, randomness: st
         targets = choose(outputs, flat, prediction, labels)
         attribution = batched(params, x, targets)
         if not isinstance(attribution, Tensor):
-            raise fail(WHERE, f"the explainer must return one tensor per batch, got {type(attribution).__name__}")
+            raise fail(None, f"the explainer must return one tensor per batch, got {type(attribution).__name__}")
         return attribution[:size], flat[:size], prediction[:size], targets[:size]
 
     return step
@@ -488,7 +488,7 @@ def finalize(out: Path, manifest: dict, shards: int) -> None:
     config = manifest["config"]
     missing = storage.missing_shards(out, range(shards))
     if missing:
-        raise fail(WHERE, f"{len(missing)} of {shards} shards are missing after the run (first: "
+        raise fail(None, f"{len(missing)} of {shards} shards are missing after the run (first: "
                           f"{storage.shard_path(out, missing[0]).name}); run again with resume=True")
     consolidated = None
     sums: dict[int, Tensor] = {}
@@ -499,7 +499,7 @@ def finalize(out: Path, manifest: dict, shards: int) -> None:
         attribution, targets = tensors["attribution"], tensors["target"]
         if consolidated is None and config["format"] != "safetensors":
             consolidated = storage.ConsolidatedWriter(
-                WHERE, out, config["format"], config["examples"], attribution.shape[1:], config["output_size"],
+                out, config["format"], config["examples"], attribution.shape[1:], config["output_size"],
                 stored, config["shard_size"], config["has_labels"],
                 {"predicted": "model", "label": "true"}.get(config["target"], "callable"))
         classes, inverse = torch.unique(targets, return_inverse=True)
@@ -536,6 +536,7 @@ def finalize(out: Path, manifest: dict, shards: int) -> None:
 
 # ------------------------------------------------------------------ reading
 
+@api_boundary("load_attributions")
 def load_attributions(out) -> dict[str, Any]:
     """The attributions of a finished run in ``out``, in dataset order.
 
@@ -553,14 +554,13 @@ def load_attributions(out) -> dict[str, Any]:
         >>> run = fxattr.load_attributions("out")
         >>> torch.vmap(fxattr.gradient(f), in_dims=(None, 0, 0))(params, x[:4], run["target"][:4])
     """
-    where = "load_attributions"
     out = Path(out)
-    manifest = storage.read_manifest(where, out)
+    manifest = storage.read_manifest(out)
     config = manifest["config"]
     if not manifest.get("complete"):
         shards = math.ceil(config["examples"] / config["shard_size"])
         missing = storage.missing_shards(out, range(shards))
-        raise fail(where, f"the run in {str(out)!r} is not complete ({len(missing)} of {shards} shards "
+        raise fail(None, f"the run in {str(out)!r} is not complete ({len(missing)} of {shards} shards "
                           "missing); resume it first")
     stored = storage.DTYPES[config["dtype"]]
     length = config["examples"]
@@ -579,7 +579,7 @@ def load_attributions(out) -> dict[str, Any]:
                                                    storage.safetensors_rows(out, length, config["shard_size"], key))
     else:
         name = storage.HDF5_FILE if config["format"] == "hdf5" else storage.ZARR_DIR
-        root = storage.open_consolidated(where, config["format"], out / name)
+        root = storage.open_consolidated(config["format"], out / name)
         result.update({
             "index": torch.from_numpy(root["index"][:].astype("int64")),
             "target": torch.from_numpy(root["target"][:]),

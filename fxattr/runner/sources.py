@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fxattr.errors import fail
+from fxattr.errors import api_boundary, fail
 
 __all__ = ["IMAGE_EXTENSIONS", "ArrayDataset", "ImageFolder", "open_data"]
 
@@ -18,25 +18,25 @@ IMAGE_KEYS = ("x", "images", "image", "data", "inputs")
 LABEL_KEYS = ("y", "labels", "label", "targets")
 
 
-def check_normalize(where: str, normalize) -> tuple[Tensor, Tensor] | None:
+def check_normalize(normalize) -> tuple[Tensor, Tensor] | None:
     """``(mean, std)`` as tensors broadcastable to ``(C, H, W)``; std must be positive."""
     if normalize is None:
         return None
     try:
         mean, std = (torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in normalize)
     except (TypeError, ValueError) as error:
-        raise fail(where, f"normalize must be (mean, std), numbers or one per channel; got {normalize!r}") from error
+        raise fail(None, f"normalize must be (mean, std), numbers or one per channel; got {normalize!r}") from error
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all()) or (std <= 0).any():
-        raise fail(where, f"normalize must have finite means and positive finite stds; got {normalize!r}")
+        raise fail(None, f"normalize must have finite means and positive finite stds; got {normalize!r}")
     return mean, std
 
 
-def check_resize(where: str, resize) -> tuple[int, int] | None:
+def check_resize(resize) -> tuple[int, int] | None:
     if resize is None:
         return None
     size = (resize, resize) if isinstance(resize, int) else tuple(resize)
     if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
-        raise fail(where, f"resize must be a positive int or (height, width); got {resize!r}")
+        raise fail(None, f"resize must be a positive int or (height, width); got {resize!r}")
     return size
 
 
@@ -54,24 +54,24 @@ class ImageFolder(torch.utils.data.Dataset):
         >>> fxattr.attribute_dataset(explain, params, data, "out", batch_size=32)
     """
 
+    @api_boundary("ImageFolder")
     def __init__(self, root, *, resize=None, normalize=None):
-        where = "ImageFolder"
         root = Path(root)
         if not root.is_dir():
-            raise fail(where, f"{str(root)!r} is not a directory")
+            raise fail(None, f"{str(root)!r} is not a directory")
         self.root = root
-        self.resize = check_resize(where, resize)
-        self.normalize = check_normalize(where, normalize)
+        self.resize = check_resize(resize)
+        self.normalize = check_normalize(normalize)
         self.classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not self.classes:
-            raise fail(where, f"{str(root)!r} has no class sub-directories (expected root/CLASS/IMAGE)")
+            raise fail(None, f"{str(root)!r} has no class sub-directories (expected root/CLASS/IMAGE)")
         self.samples: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
             files = sorted(p for p in (root / name).rglob("*")
                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             self.samples.extend((str(p), label) for p in files)
         if not self.samples:
-            raise fail(where, f"{str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise fail(None, f"{str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -102,21 +102,21 @@ class ArrayDataset(torch.utils.data.Dataset):
     given. uint8 arrays are scaled to ``[0, 1]``; float arrays are taken as they are.
     ``normalize`` as :class:`ImageFolder`."""
 
+    @api_boundary("ArrayDataset")
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, *, normalize=None, name="array"):
-        where = "explain"
         if images.ndim == 3:
             images = images[:, None]
         if images.ndim < 2:
-            raise fail(where, f"{name}: the images must be (N, C, H, W) or (N, H, W), got shape {images.shape}")
+            raise fail(None, f"{name}: the images must be (N, C, H, W) or (N, H, W), got shape {images.shape}")
         if not (np.issubdtype(images.dtype, np.floating) or images.dtype == np.uint8):
-            raise fail(where, f"{name}: the images must be floats or uint8, got dtype {images.dtype}")
+            raise fail(None, f"{name}: the images must be floats or uint8, got dtype {images.dtype}")
         if labels is not None:
             labels = np.asarray(labels)
             if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-                raise fail(where, f"{name}: the labels must be {len(images)} integers, got shape "
+                raise fail(None, f"{name}: the labels must be {len(images)} integers, got shape "
                                   f"{labels.shape} and dtype {labels.dtype}")
         self.images, self.labels = images, labels
-        self.normalize = check_normalize(where, normalize)
+        self.normalize = check_normalize(normalize)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -131,19 +131,19 @@ class ArrayDataset(torch.utils.data.Dataset):
         return x if self.labels is None else (x, int(self.labels[i]))
 
 
-def open_data(where: str, path, *, resize=None, normalize=None) -> torch.utils.data.Dataset:
+def open_data(path, *, resize=None, normalize=None) -> torch.utils.data.Dataset:
     """An ImageFolder tree (a directory), an ``.npy`` array or an ``.npz`` archive (images under
     ``x``/``images``/``data``, labels under ``y``/``labels``, or one array)."""
     path = Path(path)
     if path.is_dir():
         return ImageFolder(path, resize=resize, normalize=normalize)
     if not path.exists():
-        raise fail(where, f"--data {str(path)!r} does not exist")
+        raise fail(None, f"--data {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz"):
-        raise fail(where, f"--data {str(path)!r} must be an ImageFolder directory, an .npy or an .npz file")
+        raise fail(None, f"--data {str(path)!r} must be an ImageFolder directory, an .npy or an .npz file")
     if resize is not None:
-        raise fail(where, "--resize applies to image files; arrays are taken at their own size")
+        raise fail(None, "--resize applies to image files; arrays are taken at their own size")
     try:
         if suffix == ".npy":
             images, labels = np.load(path, mmap_mode="r", allow_pickle=False), None
@@ -152,13 +152,13 @@ def open_data(where: str, path, *, resize=None, normalize=None) -> torch.utils.d
             keys = list(archive.keys())
             image_key = next((k for k in IMAGE_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
             if image_key is None:
-                raise fail(where, f"--data {str(path)!r}: no images under {', '.join(IMAGE_KEYS)} "
+                raise fail(None, f"--data {str(path)!r}: no images under {', '.join(IMAGE_KEYS)} "
                                   f"(keys: {', '.join(keys)})")
             label_key = next((k for k in LABEL_KEYS if k in keys), None)
             images = archive[image_key]
             labels = archive[label_key] if label_key else None
     except (OSError, ValueError) as error:
-        raise fail(where, f"cannot read --data {str(path)!r}: {error}") from error
+        raise fail(None, f"cannot read --data {str(path)!r}: {error}") from error
     return ArrayDataset(images, labels, normalize=normalize, name=str(path))
 
 

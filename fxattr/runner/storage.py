@@ -91,16 +91,16 @@ def write_manifest(out: Path, manifest: dict) -> None:
     atomic_write_bytes(Path(out) / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
-def read_manifest(where: str, out: Path) -> dict:
+def read_manifest(out: Path) -> dict:
     path = Path(out) / MANIFEST
     if not path.is_file():
-        raise fail(where, f"{str(out)!r} holds no fxattr run (no {MANIFEST})")
+        raise fail(None, f"{str(out)!r} holds no fxattr run (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise fail(where, f"cannot read {str(path)!r}: {error}") from error
+        raise fail(None, f"cannot read {str(path)!r}: {error}") from error
     if manifest.get("layout") != LAYOUT_VERSION:
-        raise fail(where, f"{str(path)!r} has layout {manifest.get('layout')!r}; this fxattr reads "
+        raise fail(None, f"{str(path)!r} has layout {manifest.get('layout')!r}; this fxattr reads "
                           f"layout {LAYOUT_VERSION}")
     return manifest
 
@@ -292,19 +292,19 @@ def safetensors_rows(out: Path, length: int, shard_size: int, key: str = "attrib
 
 # ------------------------------------------------------------------ HDF5 / zarr
 
-def import_h5py(where: str):
+def import_h5py():
     try:
         import h5py
     except ImportError:
-        raise fail(where, "format 'hdf5' needs h5py: pip install h5py (or pip install 'fxattr[hdf5]')") from None
+        raise fail(None, "format 'hdf5' needs h5py: pip install h5py (or pip install 'fxattr[hdf5]')") from None
     return h5py
 
 
-def import_zarr(where: str):
+def import_zarr():
     try:
         import zarr
     except ImportError:
-        raise fail(where, "format 'zarr' needs zarr: pip install zarr (or pip install 'fxattr[zarr]')") from None
+        raise fail(None, "format 'zarr' needs zarr: pip install zarr (or pip install 'fxattr[zarr]')") from None
     return zarr
 
 
@@ -323,7 +323,7 @@ class ConsolidatedWriter:
     """Writes the shards, in order, into one HDF5 file (ViRelAy's attribution database) or one
     zarr group, under a temporary name renamed into place when complete."""
 
-    def __init__(self, where: str, out: Path, fmt: str, length: int, example_shape, output_size: int,
+    def __init__(self, out: Path, fmt: str, length: int, example_shape, output_size: int,
                  dtype: torch.dtype, chunk: int, has_labels: bool, strategy: str):
         self.fmt = fmt
         self.final = Path(out) / (HDF5_FILE if fmt == "hdf5" else ZARR_DIR)
@@ -335,13 +335,13 @@ class ConsolidatedWriter:
         index_dtype = np.uint64
         chunks = (max(1, min(chunk, length)), *example_shape)
         if fmt == "hdf5":
-            h5py = import_h5py(where)
+            h5py = import_h5py()
             self.file = h5py.File(self.temporary, "w")
             create = lambda name, shape_, dtype_, chunks_=None: self.file.create_dataset(
                 name, shape=shape_, dtype=dtype_, chunks=chunks_)
             self.root = self.file
         else:
-            zarr = import_zarr(where)
+            zarr = import_zarr()
             self.file = None
             self.root = zarr.open_group(str(self.temporary), mode="w")
 
@@ -394,11 +394,11 @@ class ConsolidatedWriter:
         fsync_directory(self.final.parent)
 
 
-def open_consolidated(where: str, fmt: str, path: Path):
+def open_consolidated(fmt: str, path: Path):
     """The HDF5 file or zarr group of a finished run, opened for reading."""
     if fmt == "hdf5":
-        return import_h5py(where).File(path, "r")
-    return import_zarr(where).open_group(str(path), mode="r")
+        return import_h5py().File(path, "r")
+    return import_zarr().open_group(str(path), mode="r")
 
 
 def array_rows(array, dtype: torch.dtype):
