@@ -60,7 +60,8 @@ from fxattr.propagation import rules as R
 from fxattr.propagation.composites import Composite
 
 __all__ = ["IDENTITY_EPSILON", "VARIANTS", "activation_identity_lrp", "addmm_lrp", "cp_bilinear_lrp",
-           "cp_product_lrp", "cp_sdpa_lrp", "transformer_composite"]
+           "cp_product_lrp", "cp_sdpa_lrp", "in_activation_module", "is_activation_output", "is_softmax_output",
+           "preset_explainer", "transformer_composite", "written_out_activation_factor"]
 
 VARIANTS = ("attnlrp", "cp_lrp")
 IDENTITY_EPSILON = 1e-10  # LXT's identity_rule_implicit: gradient = fn(x) / (x + 1e-10)
@@ -133,6 +134,24 @@ def _producer(node):
             break
         node = _node_args(node)[0]
     return node
+
+
+def is_softmax_output(node) -> bool:
+    """Whether ``node``'s value is a softmax's output (through dropout and dtype casts): CP-LRP's
+    constant attention weights."""
+    return _is_softmax(node)
+
+
+def is_activation_output(node) -> bool:
+    """Whether ``node``'s value is an element-wise activation's output (through dropout and casts):
+    CP-LRP's detached SwiGLU gate."""
+    return _is_activation(node)
+
+
+def in_activation_module(node) -> bool:
+    """Whether ``node`` was captured inside an activation module (``transformers.activations``,
+    ``torch.nn`` activations): a written-out activation."""
+    return _in_activation_module(node)
 
 
 def _is_softmax(node) -> bool:
@@ -219,22 +238,35 @@ def _scaled_outer_input(factor, activation) -> bool:
     return len(nodes) == 1 and _module_type(nodes[0]) is not activation
 
 
+def written_out_activation_factor(node) -> tuple | None:
+    """For the product that ends an activation a capture wrote out as element-wise ops (GPT-2's
+    ``gelu_new``: ``(0.5 z) * (1 + tanh(...))``): ``(i, c)``, the argument ``i`` that carries
+    ``c z`` and the constant ``c``; ``None`` for any other product."""
+    args = [a for a in _node_args(node)[:2]]
+    if len(args) != 2 or not all(isinstance(a, torch.fx.Node) for a in args) or args[0] is args[1] \
+            or not _in_activation_module(node):
+        return None
+    activation = _module_type(node)
+    signal = [_scaled_outer_input(a, activation) for a in args]
+    if signal[0] == signal[1]:
+        return None
+    index = 0 if signal[0] else 1
+    constant = next(a for a in _node_args(args[index]) if not isinstance(a, torch.fx.Node))
+    return index, constant
+
+
 def written_out_activation_lrp(view, relevance, otherwise):
     """The identity rule on an activation that a capture wrote out as element-wise ops (GPT-2's
     ``gelu_new``: ``(0.5 z) * (1 + tanh(...))``), at the product that ends it: the factor ``c z``
     takes ``R * c z / (c z + c 1e-10)`` (= ``R z / (z + 1e-10)``), the rest none. Products not
     recognised this way go to ``otherwise``."""
-    node = view.node
-    if len(view.inputs) == 2 and _in_activation_module(node):
-        activation = _module_type(node)
-        signal = [_scaled_outer_input(a, activation) for a in _node_args(node)[:2]]
-        if signal[0] != signal[1]:
-            factor_node = _node_args(node)[0] if signal[0] else _node_args(node)[1]
-            constant = next(a for a in _node_args(factor_node) if not isinstance(a, torch.fx.Node))
-            a, b = view.inputs
-            carried = a if signal[0] else b
-            r = relevance * carried / (carried + constant * IDENTITY_EPSILON)
-            return (r, torch.zeros_like(b)) if signal[0] else (torch.zeros_like(a), r)
+    found = written_out_activation_factor(view.node) if len(view.inputs) == 2 else None
+    if found is not None:
+        index, constant = found
+        a, b = view.inputs
+        carried = a if index == 0 else b
+        r = relevance * carried / (carried + constant * IDENTITY_EPSILON)
+        return (r, torch.zeros_like(b)) if index == 0 else (torch.zeros_like(a), r)
     return otherwise(view, relevance)
 
 
@@ -254,5 +286,44 @@ def transformer_composite(variant: str) -> Composite:
     operations = {"activation": activation_identity_lrp, "product": attnlrp_product_lrp}
     if variant == "cp_lrp":
         operations.update(bilinear=cp_bilinear_lrp, product=cp_product_lrp, attention=cp_sdpa_lrp)
-    return Composite(kinds={"conv": R.z(), "linear": R.z(), "add": R.z(), "avgpool": R.z()},
-                     name=variant, operations=operations)
+    composite = Composite(kinds={"conv": R.z(), "linear": R.z(), "add": R.z(), "avgpool": R.z()},
+                          name=variant, operations=operations)
+    composite.gradient_form = variant  # the mark preset_explainer reads
+    return composite
+
+
+def preset_explainer(plan):
+    """``explain(params, x, target, seed=...)`` for ``plan``: with an AttnLRP / CP-LRP preset's
+    composite, ONE vector-Jacobian product of a modified forward pass
+    (:mod:`fxattr.propagation._gradient_form`) wherever it expresses every node, else (and for every
+    other composite) the plan's node-by-node walk. ``explain.gradient_form`` is ``True`` when the
+    fast form runs, else the reason it does not (``None``: not a preset)."""
+    variant = getattr(plan.composite, "gradient_form", None)
+    if variant not in VARIANTS or plan.composite.operations != transformer_composite(variant).operations:
+        explain = plan.explain
+        return _tagged(explain, None)
+    from fxattr.propagation._gradient_form import GradientForm, gradient_form
+
+    forms: dict = {}
+
+    def form_of(program):
+        if program.inputs not in forms:
+            forms[program.inputs] = gradient_form(program, variant)
+        return forms[program.inputs]
+
+    def explain(params, x, target, *, seed: str = "value"):
+        program = plan.for_input(x)
+        form = form_of(program)
+        if isinstance(form, GradientForm):
+            return form.explain(params, x, target, seed=seed)
+        return program.explain(params, x, target, seed=seed)
+
+    main = form_of(plan)
+    return _tagged(explain, True if isinstance(main, GradientForm) else main)
+
+
+def _tagged(explain, state):
+    def tagged(params, x, target, *, seed: str = "value"):
+        return explain(params, x, target, seed=seed)
+    tagged.gradient_form = state
+    return tagged
