@@ -22,6 +22,7 @@ from fxattr.propagation.composites import COMPOSITES, Composite, LayerInfo, rule
 from fxattr.propagation.composites import composite as _preset
 from fxattr.propagation.composites import deep_taylor_composite
 from fxattr.propagation._engine import Plan
+from fxattr.propagation._transformers import preset_explainer
 from fxattr.propagation.rules import Rule
 from fxattr.targets import select
 
@@ -176,15 +177,18 @@ def lrp(f, *, rule: str | Rule | None = None, composite: str | Composite | None 
     chosen = _build_composite(where, rule, composite, options)
     canonical, to_canonical = canonize(where, f, canonizers)
     plan = _plan(where, canonical, chosen)
+    # the AttnLRP / CP-LRP presets run as one vjp of a modified forward where they can
+    run = preset_explainer(plan)
 
     def explain(params, x, target=None):
-        return plan.explain(to_canonical(params), x, target, seed="value")
+        return run(to_canonical(params), x, target, seed="value")
 
     config = {"rule": rule, "composite": composite, **options}
     if canonizers:
         config["canonizers"] = tuple(c.name for c in canonizers)
     fn = explainer("lrp", f, config, explain)
     fn.composite = chosen
+    fn.gradient_form = run.gradient_form
     return fn
 
 
