@@ -386,9 +386,14 @@ def window_output(program: Program, params, plan_: Plan, values: list, cache: di
     def full(slot):
         return _full(env[slot], values[slot]) if slot in env else values[slot]
 
-    def run_full(st):
-        over = {s: full(s) for s in _refs((st.args, st.kwargs)) if s in env}
+    def run(st, over):
+        if st.kind in ("kernel", "batchnorm") and st.slot in cache:
+            # the forward's (batch-norm folded) parameters: not folded again for every chunk
+            return st.layer.forward(_Overlay(values, over)[st.x], cache[st.slot])
         return program.run_step(st, _Overlay(values, over), params)
+
+    def run_full(st):
+        return run(st, {s: full(s) for s in _refs((st.args, st.kwargs)) if s in env})
 
     slot = plan_.input_slot
     start_h, start_w = starts[plan_.column[slot]].unbind()
@@ -413,12 +418,12 @@ def window_output(program: Program, params, plan_: Plan, values: list, cache: di
         start_h, start_w = starts[plan_.column[st.slot]].unbind()
         if kind == "pointwise":
             source = st.args[0].slot
-            patch = program.run_step(st, _Overlay(values, {source: env[source][1]}), params)
+            patch = run(st, {source: env[source][1]})
         elif kind == "binary":
             size = plan_.sizes[st.slot]
             over = {a.slot: _read(env.get(a.slot, _REF), values[a.slot], start_h, start_w, size)
                     for a in st.args if isinstance(a, ArgRef)}
-            patch = program.run_step(st, _Overlay(values, over), params)
+            patch = run(st, over)
         else:  # window
             source = st.args[0].slot
             kernel_params = cache.get(st.slot) if st.kind == "kernel" else None

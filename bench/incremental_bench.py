@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Incremental occlusion: A/B of two implementations in ONE process, against plain occlusion and captum.
+
+Times ``fxattr.occlusion(..., incremental=True)`` with the current ``_incremental`` module (on
+``fxattr.graph.Program``) and with an older one loaded from a git revision (``--old``, default
+the commit before the move onto the program: its own per-window interpreter), plus
+``incremental=False`` (full occluded copies) and captum's ``Occlusion`` with
+``perturbations_per_eval`` = fxattr's ``chunk_size`` (the same rows per forward). Random-init
+torchvision models in eval with randomised batch-norm statistics; one torch thread; process CPU
+time (explainers constructed once, one warm-up call each); the implementations interleaved in every repeat, so that the machine's load hits them alike.
+Each row reports the median and the speed-ups of the current code over the others; every result is
+checked against plain occlusion.
+
+    python bench/incremental_bench.py --model resnet18 --size 112 --window 16 --stride 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+import fxattr  # noqa: E402
+from fxattr.perturbation import _perturbation  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATH = "fxattr/perturbation/_incremental.py"
+
+
+def old_module(revision: str):
+    """``_incremental`` as it was at ``revision`` (git show), imported under another name."""
+    source = subprocess.run(["git", "show", f"{revision}:{PATH}"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "incremental_old.py")
+    with open(path, "w") as fh:
+        fh.write(source)
+    spec = importlib.util.spec_from_file_location("incremental_old", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(name: str, size: int, batch: int):
+    import torchvision
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    with torch.no_grad():  # bench-side set-up of a random eval state
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    return model, x, target
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--old", default="72ae877^", help="git revision of the old _incremental.py")
+    parser.add_argument("--no-captum", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    model, x, target = build(args.model, args.size, args.batch)
+    f, params = fxattr.functionalize(model)
+    window, stride = (3, args.window, args.window), (3, args.stride, args.stride)
+    config = {"window": window, "stride": stride, "chunk_size": args.chunk}
+    new = _perturbation._incremental
+    old = old_module(args.old)
+
+    def fxattr_run(module, incremental):
+        """The vmapped explainer, constructed once (tracing is not timed) with ``module`` as the
+        implementation occlusion calls (bench only)."""
+        _perturbation._incremental = module
+        try:
+            explain = torch.vmap(fxattr.occlusion(f, incremental=incremental, **config), in_dims=(None, 0, 0))
+        finally:
+            _perturbation._incremental = new
+
+        def run():
+            _perturbation._incremental = module
+            try:
+                return explain(params, x, target)
+            finally:
+                _perturbation._incremental = new
+        return run
+
+    runs = {
+        "incremental (program)": fxattr_run(new, True),
+        f"incremental (old, {args.old})": fxattr_run(old, True),
+        "plain occlusion": fxattr_run(new, False),
+    }
+    if not args.no_captum:
+        from captum.attr import Occlusion
+        runs["captum Occlusion"] = lambda: Occlusion(model).attribute(
+            x, sliding_window_shapes=window, strides=stride, target=target,
+            perturbations_per_eval=args.chunk)
+    with torch.no_grad():  # warm-up (first calls allocate, captum builds its hooks)
+        for fn in runs.values():
+            fn()
+    times = {k: [] for k in runs}
+    results = {}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            start = time.process_time()
+            with torch.no_grad():
+                results[name] = fn()
+            times[name].append(time.process_time() - start)
+    plain = results["plain occlusion"]
+    scale = plain.abs().max().item()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ours = med["incremental (program)"]
+    windows = ((args.size - args.window + args.stride - 1) // args.stride + 1) ** 2
+    print(f"\n{args.model}, {args.size} px, batch {args.batch}, window {args.window} / stride "
+          f"{args.stride} ({windows} windows), chunk {args.chunk}, {args.repeats} interleaved repeats, "
+          f"load {os.getloadavg()[0]:.1f}\n")
+    print("| implementation | median (min-max) | program's speed-up over it | max abs diff / max |plain| |")
+    print("|---|---:|---:|---:|")
+    for name, t in times.items():
+        diff = (results[name] - plain).abs().max().item() / scale
+        print(f"| {name} | {med[name]:.2f} s ({min(t):.2f}-{max(t):.2f}) | {med[name] / ours:.2f}x | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
