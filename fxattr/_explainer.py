@@ -140,7 +140,7 @@ def check_call(f, params, x, *, integer_x: bool = False, where: str | None = Non
     """The checks every explainer call makes on its arguments before any work (eager and vmap).
 
     ``x`` must be a tensor or a tuple / dict of tensors, floating-point (integer token ids only
-    where ``integer_x``), of a dtype the parameters have, and finite: NaN / Inf in x would give a
+    where ``integer_x``; booleans too where ``integer_x == "bool"``: perturbation methods), of a dtype the parameters have, and finite: NaN / Inf in x would give a
     plausible finite map from gradient methods, so they are an error naming how many values are
     bad. Under ``torch.vmap`` the values are read under functorch's wrappers (all examples at
     once). The model must not be in training mode (see ``fxattr.functionalize``).
@@ -150,7 +150,8 @@ def check_call(f, params, x, *, integer_x: bool = False, where: str | None = Non
         raise fail(where, f"x must be a tensor or a tuple / dict of tensors (one example), got "
                           f"{type(x).__name__}")
     for t in leaves:
-        if not (t.dtype.is_floating_point or (integer_x and not t.dtype.is_complex and t.dtype != torch.bool)):
+        if not (t.dtype.is_floating_point or (integer_x and not t.dtype.is_complex
+                                              and (t.dtype != torch.bool or integer_x == "bool"))):
             raise fail(where, f"x must be a floating-point tensor, got dtype {t.dtype}: attributions "
                               "are gradients or perturbations of x (convert with x.float(); for token "
                               "ids, explain the embeddings)")
