@@ -18,13 +18,10 @@ Your own canonizer is a :class:`Canonizer`, in fxattr's functional style -- noth
 
 Pass canonizers to ``fxattr.lrp(f, ..., canonizers=[...])``; they run in order, before fxattr's
 own batch-norm fold. :func:`merge_batch_norm` (the built-in fold written as a canonizer) and
-:func:`replace_modules` are examples.
+:func:`replace_modules` are examples; :class:`Canonizer` shows a rewrite written by hand.
 
 Example:
-    >>> def scale_free(gm):  # a graph rewrite: no node changes here, the identity canonizer
-    ...     return gm
-    >>> mine = Canonizer("mine", graph=scale_free, params=lambda p, gm: p)
-    >>> explain = fxattr.lrp(f, composite="epsilon_plus", canonizers=[mine, merge_batch_norm()])
+    >>> explain = fxattr.lrp(f, composite="epsilon_plus", canonizers=[fxattr.lrp.merge_batch_norm()])
     >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
 """
 
@@ -46,13 +43,45 @@ __all__ = ["Canonizer", "canonize", "merge_batch_norm", "replace_modules"]
 
 
 class Canonizer(NamedTuple):
-    """A rewrite of the captured model into an equivalent one (see the module doc).
+    """A rewrite of the captured model into an equivalent one, applied by ``fxattr.lrp(f, ...,
+    canonizers=[...])`` before the rules (zennit's canonizers, written functionally).
+
+    - ``graph(gm) -> gm`` runs once, when the explainer is built, on a private copy of the
+      captured ``torch.fx.GraphModule`` (its graph and module containers are the copy's own; the
+      leaf modules are the user's): edit ``gm.graph`` (insert, replace, erase nodes), and put a
+      changed module in with ``gm.add_submodule(name, new_module)`` -- never write into a module
+      you find in ``gm`` (that is the user's). Keep what the rewrite found in ``gm.meta``.
+    - ``params(params, gm) -> params`` runs at every call on the parameter dict the explainer is
+      given (``gm`` is the graph module this canonizer's rewrite returned): build new tensors from
+      the given ones (no ``.data``, no in-place writes), so that the explanation stays
+      differentiable w.r.t. the original parameters. Parameters of modules the rewrite added must
+      be supplied here, under their qualified names.
+
+    Either part may be ``None``. Canonizers run in the order given, then fxattr folds every
+    remaining eval batch norm that follows a convolution or dense layer (its built-in canonization).
 
     Attributes:
-        name: shown in errors.
-        graph: ``gm -> gm``, a rewrite of the ``torch.fx.GraphModule`` (or ``None``).
-        params: ``(params, gm) -> params``, a pure transform of the parameter dict (or ``None``);
-            ``gm`` is the graph module after this canonizer's rewrite.
+        name: shown in errors and in the explainer's configuration.
+        graph: ``gm -> gm``, the graph rewrite (or ``None``).
+        params: ``(params, gm) -> params``, the parameter transform (or ``None``).
+
+    Example:
+        >>> # Hardshrink has no LRP rule: rewrite it into two thresholds and a subtraction
+        >>> def shrink_to_thresholds(gm):
+        ...     for node in list(gm.graph.nodes):
+        ...         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Hardshrink):
+        ...             lambd = gm.get_submodule(node.target).lambd
+        ...             with gm.graph.inserting_before(node):
+        ...                 pos = gm.graph.call_function(F.threshold, (node.args[0], lambd, 0.0))
+        ...                 neg = gm.graph.call_function(torch.neg, (node.args[0],))
+        ...                 neg = gm.graph.call_function(F.threshold, (neg, lambd, 0.0))
+        ...                 out = gm.graph.call_function(torch.sub, (pos, neg))
+        ...             node.replace_all_uses_with(out)
+        ...             gm.graph.erase_node(node)
+        ...     return gm
+        >>> shrink = fxattr.lrp.Canonizer("hardshrink", graph=shrink_to_thresholds)
+        >>> explain = fxattr.lrp(f, composite="epsilon_plus", canonizers=[shrink])
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
 
     name: str
@@ -95,8 +124,12 @@ def canonize(where: str, f, canonizers) -> tuple:
             if not isinstance(rewritten, fx.GraphModule):
                 raise fail(where, f"canonizer {c.name!r}: graph must return a torch.fx.GraphModule, got "
                                   f"{type(rewritten).__name__}")
-            rewritten.graph.lint()
-            rewritten.recompile()
+            try:
+                rewritten.graph.lint()
+                rewritten.recompile()
+            except Exception as error:  # reported under the canonizer's name
+                raise fail(where, f"canonizer {c.name!r}: the rewritten graph is invalid: "
+                                  f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
             gm = rewritten
         if c.params is not None:
             transforms.append((c, gm))
@@ -180,12 +213,14 @@ def merge_batch_norm() -> Canonizer:
 def replace_modules(kind: type | tuple, fn: Callable, *, name: str = "replace_modules") -> Canonizer:
     """Replaces every call of a parameter-free module of type ``kind`` by ``fn(*args, **kwargs)``
     (a graph rewrite; the parameters are unchanged). ``fn`` is traced through, so it should be
-    written with ops fxattr has rules for, e.g. ``nn.SiLU`` as ``x * torch.sigmoid(x)`` to give the
-    gate its product rule instead of passing relevance through the activation.
+    written with ops fxattr has rules for: e.g. a module LRP has no rule for, rewritten into ops it
+    has rules for (``nn.Hardshrink(0.3)`` as two thresholds and a subtraction).
 
     Example:
-        >>> silu = fxattr.lrp.replace_modules(torch.nn.SiLU, lambda x: x * torch.sigmoid(x))
-        >>> explain = fxattr.lrp(f, composite="epsilon_plus", canonizers=[silu])
+        >>> shrink = fxattr.lrp.replace_modules(
+        ...     torch.nn.Hardshrink, lambda t: F.threshold(t, 0.3, 0.0) - F.threshold(-t, 0.3, 0.0))
+        >>> explain = fxattr.lrp(f, composite="epsilon_plus", canonizers=[shrink])
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
     if not (isinstance(kind, type) or (isinstance(kind, tuple) and kind
                                        and all(isinstance(k, type) for k in kind))):
@@ -201,10 +236,25 @@ def replace_modules(kind: type | tuple, fn: Callable, *, name: str = "replace_mo
             if any(True for _ in module.parameters()):
                 raise fail("lrp", f"canonizer {name!r} replaces parameter-free modules only; "
                                   f"{node.target!r} ({type(module).__name__}) has parameters")
+            # a module calling fn (not a call_function node: fx cannot write a lambda into the
+            # generated code); fxattr's capture traces through it, so fn's ops become the nodes
+            wrapper = f"{node.target.replace('.', '_')}_replaced"
+            gm.add_submodule(wrapper, Call(fn))
             with gm.graph.inserting_after(node):
-                call = gm.graph.call_function(fn, node.args, node.kwargs)
+                call = gm.graph.call_module(wrapper, node.args, node.kwargs)
             node.replace_all_uses_with(call)
             gm.graph.erase_node(node)
         return gm
 
     return Canonizer(name, graph=graph)
+
+
+class Call(nn.Module):
+    """A module whose forward is ``fn`` (traced through by fxattr's capture)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)

@@ -194,6 +194,7 @@ def small_cnn():
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.BatchNorm2d(6),  # after a ReLU: not merged (Pass in zennit's LRP composites, gradient in ExcitationBackprop)
         nn.Conv2d(6, 8, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
         nn.Linear(32, 6), nn.Tanh(),  # a non-ReLU activation: ExcitationBackprop takes its gradient
         nn.Linear(6, 4)).to(F64)
@@ -359,16 +360,16 @@ def test_relu_beta_smooth_rule_in_an_lrp_composite():
     from zennit.composites import LayerMapComposite
     from zennit.rules import Epsilon, Pass, ReLUBetaSmooth, ZPlus
     from zennit.rules import Norm
-    from zennit.types import Activation, AvgPool, Convolution
+    from zennit.types import Activation, AvgPool, BatchNorm, Convolution
 
     model, x, out, targets, one_hot, _ = _inputs("small_cnn")
     composite = LayerMapComposite([(nn.ReLU, ReLUBetaSmooth(beta_smooth=2.0)), (Activation, Pass()),
-                                   (AvgPool, Norm()),
+                                   (AvgPool, Norm()), (BatchNorm, Pass()),
                                    (Convolution, ZPlus()), (nn.Linear, Epsilon())],
                                   canonizers=[SequentialMergeBatchNorm()])
     want = zennit_attribution(model, composite, x, one_hot * out)
     mine = Composite(kinds={"conv": rules.z_plus(bias="split", stabiliser=1e-6), "linear": rules.epsilon(1e-6),
-                            "avgpool": rules.norm()},
+                            "avgpool": rules.norm(), "batchnorm": rules.pass_()},
                      operations={"activation": rules.relu_beta_smooth(2.0)})
     f, params = fxattr.functionalize(model)
     got = torch.vmap(fxattr.lrp(f, composite=mine), in_dims=(None, 0, 0))(params, x, targets)
@@ -492,6 +493,50 @@ def test_canonizers():
     for name in ("1.weight", "1.running_var", "4.bias", "0.weight"):
         torch.testing.assert_close(g_merge[name], g_builtin[name], rtol=1e-10, atol=1e-14)
     assert g_merge["1.weight"].abs().max() > 0
+
+
+def _shrink_to_thresholds(gm):
+    """The graph rewrite of fxattr.lrp.Canonizer's docstring, by hand."""
+    F = nn.functional
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Hardshrink):
+            lambd = gm.get_submodule(node.target).lambd
+            with gm.graph.inserting_before(node):
+                pos = gm.graph.call_function(F.threshold, (node.args[0], lambd, 0.0))
+                neg = gm.graph.call_function(torch.neg, (node.args[0],))
+                neg = gm.graph.call_function(F.threshold, (neg, lambd, 0.0))
+                out = gm.graph.call_function(torch.sub, (pos, neg))
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+    return gm
+
+
+def test_handwritten_graph_canonizer():
+    model = _bn_model()
+    f, params = fxattr.functionalize(model)
+    x = torch.randn(6, 3, 6, 6, generator=torch.Generator().manual_seed(5), dtype=F64)
+    targets = torch.tensor([0, 1, 2, 0, 1, 2])
+    mine = fxattr.lrp.Canonizer("hardshrink", graph=_shrink_to_thresholds)
+    got = torch.vmap(fxattr.lrp(f, composite="epsilon_plus", canonizers=[mine]), in_dims=(None, 0, 0))(params, x, targets)
+    rewritten = copy.deepcopy(model)
+    rewritten[5] = _Shrink()
+    f2, params2 = fxattr.functionalize(rewritten)
+    want = torch.vmap(fxattr.lrp(f2, composite="epsilon_plus"), in_dims=(None, 0, 0))(params2, x, targets)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_invalid_rewrite_is_a_clear_error():
+    def out_of_order(gm):
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and node.target == "1":
+                with gm.graph.inserting_after(node):  # each after node: reversed order
+                    a = gm.graph.call_function(torch.neg, (node,))
+                    b = gm.graph.call_function(torch.neg, (a,))
+                node.replace_all_uses_with(b, delete_user_cb=lambda user: user is not a)
+        return gm
+    f, _ = fxattr.functionalize(tiny())
+    with pytest.raises(FxattrError, match="canonizer 'broken': the rewritten graph is invalid"):
+        fxattr.lrp(f, rule="z", canonizers=[fxattr.lrp.Canonizer("broken", graph=out_of_order)])
 
 
 def test_user_parameter_canonizer():
