@@ -65,6 +65,42 @@ def build(name: str, size: int, batch: int):
     return model, x, target
 
 
+def flop_ceiling(model, x, window: int, stride: int) -> tuple[float, float]:
+    """``(full / incremental multiply-adds, fraction skipped)`` of the kernel layers (convolutions
+    and linear layers; pooling and element-wise work left out) when every window of the geometry
+    recomputes only its boxes: the most any exact incremental evaluation can gain on this model
+    (Krypton's "theoretical speed-up"). A Shapley value sampling chain, where consecutive
+    coalitions differ by one superpixel of side ``c``, has the boxes of windows ``c`` / stride ``c``."""
+    from fxattr.graph import Program
+    f, params = fxattr.functionalize(model)
+    program = Program(f, "bench")
+    with torch.no_grad():
+        values = new_module().reference(program, params, x)[0]
+    shape = tuple(x.shape)
+    win, step = (3, window, window), (3, stride, stride)
+    counts = [(s - w + k - 1) // k + 1 for s, w, k in zip(shape, win, step)]
+    grids = torch.meshgrid(*[torch.arange(c) for c in counts], indexing="ij")
+    plan = new_module().plan(program, values, shape, win, step, grids, x.device)
+    full = incremental = 0
+    for st in program.steps:
+        if st.kind != "kernel" or not isinstance(values[st.slot], torch.Tensor):
+            continue
+        weight = st.kernel_params(params, values)["weight"] if not st.needs_values else None
+        if weight is None:
+            continue
+        out = values[st.slot]
+        per_position = weight.numel()  # per output position (C_out x C_in / groups x k x k)
+        positions = out.shape[-2] * out.shape[-1] if out.ndim == 4 else out.numel() // out.shape[-1]
+        full += positions * per_position
+        box = plan.sizes.get(st.slot) if plan.kinds.get(st.slot) == "window" else None
+        incremental += (box[0] * box[1] if box is not None else positions) * per_position
+    return full / incremental, 1 - incremental / full
+
+
+def new_module():
+    return _perturbation._incremental
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="resnet18")
@@ -76,8 +112,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--old", default="72ae877^", help="git revision of the old _incremental.py")
     parser.add_argument("--no-captum", action="store_true")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="only the multiply-add ceiling of exact incremental evaluation")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.ceiling:
+        model, x, _ = build(args.model, args.size, 1)
+        ratio, skipped = flop_ceiling(model, x[0], args.window, args.stride)
+        print(f"| {args.model} | {args.size} px | {args.window} / {args.stride} | {skipped:.0%} | {ratio:.2f}x |")
+        return 0
 
     model, x, target = build(args.model, args.size, args.batch)
     f, params = fxattr.functionalize(model)
