@@ -182,8 +182,8 @@ def test_custom_attribution_equals_captum():
 
 
 def test_layer_deeplift_multipliers_equal_captum():
-    from tests.layers.models import small_cnn as make
     import fxattr.layers as L
+    from tests.layers.models import small_cnn as make
     model = make(pool="avg")
     f, params = fxattr.functionalize(model)
     x, refs, t = cnn_inputs(3, 1), cnn_inputs(2, 2), torch.tensor([0, 2, 1])
@@ -203,7 +203,11 @@ def test_layer_deeplift_multipliers_equal_captum():
 
 def test_deeplift_option_contracts():
     """vmap == loop, second order against finite differences, the model untouched, float32."""
-    from tests.contract import assert_second_order, assert_vmap_equals_loop, model_unchanged
+    from tests.contract import (
+        assert_second_order,
+        assert_vmap_equals_loop,
+        model_unchanged,
+    )
     model, f, params = softmax_model()
     x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     t = torch.tensor([1, 0, 2])
@@ -272,7 +276,7 @@ def test_gradient_shap_options_equal_captum(monkeypatch, which):
         for baselines in (refs, lambda: refs, lambda xi: refs):  # captum's and fxattr's callable forms
             explain = fxattr.gradient_shap(f, baselines=baselines, samples=samples, sigma=0.1,
                                            multiply_by_inputs=multiply, return_convergence_delta=True)
-            ours, delta = torch.vmap(lambda p, xi, ti, d: explain(p, xi, ti, noise=d), in_dims=(None, 0, 0, 0))(
+            ours, delta = torch.vmap(lambda p, xi, ti, d, e=explain: e(p, xi, ti, noise=d), in_dims=(None, 0, 0, 0))(
                 params, x, t, draws)
             replay(monkeypatch, draws)
             theirs, their_delta = captum_attr.GradientShap(model, multiply_by_inputs=multiply).attribute(
@@ -290,7 +294,7 @@ def test_gradient_shap_callable_baselines_per_example_under_vmap():
     shifted copies), equal to the loop with fixed sets."""
     from tests.contract import assert_second_order
     model, f, params, x, _, t = setup()
-    make = lambda xi: torch.stack([0.5 * xi, -xi, xi.roll(1)])  # noqa: E731
+    make = lambda xi: torch.stack([0.5 * xi, -xi, xi.roll(1)])
     draws = {"index": torch.tensor([0, 2, 1, 1]), "alpha": torch.tensor([0.2, 0.9, 0.5, 0.1], dtype=torch.float64)}
     explain = fxattr.gradient_shap(f, baselines=make, samples=4)
     vmapped = torch.vmap(lambda p, xi, ti: explain(p, xi, ti, noise=draws), in_dims=(None, 0, 0))(params, x, t)
@@ -311,7 +315,11 @@ def test_gradient_shap_callable_baselines_per_example_under_vmap():
 
 def test_gradient_callable_postprocess():
     """PyTorch-Explanations' SimpleGradient(post_process=...): any function of the gradient."""
-    from tests.contract import assert_second_order, assert_vmap_equals_loop, model_unchanged
+    from tests.contract import (
+        assert_second_order,
+        assert_vmap_equals_loop,
+        model_unchanged,
+    )
     model, f, params = small_cnn()
     x, t = cnn_inputs(3, 1), torch.tensor([0, 2, 1])
     channel_max = fxattr.gradient(f, postprocess=lambda g: g.square().amax(0))
@@ -335,3 +343,214 @@ def test_gradient_callable_postprocess():
         fxattr.gradient(f, postprocess="max")
     with pytest.raises(FxattrError, match="postprocess must return a tensor"):
         fxattr.gradient(f, postprocess=lambda g: None)(params, x[0], 0)
+
+
+# ------------------------------------------------- perturbation: tuple, integer and boolean inputs, masks
+
+basic_models = pytest.importorskip("captum.testing.helpers.basic_models")
+
+
+def multi_input():
+    """captum's BasicModel_MultiLayer_TrueMultiInput: three (3,) inputs, two outputs."""
+    torch.manual_seed(0)
+    model = basic_models.BasicModel_MultiLayer_TrueMultiInput().double().eval()
+    x = tuple(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    return model, *fxattr.functionalize(model), x, torch.tensor([0, 1, 1])
+
+
+class ImageAndVector(nn.Module):
+    """A small CNN of two inputs: an image (2, 6, 6) and a vector (3,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.vector = nn.Linear(3, 12)
+        self.head = nn.Sequential(nn.Tanh(), nn.Linear(12, 3))
+
+    def forward(self, image, vector):
+        return self.head(self.conv(image) + self.vector(vector))
+
+
+def image_and_vector():
+    torch.manual_seed(2)
+    model = ImageAndVector().double().eval()
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 2, 6, 6, dtype=torch.float64, generator=g), torch.randn(3, 3, dtype=torch.float64, generator=g))
+    return model, *fxattr.functionalize(model), x, torch.tensor([2, 0, 1])
+
+
+def assert_tuple_close(ours, theirs, rtol=1e-5):
+    assert isinstance(ours, tuple) and len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        b = b.detach().to(a.dtype)
+        scale = float(b.abs().max())
+        assert scale > 1e-8, "captum's attributions are all zero: the comparison would be empty"
+        assert float((a - b).abs().max()) <= rtol * scale, float((a - b).abs().max()) / scale
+
+
+def vmapped(explain, params, x, t, **kw):
+    return torch.vmap(lambda p, xi, ti: explain(p, xi, ti, **kw), in_dims=(None, 0, 0))(params, x, t)
+
+
+@pytest.mark.parametrize("which", ["multi_input", "cnn"])
+def test_feature_ablation_and_occlusion_of_tuple_inputs_equal_captum(which):
+    model, f, params, x, t = multi_input() if which == "multi_input" else image_and_vector()
+    bases = (0.5, -1.0, 0.25)[:len(x)]
+    ours = vmapped(fxattr.feature_ablation(f, baseline=bases, chunk_size=5), params, x, t)
+    assert_tuple_close(ours, captum_attr.FeatureAblation(model).attribute(x, baselines=bases, target=t))
+    if which == "multi_input":
+        windows, strides = ((2,), (3,), (1,)), ((1,), (2,), (1,))
+        masks = (torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2]), torch.tensor([0, 3, 3]))
+    else:
+        windows, strides = ((1, 3, 3), (2,)), ((1, 2, 2), (1,))
+        masks = (torch.arange(36).reshape(1, 6, 6) // 12, torch.tensor([0, 3, 4]))
+    ours = vmapped(fxattr.occlusion(f, window=windows, stride=strides, baseline=bases), params, x, t)
+    theirs = captum_attr.Occlusion(model).attribute(x, sliding_window_shapes=windows, strides=strides,
+                                                    baselines=bases, target=t)
+    assert_tuple_close(ours, theirs)  # captum returns occlusion in float32
+    # masks spanning the inputs: one id is one feature in every input (captum 0.9's semantics) ...
+    ours = vmapped(fxattr.feature_ablation(f, feature_mask=masks), params, x, t)
+    assert_tuple_close(ours, captum_attr.FeatureAblation(model).attribute(
+        x, target=t, feature_mask=tuple(m[None] for m in masks)))
+    # ... or, with cross_tensor=False, each input's own (captum with the ids made distinct)
+    ours = vmapped(fxattr.feature_ablation(f, feature_mask=masks, cross_tensor=False), params, x, t)
+    distinct = tuple(m[None] + 100 * i for i, m in enumerate(masks))
+    assert_tuple_close(ours, captum_attr.FeatureAblation(model).attribute(x, target=t, feature_mask=distinct))
+
+
+def test_per_example_feature_masks_under_vmap_equal_captum_and_the_loop():
+    model, f, params, x, t = image_and_vector()
+    g = torch.Generator().manual_seed(9)
+    masks = (torch.randint(5, (3, 1, 6, 6), generator=g), torch.randint(5, (3, 3), generator=g))
+    explain = fxattr.feature_ablation(f, chunk_size=2)
+    per_example = torch.vmap(lambda p, xi, ti, mi: explain(p, xi, ti, feature_mask=mi), in_dims=(None, 0, 0, 0))
+    ours = per_example(params, x, t, masks)
+    assert_tuple_close(ours, captum_attr.FeatureAblation(model).attribute(x, target=t, feature_mask=masks))
+    for i in range(3):  # == the loop with each example's mask fixed at construction
+        alone = fxattr.feature_ablation(f, feature_mask=(masks[0][i], masks[1][i]))(params, (x[0][i], x[1][i]), t[i])
+        for a, b in zip(alone, ours):
+            torch.testing.assert_close(a, b[i], rtol=1e-12, atol=1e-12)
+    # one tensor input, and num_features fixing the count (what torch.compile needs)
+    cnn, fc, pc = small_cnn()
+    xc = cnn_inputs(3, 4)
+    mc = torch.randint(4, (3, 1, 6, 6), generator=g)
+    counted = fxattr.feature_ablation(fc, num_features=4)
+    ours = torch.vmap(lambda p, xi, ti, mi: counted(p, xi, ti, feature_mask=mi), in_dims=(None, 0, 0, 0))(
+        pc, xc, t, mc)
+    theirs = captum_attr.FeatureAblation(cnn).attribute(xc, target=t, feature_mask=mc)
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-12)
+    with pytest.raises(FxattrError, match="holds id 4 but num_features is 4"):
+        counted(pc, xc[0], 0, feature_mask=mc[0] + 1)
+    with pytest.raises(FxattrError, match="negative id"):
+        counted(pc, xc[0], 0, feature_mask=mc[0] - 1)
+    with pytest.raises(FxattrError, match="num_features must be an int >= 1"):
+        fxattr.feature_ablation(fc, num_features=0)
+    with pytest.raises(FxattrError, match="feature_mask holds 1 mask but x has 2 inputs"):
+        fxattr.feature_ablation(f, feature_mask=masks[0][0])(params, (x[0][0], x[1][0]), 0)
+    with pytest.raises(FxattrError, match="cross_tensor must be True or False"):
+        fxattr.feature_ablation(f, cross_tensor="yes")
+
+
+@pytest.mark.slow
+def test_per_example_masks_compile_equals_eager():
+    model, f, params, x, _, t = setup()
+    masks = torch.randint(3, (4, 5), generator=torch.Generator().manual_seed(1))
+    counted = fxattr.feature_ablation(f, num_features=3, chunk_size=None)
+    explain = lambda p, x_and_m, ti: counted(p, x_and_m[0], ti, feature_mask=x_and_m[1])
+    torch._dynamo.reset()
+    eager = torch.vmap(explain, in_dims=(None, 0, 0))(params, (x, masks), t)
+    compiled = torch.compile(torch.vmap(explain, in_dims=(None, 0, 0)))(params, (x, masks), t)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-9)
+
+
+def test_integer_and_boolean_inputs_and_baselines_equal_captum():
+    # integers in, integers out (captum's test_simple_ablation_int_to_int)
+    model = basic_models.BasicModel()
+    f, params = fxattr.functionalize(model)
+    x = torch.tensor([[-3, 1, 2], [2, -1, 0]])
+    ours = torch.vmap(fxattr.feature_ablation(f, baseline=-3), in_dims=(None, 0, None))(params, x, 1)
+    torch.testing.assert_close(ours, captum_attr.FeatureAblation(model).attribute(x, baselines=-3, target=1).double()
+                               .to(ours.dtype))
+    # booleans (captum's BasicModelBoolInput), baselines True and False
+    model = basic_models.BasicModelBoolInput()
+    f, params = fxattr.functionalize(model)
+    x = torch.tensor([[True, False, True], [False, False, True]])
+    for base in (True, False):
+        ours = torch.vmap(fxattr.feature_ablation(f, baseline=base), in_dims=(None, 0, None))(params, x, 0)
+        theirs = captum_attr.FeatureAblation(model).attribute(x, baselines=base, target=0)
+        torch.testing.assert_close(ours, theirs)
+        assert ours.abs().max() > 0
+        ours = torch.vmap(fxattr.occlusion(f, window=2, baseline=base), in_dims=(None, 0, None))(params, x, 0)
+        theirs = captum_attr.Occlusion(model).attribute(x, sliding_window_shapes=(2,), baselines=base, target=0)
+        torch.testing.assert_close(ours, theirs)
+    # token ids into embeddings, two integer inputs, a pad-id baseline (captum's BasicEmbeddingModel)
+    torch.manual_seed(3)
+    model = basic_models.BasicEmbeddingModel(num_embeddings=10, embedding_dim=4, hidden_dim=5).double().eval()
+    f, params = fxattr.functionalize(model)
+    x = tuple(torch.randint(1, 10, (2, 6), generator=torch.Generator().manual_seed(i)) for i in range(2))
+    t = torch.tensor([0, 0])
+    ours = vmapped(fxattr.feature_ablation(f, baseline=0), params, x, t)
+    assert_tuple_close(ours, captum_attr.FeatureAblation(model).attribute(x, baselines=(0, 0), target=t))
+    ours = vmapped(fxattr.occlusion(f, window=((2,), (3,)), baseline=(0, 1)), params, x, t)
+    assert_tuple_close(ours, captum_attr.Occlusion(model).attribute(x, sliding_window_shapes=((2,), (3,)),
+                                                                     baselines=(0, 1), target=t))
+    assert ours[0].dtype == torch.float64
+    with pytest.raises(FxattrError, match="baseline 0.5 for an integer input must be an integer"):
+        fxattr.feature_ablation(f, baseline=0.5)(params, (x[0][0], x[1][0]), 0)
+    with pytest.raises(FxattrError, match="give an integer baseline"):
+        fxattr.occlusion(f, window=2, baseline=torch.zeros(6))(params, (x[0][0], x[1][0]), 0)
+    with pytest.raises(FxattrError, match="baseline 2 for a boolean input must be True / False"):
+        fxattr.feature_ablation(fxattr.functionalize(basic_models.BasicModelBoolInput())[0], baseline=2)(
+            {}, torch.tensor([True, False, True]), 0)
+
+
+def test_perturbation_option_contracts():
+    """Tuple inputs: vmap == loop, derivatives w.r.t. the parameters and the float input against
+    finite differences (second order), the model untouched, float32."""
+    from tests.contract import model_unchanged
+    model, f, params, x, t = image_and_vector()
+    masks = (torch.arange(36).reshape(1, 6, 6) // 12, torch.tensor([0, 3, 4]))
+    explainers = [fxattr.feature_ablation(f, feature_mask=masks, baseline=(0.1, 0.2)),
+                  fxattr.occlusion(f, window=((2, 3, 3), (2,)), stride=((1, 3, 3), (1,)))]
+    with model_unchanged(model):
+        for explain in explainers:
+            batch = vmapped(explain, params, x, t)
+            for i in range(3):
+                for a, b in zip(explain(params, (x[0][i], x[1][i]), t[i]), batch):
+                    torch.testing.assert_close(a, b[i], rtol=1e-10, atol=1e-12)
+            v = [torch.randn(a.shape[1:], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+                 for a in batch]
+
+            def loss(weight, vector, explain=explain, v=v):
+                p = dict(params, **{"head.1.weight": weight})
+                out = explain(p, (x[0][0], vector), 1)
+                return sum((a * w).sum() for a, w in zip(out, v))
+            inputs = (params["head.1.weight"].clone().requires_grad_(), x[1][0].clone().requires_grad_())
+            assert torch.autograd.gradcheck(loss, inputs, fast_mode=True)
+            assert torch.autograd.gradgradcheck(loss, inputs, fast_mode=True)
+    model32 = copy.deepcopy(model).float()
+    f32, p32 = fxattr.functionalize(model32)
+    got = fxattr.feature_ablation(f32, feature_mask=masks)(p32, (x[0][0].float(), x[1][0].float()), 1)
+    want = fxattr.feature_ablation(f, feature_mask=masks)(params, (x[0][0], x[1][0]), 1)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_tuple_option_errors():
+    model, f, params, x, t = image_and_vector()
+    one = (x[0][0], x[1][0])
+    cases = [
+        (lambda: fxattr.occlusion(f, window=((1, 3, 3), (2,), (1,)))(params, one, 0), "window has 3 entries but x has 2"),
+        (lambda: fxattr.occlusion(f, window=((1, 3, 3), (2,)), baseline=(0.0,))(params, one, 0),
+         "baseline's structure does not match"),
+        (lambda: fxattr.occlusion(f, window=((1, 3, 3), (2,)), incremental=True), None),
+        (lambda: fxattr.occlusion(f, window=((1, 3, 3), (0,))), "window must be an int >= 1"),
+        (lambda: fxattr.feature_ablation(f, baseline=("a", 0.0)), "baseline must be a number"),
+        (lambda: fxattr.feature_ablation(f, baseline=(float("nan"), 0.0)), "finite"),
+    ]
+    for make, message in cases:
+        if message is None:
+            continue
+        with pytest.raises(FxattrError, match=message):
+            make()

@@ -16,14 +16,31 @@ import math
 import string
 from numbers import Real
 
+import optree
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxattr._explainer import check_int, check_model, explainer, fixed_target, upcast
-from fxattr.errors import api_boundary, check_finite, fail
+from fxattr._explainer import (
+    check_int,
+    check_model,
+    explainer,
+    fixed_target,
+    tree_map,
+    upcast,
+)
+from fxattr.errors import api_boundary, fail
 from fxattr.functional import CAPTURE_LOCK
 from fxattr.perturbation import _incremental
+from fxattr.perturbation._features import (
+    FeatureGroups,
+    ablate,
+    check_perturbation_baseline,
+    check_perturbation_x,
+    check_progress,
+    leaf_baselines,
+    map_chunks,
+)
 from fxattr.targets import check_target, is_concrete, select
 
 __all__ = ["feature_ablation", "occlusion", "rise", "rise_masks"]
@@ -44,32 +61,6 @@ def _broadcastable(shape, to) -> bool:
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(to)))
 
 
-def _check_baseline(where: str, baseline) -> None:
-    if isinstance(baseline, bool) or not isinstance(baseline, (Real, Tensor)):
-        raise fail(where, f"baseline must be a number or a tensor broadcastable to x's shape, got "
-                          f"{type(baseline).__name__}")
-    if isinstance(baseline, Real):
-        check_finite(where, "baseline", baseline)
-    elif not baseline.dtype.is_floating_point:
-        raise fail(where, f"baseline must be a floating-point tensor, got dtype {baseline.dtype}")
-    elif baseline.numel() and not bool(torch.isfinite(baseline).all()):
-        raise fail(where, "baseline holds NaN or Inf values")
-
-
-def _baseline(where: str, baseline, x: Tensor) -> Tensor:
-    if isinstance(baseline, Real):
-        return torch.tensor(float(baseline), dtype=x.dtype, device=x.device)
-    if not _broadcastable(tuple(baseline.shape), tuple(x.shape)):
-        raise fail(where, f"baseline of shape {tuple(baseline.shape)} does not broadcast to x's shape "
-                          f"{tuple(x.shape)}")
-    return baseline.to(dtype=x.dtype, device=x.device)
-
-
-def _ablate(x: Tensor, mask: Tensor, base: Tensor) -> Tensor:
-    # captum's form, x (1 - m) + b m, so that the numbers match captum's to the last bit.
-    return x * (1 - mask) + base * mask
-
-
 def _as_tuple(where: str, name: str, value, ndim: int):
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,) * ndim
@@ -84,20 +75,37 @@ def _as_tuple(where: str, name: str, value, ndim: int):
 
 
 def _check_tuple_config(where: str, name: str, value, allow_none=False) -> None:
+    """An int >= 1, a tuple of them (one per dimension), or -- for a tuple x -- a tuple with one
+    such entry per input (captum's ``sliding_window_shapes`` / ``strides`` for tuple inputs)."""
     if value is None and allow_none:
         return
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    ok = ok or (isinstance(value, tuple) and value != () and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
+
+    def one(v):
+        return (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
+            isinstance(v, tuple) and v != () and all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
+                                                     for e in v))
+    ok = one(value) or (isinstance(value, tuple) and value != () and all(
+        one(v) or (v is None and allow_none) for v in value))
     if not ok:
-        raise fail(where, f"{name} must be an int >= 1 or a tuple of them, got {value!r}")
+        raise fail(where, f"{name} must be an int >= 1 or a tuple of them (for a tuple x: one such entry "
+                          f"per input), got {value!r}")
+
+
+def _per_input(where: str, name: str, value, count: int) -> list:
+    """A window / stride / baseline option split over the ``count`` inputs of a tuple x."""
+    if not isinstance(value, tuple) or (name in ("window", "stride") and all(isinstance(v, int) for v in value)
+                                        and len(value) != count):
+        return [value] * count
+    if len(value) != count:
+        raise fail(where, f"{name} has {len(value)} entries but x has {count} inputs; give one per input")
+    return list(value)
 
 
 # -------------------------------------------------------------------------------------- occlusion
 
 @api_boundary("occlusion")
 def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 16,
-              incremental="auto"):
+              incremental="auto", show_progress=False):
     """Occlusion (Zeiler and Fergus 2014) with captum's ``Occlusion`` semantics.
 
     A window slides over x with the given stride (starts ``0, s, 2s, ...``; there are
@@ -106,13 +114,21 @@ def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 
     drop of the target output ``f(x)[t] - f(x_occluded)[t]`` is credited to every feature under the
     window; a feature's attribution is the mean of the drops of the windows covering it.
 
+    x may be a tensor or a tuple of tensors (a model of several inputs, captum's tuple inputs:
+    each input is occluded in turn, the others kept), floating-point, integer or boolean (an
+    integer or boolean input takes a baseline of its kind; its attributions are in the model
+    output's dtype).
+
     Args:
         f: the function of ``fxattr.functionalize``.
         window: the window's shape, one int per dimension of x (channels included, as captum's
-            ``sliding_window_shapes``), or one int for all dimensions.
+            ``sliding_window_shapes``), or one int for all dimensions; for a tuple x, a tuple with
+            one such entry per input (or one int for all).
         stride: the step, an int or one per dimension (default 1, as captum); at most the window
-            wherever the window is smaller than x, so every feature is covered.
-        baseline: the value occluded features take: a number, or a tensor broadcastable to x.
+            wherever the window is smaller than x, so every feature is covered. For a tuple x, one
+            entry per input (or one int for all).
+        baseline: the value occluded features take: a number, or a tensor broadcastable to x; for
+            a tuple x, one per input (or one number for all).
         chunk_size: how many windows are evaluated at once, per example (``None``: all); one
             forward holds ``batch x chunk_size`` copies under ``torch.vmap``.
         incremental: ``"auto"`` (default), ``True`` or ``False``. Incremental occlusion (Krypton:
@@ -129,6 +145,10 @@ def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 
             (resnet18 at 224 px, 16x16 windows: about half of the convolution work is skipped).
             ``"auto"`` uses it when it applies and skips something, ``True`` raises an error
             naming the reason when it cannot, ``False`` always evaluates full occluded copies.
+            Only for one floating-point tensor x.
+        show_progress: ``True`` (a tqdm bar if tqdm is installed, else a line on stderr), or a
+            callable ``(done, total)`` called after each chunk of windows (eager and vmap; nothing
+            is reported under ``torch.compile``; the incremental path reports once, at the end).
 
     Example:
         >>> explain = fxattr.occlusion(f, window=(3, 4, 4), stride=(3, 2, 2))
@@ -138,10 +158,11 @@ def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 
     check_model(where, f)
     _check_tuple_config(where, "window", window)
     _check_tuple_config(where, "stride", stride, allow_none=True)
-    _check_baseline(where, baseline)
+    check_perturbation_baseline(where, baseline)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
     if incremental not in ("auto", True, False) or (incremental != "auto" and not isinstance(incremental, bool)):
         raise fail(where, f"incremental must be 'auto', True or False, got {incremental!r}")
+    reporter = check_progress(where, show_progress)
     steps = None
     if incremental is not False:
         with CAPTURE_LOCK:  # torch.fx tracing is not thread-safe
@@ -150,59 +171,119 @@ def occlusion(f, *, window, stride=None, baseline=0.0, chunk_size: int | None = 
     def explain(params, x, target=None):
         params, x, half = upcast(params, x)
         out = explain_float(params, x, target)
-        return out if half is None else out.to(half)
+        return out if half is None else tree_map(lambda t: t.to(half), out)
 
     def explain_float(params, x, target):
         check_target(where, target)
-        _check_x(where, x)
-        shape = tuple(x.shape)
-        win = _as_tuple(where, "window", window, x.ndim)
-        step = _as_tuple(where, "stride", 1 if stride is None else stride, x.ndim)
-        for d, (s, w, k) in enumerate(zip(shape, win, step)):
-            if w > s:
-                raise fail(where, f"window {win} is larger than x's shape {shape} in dimension {d}")
-            if k > w and s > w:
-                raise fail(where, f"stride {step} is larger than window {win} in dimension {d}; "
-                                  "features between windows would never be occluded")
-        base = _baseline(where, baseline, x)
-        # indicators[d]: (positions_d, size_d), 1 where the window at that position covers.
-        indicators = []
-        for s, w, k in zip(shape, win, step):
-            starts = torch.arange(math.ceil((s - w) / k) + 1, device=x.device) * k
-            cells = torch.arange(s, device=x.device)
-            indicators.append(((cells >= starts[:, None]) & (cells < starts[:, None] + w)).to(x.dtype))
-        counts = [a.shape[0] for a in indicators]
-        grids = torch.meshgrid(*[torch.arange(c, device=x.device) for c in counts], indexing="ij")
-        rows = [a[g.reshape(-1)] for a, g in zip(indicators, grids)]  # (positions, size_d) each
+        check_perturbation_x(where, x)
+        if isinstance(x, Tensor):
+            return occlude_one(params, x, target)
+        if not isinstance(x, (tuple, list)):
+            raise fail(where, f"x must be a tensor or a tuple of tensors (one per input of the model), got "
+                              f"{type(x).__name__}")
+        if incremental is True:
+            raise fail(where, "incremental=True cannot be used: x is a tuple of inputs")
+        leaves, tree = optree.tree_flatten(x, namespace="torch")
+        if len(leaves) != len(x):
+            raise fail(where, "x must be a flat tuple of tensors (one per input of the model)")
+        windows = _per_input(where, "window", window, len(x))
+        strides = _per_input(where, "stride", stride, len(x))
+        bases = leaf_baselines(where, baseline if not isinstance(baseline, list) else tuple(baseline), tuple(x))
+        target, reference = _reference(where, f, params, x, target)
+        results = []
+        for i, leaf in enumerate(leaves):  # one input at a time, as captum; the windows are vmapped
+            def score(copy, i=i):
+                copies = list(leaves)
+                copies[i] = copy
+                return select(where, as_float(f(params, tree.unflatten(copies))), target)
+            results.append(_occlude(where, leaf, windows[i], strides[i], bases[i], score, reference,
+                                    chunk_size, reporter))
+        return tree.unflatten(results)
 
-        fast = None
-        if steps is not None:
+    def occlude_one(params, x, target):
+        base = leaf_baselines(where, baseline, x)[0]
+        if steps is not None and x.dtype.is_floating_point:
+            shape = tuple(x.shape)
+            win, step = _window_and_stride(where, window, stride, shape)
+            indicators, counts, grids, rows = _window_rows(shape, win, step, x.dtype, x.device)
             fast = _incremental.occlusion_scores(where, f, steps, params, x, base, win, step, grids,
-                                                 rows, target, chunk_size,
-                                                 required=incremental is True)
-        if fast is not None:
-            reference, scores = fast
-        else:
-            target, reference = _reference(where, f, params, x, target)
-
-            def occluded(*row):
-                mask = _outer(row)
-                return select(where, f(params, _ablate(x, mask, base)), target)
-
-            scores = torch.vmap(occluded, chunk_size=chunk_size)(*rows)
-        drops = reference - scores
-        total = _separable_sum(drops.reshape(counts), indicators)
-        covered = _separable_sum(torch.ones(counts, dtype=x.dtype, device=x.device), indicators)
-        return total / covered
+                                                 rows, target, chunk_size, required=incremental is True)
+            if fast is not None:
+                reference, scores = fast
+                if reporter is not None:
+                    report = reporter(scores.shape[0])
+                    report(scores.shape[0], scores.shape[0])
+                    report.close()
+                return _spread(reference - scores, indicators, counts, x.dtype, x.device)
+        elif incremental is True:
+            raise fail(where, f"incremental=True cannot be used: x has dtype {x.dtype}")
+        target, reference = _reference(where, f, params, x, target)
+        return _occlude(where, x, window, stride, base, lambda copy: select(where, as_float(f(params, copy)), target),
+                        reference, chunk_size, reporter)
 
     config = {"window": window, "stride": stride, "baseline": baseline, "chunk_size": chunk_size,
-              "incremental": incremental}
-    return explainer(where, f, config, explain)
+              "incremental": incremental, "show_progress": bool(show_progress)}
+    return explainer(where, f, config, explain, integer_x="bool")
+
+
+def _window_and_stride(where, window, stride, shape):
+    ndim = len(shape)
+    win = _as_tuple(where, "window", window, ndim)
+    step = _as_tuple(where, "stride", 1 if stride is None else stride, ndim)
+    for d, (s, w, k) in enumerate(zip(shape, win, step)):
+        if w > s:
+            raise fail(where, f"window {win} is larger than x's shape {shape} in dimension {d}")
+        if k > w and s > w:
+            raise fail(where, f"stride {step} is larger than window {win} in dimension {d}; "
+                              "features between windows would never be occluded")
+    return win, step
+
+
+def _window_rows(shape, win, step, dtype, device):
+    """Per dimension, the (positions, size) indicators of the window at each position; the grid of
+    positions; and per dimension the indicator row of every window position (flattened grid)."""
+    indicators = []
+    for s, w, k in zip(shape, win, step):
+        starts = torch.arange(math.ceil((s - w) / k) + 1, device=device) * k
+        cells = torch.arange(s, device=device)
+        indicators.append(((cells >= starts[:, None]) & (cells < starts[:, None] + w)).to(dtype))
+    counts = [a.shape[0] for a in indicators]
+    grids = torch.meshgrid(*[torch.arange(c, device=device) for c in counts], indexing="ij")
+    rows = [a[g.reshape(-1)] for a, g in zip(indicators, grids)]  # (positions, size_d) each
+    return indicators, counts, grids, rows
+
+
+def _spread(drops, indicators, counts, dtype, device):
+    """Each feature's mean drop over the windows covering it."""
+    total = _separable_sum(drops.reshape(counts), indicators)
+    covered = _separable_sum(torch.ones(counts, dtype=drops.dtype, device=device), indicators)
+    return total / covered
+
+
+def _occlude(where, x, window, stride, base, score, reference, chunk_size, reporter):
+    """Occlusion of the one tensor ``x`` (a model input): ``score(x_occluded)`` for every window
+    position, vmapped; the mean drop per feature."""
+    shape = tuple(x.shape)
+    win, step = _window_and_stride(where, window, stride, shape)
+    acc = reference.dtype
+    indicators, counts, _, rows = _window_rows(shape, win, step, acc, x.device)
+
+    def occluded(*row):
+        return score(ablate(x, _outer(row), base))
+
+    scores = map_chunks(occluded, tuple(rows), chunk_size, reporter)
+    return _spread(reference - scores, indicators, counts, acc, x.device)
+
+
+def as_float(out: Tensor) -> Tensor:
+    """A model output in floating point (a model of integer or boolean inputs may output integers,
+    whose drops would be rounded and cannot be selected with NaN for bad targets)."""
+    return out if out.dtype.is_floating_point else out.to(torch.get_default_dtype())
 
 
 def _reference(where, f, params, x, target):
     """The target (``None`` -> the argmax at x, without gradient) and its value at x: one forward."""
-    out = f(params, x)
+    out = as_float(f(params, x))
     if target is None:
         target = out.detach().reshape(-1).argmax()
     return target, select(where, out, target)
@@ -228,68 +309,75 @@ def _separable_sum(values: Tensor, indicators) -> Tensor:
 # ------------------------------------------------------------------------------- feature ablation
 
 @api_boundary("feature_ablation")
-def feature_ablation(f, *, feature_mask=None, baseline=0.0, chunk_size: int | None = 8):
+def feature_ablation(f, *, feature_mask=None, baseline=0.0, chunk_size: int | None = 8,
+                     cross_tensor: bool = True, num_features: int | None = None, show_progress=False):
     """Feature ablation with captum's ``FeatureAblation`` semantics.
 
     Features are groups of x's elements sharing an id in ``feature_mask``; each group in turn is
     set to ``baseline`` and every element of the group gets ``f(x)[t] - f(x_ablated)[t]``.
 
+    x may be a tensor or a tuple / dict of tensors (a model of several inputs, captum's tuple
+    inputs), floating-point, integer (e.g. token ids) or boolean; an integer or boolean input
+    takes a baseline of its kind, and its attributions are in the model output's dtype.
+
+    The returned explainer is ``explain(params, x, target=None, *, feature_mask=None)``: a mask
+    given at call time replaces the construction-time one and may differ per example under
+    ``torch.vmap`` (``in_dims`` 0 for it); its ids must be ``0..G-1`` (G = ``num_features``, or
+    the largest id + 1 read from the masks).
+
     Args:
         f: the function of ``fxattr.functionalize``.
         feature_mask: an integer tensor broadcastable to x's shape (e.g. ``(1, H, W)`` superpixels
-            shared by the channels); any ids. ``None``: every element of x is its own feature.
-        baseline: the value ablated features take: a number, or a tensor broadcastable to x.
+            shared by the channels), or a tuple / dict of those for a tuple / dict x; any ids.
+            ``None``: every element of x is its own feature.
+        baseline: the value ablated features take: a number, a tensor broadcastable to x, or a
+            tuple / dict of those for a tuple / dict x.
         chunk_size: how many groups are ablated at once, per example (``None``: all).
+        cross_tensor: ``True`` (default, as captum 0.9): one id is one feature across all inputs
+            of a tuple x, ablated in all of them at once (without a mask every element is its own
+            feature anyway); ``False``: each input's ids are its own features (captum <= 0.7).
+        num_features: the number of ids of call-time masks (needed under ``torch.compile``).
+        show_progress: ``True`` (a tqdm bar if tqdm is installed, else a line on stderr), or a
+            callable ``(done, total)`` called after each chunk of ablations (eager and vmap;
+            nothing is reported under ``torch.compile``).
 
     Example:
         >>> segments = torch.arange(16).reshape(1, 4, 4).repeat_interleave(8, 1).repeat_interleave(8, 2)
         >>> explain = fxattr.feature_ablation(f, feature_mask=segments)
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
+        >>> per_example = torch.vmap(lambda p, x, t, m: explain(p, x, t, feature_mask=m))
     """
     where = "feature_ablation"
     check_model(where, f)
-    _check_baseline(where, baseline)
+    check_perturbation_baseline(where, baseline)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
-    if feature_mask is not None:
-        if (not isinstance(feature_mask, Tensor) or feature_mask.dtype.is_floating_point
-                or feature_mask.dtype.is_complex or feature_mask.dtype == torch.bool):
-            raise fail(where, "feature_mask must be an integer tensor of feature ids broadcastable to "
-                              f"x's shape, got {getattr(feature_mask, 'dtype', type(feature_mask).__name__)}")
-        if feature_mask.numel() == 0:
-            raise fail(where, "feature_mask is empty")
-        # Ids -> 0..G-1 once, at construction (torch.unique cannot run under vmap or compile).
-        ids, inverse = torch.unique(feature_mask, return_inverse=True)
-        groups = ids.numel()
+    features = FeatureGroups(where, feature_mask, cross_tensor=cross_tensor, num_features=num_features)
+    reporter = check_progress(where, show_progress)
 
-    def explain(params, x, target=None):
+    def explain(params, x, target=None, *, feature_mask=None):
         params, x, half = upcast(params, x)
-        out = explain_float(params, x, target)
-        return out if half is None else out.to(half)
+        out = explain_float(params, x, target, feature_mask)
+        return out if half is None else tree_map(lambda t: t.to(half), out)
 
-    def explain_float(params, x, target):
+    def explain_float(params, x, target, call_mask):
         check_target(where, target)
-        _check_x(where, x)
-        if feature_mask is None:
-            group_of, count = torch.arange(x.numel(), device=x.device).reshape(x.shape), x.numel()
-        else:
-            if not _broadcastable(tuple(feature_mask.shape), tuple(x.shape)):
-                raise fail(where, f"feature_mask of shape {tuple(feature_mask.shape)} does not "
-                                  f"broadcast to x's shape {tuple(x.shape)}")
-            group_of, count = inverse.to(x.device), groups
-        base = _baseline(where, baseline, x)
+        check_perturbation_x(where, x)
+        leaves, tree = optree.tree_flatten(x, namespace="torch")
+        group_of, count = features.resolve(x, call_mask)
+        bases = leaf_baselines(where, baseline, x)
         target, reference = _reference(where, f, params, x, target)
 
         def ablated(group):
-            mask = (group_of == group).to(x.dtype)
-            return select(where, f(params, _ablate(x, mask, base)), target)
+            copies = [ablate(t, g == group, b) for t, g, b in zip(leaves, group_of, bases)]
+            return select(where, as_float(f(params, tree.unflatten(copies))), target)
 
-        groups_ = torch.arange(count, device=x.device)
-        drops = reference - torch.vmap(ablated, chunk_size=chunk_size)(groups_)
-        return drops[group_of].expand(x.shape)
+        groups_ = torch.arange(count, device=leaves[0].device)
+        drops = reference - map_chunks(ablated, (groups_,), chunk_size, reporter)
+        return tree.unflatten([drops[g].expand(t.shape) for g, t in zip(group_of, leaves)])
 
-    config = {"feature_mask": None if feature_mask is None else tuple(feature_mask.shape),
-              "baseline": baseline, "chunk_size": chunk_size}
-    return explainer(where, f, config, explain)
+    config = {"feature_mask": features.mask_shape, "baseline": baseline, "chunk_size": chunk_size,
+              "cross_tensor": cross_tensor, "num_features": num_features, "show_progress": bool(show_progress)}
+    return explainer(where, f, config, explain, integer_x="bool")
 
 
 # ------------------------------------------------------------------------------------------- RISE

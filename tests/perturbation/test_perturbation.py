@@ -328,8 +328,8 @@ def test_clear_errors():
         fxattr.occlusion(f, window=2, baseline="zero")
     with pytest.raises(E, match="occlusion: target 9 is out of range"):
         fxattr.occlusion(f, window=(1, 4, 4))(params, x, 9)
-    with pytest.raises(E, match="occlusion: x must be a tensor"):
-        fxattr.occlusion(f, window=(1, 4, 4))(params, (x,), 0)
+    with pytest.raises(E, match="occlusion: x must be a tensor or a tuple of tensors"):
+        fxattr.occlusion(f, window=(1, 4, 4))(params, {"x": x}, 0)
     with pytest.raises(E, match="feature_ablation: feature_mask must be an integer tensor"):
         fxattr.feature_ablation(f, feature_mask=torch.zeros(8, 8))
     with pytest.raises(E, match=r"feature_ablation: feature_mask of shape \(4, 8\) does not broadcast"):
