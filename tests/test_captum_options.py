@@ -554,3 +554,30 @@ def test_tuple_option_errors():
             continue
         with pytest.raises(FxattrError, match=message):
             make()
+
+
+def test_show_progress_reports_every_chunk_and_changes_nothing(capsys):
+    model, f, params = small_cnn()
+    x, t = cnn_inputs(2, 4), torch.tensor([0, 2])
+    mask = torch.arange(36).reshape(1, 6, 6) // 5  # 8 groups
+    calls = []
+    explain = fxattr.feature_ablation(f, feature_mask=mask, chunk_size=3,
+                                      show_progress=lambda done, total: calls.append((done, total)))
+    got = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, t)
+    assert calls == [(3, 8), (6, 8), (8, 8)]  # once per chunk, for the whole batch at once
+    torch.testing.assert_close(got, torch.vmap(fxattr.feature_ablation(f, feature_mask=mask, chunk_size=3),
+                                               in_dims=(None, 0, 0))(params, x, t), rtol=0, atol=0)
+    calls.clear()
+    plain = fxattr.occlusion(f, window=(2, 3, 3), stride=(1, 3, 3), incremental=False, chunk_size=2)
+    got = fxattr.occlusion(f, window=(2, 3, 3), stride=(1, 3, 3), incremental=False, chunk_size=2,
+                           show_progress=lambda done, total: calls.append((done, total)))(params, x[0], 1)
+    assert calls == [(2, 4), (4, 4)]
+    torch.testing.assert_close(got, plain(params, x[0], 1), rtol=0, atol=0)
+    calls.clear()
+    fxattr.occlusion(f, window=(2, 3, 3), stride=(1, 3, 3), incremental=True,
+                     show_progress=lambda done, total: calls.append((done, total)))(params, x[0], 1)
+    assert calls == [(4, 4)]  # the incremental path reports once
+    fxattr.feature_ablation(f, feature_mask=mask, show_progress=True)(params, x[0], 0)
+    assert "feature_ablation" in capsys.readouterr().err  # a tqdm bar (or a line) on stderr
+    with pytest.raises(FxattrError, match="show_progress must be True, False or a callable"):
+        fxattr.occlusion(f, window=2, show_progress="bar")
