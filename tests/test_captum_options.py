@@ -581,3 +581,45 @@ def test_show_progress_reports_every_chunk_and_changes_nothing(capsys):
     assert "feature_ablation" in capsys.readouterr().err  # a tqdm bar (or a line) on stderr
     with pytest.raises(FxattrError, match="show_progress must be True, False or a callable"):
         fxattr.occlusion(f, window=2, show_progress="bar")
+
+
+class TwoImages(nn.Module):
+    """Two image inputs of different channels, summed after their first convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(1, 3, 3, padding=1)
+        self.relu, self.conv, self.relu2 = nn.ReLU(), nn.Conv2d(3, 4, 3), nn.ReLU()
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, image, other):
+        h = self.relu(self.a(image) + self.b(other))
+        return self.fc(torch.flatten(self.relu2(self.conv(h)), 1))
+
+
+def test_guided_gradcam_of_tuple_inputs_equals_captum():
+    from tests.contract import model_unchanged
+    torch.manual_seed(0)
+    model = TwoImages().double().eval()
+    f, params = fxattr.functionalize(model)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 2, 6, 6, dtype=torch.float64, generator=g), torch.randn(3, 1, 6, 6, dtype=torch.float64, generator=g))
+    t = torch.tensor([0, 1, 2])
+    for mode in ("nearest", "bilinear"):
+        explain = fxattr.guided_gradcam(f, layer="conv", interpolate=mode)
+        with model_unchanged(model):
+            ours = vmapped(explain, params, x, t)
+        assert_tuple_close(ours, captum_attr.GuidedGradCam(model, model.conv).attribute(
+            x, target=t, interpolate_mode=mode))
+        for i in range(3):
+            for a, b in zip(explain(params, (x[0][i], x[1][i]), t[i]), ours):
+                torch.testing.assert_close(a, b[i], rtol=1e-12, atol=1e-12)
+
+    def loss(weight):
+        out = explain(dict(params, **{"fc.weight": weight}), (x[0][0], x[1][0]), 1)
+        return sum((a * a).sum() for a in out)
+    assert torch.autograd.gradcheck(loss, (params["fc.weight"].clone().requires_grad_(),), fast_mode=True)
+    vector_model = ImageAndVector().double().eval()
+    fv, pv = fxattr.functionalize(vector_model)
+    with pytest.raises(FxattrError, match=r"cannot be upsampled to an input of shape \(3,\)"):
+        fxattr.guided_gradcam(fv, layer="conv.0")(pv, (x[0][0], x[1][0, 0, 0, :3]), 0)

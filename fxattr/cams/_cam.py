@@ -43,6 +43,7 @@ from fxattr._explainer import (
     check_model,
     explainer,
     fixed_target,
+    tree_map,
 )
 from fxattr.errors import api_boundary, fail
 from fxattr.functional import CAPTURE_LOCK
@@ -490,6 +491,11 @@ def guided_gradcam(f, *, layer, interpolate: str = "nearest"):
     map upsampled to x, as captum's ``GuidedGradCam`` (nearest-neighbour upsampling by default,
     captum's ``interpolate_mode``; guided backprop seeded with 1).
 
+    For a tuple x (a model of several inputs) the one layer map is upsampled to each input's
+    trailing spatial size and multiplies that input's guided backpropagation, as captum does for
+    tuple inputs. An input with fewer dimensions than the map is an error (captum returns an empty
+    tensor for it, with a warning).
+
     Example:
         >>> explain = fxattr.guided_gradcam(f, layer="layer4")
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)  # x's shape
@@ -502,10 +508,20 @@ def guided_gradcam(f, *, layer, interpolate: str = "nearest"):
     if not isinstance(layer, (str, nn.Module)):
         raise fail(where, f"layer must be one module or graph node name (or submodule), got {layer!r}")
     grad_cam = gradcam(f, layer=layer, relu=True, upsample=True, interpolate=interpolate)
+    layer_map = gradcam(f, layer=layer, relu=True, upsample=False)
     guided = guided_backprop(f, seed="one")
 
     def explain(params, x, target=None):
         check_target(where, target)
-        return guided(params, x, target) * grad_cam(params, x, target)
+        if isinstance(x, Tensor):
+            return guided(params, x, target) * grad_cam(params, x, target)
+        m = layer_map(params, x, target)
+
+        def one(g, leaf):
+            if leaf.ndim < m.ndim + 1:
+                raise fail(where, f"the layer's map of shape {tuple(m.shape)} cannot be upsampled to an input "
+                                  f"of shape {tuple(leaf.shape)} (channels and {m.ndim} spatial dimensions needed)")
+            return g * _upsample(where, m, leaf, interpolate).expand(leaf.shape)
+        return tree_map(one, guided(params, x, target), x)
 
     return explainer(where, f, {"layer": layer, "interpolate": interpolate}, explain)
