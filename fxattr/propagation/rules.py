@@ -21,7 +21,10 @@ Conventions (iNNvestigate's unless said otherwise; see each rule):
 - ``alpha_beta`` with bias puts the whole bias in both the activator and the inhibitor denominator
   (iNNvestigate); ``bias="split"`` puts ``b+`` in the activator and ``b-`` in the inhibitor (zennit);
 - ``w_square`` and ``flat`` ignore the bias (``w_square(bias=True)`` adds ``b^2``, as zennit does);
-- ``z_plus`` is ``alpha_beta(1, 0, bias=False)``; ``z_plus_fast`` applies ``W+`` to the raw input.
+- ``z_plus`` is ``alpha_beta(1, 0, bias=False)``; ``z_plus_fast`` applies ``W+`` to the raw input;
+- zennit's ``Stabilizer`` options (``clip``, ``norm_scale``, ``dim``) are :func:`stabiliser`, which
+  any rule's ``stabiliser=`` (and the epsilon rule's ``epsilon=``) accepts; zennit's
+  ``zero_params="bias"`` is ``bias=False`` of epsilon / z_plus / alpha_beta and ``zero_params`` of gamma.
 
 Example:
     >>> from fxattr.propagation import rules
@@ -163,7 +166,10 @@ def stabiliser(epsilon: float = 1e-6, *, clip: bool = False, norm_scale: bool = 
             axes = dim if dim is not None else tuple(range(1, z.ndim))
             if any(a >= z.ndim or a < -z.ndim for a in axes):
                 raise fail("lrp", f"stabiliser dim={dim!r} does not fit a layer output of rank {z.ndim}")
-            e = eps * (z * z).mean(dim=axes, keepdim=True).sqrt()
+            # the mean square in float32 for half-precision outputs (|z| > 256 overflows z * z in
+            # float16, and an infinite epsilon would zero every relevance silently)
+            wide = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+            e = (eps * (wide * wide).mean(dim=axes, keepdim=True).sqrt()).to(z.dtype)
         if clip:
             return sign * z.abs().clamp(min=e) if not norm_scale else sign * torch.maximum(z.abs(), e)
         return z + sign * e

@@ -167,6 +167,19 @@ def test_options_are_not_vacuous():
     assert torch.equal(clipped[z.abs() >= 0.5], z[z.abs() >= 0.5])  # only small |z| move
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norm_scale_in_half_precision(dtype):
+    """The mean square of a float16 output overflows z * z beyond |z| = 256; the stabiliser takes it in
+    float32 (an infinite epsilon would zero every relevance)."""
+    z = torch.tensor([[300.0, -2000.0, 0.0, 1.0, 4.0]])
+    want = ref_stabiliser(z.double(), 0.1, norm_scale=True)
+    for opts in ({"norm_scale": True}, {"norm_scale": True, "clip": True}):
+        got = rules.stabiliser(0.1, **opts)(z.to(dtype))
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), ref_stabiliser(z.double(), 0.1, **opts), rtol=1e-2, atol=0)
+    assert float(want[0, 2]) > 50  # not vacuous: epsilon is large here (z * z alone would be inf)
+
+
 # ---- zennit on a small CNN and resnet18 (float64) -----------------------------------------------------
 
 def randomize(model, seed, calibrate_shape):
