@@ -107,6 +107,7 @@ def _layout(where: str, f, reshape):
     kind = type(module).__name__ if module is not None else ""
     vit = kind == "VisionTransformer" and hasattr(module, "class_token")
     swin = kind == "SwinTransformer" and hasattr(module, "permute")
+    patch_tokens = _patch_token_layout(module)
     token_model = module is not None and any(
         isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.LayerNorm))
         for m in module.modules())
@@ -138,6 +139,16 @@ def _layout(where: str, f, reshape):
             if side * side == tokens - 1:
                 # torchvision's ViT: the class token first, then the patches row by row
                 return a[1:].reshape(side, side, dim).permute(2, 0, 1)
+        if a.ndim == 2 and patch_tokens is not None:
+            prefix, grid = patch_tokens
+            tokens, dim = a.shape
+            if grid is None:
+                side = math.isqrt(max(tokens - prefix, 0))
+                grid = (side, side) if side > 0 and side * side == tokens - prefix else None
+            if grid is not None and tokens == prefix + grid[0] * grid[1]:
+                # a Hugging Face ViT / DeiT: class (and distillation / register) tokens first,
+                # then the patches row by row
+                return a[prefix:].reshape(grid[0], grid[1], dim).permute(2, 0, 1)
         if a.ndim == 2 and (token_model or not has_conv1d):
             raise fail(where, f"the activation of layer {layer!r} has shape {tuple(a.shape)}: "
                               "(tokens, features) of a token layer, not (channels, positions); "
@@ -151,6 +162,35 @@ def _layout(where: str, f, reshape):
         return a
 
     return to_channels
+
+
+def _patch_token_layout(module) -> tuple[int, tuple[int, int] | None] | None:
+    """``(prefix tokens, patch grid or None)`` of a Hugging Face ViT-style model (a submodule with
+    a ``cls_token`` parameter and ``patch_embeddings``: ViT, DeiT, BEiT-like embeddings), read from
+    its embeddings: the class token, DeiT's distillation token and register tokens come before
+    the patches; ``None`` for other models."""
+    if not isinstance(module, nn.Module):
+        return None
+    for m in module.modules():
+        cls_token = getattr(m, "cls_token", None)
+        patches = getattr(m, "patch_embeddings", None)
+        if not (isinstance(cls_token, Tensor) and isinstance(patches, nn.Module)):
+            continue
+        prefix = 1
+        if isinstance(getattr(m, "distillation_token", None), Tensor):
+            prefix += 1
+        registers = getattr(m, "register_tokens", None)
+        if isinstance(registers, Tensor) and registers.ndim == 3:
+            prefix += registers.shape[1]
+        image, patch = getattr(patches, "image_size", None), getattr(patches, "patch_size", None)
+        grid = None
+        if image is not None and patch is not None:
+            image = tuple(image) if isinstance(image, Sequence) else (image, image)
+            patch = tuple(patch) if isinstance(patch, Sequence) else (patch, patch)
+            if len(image) == 2 and len(patch) == 2:
+                grid = (image[0] // patch[0], image[1] // patch[1])
+        return prefix, grid
+    return None
 
 
 def _grad_at_layer(where: str, head, params, x, a, target) -> Tensor:
@@ -280,7 +320,10 @@ def gradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: 
             to ``(channels, *spatial)``, like pytorch-grad-cam's ``reshape_transform`` (applied to
             the activation and its gradient). ``None``: channels-first activations are used as
             they are; torchvision's ``VisionTransformer`` token layers ``(1 + h * w, dim)`` lose
-            the class token and become a ``(dim, h, w)`` grid; channels-last layers of
+            the class token and become a ``(dim, h, w)`` grid, as do Hugging Face ViT / DeiT
+            token layers (class, distillation and register tokens dropped, the grid read from
+            the patch embeddings; on models captured by torch dynamo, layers are named by their
+            module path, e.g. ``"model.vit.layers.1"``); channels-last layers of
             ``SwinTransformer`` and of token models (``(H, W, C)``, C a feature width of the
             model) are moved to channels-first; any other token layer ``(tokens, features)`` is a
             clear error asking for ``reshape`` (tokens are never taken as channels).

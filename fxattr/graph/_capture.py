@@ -71,6 +71,7 @@ import optree
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_unflatten as pytree_unflatten
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from fxattr.errors import FxattrError, fail
@@ -165,11 +166,7 @@ def origin(node: fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
-    path = list(stack.values())[-1]
-    path = path[0] if isinstance(path, tuple) else path
-    if isinstance(path, str) and path.startswith("L['"):  # dynamo's spelling of the root: L['self']
-        path = path[path.index("]") + 1:].lstrip(".")
-    return path or None
+    return module_path(list(stack.values())[-1]) or None
 
 
 def forward_parameters(module: nn.Module):
@@ -385,29 +382,62 @@ def trace(f, inputs: tuple | None = None) -> fx.GraphModule:
     return gm
 
 
+_DYNAMIC_EXAMPLE_SIZE = 7  # the example size of a dimension input_shape leaves free (None):
+# not 0 or 1 (dynamo specialises those) and unlikely to equal a fixed size of the model
+
+
 def _dynamo_capture(f, inputs: tuple) -> fx.GraphModule:
     """The torch-function-level graph dynamo captures from ``f.module`` run on zeros of
     ``f.input_shape`` (with the batch axis of 1), normalised into the engine's vocabulary:
-    parameters and buffers read under the user's qualified names (``get_attr`` targets renamed),
-    other tensor attributes kept as constants, in-place ops purified, the output structure kept
-    (``meta["out_spec"]``), each node's module of origin in ``meta["nn_module_stack"]``.
+    parameters and buffers read under the user's qualified names (``get_attr`` targets renamed,
+    and the graph module rebuilt to hold them under those names, so that ``params`` replaces
+    them), other tensor attributes kept as constants, in-place ops purified, the output structure
+    kept (``meta["out_spec"]``), each node's module of origin in ``meta["nn_module_stack"]``, and
+    the node each module call returns in ``meta["module_outputs"]`` (as torch.fx's tracer records).
 
-    Shapes are specialised to ``input_shape`` (a sequence model is captured for one length;
-    ``functionalize`` checks every example against it)."""
+    Sizes given in ``input_shape`` are specialised; a size given as ``None`` (a sequence length)
+    is captured symbolically, so the one graph runs every length (a model that specialises it
+    anyway is reported)."""
     import torch._dynamo
 
     module = f.module
     state = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     dtype = next((t.dtype for _, t in state if t.is_floating_point()), torch.get_default_dtype())
     device = next((t.device for _, t in state), torch.device("cpu"))
-    example = torch.zeros((1, *f.input_shape), dtype=dtype, device=device)
-    with EvalBatchNormAsElementwise():
-        gm, _ = torch._dynamo.export(module)(example)
-    torch._dynamo.reset()
+    free = [i for i, size in enumerate(f.input_shape) if size is None]
+    shape = tuple(_DYNAMIC_EXAMPLE_SIZE if size is None else size for size in f.input_shape)
+    example = torch.zeros((1, *shape), dtype=dtype, device=device)
+    dynamic_shapes = None
+    if free:
+        from torch.export import Dim
+        # DYNAMIC: ranges the model implies (BERT's 512 positions) are accepted, a specialised
+        # size is an error (checked below as well)
+        dynamic_shapes = ({i + 1: Dim.DYNAMIC for i in free},)
+    try:
+        with EvalBatchNormAsElementwise():
+            gm, _ = torch._dynamo.export(module, dynamic_shapes=dynamic_shapes)(example)
+    except Exception as error:
+        if not free:
+            raise
+        raise fail("trace", f"torch dynamo cannot capture {type(module).__name__} with the size(s) "
+                            f"input_shape leaves free (None at {free}) symbolic: the model "
+                            f"specialises them ({type(error).__name__}: {str(error)[:300]}); give "
+                            "a fixed input_shape") from error
+    finally:
+        torch._dynamo.reset()
+    if free:
+        placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        value = placeholder.meta.get("example_value", placeholder.meta.get("val"))
+        fixed = [i for i in free if value is not None and isinstance(value.shape[i + 1], int)]
+        if fixed:
+            raise fail("trace", f"torch dynamo cannot capture {type(module).__name__} with the "
+                                f"size(s) input_shape leaves free (None at {fixed}) symbolic: the "
+                                "model specialises them; give a fixed input_shape")
     _purify(gm)
     names = {}
     for name, t in state:
         names.setdefault(id(t), name)
+    root: dict = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size):
             node.target = tensor_size  # a shape read that torch.vmap can batch
@@ -422,6 +452,9 @@ def _dynamo_capture(f, inputs: tuple) -> fx.GraphModule:
             node.meta["constant"] = value  # what it reads when params lacks it
             if id(value) in names:  # a parameter or buffer: read from params by its own name
                 node.target = names[id(value)]
+            root[node.target] = value
+        elif node.op == "call_module":
+            root[node.target] = gm.get_submodule(node.target)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise fail("trace", f"torch dynamo captured {type(module).__name__} with "
@@ -429,12 +462,59 @@ def _dynamo_capture(f, inputs: tuple) -> fx.GraphModule:
     placeholders[0].target = inputs[0]
     codegen = getattr(gm.graph, "_codegen", None)
     info = getattr(codegen, "pytree_info", None)
+    # the same graph (its nodes, their metadata, its output structure) in a module holding the
+    # parameters under the user's names: functional_call(gm, params) then reads params
+    gm = fx.GraphModule(root, gm.graph, type(module).__name__)
     gm.meta["out_spec"] = None if info is None else info.out_spec
-    gm.meta["module_outputs"] = {}
+    gm.meta["module_outputs"], gm.meta["module_escapes"] = _dynamo_module_outputs(gm.graph)
+    gm.meta["module_names"] = [name for name, _ in module.named_modules() if name]
     gm.meta["state_names"], gm.meta["aliases"] = _state_names(module)
     gm.meta["inputs"] = inputs
     gm.meta["capture"] = "dynamo"
+    gm.meta["dynamic"] = tuple(free)
     return gm
+
+
+def module_path(path) -> str:
+    """A module path as dynamo writes it in ``nn_module_stack`` (``L['self'].model.layers[0]``,
+    ``L['self'].model.layers.0``) as the qualified name ``named_modules`` gives
+    (``model.layers.0``; ``""`` for the root)."""
+    if isinstance(path, tuple):
+        path = path[0]
+    if not isinstance(path, str):
+        return ""
+    if path.startswith("L["):  # the root: L['self']
+        path = path[path.index("]") + 1:]
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"getattr\((.*?), '([^']+)'\)", r"\1.\2", path)
+    return path.strip(".")
+
+
+def _dynamo_module_outputs(graph: fx.Graph) -> tuple[dict, dict]:
+    """``{module path: [the node each call returns]}`` of a dynamo graph, from the module stacks
+    its nodes record: a call's nodes are those with the call in their stack (dynamo keys a
+    module's k-th call ``id@k``), and what it returns is the one tensor node of them that is read
+    outside the call. A call with several such nodes (a module returning a tuple, or leaking an
+    inner value) maps to ``None``; ``module_escapes`` lists them for the error."""
+    calls: dict[tuple[str, str], list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        for key, value in (node.meta.get("nn_module_stack") or {}).items():
+            path = module_path(value)
+            if path:
+                calls.setdefault((path, key), []).append(node)
+    outputs: dict[str, list] = {}
+    escapes: dict[str, list] = {}
+    for (path, _), nodes in calls.items():
+        inside = set(nodes)
+        leaving = [n.name for n in nodes
+                   if isinstance(n.meta.get("example_value", n.meta.get("val")), Tensor)
+                   and any(user not in inside for user in n.users)]
+        outputs.setdefault(path, []).append(leaving[0] if len(leaving) == 1 else None)
+        escapes.setdefault(path, []).append(leaving)
+    return outputs, escapes
 
 
 def _drop_concrete(graph: fx.Graph, concrete: set) -> None:
@@ -534,12 +614,15 @@ def find_layer(where: str, gm: fx.GraphModule, layer: str) -> fx.Node:
             raise fail(where, f"layer {layer!r} is called {len(calls)} times in the forward pass; "
                               f"name one call by its graph node instead: {', '.join(map(repr, calls))}")
         if calls[0] is None:
+            leaving = gm.meta.get("module_escapes", {}).get(layer, [[]])[0]
+            parts = f" ({', '.join(map(repr, leaving))})" if leaving else ""
             raise fail(where, f"layer {layer!r} returns a structure, not one tensor; name a node "
-                              "of the graph instead")
+                              f"of the graph instead{parts}")
         return nodes[calls[0]]
     if layer in nodes and nodes[layer].op not in ("placeholder", "output", "get_attr"):
         return nodes[layer]
-    modules = [name for name, _ in gm.named_modules() if name and not name.startswith("_fxattr")]
+    modules = gm.meta.get("module_names") or [
+        name for name, _ in gm.named_modules() if name and not name.startswith("_fxattr")]
     candidates = [n for n in outputs if n] + [n for n in modules if n not in outputs]
     close = difflib.get_close_matches(layer, candidates, n=5, cutoff=0.5)
     close += [n for n in difflib.get_close_matches(layer, list(nodes), n=3, cutoff=0.6)
@@ -589,9 +672,6 @@ def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
         >>> grads = torch.vmap(torch.func.grad(lambda a, x: head(params, x, a)[3]))(a, images)
     """
     gm = trace(f)
-    if gm.meta.get("capture") == "dynamo":
-        raise fail(where, f"{type(f.module).__name__} was captured by torch dynamo (torch.fx cannot "
-                          "trace it); cutting it at a layer needs a torch.fx-traceable model")
     node = find_layer(where, gm, layer)
     if node.op == "placeholder":
         raise fail(where, f"layer {layer!r} is an input of the model, not a layer")
@@ -615,9 +695,14 @@ def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
         out = _call(body_gm, params, args, kwargs)
         return optree.tree_map(lambda t: t[0], out, namespace="torch")
 
+    out_spec = gm.meta.get("out_spec")
+
     def head(params, x, activation):
         args, kwargs = batched_args(x, (activation,))
-        return unbatch_output(f, _call(head_gm, params, args, kwargs))
+        out = _call(head_gm, params, args, kwargs)
+        if out_spec is not None:  # a dynamo graph returns its outputs flat
+            out = pytree_unflatten(list(out), out_spec)
+        return unbatch_output(f, out)
 
     body.graph_module, head.graph_module = body_gm, head_gm
     body.layer = head.layer = node.name

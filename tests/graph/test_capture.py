@@ -182,11 +182,3 @@ def test_addmm_is_a_kernel_layer():
         got = torch.stack([method(f)(p, xi, target(ti)) for xi, ti in zip(x, t)])
         want = torch.stack([method(g)(q, xi, target(ti)) for xi, ti in zip(x, t)])
         torch.testing.assert_close(got, want)
-
-
-@pytest.mark.slow
-def test_split_of_a_dynamo_capture_is_a_clear_error():
-    model, shape, name = _hf("bert", "eager")
-    f, _ = fxattr.functionalize(_Logits(model.eval(), name).eval(), input_shape=shape)
-    with pytest.raises(fxattr.FxattrError, match=r"fxattr.split: .*captured by torch dynamo"):
-        fxattr.graph.split(f, "model.bert.encoder")
