@@ -212,3 +212,96 @@ def test_second_order_with_sdpa(variant):
     h = 1e-6
     numeric = (loss(weight + h * direction) - loss(weight - h * direction)) / (2 * h)
     torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-6, atol=1e-9)
+
+
+# --- the gradient form: one vjp of a modified forward (fxattr/propagation/_gradient_form.py) ------------
+
+def _walk(f, variant):
+    """The node-by-node walk of the preset (what the gradient form replaces)."""
+    from fxattr.propagation._engine import Plan
+    from fxattr.propagation._transformers import transformer_composite
+    plan = Plan(f, "lrp", transformer_composite(variant))
+    return lambda params, x, target: plan.explain(params, x, target)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_form_equals_the_walk(kind, attn):
+    """Both presets run as the gradient form on every family, and equal the node-by-node walk:
+    to rounding in float64 where the model computes in float64; within FLOAT64_BAR where its eager
+    code computes softmax / RMSNorm in float32 (the walk recomputes the softmax in float64 there,
+    the gradient form differentiates the model's float32 softmax as LXT does)."""
+    _, f, params, x, target = _captured_model(kind, torch.float64, attn)
+    bar = 1e-12 if FLOAT64_BAR[kind] == 1e-8 else FLOAT64_BAR[kind]
+    for variant in VARIANTS:
+        explain = fxattr.lrp(f, composite=variant)
+        assert explain.gradient_form is True
+        fast = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
+        walk = torch.vmap(_walk(f, variant), in_dims=(None, 0, 0))(params, x, target)
+        _, relative = _compare(fast, walk)
+        assert (relative <= bar).all(), (variant, relative)
+
+
+class _Exp(torch.nn.Module):
+    """An element-wise exp that receives relevance (the gradient form has no rule for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.exp(self.a(x)))
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("model, shape, node", [(_Exp, (4,), "exp"), (_Attention, (3, 4), "attention")])
+def test_gradient_form_falls_back_to_the_walk_with_its_reason(model, shape, node):
+    """A node the gradient form cannot express keeps the preset on the walk (same numbers), and
+    ``explain.gradient_form`` names the node."""
+    torch.manual_seed(0)
+    net = model().double().eval()
+    f, params = fxattr.functionalize(net)
+    x, target = torch.randn(2, *shape, dtype=torch.float64), torch.tensor([0, 2])
+    for variant in VARIANTS:
+        explain = fxattr.lrp(f, composite=variant)
+        assert isinstance(explain.gradient_form, str) and node in explain.gradient_form
+        ours = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
+        torch.testing.assert_close(ours, torch.vmap(_walk(f, variant), in_dims=(None, 0, 0))(params, x, target),
+                                   rtol=0, atol=0)
+
+
+def test_other_composites_keep_the_walk():
+    _, f, *_ = _captured_model("bert", torch.float64)
+    assert fxattr.lrp(f, composite="epsilon_plus").gradient_form is None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_form_second_order_on_gpt2(variant):
+    """GPT-2 (eager matmuls with halved operands, the written-out gelu_new, LayerNorm's frozen std):
+    the derivative of the explanation w.r.t. x (gradcheck) and of a loss of it w.r.t. a LayerNorm
+    weight and an attention projection match finite differences: the frozen factors are constants
+    of the inner vjp only."""
+    _, f, params, x, target = _captured_model("gpt2", torch.float64)
+    explain = fxattr.lrp(f, composite=variant)
+    assert explain.gradient_form is True
+    x0 = x[0].clone()
+    assert torch.autograd.gradcheck(lambda t: explain(params, t, target[0]), (x0.requires_grad_(True),), eps=1e-6,
+                                    atol=1e-7, rtol=1e-5, fast_mode=True)
+    for name in ("model.transformer.h.0.ln_1.weight", "model.transformer.h.1.attn.c_attn.weight"):
+        def loss(weight, name=name):
+            return explain({**params, name: weight}, x0.detach(), target[0]).square().sum()
+        weight = params[name]
+        grad = torch.func.grad(loss)(weight)
+        direction = torch.randn(weight.shape, dtype=weight.dtype, generator=torch.Generator().manual_seed(5))
+        h = 1e-6
+        numeric = (loss(weight + h * direction) - loss(weight - h * direction)) / (2 * h)
+        torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-6, atol=1e-9)
