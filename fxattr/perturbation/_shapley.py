@@ -17,6 +17,12 @@ coalitions, and every coalition is evaluated by ``torch.vmap``, never by a Pytho
 - :func:`lime` (Ribeiro et al. 2016; captum's ``Lime``): Bernoulli(1/2) coalitions, an exponential
   similarity kernel on the cosine or Euclidean distance, a weighted linear / ridge / lasso surrogate.
 
+x may be a tensor or a tuple / dict of tensors (several model inputs), floating-point, integer or
+boolean (an integer or boolean input takes a baseline of its kind). Every explainer is
+``explain(params, x, target=None, *, feature_mask=None)``: a mask given at call time (ids
+``0..G-1``) replaces the construction-time one and may differ per example under ``torch.vmap``.
+``show_progress`` reports each chunk of coalitions.
+
 The surrogates are solved in torch, in float64 (the regressions weigh the empty and full
 coalitions 1e6 times the others, as captum does, which float32 normal equations cannot carry),
 and cast back to x's dtype. Everything is differentiable torch; the explanations vmap over a
@@ -27,12 +33,23 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 
 from fxattr._explainer import check_choice, check_int, check_model, explainer
 from fxattr.errors import fail
+from fxattr.perturbation._features import (
+    FeatureGroups,
+    check_perturbation_baseline,
+    check_perturbation_x,
+    check_progress,
+    leaf_baselines,
+    map_chunks,
+)
+from fxattr.perturbation._perturbation import as_float
 from fxattr.targets import check_target, select
 
 __all__ = ["kernel_shap", "lime", "shapley_value_sampling", "shapley_values"]
@@ -44,95 +61,64 @@ MAX_EXACT_GROUPS = 16
 
 # --------------------------------------------------------------------------------------- groups
 
-class _Groups:
-    """``feature_mask`` resolved at construction: each element of x -> its group 0..G-1."""
+class _Prepared(NamedTuple):
+    """One explanation's inputs: x's leaves and structure, each leaf's group ids (broadcastable to
+    it), the number of groups, each leaf's baseline and the target (None -> the argmax at x)."""
+    leaves: list
+    tree: object
+    group_of: list
+    count: int
+    bases: list
+    target: object
 
-    def __init__(self, where: str, feature_mask):
-        self.where = where
-        self.mask_shape = None
-        self.group_of = None
-        self.count = None
-        if feature_mask is None:
-            return
-        if (not isinstance(feature_mask, Tensor) or feature_mask.dtype.is_floating_point
-                or feature_mask.dtype.is_complex or feature_mask.dtype == torch.bool):
-            raise fail(where, "feature_mask must be an integer tensor of group ids broadcastable to "
-                              f"x's shape, got {getattr(feature_mask, 'dtype', type(feature_mask).__name__)}")
-        if feature_mask.numel() == 0:
-            raise fail(where, "feature_mask is empty")
-        # ids -> 0..G-1 once (torch.unique cannot run under vmap or compile); captum numbers the
-        # groups by their ids too, so the order of groups (and of permutations) is the same.
-        ids, inverse = torch.unique(feature_mask, return_inverse=True)
-        self.mask_shape = tuple(feature_mask.shape)
-        self.group_of = inverse
-        self.count = int(ids.numel())
+    def perturbed(self, on):
+        """x where the groups of the boolean row ``on`` are on, the baseline elsewhere."""
+        return self.tree.unflatten([torch.where(on[g], t, b) for t, g, b in zip(self.leaves, self.group_of, self.bases)])
 
-    def resolve(self, x: Tensor) -> tuple[Tensor, int]:
-        if self.group_of is None:
-            return torch.arange(x.numel(), device=x.device).reshape(x.shape), x.numel()
-        shape = tuple(x.shape)
-        if len(self.mask_shape) > len(shape) or not all(
-                m in (1, s) for m, s in zip(reversed(self.mask_shape), reversed(shape))):
-            raise fail(self.where, f"feature_mask of shape {self.mask_shape} does not broadcast to "
-                                   f"x's shape {shape}")
-        return self.group_of.to(x.device).expand(shape), self.count
+    def spread(self, phi):
+        """Per-group values given to every element of their group, in x's structure."""
+        return self.tree.unflatten([phi[g].expand(t.shape) for g, t in zip(self.group_of, self.leaves)])
+
+    def baseline(self):
+        return self.tree.unflatten([b.expand(t.shape) for t, b in zip(self.leaves, self.bases)])
 
 
-def _check_baseline(where: str, baseline) -> None:
-    if isinstance(baseline, bool) or not isinstance(baseline, (Real, Tensor)):
-        raise fail(where, "baseline must be a number or a tensor broadcastable to x's shape, got "
-                          f"{type(baseline).__name__}")
-    if isinstance(baseline, Real) and not math.isfinite(baseline):
-        raise fail(where, f"baseline must be finite, got {baseline!r}")
-
-
-def _baseline(where: str, baseline, x: Tensor) -> Tensor:
-    if isinstance(baseline, Real):
-        return torch.full_like(x, float(baseline))
-    try:
-        return torch.broadcast_to(baseline.to(dtype=x.dtype, device=x.device), x.shape)
-    except RuntimeError:
-        raise fail(where, f"baseline of shape {tuple(baseline.shape)} does not broadcast to x's "
-                          f"shape {tuple(x.shape)}") from None
-
-
-def _check_x(where: str, x) -> None:
-    if not isinstance(x, Tensor):
-        raise fail(where, f"x must be a tensor (one example), got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise fail(where, f"x must be a floating-point tensor, got dtype {x.dtype}")
-
-
-def _configured(where: str, f, feature_mask, baseline, chunk_size) -> _Groups:
-    """The checks every member of the family makes at construction; the resolved groups."""
+def _configured(where: str, f, feature_mask, baseline, chunk_size, cross_tensor, num_features,
+                show_progress) -> tuple:
+    """The checks every member of the family makes at construction; the groups and the reporter."""
     check_model(where, f)
-    groups = _Groups(where, feature_mask)
-    _check_baseline(where, baseline)
+    groups = FeatureGroups(where, feature_mask, cross_tensor=cross_tensor, num_features=num_features)
+    check_perturbation_baseline(where, baseline)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
-    return groups
+    return groups, check_progress(where, show_progress)
 
 
-def _prepared(where: str, f, params, x, target, groups: _Groups, baseline):
-    """What every explanation starts from: x's groups, the baseline, the target (None -> argmax)."""
+def _prepared(where: str, f, params, x, target, groups: FeatureGroups, baseline, feature_mask) -> _Prepared:
+    """What every explanation starts from: x's groups, the baselines, the target."""
     check_target(where, target)
-    _check_x(where, x)
-    group_of, count = groups.resolve(x)
-    return group_of, count, _baseline(where, baseline, x), _resolve_target(f, params, x, target)
+    check_perturbation_x(where, x)
+    leaves, tree = optree.tree_flatten(x, namespace="torch")
+    group_of, count = groups.resolve(x, feature_mask)
+    bases = leaf_baselines(where, baseline, x)
+    return _Prepared(leaves, tree, group_of, count, bases, _resolve_target(f, params, x, target))
 
 
-def _coalition_values(where, f, params, x, target, group_of, base, coalitions, chunk_size) -> Tensor:
+def _value(where, f, params, x, target):
+    return select(where, as_float(f(params, x)), target)
+
+
+def _coalition_values(where, f, params, prepared: _Prepared, coalitions, chunk_size, reporter) -> Tensor:
     """``f`` at every coalition (rows of a ``(n, G)`` boolean tensor), vmapped ``chunk_size`` at a time."""
 
     def value(coalition):
-        on = coalition[group_of]
-        return select(where, f(params, torch.where(on, x, base)), target)
+        return _value(where, f, params, prepared.perturbed(coalition), prepared.target)
 
-    return torch.vmap(value, chunk_size=chunk_size)(coalitions)
+    return map_chunks(value, (coalitions,), chunk_size, reporter)
 
 
 def _resolve_target(f, params, x, target):
     if target is None:
-        return f(params, x).detach().reshape(-1).argmax()
+        return as_float(f(params, x)).detach().reshape(-1).argmax()
     return target
 
 
@@ -147,7 +133,8 @@ def _check_draws(where: str, name: str, draws, columns_name: str) -> None:
 # ------------------------------------------------------------------------- Shapley value sampling
 
 def shapley_value_sampling(f, *, feature_mask=None, baseline=0.0, samples: int = 25,
-                           permutations: Tensor | None = None, chunk_size: int | None = 16):
+                           permutations: Tensor | None = None, chunk_size: int | None = 16,
+                           cross_tensor: bool = True, num_features: int | None = None, show_progress=False):
     """Shapley value sampling (Castro, Gómez and Tejada 2009) with captum's ``ShapleyValueSampling``
     semantics.
 
@@ -169,6 +156,8 @@ def shapley_value_sampling(f, *, feature_mask=None, baseline=0.0, samples: int =
             permutations of ``0..G-1``, groups numbered by sorted id) -- to replay a run, e.g.
             captum's ``torch.randperm`` draws; shared by every example of a batch, as in captum.
         chunk_size: how many coalitions one vmapped forward holds per example (``None``: all).
+        cross_tensor, num_features, show_progress: as in :func:`fxattr.feature_ablation` (masks
+            spanning a tuple x's inputs, call-time masks, progress reports).
 
     Returns:
         ``explain(params, x, target)`` -> an attribution of x's shape. Without ``permutations``
@@ -181,7 +170,8 @@ def shapley_value_sampling(f, *, feature_mask=None, baseline=0.0, samples: int =
         >>> torch.vmap(explain, in_dims=(None, 0, 0), randomness="same")(params, images, labels)
     """
     where = "shapley_value_sampling"
-    groups = _configured(where, f, feature_mask, baseline, chunk_size)
+    groups, reporter = _configured(where, f, feature_mask, baseline, chunk_size, cross_tensor, num_features,
+                                   show_progress)
     check_int(where, "samples", samples, 1)
     _check_draws(where, "permutations", permutations, "feature group")
     if permutations is not None:
@@ -195,30 +185,32 @@ def shapley_value_sampling(f, *, feature_mask=None, baseline=0.0, samples: int =
             raise fail(where, f"permutations order {count} groups but feature_mask has {groups.count}")
         samples = permutations.shape[0]
 
-    def explain(params, x, target=None):
-        group_of, count, base, target = _prepared(where, f, params, x, target, groups, baseline)
+    def explain(params, x, target=None, *, feature_mask=None):
+        prepared = _prepared(where, f, params, x, target, groups, baseline, feature_mask)
+        count, device = prepared.count, prepared.leaves[0].device
         if permutations is None:
-            orders = torch.rand(samples, count, device=x.device).argsort(dim=1)
+            orders = torch.rand(samples, count, device=device).argsort(dim=1)
         else:
             if permutations.shape[1] != count:
                 raise fail(where, f"permutations order {permutations.shape[1]} groups but x has {count}")
-            orders = permutations.to(x.device, torch.long)
+            orders = permutations.to(device, torch.long)
         # rank[s, g]: the position of group g in order s; prefix k of order s = {g: rank < k}
-        rank = torch.empty_like(orders).scatter_(1, orders, torch.arange(count, device=x.device).expand_as(orders))
-        sizes = torch.arange(1, count + 1, device=x.device)
+        rank = torch.empty_like(orders).scatter_(1, orders, torch.arange(count, device=device).expand_as(orders))
+        sizes = torch.arange(1, count + 1, device=device)
         coalitions = (rank[:, None, :] < sizes[None, :, None]).reshape(-1, count)
-        start = select(where, f(params, base), target)
-        values = _coalition_values(where, f, params, x, target, group_of, base, coalitions,
-                                   chunk_size).reshape(samples, count)
+        start = _value(where, f, params, prepared.baseline(), prepared.target)
+        values = _coalition_values(where, f, params, prepared, coalitions, chunk_size,
+                                   reporter).reshape(samples, count)
         credits = torch.diff(values, dim=1, prepend=start.expand(samples, 1))
-        totals = torch.zeros(count, dtype=credits.dtype, device=x.device).scatter_add(
+        totals = torch.zeros(count, dtype=credits.dtype, device=device).scatter_add(
             0, orders.reshape(-1), credits.reshape(-1))
-        return (totals / samples)[group_of]
+        return prepared.spread(totals / samples)
 
     config = {"feature_mask": groups.mask_shape, "baseline": baseline, "samples": samples,
               "permutations": None if permutations is None else tuple(permutations.shape),
-              "chunk_size": chunk_size}
-    return explainer(where, f, config, explain)
+              "chunk_size": chunk_size, "cross_tensor": cross_tensor, "num_features": num_features,
+              "show_progress": bool(show_progress)}
+    return explainer(where, f, config, explain, integer_x="bool")
 
 
 # ------------------------------------------------------------------------------- exact Shapley
@@ -239,7 +231,8 @@ def _shapley_weights(coalitions: Tensor) -> Tensor:
     return torch.where(coalitions, with_g, -without_g)
 
 
-def shapley_values(f, *, feature_mask=None, baseline=0.0, chunk_size: int | None = 64):
+def shapley_values(f, *, feature_mask=None, baseline=0.0, chunk_size: int | None = 64,
+                   cross_tensor: bool = True, num_features: int | None = None, show_progress=False):
     """Exact Shapley values (Shapley 1953) with captum's ``ShapleyValues`` semantics.
 
     ``phi_g = sum over coalitions S without g of |S|! (G - |S| - 1)! / G! (v(S + g) - v(S))``, with
@@ -254,6 +247,8 @@ def shapley_values(f, *, feature_mask=None, baseline=0.0, chunk_size: int | None
             (``2^16`` forwards). ``None``: every element its own group (x of at most 16 elements).
         baseline: the value switched-off groups take: a number or a tensor broadcastable to x.
         chunk_size: how many coalitions one vmapped forward holds per example (``None``: all).
+        cross_tensor, num_features, show_progress: as in :func:`fxattr.feature_ablation` (masks
+            spanning a tuple x's inputs, call-time masks, progress reports).
 
     Example:
         >>> quadrants = torch.tensor([[0, 1], [2, 3]]).repeat_interleave(16, 0).repeat_interleave(16, 1)
@@ -261,25 +256,28 @@ def shapley_values(f, *, feature_mask=None, baseline=0.0, chunk_size: int | None
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
     where = "shapley_values"
-    groups = _configured(where, f, feature_mask, baseline, chunk_size)
+    groups, reporter = _configured(where, f, feature_mask, baseline, chunk_size, cross_tensor, num_features,
+                                   show_progress)
     if groups.count is not None and groups.count > MAX_EXACT_GROUPS:
         raise fail(where, f"feature_mask has {groups.count} groups; exact Shapley values need 2^G "
                           f"forwards and are limited to {MAX_EXACT_GROUPS} groups: merge groups or use "
                           "fxattr.shapley_value_sampling / fxattr.kernel_shap")
 
-    def explain(params, x, target=None):
-        group_of, count, base, target = _prepared(where, f, params, x, target, groups, baseline)
+    def explain(params, x, target=None, *, feature_mask=None):
+        prepared = _prepared(where, f, params, x, target, groups, baseline, feature_mask)
+        count = prepared.count
         if count > MAX_EXACT_GROUPS:
             raise fail(where, f"x has {count} features (no feature_mask); exact Shapley values are "
                               f"limited to {MAX_EXACT_GROUPS} groups: pass a feature_mask")
-        coalitions = _all_coalitions(count, x.device)
-        values = _coalition_values(where, f, params, x, target, group_of, base, coalitions, chunk_size)
+        coalitions = _all_coalitions(count, prepared.leaves[0].device)
+        values = _coalition_values(where, f, params, prepared, coalitions, chunk_size, reporter)
         weights = _shapley_weights(coalitions)
         phi = (weights * values.to(torch.float64)[:, None]).sum(dim=0).to(values.dtype)
-        return phi[group_of]
+        return prepared.spread(phi)
 
-    config = {"feature_mask": groups.mask_shape, "baseline": baseline, "chunk_size": chunk_size}
-    return explainer(where, f, config, explain)
+    config = {"feature_mask": groups.mask_shape, "baseline": baseline, "chunk_size": chunk_size,
+              "cross_tensor": cross_tensor, "num_features": num_features, "show_progress": bool(show_progress)}
+    return explainer(where, f, config, explain, integer_x="bool")
 
 
 # ------------------------------------------------------------------------- surrogate regressions
@@ -364,7 +362,8 @@ def _check_coalitions(where: str, coalitions, count) -> None:
 
 
 def kernel_shap(f, *, feature_mask=None, baseline=0.0, samples: int = 25,
-                coalitions: Tensor | None = None, chunk_size: int | None = 16):
+                coalitions: Tensor | None = None, chunk_size: int | None = 16,
+                cross_tensor: bool = True, num_features: int | None = None, show_progress=False):
     """KernelSHAP (Lundberg and Lee 2017) with captum's ``KernelShap`` semantics.
 
     Draws ``samples`` coalitions -- the full one, the empty one, then coalitions whose number of
@@ -383,35 +382,42 @@ def kernel_shap(f, *, feature_mask=None, baseline=0.0, samples: int = 25,
         coalitions: ``(n, G)`` 0/1 coalitions to use instead of random ones (to replay a run, e.g.
             captum's draws); shared by every example of a batch.
         chunk_size: how many coalitions one vmapped forward holds per example (``None``: all).
+        cross_tensor, num_features, show_progress: as in :func:`fxattr.feature_ablation` (masks
+            spanning a tuple x's inputs, call-time masks, progress reports).
 
     Example:
         >>> explain = fxattr.kernel_shap(f, feature_mask=segments, samples=200)
         >>> torch.vmap(explain, in_dims=(None, 0, 0), randomness="different")(params, images, labels)
     """
     where = "kernel_shap"
-    groups = _configured(where, f, feature_mask, baseline, chunk_size)
+    groups, reporter = _configured(where, f, feature_mask, baseline, chunk_size, cross_tensor, num_features,
+                                   show_progress)
     check_int(where, "samples", samples, 1)
     _check_coalitions(where, coalitions, groups.count)
 
-    def explain(params, x, target=None):
-        group_of, count, base, target = _prepared(where, f, params, x, target, groups, baseline)
+    def explain(params, x, target=None, *, feature_mask=None):
+        prepared = _prepared(where, f, params, x, target, groups, baseline, feature_mask)
+        count, device = prepared.count, prepared.leaves[0].device
         if coalitions is None:
             if count < 2:
                 raise fail(where, f"KernelSHAP needs at least 2 feature groups, x has {count}")
-            drawn = _kernel_shap_draws(samples, count, x.device)
+            drawn = _kernel_shap_draws(samples, count, device)
         else:
-            drawn = coalitions.to(x.device).bool()
-        values = _coalition_values(where, f, params, x, target, group_of, base, drawn, chunk_size)
+            if coalitions.shape[1] != count:
+                raise fail(where, f"coalitions have {coalitions.shape[1]} columns but x has {count} groups")
+            drawn = coalitions.to(device).bool()
+        values = _coalition_values(where, f, params, prepared, drawn, chunk_size, reporter)
         sizes = drawn.sum(dim=1)
         ends = (sizes == 0) | (sizes == count)
         weights = torch.where(ends, KERNEL_SHAP_ENDPOINT_WEIGHT, 1.0).to(torch.float64)
         beta = _weighted_linear_fit(drawn.to(torch.float64), values.to(torch.float64), weights, 0.0)
-        return beta.to(values.dtype)[group_of]
+        return prepared.spread(beta.to(values.dtype))
 
     config = {"feature_mask": groups.mask_shape, "baseline": baseline, "samples": samples,
               "coalitions": None if coalitions is None else tuple(coalitions.shape),
-              "chunk_size": chunk_size}
-    return explainer(where, f, config, explain)
+              "chunk_size": chunk_size, "cross_tensor": cross_tensor, "num_features": num_features,
+              "show_progress": bool(show_progress)}
+    return explainer(where, f, config, explain, integer_x="bool")
 
 
 # ------------------------------------------------------------------------------------------- LIME
@@ -422,7 +428,8 @@ DISTANCES = ("cosine", "euclidean")
 
 def lime(f, *, feature_mask=None, baseline=0.0, samples: int = 50, coalitions: Tensor | None = None,
          distance: str = "cosine", kernel_width: float = 1.0, regression: str = "lasso",
-         alpha: float = 0.01, iterations: int = 1000, chunk_size: int | None = 16):
+         alpha: float = 0.01, iterations: int = 1000, chunk_size: int | None = 16,
+         cross_tensor: bool = True, num_features: int | None = None, show_progress=False):
     """LIME (Ribeiro, Singh and Guestrin 2016) with captum's ``Lime`` semantics.
 
     Draws ``samples`` coalitions, each group on with probability 1/2; weighs each by the similarity
@@ -446,13 +453,16 @@ def lime(f, *, feature_mask=None, baseline=0.0, samples: int = 50, coalitions: T
         alpha: the lasso / ridge penalty (sklearn's ``alpha``).
         iterations: FISTA steps for the lasso.
         chunk_size: how many coalitions one vmapped forward holds per example (``None``: all).
+        cross_tensor, num_features, show_progress: as in :func:`fxattr.feature_ablation` (masks
+            spanning a tuple x's inputs, call-time masks, progress reports).
 
     Example:
         >>> explain = fxattr.lime(f, feature_mask=segments, samples=200, regression="ridge", alpha=1.0)
         >>> torch.vmap(explain, in_dims=(None, 0, 0), randomness="different")(params, images, labels)
     """
     where = "lime"
-    groups = _configured(where, f, feature_mask, baseline, chunk_size)
+    groups, reporter = _configured(where, f, feature_mask, baseline, chunk_size, cross_tensor, num_features,
+                                   show_progress)
     check_int(where, "samples", samples, 1)
     check_int(where, "iterations", iterations, 1)
     check_choice(where, "distance", distance, DISTANCES)
@@ -464,17 +474,23 @@ def lime(f, *, feature_mask=None, baseline=0.0, samples: int = 50, coalitions: T
                               f"got {value!r}")
     _check_coalitions(where, coalitions, groups.count)
 
-    def explain(params, x, target=None):
-        group_of, count, base, target = _prepared(where, f, params, x, target, groups, baseline)
+    def explain(params, x, target=None, *, feature_mask=None):
+        prepared = _prepared(where, f, params, x, target, groups, baseline, feature_mask)
+        count, device = prepared.count, prepared.leaves[0].device
         if coalitions is None:
-            drawn = torch.rand(samples, count, device=x.device) < 0.5
+            drawn = torch.rand(samples, count, device=device) < 0.5
         else:
-            drawn = coalitions.to(x.device).bool()
+            if coalitions.shape[1] != count:
+                raise fail(where, f"coalitions have {coalitions.shape[1]} columns but x has {count} groups")
+            drawn = coalitions.to(device).bool()
+
+        def flat(tree):  # the inputs flattened and concatenated, in float32 (captum's distance)
+            return torch.cat([t.reshape(-1).float() for t in optree.tree_leaves(tree, namespace="torch")])
 
         def value_and_similarity(coalition):
-            perturbed = torch.where(coalition[group_of], x, base)
-            value = select(where, f(params, perturbed), target)
-            a, b = x.reshape(-1).float(), perturbed.reshape(-1).float()
+            perturbed = prepared.perturbed(coalition)
+            value = _value(where, f, params, perturbed, prepared.target)
+            a, b = flat(x), flat(perturbed)
             if distance == "cosine":
                 # torch.nn.CosineSimilarity's eps (1e-8) on each norm, as captum
                 d = 1 - (a @ b) / (a.norm().clamp(min=1e-8) * b.norm().clamp(min=1e-8))
@@ -482,16 +498,17 @@ def lime(f, *, feature_mask=None, baseline=0.0, samples: int = 50, coalitions: T
                 d = (a - b).norm()
             return value, torch.exp(-d.square() / (2 * kernel_width ** 2))
 
-        values, similarity = torch.vmap(value_and_similarity, chunk_size=chunk_size)(drawn)
+        values, similarity = map_chunks(value_and_similarity, (drawn,), chunk_size, reporter)
         design, y, weights = drawn.to(torch.float64), values.to(torch.float64), similarity.to(torch.float64)
         if regression == "lasso":
             beta = _weighted_lasso_fit(design, y, weights, alpha, iterations)
         else:
             beta = _weighted_linear_fit(design, y, weights, alpha if regression == "ridge" else 0.0)
-        return beta.to(values.dtype)[group_of]
+        return prepared.spread(beta.to(values.dtype))
 
     config = {"feature_mask": groups.mask_shape, "baseline": baseline, "samples": samples,
               "coalitions": None if coalitions is None else tuple(coalitions.shape),
               "distance": distance, "kernel_width": kernel_width, "regression": regression,
-              "alpha": alpha, "iterations": iterations, "chunk_size": chunk_size}
-    return explainer(where, f, config, explain)
+              "alpha": alpha, "iterations": iterations, "chunk_size": chunk_size,
+              "cross_tensor": cross_tensor, "num_features": num_features, "show_progress": bool(show_progress)}
+    return explainer(where, f, config, explain, integer_x="bool")
