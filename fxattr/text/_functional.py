@@ -35,9 +35,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fxattr.errors import FxattrError, fail
 from fxattr.functional import call_privately
+from fxattr.text._graph import embeddings_model, graph_params, outside_transforms
 from fxattr.text._targets import predicted_next_token, resolve_target
 
-__all__ = ["TextModel", "attribute", "baseline_value", "check_text_model", "functionalize", "math_attention"]
+__all__ = ["TextModel", "attribute", "baseline_value", "check_text_model", "functionalize", "math_attention",
+           "to_tokens", "token_baselines"]
 
 ATTENTION = ("math", "auto")
 REDUCE = ("sum", "norm", None)
@@ -103,11 +105,18 @@ class TextModel:
         return F.embedding(input_ids, params[self.embedding_name])
 
     def additive_mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
-        """The ``(1, 1, L, L)`` additive mask: 0 where query i may attend to key j, else finfo.min."""
+        """The ``(1, 1, L, L)`` additive mask: 0 where query i may attend to key j, else finfo.min
+        (a query that may attend to no key, a left pad of a causal model, attends to itself)."""
         length = mask.shape[0]
         keep = mask.bool()[None, :].expand(length, length)
         if self.causal:
             keep = keep & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+        # A query that may attend to no key (a left pad of a causal model) attends to itself: a
+        # row of finfo.min only is NaN after a softmax in float32 (Llama's, on a float64 model:
+        # finfo(float64).min is -inf in float32), and the NaN reached the real tokens through the
+        # values. No real token attends to a pad, so nothing real changes.
+        alone = torch.eye(length, dtype=torch.bool, device=mask.device) & ~keep.any(-1, keepdim=True)
+        keep = keep | alone
         blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
         return torch.where(keep, torch.zeros((), dtype=dtype, device=mask.device), blocked)[None, None]
 
@@ -209,6 +218,13 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
     return f, params
 
 
+def reading_params(fn):
+    """Marks a baseline function ``(params, e) -> baseline`` that reads ``params`` (a token's
+    embedding): its explainer cannot be built once and reused."""
+    fn.reads_params = True
+    return fn
+
+
 def baseline_value(where: str, f: TextModel, baseline):
     """``baseline`` for IG-type methods on embeddings, as a function of (params, embeddings)."""
     if isinstance(baseline, bool):
@@ -223,7 +239,7 @@ def baseline_value(where: str, f: TextModel, baseline):
         vocab = f.module.get_input_embeddings().num_embeddings
         if not 0 <= token < vocab:
             raise fail(where, f"baseline token id {token} is out of range for a vocabulary of {vocab}")
-        return lambda params, e: params[f.embedding_name][token].to(e.dtype).expand_as(e)
+        return reading_params(lambda params, e: params[f.embedding_name][token].to(e.dtype).expand_as(e))
     if isinstance(baseline, Tensor):
         return lambda params, e: baseline.to(e.dtype).expand_as(e)
     raise fail(where, f"baseline must be 'zeros', 'pad', a token id (int) or a tensor of embeddings, "
@@ -267,10 +283,14 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
     if reduce not in REDUCE:
         raise fail(where, f"reduce must be one of {REDUCE}, got {reduce!r}")
     baseline = baseline_value(where, f, config["baseline"]) if "baseline" in config else None
-    # Build once at construction with a stand-in baseline, so a bad configuration fails here.
+    baselines = token_baselines(where, f, config["baselines"]) if "baselines" in config else None
+    # Build once at construction with stand-in baselines, so a bad configuration fails here.
     probe = dict(config)
     if baseline is not None:
         probe["baseline"] = 0.0
+    if baselines is not None:
+        probe["baselines"] = torch.zeros(1, 1, 1)
+    graph = False
     try:
         method(lambda params, e: f(params, e), **probe)
     except TypeError as error:
@@ -278,10 +298,46 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
     except FxattrError as error:
         if "FunctionalModel" not in str(error):
             raise
-        # Graph-based methods (LRP, DeepLIFT, ...) trace an nn.Module from fxattr.functionalize;
-        # the front door's function of embeddings and mask is not one.
-        raise fail(where, f"{getattr(method, '__name__', method)} cannot run through the text front door: it "
-                          f"traces the module of fxattr.functionalize, not a function of embeddings ({error})") from error
+        # Graph-based methods (LRP, DeepLIFT, ...) capture a module: they run on the model as a
+        # module of its embeddings, one per sequence length (fxattr.text._graph).
+        graph = True
+
+    # a pad / token baseline is read from the params of each call: such a graph explainer is built
+    # per call (eager only: building classifies the captured graph, which dynamo cannot trace);
+    # any other is built once per sequence length and reused (also under torch.compile)
+    reads_params = any(getattr(b, "reads_params", False) for b in (baseline, baselines))
+    built: dict = {}
+
+    def graph_explainer(params, embeddings):
+        model = embeddings_model(where, f, embeddings)
+        key = (embeddings.shape[0], embeddings.shape[1], str(embeddings.dtype), str(embeddings.device))
+        inner_config = dict(config)
+        if baseline is not None:
+            inner_config["baseline"] = lambda e: baseline(params, e)
+        if baselines is not None:
+            inner_config["baselines"] = lambda e: baselines(params, e)
+        if not reads_params and key in built:
+            return built[key]
+        if torch.compiler.is_compiling():
+            raise fail(where, "under torch.compile a graph-based explainer must be built before: call it "
+                              "once without torch.compile at this sequence length"
+                              + (", and give the baseline as a tensor of embeddings (a pad / token baseline "
+                                 "is read from params at every call)" if reads_params else ""))
+        with outside_transforms():  # building reads no value: it classifies the captured graph
+            inner = method(model, **inner_config)
+        if not reads_params:
+            built[key] = inner
+        return inner
+
+    def inner_explainer(params, embeddings, mask):
+        if graph:
+            return graph_params(params, mask), graph_explainer(params, embeddings)
+        inner_config = dict(config)
+        if baseline is not None:
+            inner_config["baseline"] = lambda e: baseline(params, e)
+        if baselines is not None:
+            inner_config["baselines"] = lambda e: baselines(params, e)
+        return params, method(lambda p, e: f(p, e, mask), **inner_config)
 
     def explain(params, input_ids, attention_mask=None, target=None, **kwargs):
         embeddings = f.embed(params, input_ids)
@@ -289,10 +345,7 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
         if not isinstance(mask, Tensor) or mask.shape != input_ids.shape:
             what = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
             raise fail(where, f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {what}")
-        inner_config = dict(config)
-        if baseline is not None:
-            inner_config["baseline"] = lambda e: baseline(params, e)
-        inner = method(lambda p, e: f(p, e, mask), **inner_config)
+        inner_params, inner = inner_explainer(params, embeddings, mask)
         if target is None:
             # Resolved once at the input, so IG paths and noisy copies all explain the same token.
             with torch.no_grad():
@@ -300,18 +353,51 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
             if output.ndim == 2:
                 target = predicted_next_token(output, mask)
         resolved = resolve_target(where, target, input_ids, mask)
-        relevance = inner(params, embeddings, resolved, **kwargs)
-        keep = mask.to(relevance.dtype)
-        if relevance.shape == embeddings.shape:
-            if reduce is None:
-                return relevance * keep[:, None]
-            relevance = relevance.sum(-1) if reduce == "sum" else relevance.norm(dim=-1)
-        return relevance * keep
+        context = sdpa_kernel(SDPBackend.MATH) if graph and f.attention == "math" else contextlib.nullcontext()
+        with context:
+            result = inner(inner_params, embeddings, resolved, **kwargs)
+        if isinstance(result, tuple):  # (attributions, convergence delta)
+            return (to_tokens(result[0], embeddings, mask, reduce), *result[1:])
+        return to_tokens(result, embeddings, mask, reduce)
 
     explain.__name__ = explain.__qualname__ = f"text.{getattr(method, '__name__', 'attribute')}"
     explain.model = f
     explain.config = dict(config, reduce=reduce)
     return explain
+
+
+def to_tokens(relevance: Tensor, embeddings: Tensor, mask: Tensor, reduce: str | None) -> Tensor:
+    """``(L, D)`` relevance as token relevance (``reduce``), zero at padding."""
+    keep = mask.to(relevance.dtype)
+    if relevance.shape == embeddings.shape:
+        if reduce is None:
+            return relevance * keep[:, None]
+        relevance = relevance.sum(-1) if reduce == "sum" else relevance.norm(dim=-1)
+    return relevance * keep
+
+
+def token_baselines(where: str, f: TextModel, baselines):
+    """``baselines`` of DeepLiftShap on embeddings, as a function of (params, embeddings) giving
+    ``(K, L, D)``: token ids (a list of ints or a 1-d integer tensor: each token's embedding at
+    every position), a float tensor ``(K, L, D)`` of embeddings, or a callable ``e -> (K, L, D)``."""
+    if callable(baselines) and not isinstance(baselines, Tensor):
+        return lambda params, e: baselines(e)
+    if isinstance(baselines, (list, tuple)) and baselines and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in baselines):
+        baselines = torch.tensor(baselines)
+    if isinstance(baselines, Tensor) and baselines.ndim == 1 and not baselines.dtype.is_floating_point \
+            and baselines.dtype != torch.bool and len(baselines) >= 1:
+        vocab = f.module.get_input_embeddings().num_embeddings
+        if not ((baselines >= 0) & (baselines < vocab)).all():
+            raise fail(where, f"baseline token ids {baselines.tolist()} are not all in range for a vocabulary of {vocab}")
+        tokens = baselines.long()
+        return reading_params(lambda params, e: params[f.embedding_name][tokens.to(e.device)].to(e.dtype)[
+            :, None, :].expand(len(tokens), *e.shape))
+    if isinstance(baselines, Tensor) and baselines.ndim == 3 and baselines.dtype.is_floating_point:
+        return lambda params, e: baselines.to(e.dtype)
+    raise fail(where, "baselines must be token ids (a list of ints or a 1-d integer tensor), a float tensor "
+                      "(K, length, hidden) of embeddings or a callable embeddings -> (K, length, hidden); got "
+                      f"{type(baselines).__name__}")
 
 
 def check_text_model(where: str, f) -> None:

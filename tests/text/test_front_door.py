@@ -185,8 +185,8 @@ def test_clear_errors():
         fxattr.text.continuation(0)
     with pytest.raises(fxattr.FxattrError, match="0-d tensor per example"):
         explain(params, ids[0], mask[0], fxattr.text.class_logit(torch.tensor([0, 1])))
-    with pytest.raises(fxattr.FxattrError, match="cannot run through the text front door"):
-        fxattr.text.attribute(fxattr.deeplift, f)
+    with pytest.raises(fxattr.FxattrError, match="rule must be one of"):  # graph methods check too
+        fxattr.text.attribute(fxattr.deeplift, f, rule="linear")
     no_pad = tiny("gpt2")
     no_pad.config.pad_token_id = None  # a fresh model of this test's own
     f2, _ = fxattr.text.functionalize(no_pad)
