@@ -578,6 +578,14 @@ def test_show_progress_reports_every_chunk_and_changes_nothing(capsys):
     fxattr.occlusion(f, window=(2, 3, 3), stride=(1, 3, 3), incremental=True,
                      show_progress=lambda done, total: calls.append((done, total)))(params, x[0], 1)
     assert calls == [(4, 4)]  # the incremental path reports once
+    calls.clear()
+    torch.manual_seed(0)
+    drawn = fxattr.rise(f, num_masks=5, cell_size=2, chunk_size=4,
+                        show_progress=lambda done, total: calls.append((done, total)))(params, x[0], 1)
+    assert calls == [(4, 5), (5, 5)]
+    torch.manual_seed(0)
+    torch.testing.assert_close(drawn, fxattr.rise(f, num_masks=5, cell_size=2, chunk_size=4)(params, x[0], 1),
+                               rtol=0, atol=0)
     fxattr.feature_ablation(f, feature_mask=mask, show_progress=True)(params, x[0], 0)
     assert "feature_ablation" in capsys.readouterr().err  # a tqdm bar (or a line) on stderr
     with pytest.raises(FxattrError, match="show_progress must be True, False or a callable"):
