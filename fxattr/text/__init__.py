@@ -6,7 +6,9 @@ generation attribution, attention rollout and token heatmaps.
     relevance = torch.vmap(explain, in_dims=(None, 0, 0, 0))(params, ids, mask, targets)   # (B, L)
 
 Padded batches of mixed-length sequences go through ONE vmapped call: the attention mask is an
-argument per example that is never differentiated (see :mod:`fxattr.text._functional`).
+argument per example that is never differentiated (see :mod:`fxattr.text._functional`). Graph-based
+explainers go through the same door (``fxattr.text.attribute(fxattr.lrp, f, composite="attnlrp")``,
+``fxattr.deeplift``, ``fxattr.guided_backprop``, ...; see :mod:`fxattr.text._graph`).
 """
 
 from fxattr.text._attention import (

@@ -10,7 +10,9 @@ one would be moved along an IG path or get SmoothGrad noise), and targets that r
 (next token after the last real token, a continuation's log-probability). One front door that
 builds the mask and positions itself, plus :func:`attribute` that runs any of fxattr's unchanged
 explainers on the embeddings with the mask closed over, gives all of them these properties at once,
-instead of threading a mask through each explainer's signature.
+instead of threading a mask through each explainer's signature. Graph-based explainers (DeepLIFT,
+LRP / AttnLRP, guided backprop) capture a module rather than call a function: for them the front
+door builds the model as a module of its embeddings with the mask a buffer (:mod:`fxattr.text._graph`).
 
 The mask: transformers' own mask creation has data-dependent control flow (it skips the mask when
 it is all ones), which ``torch.vmap`` cannot trace. :class:`TextModel` builds the 4-d additive float
@@ -259,21 +261,31 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
     explainer (e.g. ``noise=`` of a noise tunnel).
 
     Args:
-        method: an fxattr explainer factory ``method(f, **config)`` (``fxattr.gradient``,
-            ``fxattr.input_x_gradient``, ``fxattr.integrated_gradients``, ``fxattr.smoothgrad``,
-            ``fxattr.text.attention_rollout``, ...).
+        method: an fxattr explainer factory ``method(f, **config)``: gradient-based ones
+            (``fxattr.gradient``, ``fxattr.input_x_gradient``, ``fxattr.integrated_gradients``,
+            ``fxattr.smoothgrad``, ``fxattr.text.attention_rollout``, ...) run on the front door's
+            function; graph-based ones (``fxattr.deeplift``, ``fxattr.deeplift_shap``,
+            ``fxattr.lrp`` with ``composite="attnlrp"`` / ``"cp_lrp"`` or a rule,
+            ``fxattr.guided_backprop``, ...) on the model captured as a module of its embeddings,
+            once per sequence length (see :mod:`fxattr.text._graph`; the first call at a new
+            length takes seconds, and must not be inside ``torch.compile``).
         f: the :class:`TextModel` of :func:`functionalize`.
         reduce: how an ``(L, D)`` attribution becomes token relevance: ``"sum"`` over the embedding
             dimension (default; completeness is kept), ``"norm"`` (L2 norm, for saliency) or
             ``None`` (keep ``(L, D)``). Methods that already give ``(L,)`` are returned as they are.
-        **config: the method's configuration. ``baseline`` (IG) may be ``"zeros"`` (or ``0.0``),
-            ``"pad"`` (the pad token's embedding at every position), an int token id (e.g. the
-            mask token's: ``tokenizer.mask_token_id``) or a tensor of embeddings.
+        **config: the method's configuration. ``baseline`` (IG, DeepLIFT) may be ``"zeros"`` (or
+            ``0.0``), ``"pad"`` (the pad token's embedding at every position), an int token id
+            (e.g. the mask token's: ``tokenizer.mask_token_id``) or a tensor of embeddings;
+            ``baselines`` (DeepLiftShap) token ids (a list of ints or a 1-d integer tensor), a
+            tensor ``(K, L, D)`` of embeddings or a callable ``embeddings -> (K, L, D)``.
+            With ``return_convergence_delta=True`` the result is ``(relevance, delta)``.
 
     Example:
         >>> f, params = fxattr.text.functionalize(model.eval())
         >>> explain = fxattr.text.attribute(fxattr.integrated_gradients, f, steps=16, baseline="pad")
         >>> torch.vmap(explain, in_dims=(None, 0, 0, 0))(params, ids, mask, fxattr.text.class_logit(y))
+        >>> attnlrp = fxattr.text.attribute(fxattr.lrp, f, composite="attnlrp")
+        >>> torch.vmap(attnlrp, in_dims=(None, 0, 0, 0))(params, ids, mask, fxattr.text.class_logit(y))
     """
     where = "text.attribute"
     if not isinstance(f, TextModel):
