@@ -22,6 +22,7 @@ deconvnet, DeepLIFT / DeepLiftShap, PatternNet / PatternAttribution) runs on thi
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import optree
@@ -465,6 +466,8 @@ class Program:
             flat = torch.zeros_like(x_in).flatten(2).scatter_add(2, cache[step.slot].flatten(2),
                                                                   signal.flatten(2))
             return [(step.x, flat.view_as(x_in))]
+        if step.transpose is not None:  # a parameter-free linear node: its transpose written out
+            return step.transpose(signal, values)
         return self.vjp(step, values, params, signal)
 
     def bound(self, step, values, params):
@@ -690,12 +693,159 @@ class Step:
                             module.ceil_mode)
                 self.pool_with_indices = lambda t: pool(t, *settings, return_indices=True)
                 self.pool_ndim = {nn.MaxPool1d: 3, nn.MaxPool2d: 4, nn.MaxPool3d: 5}[type(module)]
+        # parameter-free linear nodes reversed by their transpose written out (no vjp)
+        self.transpose = linear_transpose(program, node, self) if self.is_data and self.on_path else None
 
     def kernel_params(self, params, values) -> dict:
         """The kernel layer's (batch-norm folded) weight and bias."""
         if self.needs_values:
             return self.params(params, {n: values[s] for n, s in self.value_slots.items()})
         return self.params(params)
+
+
+# --- transposes of parameter-free linear nodes --------------------------------------------------
+#
+# The vector-Jacobian product of an addition, a scaling by a constant, a reshape, a permutation, a
+# global average pool or a mean / sum over dims is a plain tensor expression; writing it out saves
+# re-running the node under ``torch.func.vjp`` (a module call, autograd's bookkeeping) at every
+# reverse pass. Each ``transpose(signal, values) -> [(input slot, signal)]`` equals the vjp exactly
+# (same arithmetic) and is differentiable again; a node whose form is not recognised gets ``None``
+# and keeps the vjp.
+
+_ADD = {operator.add, torch.add, "add"}
+_SUB = {operator.sub, torch.sub, "sub"}
+_MUL = {operator.mul, torch.mul, "mul"}
+_DIV = {operator.truediv, torch.div, "div"}
+_NEG = {operator.neg, torch.neg, "neg"}
+_RESHAPES = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten, "view", "reshape",
+             "flatten", "unflatten", "squeeze", "unsqueeze"}
+_PERMUTES = {torch.permute, "permute"}
+_TRANSPOSES = {torch.transpose, torch.swapaxes, "transpose", "swapaxes"}
+_PASS_METHODS = {"contiguous", "clone"}
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_ADAPTIVE_AVG = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_REDUCTIONS = {torch.mean: True, "mean": True, torch.sum: False, "sum": False}
+
+
+def unbroadcast(t: Tensor, shape) -> Tensor:
+    """``t`` summed over the axes broadcasting added or expanded to reach it from ``shape``."""
+    shape = tuple(shape)
+    if tuple(t.shape) == shape:
+        return t
+    lead = t.ndim - len(shape)
+    if lead:
+        t = t.sum(dim=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=axes, keepdim=True) if axes else t
+
+
+def _fn_key(node: fx.Node):
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+def linear_transpose(program: Program, node: fx.Node, step: Step):
+    """The written-out transpose of a parameter-free linear node (see above), or ``None``."""
+    info = program.nodes[node]
+    data = [a for a in node.all_input_nodes if program.nodes[a].is_data]
+    if not data:
+        return None
+    slots = program.slot_of
+    key = _fn_key(node)
+    args, kwargs = step.args, step.kwargs
+    kind = info.kind
+    if kind == "add" and key in _ADD | _SUB and len(args) == 2 and not kwargs:
+        signs = (1.0, -1.0 if key in _SUB else 1.0)
+        refs = [(a.slot, sign) for a, sign in zip(args, signs)
+                if isinstance(a, ArgRef) and program.nodes[program.graph_nodes[a.slot]].is_data]
+
+        def add_transpose(signal, values):
+            return [(slot, unbroadcast(signal if sign > 0 else -signal, values[slot].shape)) for slot, sign in refs]
+        return add_transpose if refs else None
+    if len(data) != 1:
+        return None
+    x = slots[data[0]]
+
+    def is_x(a):
+        return isinstance(a, ArgRef) and a.slot == x
+
+    if kind == "scale" and not kwargs:
+        if key in _NEG and len(args) == 1 and is_x(args[0]):
+            return lambda signal, values: [(x, -signal)]
+        if key in _MUL | _DIV and len(args) == 2 and (is_x(args[0]) or (key in _MUL and is_x(args[1]))):
+            other = args[1] if is_x(args[0]) else args[0]
+            divide = key in _DIV
+
+            def scale_transpose(signal, values):
+                c = resolve_args(other, values)
+                return [(x, unbroadcast(signal / c if divide else signal * c, values[x].shape))]
+            return scale_transpose
+        return None
+    if kind == "identity":
+        module = info.module
+        if (node.op == "call_module" and type(module) in _PASS_MODULES and not module.training) or \
+                (node.op == "call_method" and key in _PASS_METHODS and len(args) == 1 and not kwargs):
+            return lambda signal, values: [(x, signal)]
+        return None
+    if kind == "route":
+        module = info.module
+        if (node.op == "call_module" and type(module) in (nn.Flatten, nn.Unflatten)) or \
+                (key in _RESHAPES and is_x(args[0]) and not any(
+                    program.nodes[program.graph_nodes[r]].is_data for r in _refs((args[1:], kwargs)))):
+            return lambda signal, values: [(x, signal.reshape(values[x].shape))]
+        if key in _PERMUTES and is_x(args[0]) and not kwargs:
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            if not all(type(d) is int for d in dims) or not dims:
+                return None
+
+            def permute_transpose(signal, values):
+                n = signal.ndim
+                order = [d % n for d in dims]
+                return [(x, signal.permute(sorted(range(n), key=order.__getitem__)))]
+            return permute_transpose
+        if key in _TRANSPOSES and is_x(args[0]) and len(args) == 3 and not kwargs \
+                and all(type(d) is int for d in args[1:]):
+            d0, d1 = args[1], args[2]
+            return lambda signal, values: [(x, signal.transpose(d0, d1))]
+        return None
+    if kind == "avgpool":
+        module = info.module
+        if node.op == "call_module" and type(module) in _ADAPTIVE_AVG:
+            size = module.output_size
+            pooled = _ADAPTIVE_AVG.index(type(module)) + 1  # the last 1, 2 or 3 axes
+            if not all(n == 1 for n in (size if isinstance(size, (tuple, list)) else (size,) * pooled)):
+                return None
+
+            def global_average_transpose(signal, values):
+                shape = values[x].shape
+                count = 1
+                for n in shape[-pooled:]:
+                    count *= n
+                return [(x, (signal / count).expand(shape))]
+            return global_average_transpose
+        if key in _REDUCTIONS and is_x(args[0]) and set(kwargs) <= {"dim", "keepdim"} and len(args) <= 3:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+            if dim is None or type(keepdim) is not bool:
+                return None
+            dims = (dim,) if type(dim) is int else tuple(dim)
+            if not dims or not all(type(d) is int for d in dims):
+                return None
+            average = _REDUCTIONS[key]
+
+            def reduction_transpose(signal, values):
+                shape = values[x].shape
+                axes = sorted(d % len(shape) for d in dims)
+                if not keepdim:
+                    for d in axes:
+                        signal = signal.unsqueeze(d)
+                if average:
+                    count = 1
+                    for d in axes:
+                        count *= shape[d]
+                    signal = signal / count
+                return [(x, signal.expand(shape))]
+            return reduction_transpose
+    return None
 
 
 def _fill(signal, out):

@@ -29,7 +29,8 @@ import inspect
 
 import optree
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from fxattr._explainer import check_choice, check_int, check_model, explainer, tree_map
 from fxattr.errors import FxattrError, fail
@@ -72,7 +73,66 @@ def _safe_ratio(num: Tensor, den: Tensor, fallback: Tensor, eps: float) -> Tenso
     so derivatives through ``torch.where`` stay finite). ``eps`` is raised to ``finfo.max ** -0.5``
     in float16 (1e-10 rounds to 0 there and the ratio would overflow)."""
     small = den.abs() < max(eps, torch.finfo(den.dtype).max ** -0.5)
-    return torch.where(small, fallback, num / torch.where(small, torch.ones_like(den), den))
+    return torch.where(small, fallback, num / torch.where(small, 1.0, den))
+
+
+# ``g * f'(x)`` of the common activations from the forward values (x its input, y its output),
+# without re-evaluating the activation through a vjp: the same formulas autograd uses, as aten's
+# backward kernels (one fused pass each; all of them differentiable again, so second-order
+# derivatives of an explanation stay exact) or, for SiLU (whose aten backward is not
+# differentiable), its closed form f' = s + y (1 - s) with s = sigmoid(x).
+_ATEN = torch.ops.aten
+
+
+def _relu_slope(g, x, y):
+    return _ATEN.threshold_backward(g, y, 0)
+
+
+def _silu_slope(g, x, y):
+    return g * torch.addcmul(y, torch.sigmoid(x), 1 - y)
+
+
+def _sigmoid_slope(g, x, y):
+    return _ATEN.sigmoid_backward(g, y)
+
+
+def _tanh_slope(g, x, y):
+    return _ATEN.tanh_backward(g, y)
+
+
+def _hardswish_slope(g, x, y):
+    return _ATEN.hardswish_backward(g, x)
+
+
+def _gelu_slope(approximate):
+    def slope(g, x, y):
+        return _ATEN.gelu_backward(g, x, approximate=approximate)
+    return slope
+
+
+_SLOPE_MODULES = {nn.ReLU: _relu_slope, nn.SiLU: _silu_slope, nn.Sigmoid: _sigmoid_slope, nn.Tanh: _tanh_slope,
+                  nn.Hardswish: _hardswish_slope}
+_SLOPE_FUNCTIONS = {F.relu: _relu_slope, torch.relu: _relu_slope, "relu": _relu_slope, F.silu: _silu_slope,
+                    torch.sigmoid: _sigmoid_slope, F.sigmoid: _sigmoid_slope, "sigmoid": _sigmoid_slope,
+                    torch.tanh: _tanh_slope, F.tanh: _tanh_slope, "tanh": _tanh_slope,
+                    F.hardswish: _hardswish_slope}
+
+
+def _closed_form_slope(node, module):
+    """``slope(g, x, y) = g * f'(x)`` for an activation node whose derivative has a fused form
+    (exact module types only: a subclass may override ``forward``), else ``None`` (the vjp)."""
+    if node.op == "call_module":
+        if type(module) is nn.GELU:
+            return _gelu_slope(module.approximate)
+        return _SLOPE_MODULES.get(type(module))
+    if len(node.args) != 1 or any(k != "inplace" for k in node.kwargs):
+        if node.target is F.gelu and len(node.args) == 1 and set(node.kwargs) <= {"approximate"} \
+                and node.kwargs.get("approximate", "none") in ("none", "tanh"):
+            return _gelu_slope(node.kwargs.get("approximate", "none"))
+        return None
+    if node.target is F.gelu:
+        return _gelu_slope("none")
+    return _SLOPE_FUNCTIONS.get(node.target)
 
 
 class _DeepLift:
@@ -86,6 +146,9 @@ class _DeepLift:
         self.variants: dict = {}
         self.registered = reverse_for("deeplift")
         nodes = program.nodes
+        self.slopes = {program.slot_of[node]: slope for node in program.path
+                       if nodes[node].kind == "activation" and len(nodes[node].data_args) == 1
+                       and (slope := _closed_form_slope(node, nodes[node].module)) is not None}
         # reveal-cancel pairs: activation -> the kernel layer feeding it (through a folded batch norm)
         self.pairs: dict = {}
         if rule == "reveal_cancel":
@@ -137,10 +200,13 @@ class _DeepLift:
         return result, total - (select(self.where, y, target) - select(self.where, y_base, target))
 
     def _rescale(self, st, params, at_x, at_b, g):
-        (_, gradient), = self.program.vjp(st, at_x, params, g)
-        dx = at_x[st.x] - at_b[st.x]
-        dy = at_x[st.slot] - at_b[st.slot]
-        return [(st.x, _safe_ratio(g * dy, dx, gradient, self.eps))]
+        x, y = at_x[st.x], at_x[st.slot]
+        slope = self.slopes.get(st.slot)
+        if slope is not None:  # the gradient from the stored values, no re-evaluation
+            gradient = slope(g, x, y)
+        else:
+            (_, gradient), = self.program.vjp(st, at_x, params, g)
+        return [(st.x, _safe_ratio(g * (y - at_b[st.slot]), x - at_b[st.x], gradient, self.eps))]
 
     def _softmax_rescale(self, st, params, at_x, at_b, g):
         # captum's softmax rule: element-wise rescale (the softmax's own vjp where |delta x| < eps),

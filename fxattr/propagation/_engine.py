@@ -227,8 +227,11 @@ class Plan(Program):
                     raise fail(self.where, f"the pass rule cannot split relevance over the "
                                            f"{len(step.data_slots)} inputs of {step.name!r}")
                 return [(step.data_slots[0], rel)]
+            signal = rel / rule.stabilise(values[step.slot])
+            if step.transpose is not None:  # additions, scalings, global pooling: written out
+                return [(slot, values[slot] * g) for slot, g in step.transpose(signal, values)]
             fn, primals = self.bound(step, values, params)
             _, vjp = torch.func.vjp(fn, *primals)
-            grads = vjp(rel / rule.stabilise(values[step.slot]))
+            grads = vjp(signal)
             return [(s, v * g) for s, v, g in zip(step.data_slots, primals, grads)]
         return None  # folded, routing, max pooling: the engine's default
