@@ -367,6 +367,39 @@ def test_beta_smooth_equals_zennit(model_name, seed):
             > 1e-3 * want.abs().max()
 
 
+class _FunctionalReLUs(nn.Module):
+    """ReLUs as F.relu, torch.relu and x.relu() (zennit's BetaSmooth hooks nn.ReLU modules only)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x):
+        a, b, c, d = self.layers
+        hidden = nn.functional.relu(b(a(x).relu())).flatten(1)
+        return d(torch.relu(c(hidden)))
+
+
+def test_beta_smooth_smooths_functional_relus():
+    """fxattr smooths F.relu / torch.relu / x.relu() too: equal to zennit on the same network written
+    with nn.ReLU modules."""
+    torch.manual_seed(3)
+    a, b, c, d = nn.Conv2d(2, 3, 3), nn.Conv2d(3, 3, 3), nn.Linear(12, 5), nn.Linear(5, 2)
+    functional = _FunctionalReLUs(nn.ModuleList([a, b, c, d])).to(F64).eval()
+    modules = nn.Sequential(a, nn.ReLU(), b, nn.ReLU(), nn.Flatten(), c, nn.ReLU(), d).to(F64).eval()
+    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(4), dtype=F64)
+    f, params = fxattr.functionalize(functional)
+    targets = torch.tensor([0, 1, 1])
+    got = torch.vmap(fxattr.beta_smooth(f, beta=2.0), in_dims=(None, 0, 0))(params, x, targets)
+    with torch.no_grad():
+        out = modules(x)
+    want = zennit_attribution(modules, BetaSmooth(beta_smooth=2.0), x,
+                              torch.zeros_like(out).scatter(1, targets[:, None], 1.0))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    grad = torch.vmap(fxattr.gradient(f), in_dims=(None, 0, 0))(params, x, targets)
+    assert (got - grad).abs().max() > 1e-3 * grad.abs().max()
+
+
 def test_relu_beta_smooth_rule_in_an_lrp_composite():
     """The rule as an LRP composite's activation reverse == zennit's layer map with ReLUBetaSmooth on
     ReLUs (Pass on the other activations)."""
