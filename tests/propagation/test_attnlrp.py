@@ -305,3 +305,51 @@ def test_gradient_form_second_order_on_gpt2(variant):
         h = 1e-6
         numeric = (loss(weight + h * direction) - loss(weight - h * direction)) / (2 * h)
         torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-6, atol=1e-9)
+
+
+class _Mixed(torch.nn.Module):
+    """One of every operation the gradient form rewrites, as modules and functions torch.fx keeps:
+    LayerNorm / RMSNorm / GroupNorm modules, grouped-query causal sdpa with a boolean mask, dropout,
+    GELU, a sigmoid gate, SwiGLU, ``r @ r^T`` (one operand twice), softmax weights times data, a
+    uniform product, ``x * x``, a quotient by a data tensor."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.ln, self.rms, self.gn = nn.LayerNorm(6), nn.RMSNorm(6), nn.GroupNorm(2, 6)
+        self.qkv, self.up, self.gate, self.w1, self.w3 = (nn.Linear(6, n) for n in (12, 6, 6, 6, 6))
+        self.gelu, self.drop, self.head = nn.GELU(), nn.Dropout(0.1), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: (1, 4, 6)
+        F = torch.nn.functional
+        h = self.ln(x)
+        q, k, v = self.qkv(h).split((6, 3, 3), dim=-1)
+        q = q.view(1, 4, 2, 3).transpose(1, 2)
+        k, v = k.view(1, 4, 1, 3).transpose(1, 2), v.view(1, 4, 1, 3).transpose(1, 2)
+        mask = torch.ones(4, 4, dtype=torch.bool).tril()
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        h = h + self.drop(a.transpose(1, 2).reshape(1, 4, 6))
+        r = self.rms(h)
+        gated = self.gelu(self.up(r)) * torch.sigmoid(self.gate(r))
+        swiglu = F.silu(self.w1(r)) * self.w3(r)
+        weights = F.softmax((r @ r.transpose(-1, -2)) * 0.5, -1)
+        u = gated * swiglu + weights @ r + r * r
+        n = self.gn(u.transpose(1, 2)).transpose(1, 2)
+        z = n / (1 + r.square().mean(-1, keepdim=True))
+        return self.head(z.mean(1))
+
+
+def test_gradient_form_covers_every_rule_on_fx_modules():
+    """On a torch.fx-captured model with every rewritten operation, both presets run as the
+    gradient form and equal the walk to rounding (float64)."""
+    torch.manual_seed(0)
+    net = _Mixed().double().eval()
+    f, params = fxattr.functionalize(net)
+    x, target = torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([0, 1, 2])
+    for variant in VARIANTS:
+        explain = fxattr.lrp(f, composite=variant)
+        assert explain.gradient_form is True, explain.gradient_form
+        fast = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
+        walk = torch.vmap(_walk(f, variant), in_dims=(None, 0, 0))(params, x, target)
+        _, relative = _compare(fast, walk)
+        assert (relative <= 1e-12).all(), (variant, relative)
