@@ -159,6 +159,8 @@ def check_call(f, params, x, *, integer_x: bool = False, where: str | None = Non
         f.check_training(where)
     if hasattr(f, "check_dtype"):
         f.check_dtype(params, x, where)
+    if hasattr(f, "check_input"):  # a batch passed as one example, before any method-specific work
+        f.check_input(x, where, params)
     for t in leaves:
         if not t.dtype.is_floating_point:
             continue

@@ -218,11 +218,15 @@ _SEQUENCE_FIRST = (nn.RNNBase, nn.TransformerEncoderLayer, nn.TransformerDecoder
                    nn.TransformerEncoder, nn.MultiheadAttention)
 
 
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ROW_WISE = (nn.Linear, nn.Bilinear) + _POINTWISE  # layers that act on the last axis only
+
+
 def example_ndim(module: nn.Module) -> tuple[int, str] | None:
-    """The number of dimensions of ONE example, where the model's structure says it for sure.
+    """The number of dimensions of ONE floating-point example, where the model's structure says
+    it for sure (token ids are checked separately, see :class:`ExampleShape`).
 
     - an MLP (an ``nn.Sequential`` of ``nn.Linear`` layers and element-wise layers only): 1;
-    - a model whose first registered layer is an ``nn.Embedding``: 1 (token ids);
     - a model whose first registered layer is ``batch_first`` recurrent or attention: 2
       (tokens, features).
     Anything else: ``None`` (unknown; ``input_shape=`` says it explicitly).
@@ -236,14 +240,10 @@ def example_ndim(module: nn.Module) -> tuple[int, str] | None:
         if first is not None and not isinstance(leaves[0][1], nn.BatchNorm1d):
             return 1, f"the model is an MLP whose first layer {first[0]!r} is an nn.Linear"
         return None
-    first = next(((n, m) for n, m in module.named_modules()
-                  if isinstance(m, (nn.Embedding,) + _SEQUENCE_FIRST)
-                  or any(True for _ in m.parameters(recurse=False))), None)
+    first = _first_layer(module)
     if first is None:
         return None
     name, m = first
-    if isinstance(m, nn.Embedding):
-        return 1, f"its first layer {name!r} is an nn.Embedding (one example: a sequence of token ids)"
     if isinstance(m, _SEQUENCE_FIRST) and getattr(m, "batch_first", getattr(
             getattr(m, "layers", [None])[0] if isinstance(m, nn.TransformerEncoder) else None,
             "batch_first", False)):
@@ -255,6 +255,94 @@ def example_ndim(module: nn.Module) -> tuple[int, str] | None:
 def shape_matches(shape: tuple, pattern: tuple) -> bool:
     """Whether ``shape`` fits ``input_shape``'s ``pattern`` (``None`` there: any size)."""
     return len(shape) == len(pattern) and all(p is None or p == s for s, p in zip(shape, pattern))
+
+
+def _first_layer(module: nn.Module):
+    """The first registered module that holds parameters of its own (or is an embedding or a
+    sequence layer): the layer the input meets first in nearly every model."""
+    return next(((n, m) for n, m in module.named_modules()
+                 if isinstance(m, (nn.Embedding,) + _SEQUENCE_FIRST)
+                 or any(True for _ in m.parameters(recurse=False))), None)
+
+
+class ExampleShape:
+    """What the model's structure says about the shape of ONE example, beyond :func:`example_ndim`.
+
+    Each rule fires only on positive evidence of a batch, so that legitimate inputs of models that
+    merely look alike are never refused (``input_shape=`` overrides every rule):
+
+    - token ids (an integer ``x``, or a dict's ``"input_ids"``) of a model holding an
+      ``nn.Embedding``: one example is a 1-d sequence, so a 2-d ``(B, T)`` is a batch;
+    - a convolutional model (its first registered convolution, linear, embedding or sequence
+      layer is an ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` with ``C`` input channels): one example
+      is ``(C, *spatial)``, so ``(B, C, *spatial)`` is a batch;
+    - a row-wise model (only linear and element-wise layers, in any module, so its forward may
+      still reshape or pool): a 2-d ``x`` whose rows have the first linear layer's width is a batch
+      when the model's output keeps those rows (its shape is inferred on the meta device once per
+      input shape, no arithmetic); a set model that pools its rows (``phi(x).sum(0)``) is not.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.embedding = next((n for n, m in module.named_modules() if isinstance(m, nn.Embedding)), None)
+        # the first registered layer (skipping modules that hold only tokens or scales, like
+        # a ViT's class-token embedding before its patch convolution)
+        first = next(((n, m) for n, m in module.named_modules()
+                      if isinstance(m, _CONVOLUTIONS + (nn.Linear, nn.Embedding) + _SEQUENCE_FIRST)), None)
+        self.conv = first if first is not None and isinstance(first[1], _CONVOLUTIONS) else None
+        leaves = _leaf_modules(module)
+        linear = next(((n, m) for n, m in leaves if isinstance(m, nn.Linear)), None)
+        self.row_wise = linear if linear is not None and all(
+            isinstance(m, _ROW_WISE) for _, m in leaves) else None
+        self._rows_kept: dict = {}
+
+    def ids_problem(self, x) -> str | None:
+        ids = x.get("input_ids") if isinstance(x, Mapping) else x
+        if (self.embedding is None or not isinstance(ids, Tensor) or ids.dtype.is_floating_point
+                or ids.dtype == torch.bool or ids.ndim < 2):
+            return None
+        what = "x" if ids is x else "x['input_ids']"
+        return (f"{what} holds token ids of shape {tuple(ids.shape)}, but one example of the model's "
+                f"nn.Embedding {self.embedding!r} is a 1-d sequence of ids")
+
+    def conv_problem(self, x) -> str | None:
+        if self.conv is None or not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+            return None
+        name, conv = self.conv
+        spatial = conv.weight.ndim - 2
+        if x.ndim == spatial + 2 and x.shape[1] == conv.in_channels and conv.in_channels > 0:
+            axes = {1: "L", 2: "H, W", 3: "D, H, W"}[spatial]
+            return (f"x has shape {tuple(x.shape)}, but the model's first layer {name!r} "
+                    f"({type(conv).__name__}, {conv.in_channels} input channels) takes one example of "
+                    f"shape ({conv.in_channels}, {axes})")
+        return None
+
+    def rows_problem(self, params, x) -> str | None:
+        if self.row_wise is None or not isinstance(x, Tensor) or x.ndim != 2 or not isinstance(params, Mapping):
+            return None
+        name, linear = self.row_wise
+        if x.shape[1] != linear.in_features or x.shape[0] < 2:
+            return None
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._rows_kept:
+            self._rows_kept[key] = self._keeps_rows(params, x)
+        if not self._rows_kept[key]:
+            return None
+        return (f"x has shape {tuple(x.shape)}: rows of the width of the first linear layer {name!r} "
+                f"({linear.in_features}), and the model's output keeps one row per row of x, so each "
+                "row is explained as a separate input")
+
+    def _keeps_rows(self, params, x) -> bool:
+        """Whether the model's output for ``x`` (one example, shapes only) keeps x's leading axis."""
+        try:
+            meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in params.items()
+                    if isinstance(v, Tensor)}
+            probe = torch.empty((1,) + tuple(x.shape), dtype=x.dtype, device="meta")
+            with EvalBatchNormAsElementwise():
+                out = torch.func.functional_call(stateless_view(self.module), meta, (probe,))
+        except Exception:  # noqa: BLE001 - a model the meta device cannot run: no verdict
+            return False
+        return isinstance(out, Tensor) and out.ndim >= 3 and out.shape[0] == 1 and out.shape[1] == x.shape[0]
 
 
 class FunctionalModel:
@@ -275,6 +363,7 @@ class FunctionalModel:
             None if s is None else int(s) for s in input_shape)
         self.batch_statistics = batch_statistics
         self.expected_ndim = None if self.input_shape is not None else example_ndim(module)
+        self.example_shape = None if self.input_shape is not None else ExampleShape(module)
         self.stochastic = [(name, m) for name, m in module.named_modules()
                            if isinstance(m, _BATCH_NORMS) or (isinstance(m, _DROPOUTS) and m.p > 0)]
         self.first_shapes = None  # leaf shapes of the first example seen (a later batch is caught)
@@ -297,8 +386,10 @@ class FunctionalModel:
                               "batch_statistics=True to fxattr.functionalize if that is really "
                               "meant (dropout then needs torch.vmap(..., randomness='different'))")
 
-    def check_input(self, x, where: str | None = "functionalize") -> None:
-        """Raises a clear error when ``x`` is not one example (a batch, or a wrong rank)."""
+    def check_input(self, x, where: str | None = "functionalize", params=None) -> None:
+        """Raises a clear error when ``x`` is not one example (a batch, or a wrong rank): against
+        ``input_shape``, else the model's structure (:func:`example_ndim`, :class:`ExampleShape`;
+        the row-wise rule needs ``params``), else the first example seen."""
         leaves = optree.tree_leaves(x, namespace="torch")
         if not leaves or not all(isinstance(t, Tensor) for t in leaves):
             raise fail(where, f"x must be a tensor or a tuple/dict of tensors, got {type(x).__name__}")
@@ -309,7 +400,13 @@ class FunctionalModel:
                 hint = batch_hint if shape_matches(tuple(x.shape[1:]), self.input_shape) else ""
                 raise fail(where, f"x has shape {tuple(x.shape)} but the model takes one example "
                                   f"of shape {self.input_shape}{hint}")
-        elif self.expected_ndim is not None and isinstance(x, Tensor):
+        rules = self.example_shape
+        problem = rules.ids_problem(x) if rules is not None else None
+        if problem is not None:
+            raise fail(where, f"{problem}{batch_hint}. If this shape is one example, say so with "
+                              "fxattr.functionalize(model, input_shape=...)")
+        if (self.input_shape is None and self.expected_ndim is not None and isinstance(x, Tensor)
+                and x.dtype.is_floating_point):
             ndim, why = self.expected_ndim
             if x.ndim != ndim:
                 hint = batch_hint if x.ndim == ndim + 1 else ""
@@ -317,14 +414,19 @@ class FunctionalModel:
                                   f"dimension{'s' if ndim > 1 else ''}: {why}{hint}. If this shape "
                                   "is meant, say so with fxattr.functionalize(model, input_shape=...)")
         shapes = [tuple(t.shape) for t in leaves]
-        if self.first_shapes is None:
-            self.first_shapes = shapes
-        elif len(shapes) == len(self.first_shapes) and any(
+        if self.first_shapes is not None and len(shapes) == len(self.first_shapes) and any(
                 len(s) == len(first) + 1 and s[1:] == first
                 for s, first in zip(shapes, self.first_shapes)):
             raise fail(where, f"x has shape {_shape_str(x)} but earlier calls took one example of shape "
                               f"{self.first_shapes[0] if len(shapes) == 1 else self.first_shapes}"
                               f"{batch_hint}")
+        if rules is not None:
+            problem = rules.conv_problem(x) or (rules.rows_problem(params, x) if params is not None else None)
+            if problem is not None:
+                raise fail(where, f"{problem}{batch_hint}. If this shape is one example, say so with "
+                                  "fxattr.functionalize(model, input_shape=...)")
+        if self.first_shapes is None:
+            self.first_shapes = shapes
 
     def check_dtype(self, params, x, where: str | None = "functionalize") -> None:
         """x's floating dtype must be one the parameters have (float16 x into a float32 model is
@@ -357,9 +459,9 @@ class FunctionalModel:
             args, kwargs = (), batched
         else:
             args, kwargs = (batched,), {}
-        return self._unbatch(self.guarded(x, lambda: self._forward(params, args, kwargs)))
+        return self._unbatch(self.guarded(x, lambda: self._forward(params, args, kwargs), params=params))
 
-    def guarded(self, x, forward: Callable[[], Any], where: str | None = "functionalize"):
+    def guarded(self, x, forward: Callable[[], Any], where: str | None = "functionalize", *, params=None):
         """Runs ``forward()``, a pass of this model over ``x``, with the input checked and a
         failure inside the model reported as one clear error (not a deep torch trace).
 
@@ -368,12 +470,13 @@ class FunctionalModel:
         """
         if torch.compiler.is_compiling():
             return forward()
-        self.check_input(x, where)
+        self.check_input(x, where, params)
         try:
             return forward()
         except FxattrError:
             raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        # AssertionError: torch's MultiheadAttention asserts its input's rank
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
             raise fail(where,
                        f"the model failed on one example of shape {_shape_str(x)} (given a batch axis "
                        f"of 1 by fxattr): {type(error).__name__}: {error}. If x is a batch, explain "
@@ -441,8 +544,10 @@ def functionalize(model: nn.Module, *, output: Callable[[Any], Tensor] | None = 
     (under ``torch.vmap`` pass ``randomness="different"``).
 
     A batch passed as one example is reported by name: from ``input_shape`` when given, else from
-    the model's structure where it is certain (MLPs, embedding and ``batch_first`` sequence
-    models; see :func:`example_ndim`), else from the first example seen.
+    the model's structure where it is positive evidence (``nn.Sequential`` MLPs, token ids of
+    embedding models, convolutional models, ``batch_first`` sequence models, row-wise models whose
+    output keeps x's rows; see :func:`example_ndim` and :class:`ExampleShape`), else from the
+    first example seen.
 
     Args:
         model: the module; put it in eval mode first (fxattr never switches it).

@@ -41,8 +41,25 @@ def cnn(dtype):
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4)).to(dtype).eval()
 
 
-SHAPES = {"mlp": (6,), "cnn": (3, 6, 6)}
-MODELS = {"mlp": mlp, "cnn": cnn}
+class ModuleMLP(nn.Module):
+    """An MLP written as its own module (not an nn.Sequential): its forward could reshape, so only
+    the meta-device shape of its output tells that a (B, 6) x is a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def module_mlp(dtype):
+    torch.manual_seed(0)
+    return ModuleMLP().to(dtype).eval()
+
+
+SHAPES = {"mlp": (6,), "module_mlp": (6,), "cnn": (3, 6, 6)}
+MODELS = {"mlp": mlp, "module_mlp": module_mlp, "cnn": cnn}
 RANDOM = {"smoothgrad", "vargrad", "expected_gradients", "rise", "deeplift_shap"}
 
 BUILDERS = {
@@ -123,7 +140,7 @@ def _batch_as_one(explain, params, kind, dtype, name):
 
 
 def _missing_axis(explain, params, kind, dtype, name):
-    return explain(params, batch(kind, dtype)[0][..., :-1] if kind == "mlp" else batch(kind, dtype)[0][0], 0)
+    return explain(params, batch(kind, dtype)[0][..., :-1] if kind != "cnn" else batch(kind, dtype)[0][0], 0)
 
 
 def _empty(explain, params, kind, dtype, name):
@@ -166,8 +183,8 @@ CASES = {
     "empty batch": (_empty, lambda r, kind, dtype: isinstance(r, torch.Tensor) and r.shape[0] == 0),
 }
 
-PAIRS = [(name, kind) for name in BUILDERS for kind in ("mlp", "cnn")
-         if not (kind == "mlp" and name in CNN_ONLY)]
+PAIRS = [(name, kind) for name in BUILDERS for kind in ("mlp", "module_mlp", "cnn")
+         if not (kind != "cnn" and name in CNN_ONLY)]
 
 
 def classify(name: str, kind: str, dtype: torch.dtype, case: str) -> str:
