@@ -324,7 +324,8 @@ def test_auto_falls_back_where_it_cannot_apply_and_true_says_why():
     torch.testing.assert_close(auto, fxattr.occlusion(f, window=(1, 2, 2), incremental=False)(params, x, 0))
     with pytest.raises(E, match="occlusion: incremental=True cannot be used: no convolution or pooling"):
         fxattr.occlusion(f, window=(1, 2, 2), incremental=True)(params, x, 0)
-    f_cnn, params_cnn = fxattr.functionalize(_model("small_cnn"))
+    # input_shape: a 4-d x is meant (else it is refused earlier, as a batch of images)
+    f_cnn, params_cnn = fxattr.functionalize(_model("small_cnn"), input_shape=(1, 3, 8, 8))
     with pytest.raises(E, match=r"occlusion: incremental=True cannot be used: x must be an image \(C, H, W\)"):
         fxattr.occlusion(f_cnn, window=(1, 1, 2, 2), incremental=True)(params_cnn, torch.randn(1, 3, 8, 8, dtype=torch.float64), 0)
     with pytest.raises(E, match="occlusion: incremental=True needs f from fxattr.functionalize"):
