@@ -124,7 +124,8 @@ def test_output_selector_and_non_tensor_output():
 def test_batch_passed_instead_of_one_example():
     model = small_cnn()
     f, params = fxattr.functionalize(model)
-    with pytest.raises(fxattr.FxattrError, match="one example of shape.*If x is a batch.*torch.vmap"):
+    with pytest.raises(fxattr.FxattrError, match=r"first layer '0' \(Conv2d, 3 input channels\).*looks like a "
+                                                 r"batch.*torch.vmap"):
         f(params, torch.randn(2, 3, 8, 8))
     f, params = fxattr.functionalize(model, input_shape=(3, 8, 8))
     with pytest.raises(fxattr.FxattrError, match=r"looks like a batch"):
