@@ -7,11 +7,18 @@ of the module tree per call (no parameter swapping into the user's module) inste
   ``torch.func.functional_call`` on the user's module (the old path).
 
 Run: ``python bench/reliability_bench.py`` (1 thread, process CPU time, median of repeats).
+
+``python bench/reliability_bench.py --half`` measures the half-precision policy instead: a float16 /
+bfloat16 resnet18 explained in float32 from its rounded weights (the policy, ``fxattr.<method>``)
+against the same computation in the half dtype itself (``explain.__wrapped__``, the pre-policy
+path) and against the float32 model, on CPU (where half-precision kernels are slow).
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
+import sys
 import time
 
 import torch
@@ -42,7 +49,36 @@ def old_gradient(model, params, xs, targets):
     return torch.vmap(one)(xs, targets)
 
 
+def half(repeats: int = 3):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    xs, ts = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    methods = {"gradient": lambda f: fxattr.gradient(f),
+               "LRP epsilon_plus": lambda f: fxattr.lrp(f, composite="epsilon_plus"),
+               "DeepLIFT": lambda f: fxattr.deeplift(f)}
+    print("| method | dtype | in the half dtype (ms) | policy: float32 from the rounded weights (ms) "
+          "| float32 model (ms) | policy / half | policy / float32 |")
+    print("|---|---|---|---|---|---|---|")
+    f32, p32 = fxattr.functionalize(model)
+    for dtype in (torch.float16, torch.bfloat16):
+        f, params = fxattr.functionalize(copy.deepcopy(model).to(dtype))
+        x = xs.to(dtype)
+        for name, build in methods.items():
+            explain = build(f)
+            native = cpu_time(lambda: torch.vmap(explain.__wrapped__, in_dims=(None, 0, 0))(params, x, ts),
+                              repeats=repeats, warmup=1)
+            policy = cpu_time(lambda: torch.vmap(explain, in_dims=(None, 0, 0))(params, x, ts),
+                              repeats=repeats, warmup=1)
+            full = cpu_time(lambda: torch.vmap(build(f32), in_dims=(None, 0, 0))(p32, xs, ts),
+                            repeats=repeats, warmup=1)
+            print(f"| {name} | {str(dtype)[6:]} | {native * 1e3:.0f} | {policy * 1e3:.0f} | {full * 1e3:.0f} "
+                  f"| {policy / native:.2f} | {policy / full:.2f} |", flush=True)
+
+
 def main():
+    if "--half" in sys.argv:
+        return half()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rows = []
