@@ -11,7 +11,9 @@ time (explainers constructed once, one warm-up call each); the implementations i
 Each row reports the median and the speed-ups of the current code over the others; every result is
 checked against plain occlusion.
 
-    python bench/incremental_bench.py --model resnet18 --size 112 --window 16 --stride 8
+    python bench/incremental_bench.py --model resnet18 --size 224 --window 32 --stride 16
+    python bench/incremental_bench.py --ceiling --model vgg11 --size 224 --window 16 --stride 16
+    python bench/incremental_bench.py --ablation --model resnet18 --size 64 --window 8 --batch 4 [--peak]
 """
 
 from __future__ import annotations
@@ -97,6 +99,69 @@ def flop_ceiling(model, x, window: int, stride: int) -> tuple[float, float]:
     return full / incremental, 1 - incremental / full
 
 
+def ablation(args) -> None:
+    """Feature ablation of ``--window`` x ``--window`` superpixels (G groups, G + 1 forwards per
+    example in every implementation): captum's ``FeatureAblation`` (``perturbations_per_eval`` =
+    chunk), ``fxattr.feature_ablation`` (full copies) and ``fxattr.occlusion`` with window = stride
+    = the superpixel (the same numbers: every window is one group), incremental and not."""
+    from captum.attr import FeatureAblation
+    model, x, target = build(args.model, args.size, args.batch)
+    f, params = fxattr.functionalize(model)
+    cell, side = args.window, args.size // args.window
+    mask = (torch.arange(args.size)[:, None] // cell * side + torch.arange(args.size)[None, :] // cell)[None]
+    geometry = {"window": (3, cell, cell), "stride": (3, cell, cell), "chunk_size": args.chunk}
+    vmapped = {
+        "fxattr occlusion = ablation, incremental": fxattr.occlusion(f, incremental=True, **geometry),
+        "fxattr occlusion = ablation, full copies": fxattr.occlusion(f, incremental=False, **geometry),
+        "fxattr feature_ablation": fxattr.feature_ablation(f, feature_mask=mask, chunk_size=args.chunk),
+    }
+    runs = {k: (lambda e=e: torch.vmap(e, in_dims=(None, 0, 0))(params, x, target)) for k, e in vmapped.items()}
+    runs["captum FeatureAblation"] = lambda: FeatureAblation(model).attribute(
+        x, target=target, feature_mask=mask[None], perturbations_per_eval=args.chunk)
+    if args.only is not None:  # one first call in this fresh process: its peak memory
+        import resource
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with torch.no_grad():
+            runs[args.only]()
+        print(f"PEAK {(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024:.1f}")
+        return
+    if args.peak:
+        print(f"\npeak memory (growth of max RSS during the first call, fresh process each), {args.model}, "
+              f"{args.size} px, batch {args.batch}, {side * side} superpixels, chunk {args.chunk}\n")
+        print("| implementation | peak |\n|---|---:|")
+        for name in runs:
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", name], check=True,
+                                 capture_output=True, text=True).stdout
+            print(f"| {name} | +{out.split('PEAK ')[-1].strip()} MiB |")
+        return
+    timed_runs(runs, args, f"feature ablation, {args.model}, {args.size} px, batch {args.batch}, "
+                             f"{side * side} superpixels of {cell}x{cell}, chunk {args.chunk}",
+               "fxattr occlusion = ablation, incremental", "captum FeatureAblation")
+
+
+def timed_runs(runs: dict, args, title: str, ours: str, reference: str) -> None:
+    with torch.no_grad():  # warm-up
+        for fn in runs.values():
+            fn()
+    times = {k: [] for k in runs}
+    results = {}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            start = time.process_time()
+            with torch.no_grad():
+                results[name] = fn()
+            times[name].append(time.process_time() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    scale = results[reference].abs().max().item()
+    print(f"\n{title}, {args.repeats} interleaved repeats, load {os.getloadavg()[0]:.1f}\n")
+    print(f"| implementation | median (min-max) | speed-up of {ours.split(',')[-1].strip()} over it | "
+          f"max abs diff / max |{reference}| |")
+    print("|---|---:|---:|---:|")
+    for name, t in times.items():
+        diff = (results[name] - results[reference]).abs().max().item() / scale
+        print(f"| {name} | {med[name]:.2f} s ({min(t):.2f}-{max(t):.2f}) | {med[name] / med[ours]:.2f}x | {diff:.1e} |")
+
+
 def new_module():
     return _perturbation._incremental
 
@@ -114,8 +179,15 @@ def main():
     parser.add_argument("--no-captum", action="store_true")
     parser.add_argument("--ceiling", action="store_true",
                         help="only the multiply-add ceiling of exact incremental evaluation")
+    parser.add_argument("--ablation", action="store_true",
+                        help="feature ablation of window x window superpixels instead of occlusion")
+    parser.add_argument("--peak", action="store_true", help="with --ablation: peak memory of each, "
+                        "in a fresh process")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.ablation:
+        return ablation(args)
     if args.ceiling:
         model, x, _ = build(args.model, args.size, 1)
         ratio, skipped = flop_ceiling(model, x[0], args.window, args.stride)

@@ -284,6 +284,17 @@ def plan(program: Program, values: list, x_shape, win, step_, grids, device) -> 
     per_w = torch.tensor([c[1] for c in columns], dtype=torch.long, device=device)
     result.starts = torch.stack([per_h[:, gh].T, per_w[:, gw].T], -1)  # (windows, cols, 2)
     result.saved = 1.0 - computed / max(total, 1)
+    # per step, the changed values it reads for the last time: dropped after it, so that a chunk of
+    # windows holds its boxes and full maps only while they are needed (as a plain forward does)
+    last: dict = {}
+    for st in program.steps:
+        for s in _refs((st.args, st.kwargs)):
+            last[s] = st.slot
+    for s in program.output_slots:
+        last.pop(s, None)
+    result.free_after = {}
+    for s, reader in last.items():
+        result.free_after.setdefault(reader, []).append(s)
     return result
 
 
@@ -405,16 +416,11 @@ def window_output(program: Program, params, plan_: Plan, values: list, cache: di
     bs = _crop(base.expand(x.shape).unsqueeze(0), rows, cols)
     env[slot] = ("patch", xs * (1 - mask) + bs * mask, start_h, start_w)
 
-    for st in program.steps:
-        kind = plan_.kinds[st.slot]
-        if kind == "ref":
-            continue
+    def evaluate(st, kind):
         if kind == "full":
-            env[st.slot] = ("full", run_full(st))
-            continue
+            return "full", run_full(st)
         if kind == "folded":  # the kernel layer's value (batch norm folded into it)
-            env[st.slot] = env[st.x]
-            continue
+            return env[st.x]
         start_h, start_w = starts[plan_.column[st.slot]].unbind()
         if kind == "pointwise":
             source = st.args[0].slot
@@ -431,7 +437,14 @@ def window_output(program: Program, params, plan_: Plan, values: list, cache: di
                 kernel_params = st.kernel_params(params, values)
             patch = _window_patch(st, kernel_params, plan_, env.get(source, _REF), values[source],
                                   start_h, start_w, padded)
-        env[st.slot] = ("patch", patch, start_h, start_w)
+        return "patch", patch, start_h, start_w
+
+    for st in program.steps:
+        kind = plan_.kinds[st.slot]
+        if kind != "ref":
+            env[st.slot] = evaluate(st, kind)
+        for s in plan_.free_after.get(st.slot, ()):
+            env.pop(s, None)
     return program.raw_output(_Overlay(values, {s: full(s) for s in program.output_slots if s in env}))
 
 
