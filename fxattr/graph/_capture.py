@@ -682,6 +682,14 @@ def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
     body_gm = _pruned(gm, body_graph, "Body")
 
     head_graph, env = _copy_graph(gm)
+    out_spec = gm.meta.get("out_spec")
+    output = next(n for n in head_graph.nodes if n.op == "output")
+    if out_spec is not None and out_spec.is_leaf() and isinstance(output.args[0], (tuple, list)) \
+            and len(output.args[0]) == 1:
+        # a dynamo graph returns its outputs flat; one tensor is returned as itself, so that the
+        # head is a model of its own (graph-based layer methods trace it)
+        output.args = (output.args[0][0],)
+        out_spec = None
     cut = env[node]
     first = next(iter(head_graph.nodes))
     with head_graph.inserting_before(first):
@@ -694,8 +702,6 @@ def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
         args, kwargs = batched_args(x)
         out = _call(body_gm, params, args, kwargs)
         return optree.tree_map(lambda t: t[0], out, namespace="torch")
-
-    out_spec = gm.meta.get("out_spec")
 
     def head(params, x, activation):
         args, kwargs = batched_args(x, (activation,))

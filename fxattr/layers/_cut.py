@@ -123,12 +123,18 @@ def input_node(where: str, f, layer: str):
         inside.add(node)
     else:
         inside = {node}
+    # values computed from x's data (not shape reads, nor masks built from x's length alone)
+    data: set = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or (n.op != "get_attr" and not graph.ops.is_meta(n)
+                                     and any(a in data for a in n.all_input_nodes)):
+            data.add(n)
     reads = []
     for n in gm.graph.nodes:
         if n not in inside:
             continue
         for a in n.all_input_nodes:
-            if a not in inside and a.op != "get_attr" and a not in reads:
+            if a not in inside and a in data and a not in reads:
                 reads.append(a)
     if len(reads) != 1:
         raise fail(where, f"attribute_to_layer_input=True needs a layer that reads one tensor; layer "

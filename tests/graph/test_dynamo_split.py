@@ -163,22 +163,44 @@ def test_layer_gradient_x_activation_on_hf_bert_layer_equals_hand_computation(be
             torch.testing.assert_close(gi, (a * g)[0].detach())
 
 
+def test_graph_layer_methods_and_layer_inputs_on_hf_bert(bert):
+    """The cut halves of a dynamo capture are models of their own: layer DeepLIFT on a BERT layer
+    sums to ``f(x) - f(baseline)`` (float64); the input of ``encoder.layer.1`` (what it reads from
+    x's data; its mask is built from the length alone) is the output of ``encoder.layer.0``, so
+    the layer attributions there are equal."""
+    model, f, params = bert
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    t = torch.tensor([0, 2])
+    deeplift = fxattr.layers.layer_deeplift(f, layer="model.bert.encoder.layer.0")
+    got = torch.vmap(deeplift, in_dims=(None, 0, 0))(params, x, t)
+    outputs = torch.vmap(f, in_dims=(None, 0))(params, x)
+    baseline_out = f(params, torch.zeros_like(x[0]))
+    torch.testing.assert_close(got.sum(dim=(1, 2)), outputs[[0, 1], t] - baseline_out[t])
+    at_output = fxattr.layers.layer_gradient_x_activation(f, layer="model.bert.encoder.layer.0")
+    at_input = fxattr.layers.layer_gradient_x_activation(f, layer="model.bert.encoder.layer.1",
+                                                         attribute_to_layer_input=True)
+    torch.testing.assert_close(torch.vmap(at_input, in_dims=(None, 0, 0))(params, x, t),
+                               torch.vmap(at_output, in_dims=(None, 0, 0))(params, x, t))
+
+
 def test_free_sequence_length_graph_methods_match_fixed_captures(bert):
-    """One explainer on a capture with ``input_shape=(None, 8)`` handles every length, equal to a
-    capture fixed to that length: DeepLIFT (summation to delta) and LRP under vmap."""
+    """One explainer on a capture with ``input_shape=(None, 8)`` handles every length: equal to a
+    capture fixed to that length (DeepLIFT and AttnLRP under vmap), and DeepLIFT sums to the
+    output's difference at another length."""
     model, f, params = bert
     deeplift = fxattr.deeplift(f)
     lrp = fxattr.lrp(f, composite="attnlrp")
-    for length in (3, 5):
-        fixed, fixed_params = fxattr.functionalize(model, input_shape=(length, 8))
-        x = torch.randn(2, length, 8, dtype=torch.float64)
-        t = torch.tensor([1, 2])
-        for method, explain in (("deeplift", deeplift), ("lrp", lrp)):
-            got = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, t)
-            reference = fxattr.deeplift(fixed) if method == "deeplift" else fxattr.lrp(fixed, composite="attnlrp")
-            torch.testing.assert_close(got, torch.vmap(reference, in_dims=(None, 0, 0))(fixed_params, x, t))
-        delta = f(params, x[0])[1] - f(params, torch.zeros_like(x[0]))[1]
-        torch.testing.assert_close(deeplift(params, x[0], 1).sum(), delta)
+    fixed, fixed_params = fxattr.functionalize(model, input_shape=(5, 8))
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    t = torch.tensor([1, 2])
+    for explain, reference in ((deeplift, fxattr.deeplift(fixed)), (lrp, fxattr.lrp(fixed, composite="attnlrp"))):
+        torch.testing.assert_close(torch.vmap(explain, in_dims=(None, 0, 0))(params, x, t),
+                                   torch.vmap(reference, in_dims=(None, 0, 0))(fixed_params, x, t))
+    for length in (3, 9):
+        xi = torch.randn(length, 8, dtype=torch.float64)
+        delta = f(params, xi)[1] - f(params, torch.zeros_like(xi))[1]
+        torch.testing.assert_close(deeplift(params, xi, 1).sum(), delta)
+        assert lrp(params, xi, 1).shape == (length, 8)
 
 
 def test_gpt2_split_and_free_length():
@@ -249,3 +271,13 @@ def test_specialised_free_size_is_a_clear_error():
     f, _ = fxattr.functionalize(_vit(), input_shape=(2, None, 8))
     with pytest.raises(fxattr.FxattrError, match=r"input_shape leaves free"):
         fxattr.graph.trace(f)
+
+
+def test_compile_equals_eager(vit):
+    """Grad-CAM through the dynamo-captured halves under torch.compile (fullgraph, aot_eager)."""
+    _, f, params = vit
+    batched = torch.vmap(fxattr.gradcam(f, layer="model.vit.layers.0"), in_dims=(None, 0, 0))
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0, 1])
+    torch.testing.assert_close(torch.compile(batched, fullgraph=True, backend="aot_eager")(params, x, t),
+                               batched(params, x, t))
