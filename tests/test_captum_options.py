@@ -726,3 +726,34 @@ def test_gradient_and_deeplift_options_compile_equals_eager():
     eager = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, t)
     compiled = torch.compile(torch.vmap(explain, in_dims=(None, 0, 0)), backend="aot_eager")(params, x, t)
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-9)
+
+
+def test_deeplift_options_on_a_softmax_cnn_and_captums_relu_model():
+    """softmax="rescale" on a small CNN ending in nn.Softmax (captum per example, its mean being
+    over the batch), and DeepLiftShap's flags on captum's ReLUDeepLiftModel with a tuple x."""
+    from tests.layers.models import small_cnn as make
+    torch.manual_seed(0)
+    model = nn.Sequential(make(pool="avg"), nn.Softmax(dim=1)).eval()
+    f, params = fxattr.functionalize(model)
+    g = torch.Generator().manual_seed(1)
+    x, b = cnn_inputs(3, 5), 0.2 * cnn_inputs(3, 6)
+    t = torch.tensor([0, 2, 1])
+    ours = torch.vmap(lambda p, xi, bi, ti: fxattr.deeplift(f, baseline=bi, softmax="rescale")(p, xi, ti),
+                      in_dims=(None, 0, 0, 0))(params, x, b, t)
+    theirs = torch.cat([captum_attr.DeepLift(model).attribute(x[i:i + 1], baselines=b[i:i + 1], target=int(t[i]))
+                        for i in range(3)])
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-12)
+    relu_model = basic_models.ReLUDeepLiftModel().double().eval()
+    fr, pr = fxattr.functionalize(relu_model)
+    xs = tuple(torch.randn(2, 3, dtype=torch.float64, generator=g) for _ in range(2))
+    refs = tuple(torch.randn(4, 3, dtype=torch.float64, generator=g) for _ in range(2))
+    for multiply in (True, False):
+        ours, delta = torch.vmap(fxattr.deeplift_shap(fr, baselines=refs, multiply_by_inputs=multiply,
+                                                      return_convergence_delta=True), in_dims=(None, 0, None))(pr, xs, 1)
+        theirs, their_delta = captum_attr.DeepLiftShap(relu_model, multiply_by_inputs=multiply).attribute(
+            xs, baselines=refs, target=1, return_convergence_delta=True)
+        for a, c in zip(ours, theirs):
+            torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-12)
+        assert sum(float(c.abs().sum()) for c in theirs) > 0
+        if multiply:
+            torch.testing.assert_close(delta.reshape(-1), their_delta.detach(), atol=1e-12, rtol=0)
