@@ -9,15 +9,20 @@ Tiny random Hugging Face models (eager attention, float32, eval): GPT-2 and BERT
 median of ``--repeats`` interleaved repeats):
 
 - **floor**: ``torch.vmap(fxattr.gradient(f))`` over the batch (one forward and one backward);
-- **attnlrp / cp_lrp**: ``torch.vmap(fxattr.lrp(f, composite=...))`` over the batch;
+- **attnlrp / cp_lrp**: ``torch.vmap(fxattr.lrp(f, composite=...))`` over the batch: the gradient
+  form (one vector-Jacobian product of a modified forward, ``propagation/_gradient_form.py``);
+- **walk**: the same presets by the engine's node-by-node reverse walk (what ``fxattr.lrp`` ran
+  before the gradient form; the A/B in one process);
 - **autograd**: the model's own batched forward + backward (what LXT's time compares to);
 - **lxt attnlrp / lxt cp_lrp**: LXT's efficient-mode patches (``tests/propagation/lxt_reference``,
   applied after fxattr's timings and removed between variants), the batched forward + backward,
   relevance ``x * grad``.
 
-Also prints the largest relative difference between fxattr's and LXT's relevance per model.
+Also prints the largest relative difference between fxattr's and LXT's relevance per model, and between
+the gradient form and the walk (float32).
 
     python bench/attnlrp_bench.py               # --repeats 5
+    python bench/attnlrp_bench.py --best        # the fastest repeat (a loaded machine)
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import fxattr
+from fxattr.propagation._engine import Plan
+from fxattr.propagation._transformers import transformer_composite
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "propagation"))
@@ -82,15 +89,20 @@ def lxt_relevance(model, name, x, target):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--best", action="store_true", help="report the fastest repeat instead of the median")
     args = parser.parse_args()
     torch.set_num_threads(1)
     kinds = ("gpt2", "bert", "vit")
-    setups, times, ours = {}, {}, {}
+    setups, times, ours, walk_difference = {}, {}, {}, {}
     for kind in kinds:
         model, x, target, name = build(kind)
         f, params = fxattr.functionalize(lxt_reference.Logits(model, name).eval(), input_shape=tuple(x.shape[1:]))
         calls = {"floor": torch.vmap(fxattr.gradient(f), in_dims=(None, 0, 0))}
         calls.update({v: torch.vmap(fxattr.lrp(f, composite=v), in_dims=(None, 0, 0)) for v in VARIANTS})
+        for v in VARIANTS:
+            assert fxattr.lrp(f, composite=v).gradient_form is True
+            plan = Plan(f, "lrp", transformer_composite(v))
+            calls[f"{v} walk"] = torch.vmap(lambda p, x, t, plan=plan: plan.explain(p, x, t), in_dims=(None, 0, 0))
 
         def autograd(model=model, name=name, x=x, target=target):
             return lxt_relevance(model, name, x, target)
@@ -103,6 +115,9 @@ def main():
             for label, run in runs.items():
                 times.setdefault((kind, label), []).append(cpu_time(run))
         ours[kind] = {v: runs[v]() for v in VARIANTS}
+        for v in VARIANTS:  # the gradient form equals the walk (float32 here)
+            walk_difference[kind, v] = ((ours[kind][v] - runs[f"{v} walk"]()).abs().max()
+                                        / ours[kind][v].abs().max()).item()
     difference = {}
     for variant in VARIANTS:
         for kind in kinds:
@@ -118,18 +133,25 @@ def main():
                 times.setdefault((kind, f"lxt {variant}"), []).append(cpu_time(run))
         lxt_reference.unpatch()
 
-    median = {key: statistics.median(v) for key, v in times.items()}
+    if args.best:  # the fastest repeat: less sensitive to other processes on a loaded machine
+        median = {key: min(v) for key, v in times.items()}
+    else:
+        median = {key: statistics.median(v) for key, v in times.items()}
     print("| model | floor (fxattr.gradient) | AttnLRP | CP-LRP | AttnLRP / floor | CP-LRP / floor | "
-          "autograd | LXT AttnLRP | LXT CP-LRP | LXT AttnLRP / autograd | max rel. diff to LXT (float32) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "walk AttnLRP / floor | walk CP-LRP / floor | autograd | LXT AttnLRP | LXT CP-LRP | "
+          "LXT AttnLRP / autograd | LXT AttnLRP / floor | max rel. diff to LXT (float32) | to the walk |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in kinds:
-        m = {label: median[kind, label] for label in ("floor", "attnlrp", "cp_lrp", "autograd", "lxt attnlrp",
-                                                      "lxt cp_lrp")}
+        m = {label: median[kind, label] for label in ("floor", "attnlrp", "cp_lrp", "attnlrp walk", "cp_lrp walk",
+                                                      "autograd", "lxt attnlrp", "lxt cp_lrp")}
         print(f"| {kind} | {m['floor'] * 1e3:.1f} ms | {m['attnlrp'] * 1e3:.1f} ms | {m['cp_lrp'] * 1e3:.1f} ms | "
-              f"{m['attnlrp'] / m['floor']:.2f}x | {m['cp_lrp'] / m['floor']:.2f}x | {m['autograd'] * 1e3:.1f} ms | "
+              f"{m['attnlrp'] / m['floor']:.2f}x | {m['cp_lrp'] / m['floor']:.2f}x | "
+              f"{m['attnlrp walk'] / m['floor']:.2f}x | {m['cp_lrp walk'] / m['floor']:.2f}x | "
+              f"{m['autograd'] * 1e3:.1f} ms | "
               f"{m['lxt attnlrp'] * 1e3:.1f} ms | {m['lxt cp_lrp'] * 1e3:.1f} ms | "
-              f"{m['lxt attnlrp'] / m['autograd']:.2f}x | "
-              f"{max(difference[kind, v] for v in VARIANTS):.1e} |")
+              f"{m['lxt attnlrp'] / m['autograd']:.2f}x | {m['lxt attnlrp'] / m['floor']:.2f}x | "
+              f"{max(difference[kind, v] for v in VARIANTS):.1e} | "
+              f"{max(walk_difference[kind, v] for v in VARIANTS):.1e} |")
 
 
 if __name__ == "__main__":
