@@ -3,9 +3,15 @@
 The conventions are those of LXT 2.1's *efficient* mode (Achtibat et al., "AttnLRP: Attention-Aware
 Layer-Wise Relevance Propagation for Transformers", ICML 2024; CP-LRP: Ali et al., "XAI for
 Transformers: Better Explanations through Conservative Propagation", ICML 2022). LXT computes
-gradient x input of a forward pass whose gradient is modified in place; fxattr propagates relevance
-node by node, and the two agree because every rule below keeps ``R = value * modified gradient`` at
-every node. Every constant, as read from LXT's code:
+gradient x input of a forward pass whose gradient is modified in place; fxattr's rules below are
+reverse functions of the engine's node-by-node walk, and the two agree because every rule keeps
+``R = value * modified gradient`` at every node. The same fact lets fxattr run a preset as ONE
+vector-Jacobian product of a modified forward pass (the *gradient form*,
+:mod:`fxattr.propagation._gradient_form`: 1.2-1.3x the gradient's cost on tiny GPT-2 / BERT / ViT,
+against 1.2-1.65x for the walk; see bench/RESULTS.md) wherever it can express every node;
+otherwise (``nn.MultiheadAttention``, Swin's window attention, an element-wise function that
+receives relevance) the walk runs, and ``explain.gradient_form`` says why (``True`` when the
+gradient form runs). Every constant, as read from LXT's code:
 
 - linear layers, convolutions, GPT-2's ``Conv1D`` (``addmm``), residual additions, rotary embeddings
   (products with constant ``cos`` / ``sin``), grouped-query repeats and parameter-free linear maps:
