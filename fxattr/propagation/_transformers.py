@@ -7,8 +7,8 @@ gradient x input of a forward pass whose gradient is modified in place; fxattr's
 reverse functions of the engine's node-by-node walk, and the two agree because every rule keeps
 ``R = value * modified gradient`` at every node. The same fact lets fxattr run a preset as ONE
 vector-Jacobian product of a modified forward pass (the *gradient form*,
-:mod:`fxattr.propagation._gradient_form`: 1.2-1.3x the gradient's cost on tiny GPT-2 / BERT / ViT,
-against 1.2-1.65x for the walk; see bench/RESULTS.md) wherever it can express every node;
+:mod:`fxattr.propagation._gradient_form`; its cost against the walk's is in bench/RESULTS.md)
+wherever it can express every node;
 otherwise (``nn.MultiheadAttention``, Swin's window attention, an element-wise function that
 receives relevance) the walk runs, and ``explain.gradient_form`` says why (``True`` when the
 gradient form runs). Every constant, as read from LXT's code:
