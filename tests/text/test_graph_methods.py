@@ -237,5 +237,8 @@ def test_compile_equals_eager():
     torch._dynamo.reset()
     eager = explain(params, ids, mask, targets)
     assert eager.dtype == torch.float32 and (eager[1, 3:] == 0).all() and (eager[:, :3] != 0).all()
+    # float32: the padded row equals the sequence alone
+    alone = fxattr.text.attribute(fxattr.lrp, f, composite="attnlrp")(params, ids[1, :3], None, _row(targets, 1))
+    torch.testing.assert_close(eager[1, :3], alone, rtol=1e-4, atol=1e-6)
     compiled = torch.compile(explain, fullgraph=True, backend="aot_eager")(params, ids, mask, targets)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
