@@ -140,10 +140,16 @@ class Analyzer:
         return f"Analyzer({self.name!r}, neuron_selection_mode={self.neuron_selection_mode!r})"
 
     @api_boundary("Analyzer.fit")
-    def fit(self, data, **kwargs) -> Analyzer:
-        """Fits the analyzer's statistics (pattern analyzers) from an iterable of batches."""
+    def fit(self, data, batch_size: int = 32, **kwargs) -> Analyzer:
+        """Fits the analyzer's statistics (pattern analyzers) from an iterable of batches, or from
+        a tensor / array of examples (iNNvestigate's ``fit(X, batch_size=32)``), split into batches
+        of ``batch_size`` (a tensor was iterated example by example: a raw shape error)."""
         if not self._entry.fits:
             raise fail("Analyzer.fit", f"{self.name!r} has nothing to fit")
+        if isinstance(data, (Tensor, np.ndarray)):
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise fail("Analyzer.fit", f"batch_size must be an int >= 1, got {batch_size!r}")
+            data = torch.as_tensor(data).split(batch_size)
         self.explainer = self.explainer.fit(self.params, data, **kwargs)
         return self
 
