@@ -112,8 +112,15 @@ def _fit(where: str, program: Program, params, data: Iterable, pattern_type: str
         if not leaves or not all(isinstance(t, Tensor) and t.ndim >= 1 for t in leaves):
             raise fail(where, "data must be an iterable of batches: tensors with the examples "
                               f"along the first axis; got a {type(batch).__name__}")
-        with torch.no_grad():  # half precision: the rounded weights and data in float32 (upcast)
-            xs, zs = torch.vmap(activations, in_dims=(None, 0))(*upcast(params, batch)[:2])
+        try:
+            with torch.no_grad():  # half precision: the rounded weights and data in float32 (upcast)
+                xs, zs = torch.vmap(activations, in_dims=(None, 0))(*upcast(params, batch)[:2])
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+            shapes = optree.tree_map(lambda t: tuple(t.shape), batch, namespace="torch")
+            raise fail(where, f"the model failed on a batch of shape {shapes} (examples along the first "
+                              f"axis): {type(error).__name__}: {error}. data must be an iterable of "
+                              "batches; a tensor of examples is iterated example by example, so pass "
+                              "[x] or a DataLoader") from error
         seen += leaves[0].shape[0]
         for node, x, z in zip(kernels, xs, zs):
             layer = node.layer
