@@ -42,3 +42,22 @@ def test_tampered_pattern_files_are_clear_errors(tmp_path):
     save_file({"elsewhere": loaded[name], **{k: v for k, v in loaded.items() if k != name}}, str(renamed))
     with pytest.raises(fxattr.FxattrError, match=rf"patterns have no entry for layer {name!r}"):
         fxattr.pattern_attribution(f, patterns=fxattr.load_patterns(renamed))
+
+
+def test_fitting_on_a_tensor_of_examples():
+    """iNNvestigate's ``analyzer.fit(X)`` takes an array of examples; fxattr iterated it example
+    by example and failed with a raw conv2d RuntimeError. The analyzer now splits it into batches,
+    and ``explain.fit`` on a tensor is a clear error saying what data must be."""
+    from tests.models import small_cnn
+
+    xs = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    analyzer = fxattr.create_analyzer("pattern.net", small_cnn()).fit(xs, batch_size=16)
+    f, params = fxattr.functionalize(small_cnn())
+    explain = fxattr.patternnet(f).fit(params, xs.split(16))
+    for key, pattern in explain.patterns.items():
+        torch.testing.assert_close(analyzer.explainer.patterns[key], pattern)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.patternnet: the model failed on a batch of shape "
+                                                 r"\(3, 8, 8\).*iterable of batches"):
+        fxattr.patternnet(f).fit(params, xs)
+    with pytest.raises(fxattr.FxattrError, match="batch_size must be an int >= 1"):
+        fxattr.create_analyzer("pattern.net", small_cnn()).fit(xs, batch_size=0)
