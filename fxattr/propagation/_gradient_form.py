@@ -128,6 +128,8 @@ class GradientForm:
             return _Rule(self._operands({data[1]: None}), data[:1])
         if kind == "attention":
             return self._attention_rule(step, node)
+        if kind == "multihead_attention":
+            return self._multihead_rule(step, node)
         raise _Unsupported(f"{step.name!r} of kind {kind!r}")
 
     def _operands(self, factors: dict):
@@ -286,6 +288,51 @@ class GradientForm:
             return math_attention(*parts, attn_mask=mask_value, **options)
         live = [s for n, s in slots.items() if s is not None and factors[n] is not None]
         return _Rule(run, live)
+
+    def _multihead_rule(self, step, node) -> _Rule:
+        """``nn.MultiheadAttention`` (the module; the walk's subset: no masks, no ``bias_k`` / ``bias_v``,
+        no zero attention, one embedding size) written out: the projections as they are, the query's
+        and key's gradient scaled by 1/4 and the value's by 1/2 where they enter their projections
+        (the projections are linear, so this is the attention's uniform rule)."""
+        module = self.plan.nodes[node].module
+        if module is None or self.variant == "cp_lrp":
+            # the walk's CP-LRP keeps AttnLRP's rule on nn.MultiheadAttention: left to the walk
+            raise _Unsupported(f"{'CP-LRP on ' if module is not None else ''}multihead attention {step.name!r}")
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                 "is_causal")
+        bound = dict(zip(names, node.args))
+        bound.update(node.kwargs)
+        extras = [n for n in ("key_padding_mask", "attn_mask") if bound.get(n) is not None]
+        extras += [n for n in ("is_causal",) if bound.get(n)]
+        if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+            extras.append("kdim / vdim, bias_k / bias_v or add_zero_attn")
+        if extras:
+            raise _Unsupported(f"multihead attention {step.name!r} with {', '.join(extras)}")
+        slot_of, data_nodes = self.plan.slot_of, set(self.plan.nodes[node].data_args)
+        inputs = [bound.get(n) for n in ("query", "key", "value")]
+        if not all(isinstance(t, torch.fx.Node) for t in inputs):
+            raise _Unsupported(f"multihead attention {step.name!r}")
+        slots = [slot_of[t] for t in inputs]
+        data = [slot_of[t] if t in data_nodes else None for t in inputs]
+        prefix, heads, batch_first = node.target, module.num_heads, module.batch_first
+
+        def run(step, new, values, params):
+            parts = []
+            for slot, live, factor in zip(slots, data, (0.25, 0.25, 0.5)):
+                t = values[slot] if live is None else _scaled(new[slot], values[slot], factor)
+                parts.append(t.transpose(0, 1) if batch_first else t)  # (L, N, E)
+            dim = parts[0].shape[-1]
+            weight, bias = params[f"{prefix}.in_proj_weight"], params.get(f"{prefix}.in_proj_bias")
+            biases = (None,) * 3 if bias is None else bias.split(dim)
+            q, k, v = (torch.nn.functional.linear(t, w, b).reshape(t.shape[0], t.shape[1], heads, dim // heads)
+                       .permute(1, 2, 0, 3) for t, w, b in zip(parts, weight.split(dim), biases))
+            attended = math_attention(q, k, v)  # (N, heads, L, d)
+            length = attended.shape[2]
+            merged = attended.permute(2, 0, 1, 3).reshape(length, attended.shape[0], dim)
+            out = torch.nn.functional.linear(merged, params[f"{prefix}.out_proj.weight"],
+                                             params.get(f"{prefix}.out_proj.bias"))
+            return (out.transpose(0, 1) if batch_first else out, values[step.slot][1])
+        return _Rule(run, [s for s in data if s is not None])
 
     # --- the modified operations --------------------------------------------------------------------
 

@@ -254,29 +254,50 @@ class _Exp(torch.nn.Module):
 
 
 class _Attention(torch.nn.Module):
+    """nn.MultiheadAttention as torchvision's ViT calls it (batch first, self-attention), then one
+    sequence-first with distinct query / key / value and the averaged weights returned."""
+
     def __init__(self):
         super().__init__()
         self.attention = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.cross = torch.nn.MultiheadAttention(4, 2, bias=False)
         self.head = torch.nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+        h = self.attention(x, x, x, need_weights=False)[0]
+        h = self.cross(h.transpose(0, 1), x.transpose(0, 1), (h * 0.5).transpose(0, 1))[0].transpose(0, 1)
+        return self.head(h.mean(1))
 
 
-@pytest.mark.parametrize("model, shape, node", [(_Exp, (4,), "exp"), (_Attention, (3, 4), "attention")])
-def test_gradient_form_falls_back_to_the_walk_with_its_reason(model, shape, node):
+@pytest.mark.parametrize("model, shape, node, variants", [(_Exp, (4,), "exp", VARIANTS),
+                                                          (_Attention, (3, 4), "attention", ("cp_lrp",))])
+def test_gradient_form_falls_back_to_the_walk_with_its_reason(model, shape, node, variants):
     """A node the gradient form cannot express keeps the preset on the walk (same numbers), and
-    ``explain.gradient_form`` names the node."""
+    ``explain.gradient_form`` names the node (CP-LRP on nn.MultiheadAttention: the walk's rule there
+    is AttnLRP's, which the gradient form does not copy)."""
     torch.manual_seed(0)
     net = model().double().eval()
     f, params = fxattr.functionalize(net)
     x, target = torch.randn(2, *shape, dtype=torch.float64), torch.tensor([0, 2])
-    for variant in VARIANTS:
+    for variant in variants:
         explain = fxattr.lrp(f, composite=variant)
         assert isinstance(explain.gradient_form, str) and node in explain.gradient_form
         ours = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
         torch.testing.assert_close(ours, torch.vmap(_walk(f, variant), in_dims=(None, 0, 0))(params, x, target),
                                    rtol=0, atol=0)
+
+
+def test_gradient_form_on_multihead_attention_equals_the_walk():
+    """AttnLRP on nn.MultiheadAttention (batch first and sequence first, self- and cross-attention,
+    with and without biases) runs as the gradient form and equals the walk to rounding."""
+    torch.manual_seed(0)
+    f, params = fxattr.functionalize(_Attention().double().eval())
+    x, target = torch.randn(3, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    explain = fxattr.lrp(f, composite="attnlrp")
+    assert explain.gradient_form is True
+    fast = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
+    _, relative = _compare(fast, torch.vmap(_walk(f, "attnlrp"), in_dims=(None, 0, 0))(params, x, target))
+    assert (relative <= 1e-12).all(), relative
 
 
 def test_other_composites_keep_the_walk():
