@@ -45,12 +45,15 @@ keeps its winners, CAM layers and PatternNet patterns are named by module). Dyna
 Python (HF models without patching, hooks, defaults bound as called), at the torch-function
 level the catalogue speaks (``F.linear``, ``F.layer_norm``, ``scaled_dot_product_attention``),
 but it needs an example input (so ``functionalize(model, input_shape=...)``; it cannot capture
-from inside ``torch.vmap``), specialises shapes to it, and took minutes on swin_t and maxvit_t.
+from inside ``torch.vmap``), specialises shapes to it (except sizes ``input_shape`` leaves free,
+``(None, hidden)``: those are captured symbolically, so one graph serves every sequence length),
+and took minutes on swin_t and maxvit_t.
 torch.export (non-strict) works on both but at the aten level (``aten.addmm``,
 ``aten.convolution``...), a second vocabulary for every method's rules, and is 10-30x slower than
 torch.fx on CNNs. The dynamo graph is normalised into the engine's vocabulary (parameters renamed
 to the user's qualified names, other tensors constants, in-place ops purified, ``aten.sym_size``
-as a vmappable shape read, module of origin from ``nn_module_stack``).
+as a vmappable shape read, module of origin from ``nn_module_stack``, and the node each module
+call returns recovered from those stacks, so :func:`split` names layers by module path on both).
 
 The traced graph shares the submodules of the user's module and never modifies them: activation
 modules built with ``inplace=True`` are replaced *in the graph* by their functional out-of-place
@@ -659,6 +662,12 @@ def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
     not depend on the layer, such as a skip connection around it; for resnet18's ``layer4``,
     nothing). Both take and return ONE example (no batch axis), so they compose with
     ``torch.vmap``, ``torch.func.grad`` and ``torch.compile``.
+
+    Models torch.fx cannot trace (Hugging Face transformers) are cut on their dynamo capture
+    (``functionalize(model, input_shape=...)``): a module call's value is the one tensor of its
+    nodes read outside it, so ``"model.vit.layers.1"`` names what that layer returns; a module
+    returning several tensors is an error listing their nodes. Both halves read ``params`` under
+    the user's names.
 
     Args:
         f: the function of ``fxattr.functionalize``.

@@ -266,6 +266,45 @@ def test_clear_errors(vit, bert):
     assert maps.shape == (4,)
 
 
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+class _Untraceable(nn.Module):
+    """torch.fx cannot trace ``int(x.shape[-1])``; dynamo can."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair = _Pair()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        width = int(x.shape[-1])
+        first, second = self.pair(x)
+        return self.out(torch.tanh(first) * second / width)
+
+
+def test_module_returning_two_tensors_is_a_clear_error():
+    """A module whose call returns two tensors has no single activation: the error names the
+    graph nodes to choose from, and choosing one by its node name cuts there."""
+    torch.manual_seed(0)
+    f, params = fxattr.functionalize(_Untraceable().double().eval(), input_shape=(3, 4))
+    with pytest.raises(fxattr.FxattrError, match=r"split: layer 'pair' returns a structure.*name a node .*\("):
+        fxattr.graph.split(f, "pair")
+    node = fxattr.graph.trace(f).meta["module_escapes"]["pair"][0][0]
+    body, head = fxattr.graph.split(f, node)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(body(params, x), F.linear(x, params["pair.a.weight"], params["pair.a.bias"]))
+    torch.testing.assert_close(head(params, x, body(params, x)), f(params, x))
+    torch.testing.assert_close(fxattr.graph.split(f, "pair.b")[0](params, x),
+                               F.linear(x, params["pair.b.weight"], params["pair.b.bias"]))
+
+
 def test_specialised_free_size_is_a_clear_error():
     """ViT checks the image size against its config: a free image size cannot be captured."""
     f, _ = fxattr.functionalize(_vit(), input_shape=(2, None, 8))
