@@ -416,7 +416,7 @@ def attention_deeplift(q: Tensor, k: Tensor, v: Tensor, q0: Tensor, k0: Tensor, 
     k0, v0 = _expand_heads(q0, k0, enable_gqa)[0], _expand_heads(q0, v0, enable_gqa)[0]
     scale, scores, bias, probs = _attention_parts(q, k, v, attn_mask, is_causal, scale)
     _, scores0, _, probs0 = _attention_parts(q0, k0, v0, attn_mask, is_causal, scale)
-    m_probs, m_v = bilinear_deeplift(torch.matmul, probs, v, probs0, v0, multiplier)
+    m_probs, m_v = _matmul_deeplift(probs, v, probs0, v0, multiplier)
     if bias is None:
         m_scores = softmax_deeplift(scores, scores0, m_probs)
     else:  # -inf entries: equal at x and x0, softmax 0 in both; keep them out of the secants
@@ -424,8 +424,14 @@ def attention_deeplift(q: Tensor, k: Tensor, v: Tensor, q0: Tensor, k0: Tensor, 
         logits = torch.where(finite, scores + bias, -1e4 + torch.zeros_like(scores))
         logits0 = torch.where(finite, scores0 + bias, -1e4 + torch.zeros_like(scores0))
         m_scores = torch.where(finite, softmax_deeplift(logits, logits0, m_probs), torch.zeros_like(scores))
-    m_q, m_k = bilinear_deeplift(lambda a, b: _scores(a, b, scale), q, k, q0, k0, m_scores)
-    return m_q, k_back(m_k), v_back(m_v)
+    m_q, m_k = _matmul_deeplift(q, k.transpose(-2, -1), q0, k0.transpose(-2, -1), m_scores * scale)
+    return m_q, k_back(m_k.transpose(-2, -1)), v_back(m_v)
+
+
+def _matmul_deeplift(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, multiplier: Tensor) -> tuple[Tensor, Tensor]:
+    # bilinear_deeplift of a @ b (same batch shape) written out: the vjp of matmul at the midpoint,
+    # m @ b_mid^T and a_mid^T @ m, without evaluating the product there
+    return multiplier @ ((b + b0) / 2).transpose(-2, -1), ((a + a0) / 2).transpose(-2, -1) @ multiplier
 
 
 def _attend(q, k, v):
@@ -500,13 +506,14 @@ def multihead_attention_deeplift(query: Tensor, key: Tensor, value: Tensor, quer
     ``(m_query, m_key, m_value)``."""
     where = "op_rules.multihead_attention_deeplift"
     _check_mha(where, query, params, num_heads)
-    lin, (q, k, v) = _mha_projections(query, key, value, params, num_heads)
+    _, (q, k, v) = _mha_projections(query, key, value, params, num_heads)
     _, (q0, k0, v0) = _mha_projections(query0, key0, value0, params, num_heads)
-    attended = _merge_heads(_attend(q, k, v))
-    (m_att,) = gradient_reverse(_out_projection(params), (attended,), multiplier)
+    # the projections are linear: their transposes are products with the weights (the vjps of
+    # F.linear, without re-evaluating the projections or the attention output)
+    m_att = multiplier @ params["out_proj.weight"]
     m_q, m_k, m_v = attention_deeplift(q, k, v, q0, k0, v0, _heads(m_att, num_heads))
-    return tuple(gradient_reverse(fn, (t,), _merge_heads(m))[0]
-                 for fn, t, m in zip(lin, (query, key, value), (m_q, m_k, m_v)))
+    weights = params["in_proj_weight"].split(query.shape[-1])
+    return tuple(_merge_heads(m) @ w for m, w in zip((m_q, m_k, m_v), weights))
 
 
 # --- kernel layers, embeddings, routing --------------------------------------------------------
