@@ -4,9 +4,9 @@ ablation itself, and chunked evaluation with an optional progress report.
 
 Feature groups. ``feature_mask`` given at construction holds any integer ids (mapped to
 ``0..G-1`` once with ``torch.unique``, which cannot run under ``torch.vmap``); for several inputs
-it is a pytree of masks matching x, and by default each input's groups are its own even where ids
-repeat (captum's ``FeatureAblation``); ``cross_tensor=True`` makes one id one group across all
-inputs (captum's ``enable_cross_tensor_attribution=True``). A mask passed at call time
+it is a pytree of masks matching x; with ``cross_tensor=True`` (the explainers' default, as captum
+0.9's ``FeatureAblation``) one id is one group across all inputs, with ``False`` each input's ids
+are its own groups (captum <= 0.7). A mask passed at call time
 (``explain(..., feature_mask=m)``) may differ per example under ``torch.vmap``; its ids must be
 ``0..G-1`` with ``G`` given as ``num_features`` (or read from the mask's values, eagerly and
 under ``torch.vmap``; ``torch.compile`` needs ``num_features``).
