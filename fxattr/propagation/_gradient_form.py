@@ -28,7 +28,7 @@ of the explanation stays exact (``.detach()`` would cut them out of every level)
 
 Where a denominator of the z rule is exactly zero the walk gives zero relevance (its stabiliser);
 this form, like LXT, the gradient. A node it cannot express (an element-wise function that receives
-relevance, ``nn.MultiheadAttention``, Swin's window attention, an operation kind it does not know,
+relevance, a functional or masked multihead attention, Swin's window attention, an operation kind it does not know,
 a quotient ``x / x``) keeps the explainer on the walk: :func:`gradient_form` returns the reason,
 and ``fxattr.lrp`` shows it as ``explain.gradient_form``.
 """
@@ -39,6 +39,7 @@ import math
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor
 
 from fxattr.errors import fail
@@ -47,7 +48,7 @@ from fxattr.graph._program import resolve_args
 from fxattr.propagation import op_rules
 from fxattr.targets import select
 
-__all__ = ["GradientForm", "gradient_form"]
+__all__ = ["GradientForm", "gradient_form", "math_attention", "multihead_arguments", "multihead_attention"]
 
 IDENTITY_EPSILON = 1e-10  # LXT's identity_rule_implicit (as fxattr.propagation._transformers)
 
@@ -291,48 +292,35 @@ class GradientForm:
 
     def _multihead_rule(self, step, node) -> _Rule:
         """``nn.MultiheadAttention`` (the module; the walk's subset: no masks, no ``bias_k`` / ``bias_v``,
-        no zero attention, one embedding size) written out: the projections as they are, the query's
-        and key's gradient scaled by 1/4 and the value's by 1/2 where they enter their projections
-        (the projections are linear, so this is the attention's uniform rule)."""
+        no zero attention, one embedding size) written out (:func:`multihead_attention`): AttnLRP scales
+        the query's and key's gradient by 1/4 and the value's by 1/2 where they enter their projections
+        (the projections are linear, so this is the attention's uniform rule); CP-LRP takes query and
+        key at their values (constants) and the value as it is."""
         module = self.plan.nodes[node].module
-        if module is None or self.variant == "cp_lrp":
-            # the walk's CP-LRP keeps AttnLRP's rule on nn.MultiheadAttention: left to the walk
-            raise _Unsupported(f"{'CP-LRP on ' if module is not None else ''}multihead attention {step.name!r}")
-        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-                 "is_causal")
-        bound = dict(zip(names, node.args))
-        bound.update(node.kwargs)
-        extras = [n for n in ("key_padding_mask", "attn_mask") if bound.get(n) is not None]
-        extras += [n for n in ("is_causal",) if bound.get(n)]
-        if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
-            extras.append("kdim / vdim, bias_k / bias_v or add_zero_attn")
-        if extras:
-            raise _Unsupported(f"multihead attention {step.name!r} with {', '.join(extras)}")
+        if module is None:
+            raise _Unsupported(f"the functional multihead attention {step.name!r}")
+        bound = multihead_arguments(module, node.args, node.kwargs)
+        if isinstance(bound, str):
+            raise _Unsupported(f"multihead attention {step.name!r} with {bound}")
         slot_of, data_nodes = self.plan.slot_of, set(self.plan.nodes[node].data_args)
-        inputs = [bound.get(n) for n in ("query", "key", "value")]
+        inputs = [bound[n] for n in ("query", "key", "value")]
         if not all(isinstance(t, torch.fx.Node) for t in inputs):
             raise _Unsupported(f"multihead attention {step.name!r}")
         slots = [slot_of[t] for t in inputs]
-        data = [slot_of[t] if t in data_nodes else None for t in inputs]
+        factors = (None, None, 1.0) if self.variant == "cp_lrp" else (0.25, 0.25, 0.5)
+        live = [slot_of[t] if t in data_nodes and f is not None else None for t, f in zip(inputs, factors)]
         prefix, heads, batch_first = node.target, module.num_heads, module.batch_first
 
         def run(step, new, values, params):
             parts = []
-            for slot, live, factor in zip(slots, data, (0.25, 0.25, 0.5)):
-                t = values[slot] if live is None else _scaled(new[slot], values[slot], factor)
-                parts.append(t.transpose(0, 1) if batch_first else t)  # (L, N, E)
-            dim = parts[0].shape[-1]
-            weight, bias = params[f"{prefix}.in_proj_weight"], params.get(f"{prefix}.in_proj_bias")
-            biases = (None,) * 3 if bias is None else bias.split(dim)
-            q, k, v = (torch.nn.functional.linear(t, w, b).reshape(t.shape[0], t.shape[1], heads, dim // heads)
-                       .permute(1, 2, 0, 3) for t, w, b in zip(parts, weight.split(dim), biases))
-            attended = math_attention(q, k, v)  # (N, heads, L, d)
-            length = attended.shape[2]
-            merged = attended.permute(2, 0, 1, 3).reshape(length, attended.shape[0], dim)
-            out = torch.nn.functional.linear(merged, params[f"{prefix}.out_proj.weight"],
-                                             params.get(f"{prefix}.out_proj.bias"))
-            return (out.transpose(0, 1) if batch_first else out, values[step.slot][1])
-        return _Rule(run, [s for s in data if s is not None])
+            for slot, live_slot, factor in zip(slots, live, factors):
+                if live_slot is None:  # not data, or CP-LRP's detached query / key: a constant
+                    parts.append(values[slot])
+                else:
+                    parts.append(new[slot] if factor == 1.0 else _scaled(new[slot], values[slot], factor))
+            own = {n: params[f"{prefix}.{n}"] for n in _MHA_PARAMS if f"{prefix}.{n}" in params}
+            return multihead_attention(*parts, own, heads, batch_first=batch_first), values[step.slot][1]
+        return _Rule(run, [s for s in live if s is not None])
 
     # --- the modified operations --------------------------------------------------------------------
 
@@ -407,6 +395,41 @@ def math_attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask=None,
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
             else scores + attn_mask
     return torch.softmax(scores, -1) @ value
+
+
+_MHA_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+
+
+def multihead_arguments(module, args, kwargs):
+    """The ``(query, key, value, ...)`` of a call of the ``nn.MultiheadAttention`` ``module`` by
+    name, or a string naming what the written-out :func:`multihead_attention` lacks (masks,
+    ``is_causal``, ``bias_k`` / ``bias_v``, ``add_zero_attn``, kdim / vdim)."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    extras = [n for n in ("key_padding_mask", "attn_mask") if bound.get(n) is not None]
+    extras += ["is_causal"] if bound.get("is_causal") else []
+    if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+        extras.append("kdim / vdim, bias_k / bias_v or add_zero_attn")
+    return ", ".join(extras) if extras else bound
+
+
+def multihead_attention(query: Tensor, key: Tensor, value: Tensor, params: dict, num_heads: int, *,
+                        batch_first: bool = False) -> Tensor:
+    """``nn.MultiheadAttention``'s output (eval, no masks) written out, differentiable to every
+    order: the in-projections, :func:`math_attention` per head, the out-projection. ``params``:
+    ``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias`` (the module's names)."""
+    parts = [t.transpose(0, 1) if batch_first else t for t in (query, key, value)]  # (L, N, E)
+    dim = parts[0].shape[-1]
+    weight, bias = params["in_proj_weight"], params.get("in_proj_bias")
+    biases = (None,) * 3 if bias is None else bias.split(dim)
+    q, k, v = (F.linear(t, w, b).reshape(t.shape[0], t.shape[1], num_heads, dim // num_heads).permute(1, 2, 0, 3)
+               for t, w, b in zip(parts, weight.split(dim), biases))
+    attended = math_attention(q, k, v)  # (N, heads, L, d)
+    merged = attended.permute(2, 0, 1, 3).reshape(attended.shape[2], attended.shape[0], dim)
+    out = F.linear(merged, params["out_proj.weight"], params.get("out_proj.bias"))
+    return out.transpose(0, 1) if batch_first else out
 
 
 def gradient_form(plan, variant: str):

@@ -9,8 +9,8 @@ reverse functions of the engine's node-by-node walk, and the two agree because e
 vector-Jacobian product of a modified forward pass (the *gradient form*,
 :mod:`fxattr.propagation._gradient_form`; its cost against the walk's is in bench/RESULTS.md)
 wherever it can express every node;
-otherwise (``nn.MultiheadAttention``, Swin's window attention, an element-wise function that
-receives relevance) the walk runs, and ``explain.gradient_form`` says why (``True`` when the
+otherwise (a masked or functional multihead attention, Swin's window attention, an element-wise
+function that receives relevance) the walk runs, and ``explain.gradient_form`` says why (``True`` when the
 gradient form runs). Every constant, as read from LXT's code:
 
 - linear layers, convolutions, GPT-2's ``Conv1D`` (``addmm``), residual additions, rotary embeddings
@@ -35,8 +35,9 @@ gradient form runs). Every constant, as read from LXT's code:
   split in half (uniform rule); a product with a sigmoid / softmax / ``rsqrt`` factor treats that
   factor as a constant gate.
 - CP-LRP: query and key are detached (the attention weights are a constant: the values take all
-  of the output's relevance, query and key none), and Llama's SwiGLU gate is detached (the up
-  projection takes all of the product's relevance); the rest as AttnLRP.
+  of the output's relevance, query and key none; in eager attention, in
+  ``F.scaled_dot_product_attention`` and in ``nn.MultiheadAttention``), and Llama's SwiGLU gate is
+  detached (the up projection takes all of the product's relevance); the rest as AttnLRP.
 
 Seeding as everywhere in fxattr's LRP: the selected output's value (LXT's gradient-1 seed of
 gradient x input is the same thing). Conservation: CP-LRP sums to the target logit on a model
@@ -63,10 +64,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fxattr.errors import fail
 from fxattr.propagation import op_rules
 from fxattr.propagation import rules as R
+from fxattr.propagation._gradient_form import (
+    GradientForm,
+    gradient_form,
+    multihead_arguments,
+    multihead_attention,
+)
 from fxattr.propagation.composites import Composite
 
 __all__ = ["IDENTITY_EPSILON", "VARIANTS", "activation_identity_lrp", "addmm_lrp", "cp_bilinear_lrp",
-           "cp_product_lrp", "cp_sdpa_lrp", "in_activation_module", "is_activation_output", "is_softmax_output",
+           "cp_multihead_attention_lrp", "cp_product_lrp", "cp_sdpa_lrp", "in_activation_module", "is_activation_output", "is_softmax_output",
            "preset_explainer", "transformer_composite", "written_out_activation_factor"]
 
 VARIANTS = ("attnlrp", "cp_lrp")
@@ -224,6 +231,23 @@ def cp_sdpa_lrp(view, relevance):
     return tuple(r_v if i in position else torch.zeros_like(t) for i, t in enumerate(view.inputs))
 
 
+def cp_multihead_attention_lrp(view, relevance):
+    """CP-LRP through ``nn.MultiheadAttention`` (the module, no masks): query and key detached, the
+    output is affine in the value, which takes all of the relevance (LRP-0 through the value path:
+    the value's projection, the constant attention weights, the out-projection)."""
+    module = view.module
+    bound = multihead_arguments(module, view.args, view.kwargs) if module is not None else "no module"
+    if isinstance(bound, str):
+        raise fail("lrp", f"CP-LRP has no rule for multihead attention {view.name!r} with {bound}")
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    out_relevance = relevance[0] if isinstance(relevance, (tuple, list)) else relevance
+
+    def of_value(v):
+        return multihead_attention(query, key, v, view.params, module.num_heads, batch_first=module.batch_first)
+    (r_v,) = op_rules.linear_lrp(of_value, (value,), out_relevance, epsilon=0.0, output=view.output[0])
+    return tuple(r_v if t is value else torch.zeros_like(t) for t in view.inputs)
+
+
 def _module_type(node):
     stack = node.meta.get("nn_module_stack") if hasattr(node, "meta") else None
     return list(stack.values())[-1][1] if stack else None
@@ -291,7 +315,8 @@ def transformer_composite(variant: str) -> Composite:
     register_kinds()
     operations = {"activation": activation_identity_lrp, "product": attnlrp_product_lrp}
     if variant == "cp_lrp":
-        operations.update(bilinear=cp_bilinear_lrp, product=cp_product_lrp, attention=cp_sdpa_lrp)
+        operations.update(bilinear=cp_bilinear_lrp, product=cp_product_lrp, attention=cp_sdpa_lrp,
+                          multihead_attention=cp_multihead_attention_lrp)
     composite = Composite(kinds={"conv": R.z(), "linear": R.z(), "add": R.z(), "avgpool": R.z()},
                           name=variant, operations=operations)
     composite.gradient_form = variant  # the mark preset_explainer reads
@@ -308,8 +333,6 @@ def preset_explainer(plan):
     if variant not in VARIANTS or plan.composite.operations != transformer_composite(variant).operations:
         explain = plan.explain
         return _tagged(explain, None)
-    from fxattr.propagation._gradient_form import GradientForm, gradient_form
-
     forms: dict = {}
 
     def form_of(program):

@@ -269,35 +269,63 @@ class _Attention(torch.nn.Module):
         return self.head(h.mean(1))
 
 
-@pytest.mark.parametrize("model, shape, node, variants", [(_Exp, (4,), "exp", VARIANTS),
-                                                          (_Attention, (3, 4), "attention", ("cp_lrp",))])
-def test_gradient_form_falls_back_to_the_walk_with_its_reason(model, shape, node, variants):
+class _MaskedAttention(_Attention):
+    def forward(self, x):
+        mask = torch.zeros(3, 3, dtype=torch.bool)
+        return self.head(self.attention(x, x, x, attn_mask=mask, need_weights=False)[0].mean(1))
+
+
+def test_gradient_form_falls_back_to_the_walk_with_its_reason():
     """A node the gradient form cannot express keeps the preset on the walk (same numbers), and
-    ``explain.gradient_form`` names the node (CP-LRP on nn.MultiheadAttention: the walk's rule there
-    is AttnLRP's, which the gradient form does not copy)."""
+    ``explain.gradient_form`` names the node; where the walk has no rule either, the call is its
+    clear error."""
     torch.manual_seed(0)
-    net = model().double().eval()
-    f, params = fxattr.functionalize(net)
-    x, target = torch.randn(2, *shape, dtype=torch.float64), torch.tensor([0, 2])
-    for variant in variants:
+    f, params = fxattr.functionalize(_Exp().double().eval())
+    x, target = torch.randn(2, 4, dtype=torch.float64), torch.tensor([0, 2])
+    masked, masked_params = fxattr.functionalize(_MaskedAttention().double().eval())
+    for variant in VARIANTS:
+        explain = fxattr.lrp(masked, composite=variant)
+        assert "attn_mask" in explain.gradient_form
+        with pytest.raises(fxattr.FxattrError, match="attn_mask"):
+            explain(masked_params, torch.randn(3, 4, dtype=torch.float64), 0)
         explain = fxattr.lrp(f, composite=variant)
+        node = "exp"
         assert isinstance(explain.gradient_form, str) and node in explain.gradient_form
         ours = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
         torch.testing.assert_close(ours, torch.vmap(_walk(f, variant), in_dims=(None, 0, 0))(params, x, target),
                                    rtol=0, atol=0)
 
 
-def test_gradient_form_on_multihead_attention_equals_the_walk():
-    """AttnLRP on nn.MultiheadAttention (batch first and sequence first, self- and cross-attention,
-    with and without biases) runs as the gradient form and equals the walk to rounding."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_form_on_multihead_attention_equals_the_walk(variant):
+    """Both presets on nn.MultiheadAttention (batch first and sequence first, self- and
+    cross-attention, with and without biases) run as the gradient form and equal the walk to
+    rounding."""
     torch.manual_seed(0)
     f, params = fxattr.functionalize(_Attention().double().eval())
     x, target = torch.randn(3, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
-    explain = fxattr.lrp(f, composite="attnlrp")
+    explain = fxattr.lrp(f, composite=variant)
     assert explain.gradient_form is True
     fast = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
-    _, relative = _compare(fast, torch.vmap(_walk(f, "attnlrp"), in_dims=(None, 0, 0))(params, x, target))
+    _, relative = _compare(fast, torch.vmap(_walk(f, variant), in_dims=(None, 0, 0))(params, x, target))
     assert (relative <= 1e-12).all(), relative
+
+
+def test_cp_lrp_on_multihead_attention_conserves_without_biases():
+    """CP-LRP detaches query and key inside nn.MultiheadAttention: on a bias-free model the
+    relevance sums to the logit exactly, in both forms; AttnLRP's does not (the softmax rule)."""
+    torch.manual_seed(0)
+    net = _Attention()
+    net.attention = torch.nn.MultiheadAttention(4, 2, bias=False, batch_first=True)
+    net.head = torch.nn.Linear(4, 3, bias=False)
+    f, params = fxattr.functionalize(net.double().eval())
+    x, target = torch.randn(3, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    logits = torch.vmap(f, in_dims=(None, 0))(params, x).gather(1, target[:, None])[:, 0]
+    for explain in (fxattr.lrp(f, composite="cp_lrp"), _walk(f, "cp_lrp")):
+        relevance = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
+        torch.testing.assert_close(relevance.flatten(1).sum(1), logits, rtol=1e-10, atol=0)
+    attn = torch.vmap(fxattr.lrp(f, composite="attnlrp"), in_dims=(None, 0, 0))(params, x, target)
+    assert ((attn.flatten(1).sum(1) - logits).abs() > 1e-6).any()
 
 
 def test_other_composites_keep_the_walk():
