@@ -330,6 +330,8 @@ def deeplift(f, *, baseline=0.0, rule: str = "rescale", eps: float = 1e-10, soft
             paper recommends for softmax inputs; summation-to-delta then holds only when the
             softmax input's differences sum to 0). captum subtracts the mean over the whole batch
             of inputs and baselines; fxattr over the one example, equal to captum at batch 1.
+            captum applies it to ``nn.Softmax`` modules only (``torch.softmax`` calls get the plain
+            gradient there); fxattr to every softmax of the graph.
         multiply_by_inputs: ``False`` returns the multipliers ``m`` themselves (captum's
             ``multiply_by_inputs=False``, the "global" attributions).
         return_convergence_delta: also return ``sum(m * (x - baseline)) - (f(x)[t] -
