@@ -282,8 +282,9 @@ class ExampleShape:
       input shape, no arithmetic); a set model that pools its rows (``phi(x).sum(0)``) is not.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, output: Callable[[Any], Tensor] | None = None):
         self.module = module
+        self.output = output
         self.embedding = next((n for n, m in module.named_modules() if isinstance(m, nn.Embedding)), None)
         # the first registered layer (skipping modules that hold only tokens or scales, like
         # a ViT's class-token embedding before its patch convolution)
@@ -318,7 +319,8 @@ class ExampleShape:
         return None
 
     def rows_problem(self, params, x) -> str | None:
-        if self.row_wise is None or not isinstance(x, Tensor) or x.ndim != 2 or not isinstance(params, Mapping):
+        if (self.row_wise is None or not isinstance(x, Tensor) or x.ndim != 2 or not x.dtype.is_floating_point
+                or not isinstance(params, Mapping)):
             return None
         name, linear = self.row_wise
         if x.shape[1] != linear.in_features or x.shape[0] < 2:
@@ -340,6 +342,7 @@ class ExampleShape:
             probe = torch.empty((1,) + tuple(x.shape), dtype=x.dtype, device="meta")
             with EvalBatchNormAsElementwise():
                 out = torch.func.functional_call(stateless_view(self.module), meta, (probe,))
+                out = self.output(out) if self.output is not None else out
         except Exception:  # noqa: BLE001 - a model the meta device cannot run: no verdict
             return False
         return isinstance(out, Tensor) and out.ndim >= 3 and out.shape[0] == 1 and out.shape[1] == x.shape[0]
@@ -363,7 +366,7 @@ class FunctionalModel:
             None if s is None else int(s) for s in input_shape)
         self.batch_statistics = batch_statistics
         self.expected_ndim = None if self.input_shape is not None else example_ndim(module)
-        self.example_shape = None if self.input_shape is not None else ExampleShape(module)
+        self.example_shape = None if self.input_shape is not None else ExampleShape(module, output)
         self.stochastic = [(name, m) for name, m in module.named_modules()
                            if isinstance(m, _BATCH_NORMS) or (isinstance(m, _DROPOUTS) and m.p > 0)]
         self.first_shapes = None  # leaf shapes of the first example seen (a later batch is caught)

@@ -185,6 +185,19 @@ def test_no_false_alarm_on_one_example(model, x):
         assert out.shape == x.shape and torch.isfinite(out).all(), name
 
 
+class DictMLP(ModuleMLP):
+    def forward(self, x):
+        return {"logits": super().forward(x)}
+
+
+def test_a_batch_into_a_row_wise_model_with_an_output_selector():
+    torch.manual_seed(0)
+    f, params = fxattr.functionalize(DictMLP().eval(), output=lambda out: out["logits"])
+    assert f(params, torch.randn(6)).shape == (4,)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.gradient: x has shape \(3, 6\).*looks like a batch"):
+        fxattr.gradient(f)(params, torch.randn(3, 6), 0)
+
+
 def test_input_shape_says_a_two_dimensional_example_is_meant():
     """A per-row model on a (T, 6) example: refused as a likely batch, accepted once said."""
     torch.manual_seed(0)
