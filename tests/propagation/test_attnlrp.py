@@ -309,6 +309,17 @@ def test_gradient_form_on_multihead_attention_equals_the_walk(variant):
     fast = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, target)
     _, relative = _compare(fast, torch.vmap(_walk(f, variant), in_dims=(None, 0, 0))(params, x, target))
     assert (relative <= 1e-12).all(), relative
+    # second order: w.r.t. x (gradcheck) and w.r.t. the in-projection (central differences)
+    assert torch.autograd.gradcheck(lambda t: explain(params, t, target[0]), (x[0].clone().requires_grad_(True),),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+    name = "attention.in_proj_weight"
+
+    def loss(weight):
+        return explain({**params, name: weight}, x[0], target[0]).square().sum()
+    weight = params[name]
+    direction = torch.randn(weight.shape, dtype=weight.dtype, generator=torch.Generator().manual_seed(6))
+    numeric = (loss(weight + 1e-6 * direction) - loss(weight - 1e-6 * direction)) / 2e-6
+    torch.testing.assert_close((torch.func.grad(loss)(weight) * direction).sum(), numeric, rtol=1e-6, atol=1e-9)
 
 
 def test_cp_lrp_on_multihead_attention_conserves_without_biases():
