@@ -757,3 +757,26 @@ def test_deeplift_options_on_a_softmax_cnn_and_captums_relu_model():
         assert sum(float(c.abs().sum()) for c in theirs) > 0
         if multiply:
             torch.testing.assert_close(delta.reshape(-1), their_delta.detach(), atol=1e-12, rtol=0)
+
+
+def test_gradient_shap_flags_vmap_equals_loop_and_second_order():
+    from tests.contract import assert_second_order, model_unchanged
+    model, f, params, x, _, t = setup()
+    refs = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    draws = {"index": torch.tensor([0, 3, 1]), "alpha": torch.tensor([0.2, 0.7, 0.4], dtype=torch.float64)}
+    explain = fxattr.gradient_shap(f, baselines=refs, samples=3, multiply_by_inputs=False,
+                                   return_convergence_delta=True)
+    with model_unchanged(model):
+        grads, delta = torch.vmap(lambda p, xi, ti: explain(p, xi, ti, noise=draws), in_dims=(None, 0, 0))(params, x, t)
+    for i in range(4):
+        g, d = explain(params, x[i], t[i], noise=draws)
+        torch.testing.assert_close(grads[i], g, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(delta[i], d, rtol=1e-12, atol=1e-14)
+    # the delta is that of the multiplied attributions: a linear model completes exactly
+    linear = nn.Linear(5, 3).double()
+    fl, pl = fxattr.functionalize(linear)
+    _, exact = fxattr.gradient_shap(fl, baselines=refs, samples=3, multiply_by_inputs=False,
+                                    return_convergence_delta=True)(pl, x[0], 1, noise=draws)
+    assert exact.abs().max() < 1e-12
+    assert_second_order(lambda p, xi, ti: explain(p, xi, ti, noise=draws)[0], params, x[0], t[0],
+                        param_names=["0.weight"], gradgrad=True)
