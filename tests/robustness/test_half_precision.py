@@ -185,3 +185,26 @@ def test_dead_relu_network_in_float16_stays_finite():
     for explain in explainers:
         out = torch.vmap(explain, in_dims=(None, 0, None))(params, xs, 0)
         assert torch.isfinite(out).all(), explain.__name__
+
+
+class _TokenConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.conv, self.head = nn.Embedding(20, 8), nn.Conv1d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.conv(self.embed(ids).transpose(1, 2))).mean(2))
+
+
+def test_token_ids_into_a_half_precision_model():
+    """Integer x (token ids) with float16 / bfloat16 weights: computed in float32 from the rounded
+    weights too, the result in the weights' dtype."""
+    torch.manual_seed(0)
+    ids, ts = torch.randint(0, 20, (3, 7)), torch.tensor([0, 1, 2])
+    for dtype in TOLERANCE:
+        (fl, pl), (fr, pr) = _pair(dtype, _TokenConv().eval())
+        for build in (lambda f: fxattr.layers.layer_integrated_gradients(f, layer="embed", steps=4),
+                      lambda f: fxattr.gradcam(f, layer="conv")):
+            low = torch.vmap(build(fl), in_dims=(None, 0, 0))(pl, ids, ts)
+            ref = torch.vmap(build(fr), in_dims=(None, 0, 0))(pr, ids, ts)
+            assert low.dtype == dtype and torch.equal(low, ref.to(dtype))
