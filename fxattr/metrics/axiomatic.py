@@ -16,12 +16,14 @@ from torch import Tensor, nn
 from fxattr.errors import api_boundary, fail
 from fxattr.metrics.common import (
     baseline_value,
+    check_attribution,
     check_baseline,
     check_bool,
     check_float,
     check_int,
     check_metric_input,
     check_model,
+    check_target_index,
     is_concrete,
     model_output,
     prepare_attribution,
@@ -79,7 +81,8 @@ def completeness(f, *, abs: bool = False, normalise: bool = True,  # noqa: A002 
     check_float("atol", atol, 0.0)
 
     def metric(params, x, target, attribution):
-        check_metric_input(x, name="x")
+        check_attribution(x, attribution)
+        check_target_index(f, params, x, target)
         a = prepare_attribution(attribution, normalise=normalise, abs=abs)
         target = resolve_target(f, params, x, target)
         # "uniform": one draw per example, as Quantus's batched baseline
@@ -238,7 +241,7 @@ def input_invariance(f, *, explain=None, input_shift: float = -1, first_layer: s
         return shifted
 
     def metric(params, x, target, attribution):
-        check_metric_input(x, name="x")
+        check_attribution(x, attribution)
         for needed in (weight_name, bias_name):
             if needed not in params:
                 raise fail(None, f"params has no {needed!r}; pass the params of fxattr.functionalize(model)")

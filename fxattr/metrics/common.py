@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 import fxattr
 from fxattr.errors import api_boundary, fail
+from fxattr.targets import check_index, readable
 
 __all__ = [
     "BASELINE_NAMES",
@@ -130,13 +131,36 @@ def check_baseline(value, name: str = "perturb_baseline") -> None:
 
 
 def check_metric_input(value, name: str = "attribution", ndim: int | None = None) -> None:
-    """Raises unless ``value`` is a floating-point tensor (with ``ndim`` dimensions if given)."""
+    """Raises unless ``value`` is a floating-point tensor (with ``ndim`` dimensions if given).
+
+    An attribution (``name`` "attribution" / "A") must also be finite: ranking, thresholding or
+    normalising NaN / Inf gives a plausible finite score for a meaningless map. Its values are read
+    under ``torch.vmap`` too (all examples at once); under ``torch.compile`` they cannot be read and
+    a NaN propagates into the score wherever the metric's arithmetic carries it.
+    """
     if not isinstance(value, Tensor):
         raise fail(None, f"{name} must be a tensor, got {type(value).__name__}")
     if not value.dtype.is_floating_point:
         raise fail(None, f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if ndim is not None and value.ndim != ndim:
         raise fail(None, f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if name in ("attribution", "A"):
+        plain = readable(value)
+        if plain is not None and plain.numel() and not bool(torch.isfinite(plain).all()):
+            bad = int((~torch.isfinite(plain)).sum())
+            raise fail(None, f"{name} holds {bad} NaN or Inf value{'s' if bad > 1 else ''} (of {plain.numel()}"
+                              f"{' in the batch' if plain.shape != value.shape else ''}): a metric of a "
+                              "non-finite attribution would be meaningless")
+
+
+def check_target_index(f, params, x: Tensor, target) -> None:
+    """An int / 0-d tensor ``target`` must index the model's flattened output (read under vmap too;
+    one forward of x). ``None`` and callables pass."""
+    if target is None or (callable(target) and not isinstance(target, Tensor)):
+        return
+    fxattr.targets.check_target(None, target)
+    size = f(params, x).numel()
+    check_index(None, torch.as_tensor(target), size, f"an output of {size} elements")
 
 
 

@@ -43,6 +43,7 @@ from fxattr.metrics.common import (
     check_metric_input,
     check_model,
     check_replay,
+    check_target_index,
     cumulative_means,
     descending_order,
     is_concrete,
@@ -990,6 +991,7 @@ def road(f, *, percentages=tuple(range(1, 100, 2)), noise: float = 0.01, abs: bo
         _check_example(x, attribution)
         _check_image(x)
         _index_target(target)
+        check_target_index(f, params, x, target)
         channels, height, width = x.shape
         if channels > 1:
             if attribution.numel() != height * width:

@@ -46,6 +46,7 @@ from fxattr.metrics.common import (
     spearman,
 )
 from fxattr.metrics.common import metric as named_metric
+from fxattr.targets import check_index, check_target
 
 __all__ = ["efficient_mprt", "mprt", "random_logit", "smooth_mprt"]
 
@@ -570,6 +571,9 @@ def random_logit(f, *, explain=None, similarity_func="ssim", num_classes: int | 
         classes = num_classes
         if classes is None:
             classes = f(params, x).reshape(-1).shape[0]
+        if isinstance(target, (int, torch.Tensor)):  # a class index: the off target is drawn from the others
+            check_target(None, target)
+            check_index(None, torch.as_tensor(target), classes, f"{classes} classes")
         target = torch.as_tensor(resolve_target(f, params, x, target), device=x.device)
         if off_target is None:
             draw = torch.randint(0, classes - 1, (), device=x.device)
