@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from fxattr.errors import fail
+from fxattr.errors import FxattrError, fail
 from fxattr.propagation import rules as R
 from fxattr.propagation.rules import Rule
 
@@ -255,7 +255,10 @@ def _zennit_preset(conv, first=None, first_kinds=KERNEL_KINDS, box=False):
             if low is None or high is None:
                 raise fail(where, "epsilon_gamma_box needs low= and high=, the bounds of the input "
                                   "(e.g. low=-3.0, high=3.0, or per-channel tensors of shape (C, 1, 1))")
-            first_rule = R.zb(low, high, stabiliser=stab)
+            try:
+                first_rule = R.zb(low, high, stabiliser=stab)
+            except FxattrError as error:  # reported under the function called (lrp), not the rule
+                raise fail(where, error.message) from error
         elif low is not None or high is not None:
             raise fail(where, "low and high are options of epsilon_gamma_box only")
         elif first is not None:
