@@ -134,17 +134,33 @@ def canonize(where: str, f, canonizers) -> tuple:
         if c.params is not None:
             transforms.append((c, gm))
     if gm is trace(f):
-        canonical = f
+        canonical, needed = f, None  # the user's parameters: what the call is given
     else:
-        canonical, _ = functionalize(gm, output=f.output, input_shape=f.input_shape,
-                                     batch_statistics=f.batch_statistics)
+        canonical, canonical_params = functionalize(gm, output=f.output, input_shape=f.input_shape,
+                                                    batch_statistics=f.batch_statistics)
+        needed = {name: tuple(t.shape) for name, t in canonical_params.items()}
 
     def to_canonical(params):
+        wanted = needed if needed is not None else {
+            name: tuple(t.shape) for name, t in params.items() if isinstance(t, torch.Tensor)}
         for c, rewritten in transforms:
             params = c.params(params, rewritten)
             if not isinstance(params, Mapping):
                 raise fail(where, f"canonizer {c.name!r}: params must return a dict of tensors, got "
                                   f"{type(params).__name__}")
+        if transforms:
+            # a dropped or reshaped parameter would fail deep inside the model call (KeyError, shape
+            # mismatch) with no word of the canonizer that caused it
+            missing = [name for name in wanted if name not in params]
+            if missing:
+                raise fail(where, f"canonizer {transforms[-1][0].name!r}: params returned no {missing[0]!r} "
+                                  f"({len(missing)} of the canonical model's parameters missing)")
+            for name, shape in wanted.items():
+                value = params[name]
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise fail(where, f"canonizer {transforms[-1][0].name!r}: params[{name!r}] must be a "
+                                      f"tensor of shape {shape}, got {got}")
         return params
 
     return canonical, to_canonical
