@@ -7,7 +7,10 @@ is split at ``L``: the forward pass and the walk from the output down to ``L`` r
 from ``L`` to the input, a function of the masked relevance alone (every rule's denominators come
 from the forward pass), runs under ``torch.vmap`` over the concepts' masks, so all concepts of a
 request are ONE vmapped call. Relevance that bypasses ``L`` (a skip connection around it) is left
-out, as zennit-crp's ``CondAttribution`` does by default (``exclude_parallel=True``).
+out, as zennit-crp's ``CondAttribution`` does by default (``exclude_parallel=True``); with
+``exclude_parallel=False`` it is propagated once, with the relevance at ``L`` left out, and added to
+every concept's heatmap (the reverse walk is linear in its seeds, so that is zennit-crp's one masked
+backward pass per concept). ``canonizers=`` rewrite the model first, as for :func:`fxattr.lrp`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from fxattr._explainer import (
 )
 from fxattr.errors import FxattrError, fail
 from fxattr.graph import Program, find_layer
+from fxattr.propagation._canonize import canonize
 from fxattr.propagation._engine import Plan
 from fxattr.propagation._lrp import lrp
 from fxattr.targets import select
@@ -59,10 +63,10 @@ class ReferenceSamples(NamedTuple):
     indices: Tensor
 
 
-def _composite(where: str, f, rule, composite, options):
+def _composite(where: str, f, rule, composite, options, canonizers=None):
     """The composite ``fxattr.lrp`` would use for these options (its checks, this explainer's name)."""
     try:
-        return lrp(f, rule=rule, composite=composite, **options).composite
+        return lrp(f, rule=rule, composite=composite, canonizers=canonizers, **options).composite
     except FxattrError as error:
         raise fail(where, str(error).removeprefix("fxattr.").removeprefix("lrp: ")) from error
 
@@ -134,8 +138,10 @@ class _Split:
                                    f"{what} (channels are its first axis)")
         return value
 
-    def upper(self, params, x, target):
-        """The forward pass and the relevance at the layer: ``(values, cache, relevance)``."""
+    def upper(self, params, x, target, parallel: bool = False):
+        """The forward pass and the relevance at the layer: ``(values, cache, relevance)``; with
+        ``parallel=True`` also the input relevance of the paths around the layer (the walk on with
+        the layer's relevance left out): ``(values, cache, relevance, around)``."""
         plan = self.plan
         values, cache, raw = self.f.guarded(x, lambda: plan.forward(params, x), self.where)
         self._checked(values[self.slot])
@@ -157,7 +163,14 @@ class _Split:
         relevance = held.get("relevance")
         if relevance is None:  # the target does not depend on the layer
             relevance = torch.zeros_like(values[self.slot])
-        return values, cache, relevance
+        if not parallel:
+            return values, cache, relevance
+
+        def around_layer(step, rel):
+            return [] if step.slot == self.slot else rules(step, rel)
+
+        around = plan.to_input(x, values, plan.reverse(params, values, cache, seeds, around_layer))
+        return values, cache, relevance, around
 
     def lower(self, params, x, values, cache, relevance) -> Tensor:
         """The input relevance for ``relevance`` at the layer (a linear map of it)."""
@@ -180,7 +193,8 @@ def _masks(where: str, layer, concepts, channels: int, like: Tensor) -> Tensor:
     return masks
 
 
-def crp(f, *, layer, concepts=None, rule=None, composite=None, chunk_size: int | None = None, **options):
+def crp(f, *, layer, concepts=None, rule=None, composite=None, chunk_size: int | None = None,
+        exclude_parallel: bool = True, canonizers=None, **options):
     """Concept relevance propagation (Achtibat et al. 2023): one conditional LRP heatmap per
     channel concept of ``layer``, with each concept's relevance.
 
@@ -189,8 +203,10 @@ def crp(f, *, layer, concepts=None, rule=None, composite=None, chunk_size: int |
     at once (``torch.vmap`` over the concepts' channel masks), propagates the relevance of the
     concept's channels alone to the input. Relevance reaching the input around ``layer`` (a skip
     connection bypassing it) is not part of any concept's heatmap (zennit-crp's
-    ``exclude_parallel=True``). The result equals zennit-crp's ``CondAttribution`` with the
-    matching zennit composite (e.g. ``composite="epsilon_plus_flat"`` and ``EpsilonPlusFlat``).
+    ``exclude_parallel=True``); with ``exclude_parallel=False`` it is, the same for every concept
+    (propagated once). The result equals zennit-crp's ``CondAttribution`` with the matching zennit
+    composite (e.g. ``composite="epsilon_plus_flat"`` and ``EpsilonPlusFlat``) and the same
+    ``exclude_parallel``.
 
     Args:
         f: the function of ``fxattr.functionalize``.
@@ -200,6 +216,12 @@ def crp(f, *, layer, concepts=None, rule=None, composite=None, chunk_size: int |
             indices (one concept each) or of sequences of them (a concept of several channels).
         rule, composite, **options: the LRP rules, as for :func:`fxattr.lrp`.
         chunk_size: concepts per vmapped chunk (``None``: all at once).
+        exclude_parallel: leave out the relevance of paths around ``layer`` (zennit-crp's
+            default); ``False``: add it to every concept's heatmap. The concepts' relevance at the
+            layer is the same either way.
+        canonizers: a list of :class:`fxattr.lrp.Canonizer`, applied before the rules as in
+            :func:`fxattr.lrp` (zennit-crp: the composite's canonizers). ``layer`` names a node of
+            the canonized graph (a rewrite keeps the names of the nodes it does not replace).
 
     Returns:
         ``explain(params, x, target) -> ConceptAttribution(heatmap, relevance)``: ``heatmap`` of
@@ -215,11 +237,18 @@ def crp(f, *, layer, concepts=None, rule=None, composite=None, chunk_size: int |
     where = "crp"
     check_model(where, f)
     check_int(where, "chunk_size", chunk_size, allow_none=True)
+    check_bool(where, "exclude_parallel", exclude_parallel)
     chosen_concepts = _concept_list(where, concepts)
-    split = _Split(where, f, layer, _composite(where, f, rule, composite, options))
+    chosen = _composite(where, f, rule, composite, options, canonizers)
+    canonical, to_canonical = canonize(where, f, canonizers)
+    split = _Split(where, canonical, layer, chosen)
 
     def explain(params, x, target=None):
-        values, cache, relevance = split.upper(params, x, target)
+        params = to_canonical(params)
+        if exclude_parallel:
+            values, cache, relevance = split.upper(params, x, target)
+        else:
+            values, cache, relevance, around = split.upper(params, x, target, parallel=True)
         masks = _masks(where, layer, chosen_concepts, relevance.shape[1], relevance)
         shape = (1, masks.shape[1]) + (1,) * (relevance.ndim - 2)
 
@@ -227,11 +256,17 @@ def crp(f, *, layer, concepts=None, rule=None, composite=None, chunk_size: int |
             return split.lower(params, x, values, cache, relevance * mask.reshape(shape))
 
         heatmap = torch.vmap(one, chunk_size=chunk_size)(masks)
+        if not exclude_parallel:
+            heatmap = heatmap + around
         per_channel = relevance[0].reshape(relevance.shape[1], -1).sum(1)
         return ConceptAttribution(heatmap, masks @ per_channel)
 
     config = {"layer": layer, "concepts": concepts, "rule": rule, "composite": composite,
               "chunk_size": chunk_size, **options}
+    if not exclude_parallel:
+        config["exclude_parallel"] = False
+    if canonizers:
+        config["canonizers"] = tuple(c.name for c in canonizers)
     return explainer(where, f, config, explain, empty="run")
 
 
@@ -241,7 +276,7 @@ _STATISTICS = ("sum", "max", "mean")
 
 def crp_reference_samples(f, *, layer, mode: str = "relevance", statistic: str = "sum", k: int = 8,
                           abs_norm: bool = False, rule=None, composite=None, chunk_size: int | None = None,
-                          **options):
+                          canonizers=None, **options):
     """Reference samples of CRP (RelMax / ActMax): per channel of ``layer``, the ``k`` examples of
     a dataset where the channel is most relevant (``mode="relevance"``) or most active
     (``mode="activation"``).
@@ -265,6 +300,7 @@ def crp_reference_samples(f, *, layer, mode: str = "relevance", statistic: str =
         abs_norm: normalise each example's scores by the sum of their absolute values.
         rule, composite, **options: the LRP rules (``mode="relevance"``), as for :func:`fxattr.lrp`.
         chunk_size: examples per vmapped chunk within a batch (``None``: the whole batch).
+        canonizers: a list of :class:`fxattr.lrp.Canonizer`, as for :func:`crp`.
 
     Returns:
         ``collect(params, batches) -> ReferenceSamples(values, indices)``, ``batches`` an iterable
@@ -286,10 +322,9 @@ def crp_reference_samples(f, *, layer, mode: str = "relevance", statistic: str =
     check_int(where, "chunk_size", chunk_size, allow_none=True)
     if mode == "activation" and (rule is not None or composite is not None or options):
         raise fail(where, "mode='activation' takes no LRP rules (rule=, composite= or their options)")
-    if mode == "activation":
-        split = _Split(where, f, layer, None)
-    else:
-        split = _Split(where, f, layer, _composite(where, f, rule, composite, options))
+    chosen = None if mode == "activation" else _composite(where, f, rule, composite, options, canonizers)
+    canonical, to_canonical = canonize(where, f, canonizers)
+    split = _Split(where, canonical, layer, chosen)
 
     def reduce(value):
         flat = value[0].reshape(value.shape[1], -1)
@@ -304,6 +339,7 @@ def crp_reference_samples(f, *, layer, mode: str = "relevance", statistic: str =
         return score
 
     def scores(params, x, target=None):
+        params = to_canonical(params)
         if mode == "activation":
             return reduce(split.activation(params, x))
         return reduce(split.upper(params, x, target)[2])
@@ -311,23 +347,44 @@ def crp_reference_samples(f, *, layer, mode: str = "relevance", statistic: str =
     batched_scores = torch.vmap(scores, in_dims=(None, 0, 0), chunk_size=chunk_size)
     activation_scores = torch.vmap(lambda p, x: scores(p, x), in_dims=(None, 0), chunk_size=chunk_size)
 
+    def check_batch(x, target) -> None:
+        # before any vmap: a NaN would rank as the largest score, and a length mismatch or an
+        # empty batch would fail inside vmap with torch's words
+        if not isinstance(x, Tensor) or x.ndim < 1:
+            raise fail(where, f"each batch's x must be a tensor with a batch axis, got {type(x).__name__}"
+                              f"{'' if not isinstance(x, Tensor) else ' of shape ' + str(tuple(x.shape))}")
+        if x.dtype.is_floating_point and x.numel() and not bool(torch.isfinite(x).all()):
+            raise fail(where, f"a batch's x holds {int((~torch.isfinite(x)).sum())} NaN or Inf values; "
+                              "reference samples of a non-finite input would be meaningless")
+        if target is not None:
+            target = torch.as_tensor(target)
+            if target.ndim != 1 or len(target) != len(x):
+                raise fail(where, f"each batch's targets must be one per example: x has {len(x)} examples, "
+                                  f"the targets have shape {tuple(target.shape)}")
+
     def collect(params, batches: Iterable) -> ReferenceSamples:
         best_values = best_indices = None
         seen = 0
         for batch in batches:
             if isinstance(batch, (tuple, list)) and len(batch) == 2:
                 x, target = batch
-                if mode == "activation":
+                check_batch(x, target if mode == "relevance" else None)
+                if not len(x):
+                    found = None
+                elif mode == "activation":
                     found = activation_scores(params, x)
                 else:
                     found = batched_scores(params, x, torch.as_tensor(target))
             elif mode == "activation" and isinstance(batch, Tensor):
                 x = batch
-                found = activation_scores(params, x)
+                check_batch(x, None)
+                found = activation_scores(params, x) if len(x) else None
             else:
                 raise fail(where, "each batch must be a pair (x, targets)"
                                   f"{' or a tensor x' if mode == 'activation' else ''}; got "
                                   f"{type(batch).__name__}")
+            if found is None:  # an empty batch adds no example
+                continue
             found = found.detach().T  # (channels, batch)
             indices = torch.arange(seen, seen + found.shape[1], device=found.device).expand_as(found)
             seen += found.shape[1]
@@ -337,7 +394,8 @@ def crp_reference_samples(f, *, layer, mode: str = "relevance", statistic: str =
             order = found.topk(min(k, found.shape[1]), dim=1).indices
             best_values, best_indices = found.gather(1, order), indices.gather(1, order)
         if best_values is None:
-            raise fail(where, "batches was empty; give at least one batch")
+            raise fail(where, "batches was empty (no batch, or only batches of no example); give at least one "
+                              "non-empty batch")
         return ReferenceSamples(best_values, best_indices)
 
     collect.scores = scores
