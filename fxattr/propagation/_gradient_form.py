@@ -381,7 +381,12 @@ def math_attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask=None,
                    scale: float | None = None, enable_gqa: bool = False) -> Tensor:
     """``F.scaled_dot_product_attention`` (no dropout) written out, differentiable to every order
     (the fused CPU kernel's backward has no derivative): scores, an additive or boolean mask,
-    softmax, weighted values; ``enable_gqa`` repeats the key / value heads."""
+    softmax, weighted values; ``enable_gqa`` repeats the key / value heads.
+
+    Example:
+        >>> q, k, v = torch.randn(3, 8, 2, 5, 4).unbind(0)          # 8 examples, 2 heads, 5 tokens
+        >>> torch.vmap(math_attention)(q, k, v).shape                 # (8, 2, 5, 4)
+    """
     if enable_gqa and key.ndim >= 3 and key.shape[-3] != query.shape[-3]:
         repeats = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(repeats, dim=-3), value.repeat_interleave(repeats, dim=-3)
@@ -419,7 +424,14 @@ def multihead_attention(query: Tensor, key: Tensor, value: Tensor, params: dict,
                         batch_first: bool = False) -> Tensor:
     """``nn.MultiheadAttention``'s output (eval, no masks) written out, differentiable to every
     order: the in-projections, :func:`math_attention` per head, the out-projection. ``params``:
-    ``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias`` (the module's names)."""
+    ``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias`` (the module's names).
+
+    Example:
+        >>> mha = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        >>> params = dict(mha.named_parameters())
+        >>> x = torch.randn(8, 1, 5, 4)                                # 8 examples of (1, 5, 4)
+        >>> torch.vmap(lambda t: multihead_attention(t, t, t, params, 2, batch_first=True))(x)
+    """
     parts = [t.transpose(0, 1) if batch_first else t for t in (query, key, value)]  # (L, N, E)
     dim = parts[0].shape[-1]
     weight, bias = params["in_proj_weight"], params.get("in_proj_bias")
@@ -434,7 +446,13 @@ def multihead_attention(query: Tensor, key: Tensor, value: Tensor, params: dict,
 
 def gradient_form(plan, variant: str):
     """The :class:`GradientForm` of ``plan`` under the preset ``variant`` (``"attnlrp"`` or
-    ``"cp_lrp"``), or a string saying which node it cannot express (the explainer then walks)."""
+    ``"cp_lrp"``), or a string saying which node it cannot express (the explainer then walks).
+
+    Example:
+        >>> form = gradient_form(Plan(f, "lrp", transformer_composite("attnlrp")), "attnlrp")
+        >>> explain = lambda params, x, target: form.explain(params, x, target)
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, embeddings, labels)
+    """
     try:
         return GradientForm(plan, variant)
     except _Unsupported as reason:

@@ -328,7 +328,13 @@ def preset_explainer(plan):
     composite, ONE vector-Jacobian product of a modified forward pass
     (:mod:`fxattr.propagation._gradient_form`) wherever it expresses every node, else (and for every
     other composite) the plan's node-by-node walk. ``explain.gradient_form`` is ``True`` when the
-    fast form runs, else the reason it does not (``None``: not a preset)."""
+    fast form runs, else the reason it does not (``None``: not a preset).
+
+    Example:
+        >>> plan = Plan(f, "lrp", transformer_composite("attnlrp"))
+        >>> explain = preset_explainer(plan)            # what fxattr.lrp(f, composite="attnlrp") runs
+        >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, embeddings, labels)
+    """
     variant = getattr(plan.composite, "gradient_form", None)
     if variant not in VARIANTS or plan.composite.operations != transformer_composite(variant).operations:
         explain = plan.explain
