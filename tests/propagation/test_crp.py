@@ -333,3 +333,119 @@ def test_clear_errors():
         collect(params, [])
     with pytest.raises(fxattr.FxattrError, match=r"each batch must be a pair \(x, targets\)"):
         collect(params, [x[None]])
+
+
+# ---- exclude_parallel=False and canonizers= ------------------------------------------------------
+
+def small_resnet() -> nn.Module:
+    """Two torchvision BasicBlocks of 4 channels: a skip connection around "3.conv1"."""
+    from torchvision.models.resnet import BasicBlock
+    torch.manual_seed(0)
+    return randomize(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), BasicBlock(4, 4), BasicBlock(4, 4),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)), 1)
+
+
+def crp_parallel_reference(model, composite_name, x, targets, layer, concepts, exclude_parallel):
+    maps = []
+    for b in range(len(x)):
+        attribution = CondAttribution(copy.deepcopy(model))
+        composite = ZENNIT[composite_name](canonizers=[ResNetCanonizer()])
+        result = attribution(x[b:b + 1].clone().requires_grad_(True),
+                             [{layer: list(c), "y": [int(targets[b])]} for c in concepts], composite,
+                             exclude_parallel=exclude_parallel)
+        maps.append(result.heatmap)
+    return torch.stack(maps)
+
+
+@pytest.mark.parametrize("composite_name", list(ZENNIT))
+def test_exclude_parallel_equals_zennit_crp(composite_name):
+    model = small_resnet()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    f, params = fxattr.functionalize(model)
+    concepts, layer = [(0,), (1, 3)], "3.conv1"
+    got = {}
+    for exclude in (True, False):
+        want = replayed(f"small_resnet/{composite_name}/{layer}/exclude_parallel={exclude}",
+                        lambda: crp_parallel_reference(model, composite_name, x, targets, layer, concepts, exclude))
+        with model_unchanged(model):
+            explain = fxattr.crp(f, composite=composite_name, layer=layer, concepts=concepts,
+                                 exclude_parallel=exclude)
+            got[exclude] = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, targets)
+        assert_close_relative(got[exclude].heatmap.sum(2), want, f"exclude_parallel={exclude}")
+    # the skip connection's relevance is really there, the same for every concept, and the
+    # concepts' relevance at the layer does not change
+    around = got[False].heatmap - got[True].heatmap
+    assert float(around.norm()) > 1e-2 * float(got[False].heatmap.norm())
+    torch.testing.assert_close(around[:, 0], around[:, 1])
+    torch.testing.assert_close(got[False].relevance, got[True].relevance)
+
+
+def test_exclude_parallel_second_order_and_loop():
+    from torchvision.models.resnet import BasicBlock
+    torch.manual_seed(3)
+    model = randomize(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), BasicBlock(2, 2), nn.Flatten(),
+                                    nn.Linear(2 * 3 * 3, 2)), 4).double()
+    f, params = fxattr.functionalize(model)
+    explain = fxattr.crp(f, rule="epsilon", epsilon=0.1, layer="1.conv1", concepts=[0, 1],
+                         exclude_parallel=False)
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    targets = torch.tensor([0, 1, 1])
+    vmapped = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, targets)
+    for b in range(3):
+        torch.testing.assert_close(vmapped.heatmap[b], explain(params, x[b], targets[b]).heatmap)
+    v = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def loss(x_, w):
+        return (explain({**params, "0.weight": w}, x_, 1).heatmap * v).sum()
+
+    inputs = (x[0].clone().requires_grad_(True), params["0.weight"].detach().clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(loss, inputs, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradgradcheck(loss, inputs, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+class Shrunk(nn.Module):
+    """nn.Hardshrink(0.3) written as the two thresholds the canonizer below rewrites it into."""
+
+    def forward(self, t):
+        return nn.functional.threshold(t, 0.3, 0.0) - nn.functional.threshold(-t, 0.3, 0.0)
+
+
+def _shrink_model(activation: nn.Module) -> nn.Module:
+    torch.manual_seed(4)
+    return randomize(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), activation,
+                                   nn.Conv2d(3, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)), 5)
+
+
+def test_canonizers_rewrite_graph_and_params():
+    """crp(canonizers=[...]) equals crp on the model the canonizers describe: a graph rewrite
+    (Hardshrink, which has no LRP rule, into thresholds) and a parameter transform."""
+    model, written = _shrink_model(nn.Hardshrink(0.3)), _shrink_model(Shrunk())
+    f, params = fxattr.functionalize(model)
+    g, _ = fxattr.functionalize(written)
+    x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(11))
+    targets = torch.tensor([0, 2])
+    shrink = fxattr.lrp.replace_modules(nn.Hardshrink, Shrunk().forward)
+    double_first = fxattr.lrp.Canonizer("double", params=lambda p, gm: {**p, "0.weight": 2 * p["0.weight"]})
+    with model_unchanged(model):
+        explain = fxattr.crp(f, composite="epsilon_plus", layer="3", concepts=[0, (1, 2)],
+                             canonizers=[shrink, double_first], exclude_parallel=False)
+        got = torch.vmap(explain, in_dims=(None, 0, 0))(params, x, targets)
+    want = torch.vmap(fxattr.crp(g, composite="epsilon_plus", layer="3", concepts=[0, (1, 2)]),
+                      in_dims=(None, 0, 0))({**params, "0.weight": 2 * params["0.weight"]}, x, targets)
+    torch.testing.assert_close(got.heatmap, want.heatmap)
+    torch.testing.assert_close(got.relevance, want.relevance)
+    assert float(got.heatmap.norm()) > 0
+    collect = fxattr.crp_reference_samples(f, layer="3", composite="epsilon_plus", canonizers=[shrink, double_first])
+    scores = torch.vmap(collect.scores, in_dims=(None, 0, 0))(params, x, targets)
+    every = torch.vmap(fxattr.crp(g, composite="epsilon_plus", layer="3"), in_dims=(None, 0, 0))(
+        {**params, "0.weight": 2 * params["0.weight"]}, x, targets)
+    torch.testing.assert_close(scores, every.relevance)
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.crp: .*no rule|fxattr\.crp: .*Hardshrink"):
+        fxattr.crp(f, composite="epsilon_plus", layer="3")
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.crp: canonizers must be a list"):
+        fxattr.crp(f, composite="epsilon_plus", layer="3", canonizers=shrink)
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.crp: exclude_parallel must be"):
+        fxattr.crp(f, composite="epsilon_plus", layer="3", exclude_parallel="no")
