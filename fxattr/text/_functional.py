@@ -273,6 +273,8 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
         reduce: how an ``(L, D)`` attribution becomes token relevance: ``"sum"`` over the embedding
             dimension (default; completeness is kept), ``"norm"`` (L2 norm, for saliency) or
             ``None`` (keep ``(L, D)``). Methods that already give ``(L,)`` are returned as they are.
+            CAMs and layer methods are refused (on a padded sequence they would not give the
+            sequence's own explanation).
         **config: the method's configuration. ``baseline`` (IG, DeepLIFT) may be ``"zeros"`` (or
             ``0.0``), ``"pad"`` (the pad token's embedding at every position), an int token id
             (e.g. the mask token's: ``tokenizer.mask_token_id``) or a tensor of embeddings;
@@ -292,6 +294,15 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
         raise fail(where, f"f must be the TextModel of fxattr.text.functionalize, got {type(f).__name__}")
     if not callable(method):
         raise fail(where, f"method must be an fxattr explainer factory such as fxattr.gradient, got {method!r}")
+    family = getattr(method, "__module__", "") or ""
+    if family.startswith(("fxattr.cams", "fxattr.layers")):
+        # Measured on tiny BERT: a padded sequence does not get its explanation alone (Grad-CAM
+        # pools the gradient over all positions, padding included: 4/6 of its weights for 4 real
+        # tokens in 6; layer DeepLIFT differs by up to 1/3 too). Refused rather than silently off.
+        raise fail(where, f"{getattr(method, '__name__', method)} (a CAM or layer method) cannot run through "
+                          "the text front door: on a padded sequence it would not give the sequence's own "
+                          "explanation. Run it on one unpadded sequence's embeddings with "
+                          "fxattr.functionalize(model, input_shape=...)")
     if reduce not in REDUCE:
         raise fail(where, f"reduce must be one of {REDUCE}, got {reduce!r}")
     baseline = baseline_value(where, f, config["baseline"]) if "baseline" in config else None
@@ -308,7 +319,8 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
     except TypeError as error:
         raise fail(where, f"{getattr(method, '__name__', method)} does not take this configuration: {error}") from error
     except FxattrError as error:
-        if "FunctionalModel" not in str(error):
+        # graph-based methods refuse a plain function: they need the module of fxattr.functionalize
+        if "FunctionalModel" not in str(error) and "function of fxattr.functionalize" not in str(error):
             raise
         # Graph-based methods (LRP, DeepLIFT, ...) capture a module: they run on the model as a
         # module of its embeddings, one per sequence length (fxattr.text._graph).
@@ -379,13 +391,16 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
 
 
 def to_tokens(relevance: Tensor, embeddings: Tensor, mask: Tensor, reduce: str | None) -> Tensor:
-    """``(L, D)`` relevance as token relevance (``reduce``), zero at padding."""
-    keep = mask.to(relevance.dtype)
-    if relevance.shape == embeddings.shape:
-        if reduce is None:
-            return relevance * keep[:, None]
-        relevance = relevance.sum(-1) if reduce == "sum" else relevance.norm(dim=-1)
-    return relevance * keep
+    """Relevance with the tokens first (``(L,)``, ``(L, D)``, or a layer's ``(L, H)``) as token
+    relevance: everything after the token axis reduced by ``reduce`` (``None``: kept), zero at padding."""
+    length = embeddings.shape[0]
+    if relevance.ndim == 0 or relevance.shape[0] != length:
+        raise fail("text.attribute", f"the explainer returned shape {tuple(relevance.shape)}; token relevance "
+                                     f"needs the {length} tokens first")
+    if relevance.ndim >= 2 and reduce is not None:
+        flat = relevance.flatten(1)
+        relevance = flat.sum(-1) if reduce == "sum" else flat.norm(dim=-1)
+    return relevance * mask.to(relevance.dtype).reshape(length, *([1] * (relevance.ndim - 1)))
 
 
 def token_baselines(where: str, f: TextModel, baselines):

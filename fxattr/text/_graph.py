@@ -18,6 +18,9 @@ Why a buffer:
 - dynamo captures one input tensor, and the mask never enters ``x``, so it is never interpolated,
   noised or attributed.
 
+Inside, the user's modules are named with a ``model.`` prefix (``model.bert.encoder.layer.1``): a
+composite choosing rules by qualified name sees the prefixed names.
+
 Dynamo specialises the graph to the sequence length, so each length is captured once (a few
 seconds on tiny models) and cached on the :class:`~fxattr.text.TextModel`, shared by every graph
 explainer of that model. The first call at a new length may come from inside ``torch.vmap`` /

@@ -219,6 +219,9 @@ def test_clear_errors():
         fxattr.text.attribute(fxattr.deeplift_shap, f, baselines="pad")
     with pytest.raises(fxattr.FxattrError, match="out of range"):
         fxattr.text.attribute(fxattr.deeplift, f, baseline=VOCAB)
+    for refused in (fxattr.gradcam, fxattr.layers.layer_deeplift):
+        with pytest.raises(fxattr.FxattrError, match="cannot run through the text front door"):
+            fxattr.text.attribute(refused, f, layer="bert.encoder.layer.1")
     explain = fxattr.text.attribute(fxattr.deeplift, f)
     with pytest.raises(fxattr.FxattrError, match="one sequence of token ids"):
         explain(params, ids, mask, 0)
