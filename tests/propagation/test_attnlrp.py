@@ -413,3 +413,30 @@ def test_gradient_form_covers_every_rule_on_fx_modules():
         walk = torch.vmap(_walk(f, variant), in_dims=(None, 0, 0))(params, x, target)
         _, relative = _compare(fast, walk)
         assert (relative <= 1e-12).all(), (variant, relative)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_written_out_attention_equals_torch(dtype):
+    """math_attention equals F.scaled_dot_product_attention (boolean and additive masks, causal,
+    grouped-query heads, a scale) and multihead_attention equals nn.MultiheadAttention, under vmap;
+    both are differentiable twice where CPU's fused kernels are not."""
+    from fxattr.propagation._gradient_form import math_attention, multihead_attention
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(3, 4, 5, 6, generator=g, dtype=dtype)
+    k, v = torch.randn(2, 3, 2, 5, 6, generator=g, dtype=dtype).unbind(0)
+    boolean = torch.rand(5, 5, generator=g) > 0.3
+    boolean[:, 0] = True
+    additive = torch.randn(5, 5, generator=g, dtype=dtype)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    for options in ({}, {"attn_mask": boolean}, {"attn_mask": additive, "scale": 0.3}, {"is_causal": True}):
+        ours = torch.vmap(lambda a, b, c, o=options: math_attention(a, b, c, enable_gqa=True, **o))(q, k, v)
+        torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **options), **tol)
+    mha = torch.nn.MultiheadAttention(6, 3, batch_first=True).to(dtype).eval()
+    params = dict(mha.named_parameters())
+    x = torch.randn(3, 1, 5, 6, generator=g, dtype=dtype)
+    ours = torch.vmap(lambda t: multihead_attention(t, t, t, params, 3, batch_first=True))(x)
+    torch.testing.assert_close(ours[:, 0], mha(x[:, 0], x[:, 0], x[:, 0], need_weights=False)[0], **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradgradcheck(lambda t: math_attention(t, k[0], v[0], enable_gqa=True),
+                                            (q[0].clone().requires_grad_(True),), fast_mode=True)
