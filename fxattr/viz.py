@@ -90,6 +90,7 @@ def project(x, output_range=(0, 1), absmax=None, input_is_positive_only: bool = 
     """
     t, was_numpy = _as_tensor(x)
     low, high = _range(output_range)
+    _check_flag("input_is_positive_only", input_is_positive_only)
     if t.ndim == 0:
         raise fail(None, "x must have a batch axis (axis 0); got a 0-d value")
     if absmax is None:
@@ -112,6 +113,11 @@ def project(x, output_range=(0, 1), absmax=None, input_is_positive_only: bool = 
         y = (y + 1) / 2
     y = y.clamp(0, 1)
     return _back(low + y * (high - low), was_numpy)
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise fail(None, f"{name} must be True or False, got {value!r}")
 
 
 def _range(output_range):
@@ -209,6 +215,7 @@ def heatmap(x, reduce: str = "sum", cmap="seismic", *, channel_axis: int | None 
     return _back(rgb[0] if single else rgb, was_numpy)
 
 
+@api_boundary("viz.graymap")
 def graymap(x, reduce: str = "sum", **kwargs):
     """:func:`heatmap` with the ``"gray"`` colour map (for the input image, or unsigned maps)."""
     return heatmap(x, reduce, cmap="gray", **kwargs)
@@ -297,6 +304,9 @@ def overlay(image, attribution, alpha: float = 0.5, *, reduce: str = "sum", cmap
     img, was_numpy = _as_tensor(image, "image")
     if img.ndim not in (2, 3, 4):
         raise fail(None, f"image must have shape (H, W), (C, H, W) or (N, C, H, W), got {tuple(img.shape)}")
+    if img.is_floating_point() and img.numel() and not bool(torch.isfinite(img).all()):
+        # the min-max scaling would turn the whole gray image into NaN (an empty picture)
+        raise fail(None, f"image holds {int((~torch.isfinite(img)).sum())} NaN or Inf values")
     heat = heatmap(attribution, reduce, cmap, channel_axis=channel_axis, absmax=absmax)
     heat, _ = _as_tensor(heat, "attribution")
     heat = heat.to(device=img.device, dtype=img.dtype)
@@ -374,6 +384,9 @@ def plot_grid(rows: Sequence[Sequence], row_labels: Sequence[str] | None = None,
         ...         for i in range(len(x))]
         >>> fxattr.viz.plot_grid(rows, col_labels=["input", *names], file="grid.png")
     """
+    check_finite(None, "cell_size", cell_size, minimum=0, strict_minimum=True)
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
+        raise fail(None, f"dpi must be an int >= 1, got {dpi!r}")
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or len(rows) == 0:
         raise fail(None, "rows must be a non-empty sequence of rows (sequences of images)")
     grid = [list(row) for row in rows]
