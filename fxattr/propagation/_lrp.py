@@ -98,7 +98,12 @@ def _build_composite(where: str, rule, composite, options: dict) -> Composite:
         build, allowed = _RULES[rule]
         rule_options = {k: v for k, v in options.items() if k in allowed}
         rest = {k: v for k, v in options.items() if k not in allowed}
-        chosen = build(where, **rule_options)
+        try:
+            chosen = build(where, **rule_options)
+        except FxattrError as error:  # a rule's own check, reported under the function called (lrp)
+            if error.where is None or not error.where.startswith("lrp.rules."):
+                raise
+            raise fail(where, error.message) from error
     input_rule = rest.pop("input_layer_rule", None)
     if rest:
         allowed = _RULES[rule][1] if isinstance(rule, str) else ()
