@@ -45,10 +45,11 @@ def import_revision(rev: str, directory: str):
             if not name.endswith(".py"):
                 continue
             path = os.path.join(base, name)
-            text = open(path).read()
+            with open(path) as handle:
+                text = handle.read()
             text = re.sub(r"\bfxattr\.", "fxattr_base.", text)
             text = text.replace("from fxattr import", "from fxattr_base import")
-            text = re.sub(r"^import fxattr$", "import fxattr_base as fxattr", text, flags=re.M)
+            text = re.sub(r"^import fxattr$", "import fxattr_base as fxattr", text, flags=re.MULTILINE)
             with open(path, "w") as handle:
                 handle.write(text)
     sys.path.insert(0, directory)
