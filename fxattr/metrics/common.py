@@ -185,6 +185,18 @@ def check_attribution(x: Tensor, attribution) -> None:
                       "attribution (x's shape, or one channel), and torch.vmap over the batch")
 
 
+def check_batch_attribution(x: Tensor, attribution) -> None:
+    """For metrics of a whole batch: ``attribution`` holds one finite attribution per example of
+    ``x``, each of the example's shape (or with one channel)."""
+    check_metric_input(x, name="x")
+    check_metric_input(attribution)
+    if x.ndim < 1 or attribution.ndim != x.ndim or attribution.shape[0] != x.shape[0]:
+        raise fail(None, f"this metric is called on a whole batch: attribution has shape "
+                          f"{tuple(attribution.shape)}, x has shape {tuple(x.shape)} (the batch axes must agree)")
+    if len(x):
+        check_attribution(x[0], attribution[0])
+
+
 def check_replay(name: str, value, shape: tuple, *, integer: bool = False) -> None:
     """A replayed random draw (``subsets=``, ``noise=``...) must be a tensor of exactly ``shape``."""
     if not isinstance(value, Tensor):

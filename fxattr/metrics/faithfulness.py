@@ -36,6 +36,7 @@ from fxattr.metrics.common import (
     baseline_value,
     broadcast_attribution,
     check_baseline,
+    check_batch_attribution,
     check_bool,
     check_choice,
     check_float,
@@ -1055,6 +1056,7 @@ def sufficiency(f, *, threshold: float = 0.6, abs: bool = True, normalise: bool 
         if A.shape[0] != X.shape[0] or X.shape[0] < 2:
             raise fail(None, f"X and A must be batches of the same length >= 2, got shapes "
                               f"{tuple(X.shape)} and {tuple(A.shape)}")
+        check_batch_attribution(X, A)
         flat = A.reshape(A.shape[0], -1)
         if normalise:
             flat = normalise_by_max(flat)

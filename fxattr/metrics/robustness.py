@@ -36,6 +36,7 @@ from fxattr.metrics.common import (
     baseline_value,
     check_attribution,
     check_baseline,
+    check_batch_attribution,
     check_bool,
     check_explainer,
     check_float,
@@ -441,6 +442,7 @@ def consistency(f, *, discretise_func: str = "top_n_sign", n: int = 5,
             raise fail(None, f"consistency is called on a whole batch: attribution has shape "
                               f"{tuple(attribution.shape)}, x has shape {tuple(x.shape)} (the batch "
                               "axes must agree)")
+        check_batch_attribution(x, attribution)
         batch = x.shape[0]
         a = torch.vmap(lambda t: prepare(t, normalise=normalise, abs=abs))(attribution).reshape(batch, -1)
         if discretise_func == "top_n_sign":
