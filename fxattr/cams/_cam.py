@@ -308,7 +308,8 @@ def gradcam(f, *, layer, relu: bool = True, upsample: bool = True, interpolate: 
     + linear head it is :func:`cam` divided by the number of positions ``H * W``.
 
     Args:
-        f: the function of ``fxattr.functionalize`` (its module must be traceable by torch.fx).
+        f: the function of ``fxattr.functionalize`` (its module traceable by torch.fx, or, as
+            Hugging Face models, captured by torch dynamo: ``functionalize(..., input_shape=)``).
         layer: a module name (``"layer4"``), a graph node name, the submodule itself
             (``model.layer4``), or a list of them (maps stacked).
         relu: rectify the map (pytorch-grad-cam: always; captum: ``relu_attributions=False``).
