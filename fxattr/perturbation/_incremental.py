@@ -188,6 +188,7 @@ class Plan:
         starts: ``(windows, columns, 2)`` int64 box starts (row, column) of every window.
         windows: per window slot, its :func:`window_geometry`; out_sizes: its output map size.
         saved: the fraction of conv/pool output positions that are not recomputed.
+        free_after: per step slot, the changed values it is the last reader of (dropped after it).
     """
 
 
@@ -372,7 +373,7 @@ def padded_references(program: Program, plan_: Plan, values: list) -> dict:
 def _window_patch(st, kernel_params, plan_: Plan, value, ref_in: Tensor, start_h, start_w, padded):
     """A conv/pool's output box from its input region (padded as the op pads), with padding 0;
     ``kernel_params``: the convolution's (batch-norm folded) weight and bias."""
-    kind, kernel, stride, padding, dilation = plan_.windows[st.slot]
+    kind, kernel, stride, _, dilation = plan_.windows[st.slot]
     size = tuple((o - 1) * s + (k - 1) * d + 1
                  for o, s, k, d in zip(plan_.sizes[st.slot], stride, kernel, dilation))
     pad, fill = _padding(plan_, st.slot, ref_in)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxattr
-from fxattr.perturbation import _incremental
 from fxattr.graph import Program
+from fxattr.perturbation import _incremental
 from tests.contract import (assert_compile_equals_eager, assert_second_order, assert_vmap_equals_loop,
                             model_unchanged)
 from tests.models import small_cnn
