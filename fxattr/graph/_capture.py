@@ -652,7 +652,7 @@ def _pruned(gm: fx.GraphModule, graph: fx.Graph, name: str) -> fx.GraphModule:
     return pruned
 
 
-def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
+def split(f, layer: str, *, where: str = "split", inputs: tuple | None = None) -> tuple[Callable, Callable]:
     """Cuts ``f`` at ``layer`` into ``body(params, x) -> activation`` and
     ``head(params, x, activation) -> output``.
 
@@ -674,13 +674,15 @@ def split(f, layer: str, *, where: str = "split") -> tuple[Callable, Callable]:
         layer: a module's qualified name (``"layer4"``, ``"features.10"``; a module traced through
             names the value its forward returns), or a graph node name for a module called several
             times (the error lists them).
+        inputs: the ``forward`` parameters x passes, as for :func:`trace` (``input_names(f, x)``;
+            by default those without a default value).
 
     Example:
         >>> body, head = fxattr.graph.split(f, "layer4")
         >>> a = torch.vmap(body, in_dims=(None, 0))(params, images)
         >>> grads = torch.vmap(torch.func.grad(lambda a, x: head(params, x, a)[3]))(a, images)
     """
-    gm = trace(f)
+    gm = trace(f, inputs)
     node = find_layer(where, gm, layer)
     if node.op == "placeholder":
         raise fail(where, f"layer {layer!r} is an input of the model, not a layer")
