@@ -77,10 +77,22 @@ def _module_name(where: str, f, module: nn.Module) -> str:
                       "qualified name (e.g. 'layer4')")
 
 
-def _split_layers(where: str, f, names):
+def _split_layers(where: str, f, names, inputs=None):
     from fxattr import graph  # graph imports torch.fx; load it only when needed
     with CAPTURE_LOCK:  # torch.fx patches nn.Module.__call__ while it traces: one capture at a time
-        return [graph.split(f, name, where=where) for name in names]
+        return [graph.split(f, name, where=where, inputs=inputs) for name in names]
+
+
+def _splits_for(where: str, f, names, splits: dict, x):
+    """The splits for x's inputs: a tuple / dict x may pass ``forward`` parameters that have a
+    default (captum's ``BasicModel_ConvNet_One_Conv(x, x2=None)``), traced with them (once each)."""
+    key = None
+    if isinstance(x, (tuple, dict)):
+        from fxattr import graph
+        key = graph.input_names(f, x)
+    if key not in splits:
+        splits[key] = _split_layers(where, f, names, inputs=key)
+    return splits[key]
 
 
 def _check_options(where, relu, upsample, interpolate, normalize):
@@ -277,13 +289,13 @@ def _gradient_cam(name: str, f, layer, relu, upsample, interpolate, normalize, m
     _check_options(name, relu, upsample, interpolate, normalize)
     _check_reshape(name, reshape)
     names = _layer_names(name, f, layer)
-    splits = _split_layers(name, f, names)
+    splits = {None: _split_layers(name, f, names)}
     to_channels = _layout(name, f, reshape)
 
     def explain(params, x, target=None):
         check_target(name, target)
         maps = []
-        for body, head in splits:
+        for body, head in _splits_for(name, f, names, splits, x):
             a = _activation(name, body, params, x, f)
             g = _grad_at_layer(name, head, params, x, a, target)
             maps.append(mapper(to_channels(body.layer, a), to_channels(body.layer, g)))
