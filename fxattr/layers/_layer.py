@@ -32,7 +32,16 @@ layer, the cut would change more than the layer's input, and that is an error).
 ``layer`` may be a list: one attribution per layer, each computed with the other layers left as
 they are, returned as a tuple (each layer costs its own passes). captum's
 ``LayerIntegratedGradients`` with a list of layers instead interpolates all of them AT ONCE; for
-layers on separate branches that is a different quantity, so a list here is not that. A layer returning a tuple is an error naming it (name one graph node instead).
+layers on separate branches that is a different quantity, so a list here is not that.
+
+A layer whose forward returns a tuple of tensors (a block returning two tensors) is cut at all of
+them at once (:mod:`fxattr.layers._parts`): ``layer_activation``, ``layer_gradient_x_activation``,
+``layer_integrated_gradients`` (all parts interpolated together, as captum), ``layer_conductance``,
+``internal_influence`` and ``layer_gradient_shap`` return a tuple with one attribution per part,
+as captum's. The graph-based ones (DeepLIFT, LRP, feature ablation) and
+``attribute_to_layer_input=True`` on such a layer are an error naming its parts' graph nodes (each
+part can be named as a layer of its own). A leaf module returning a tuple (``nn.LSTM``): name the
+graph node of one part.
 
 Every explainer is ``explain(params, x, target=None)`` of ONE example and composes with
 ``torch.vmap`` (batches, and, for neurons, see :mod:`fxattr.layers`), ``torch.func.grad``
@@ -45,7 +54,7 @@ import math
 from numbers import Real
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fxattr._explainer import (
     check_bool,
@@ -55,16 +64,20 @@ from fxattr._explainer import (
     fixed_target,
 )
 from fxattr.errors import api_boundary, check_finite, fail
-from fxattr.layers._cut import cuts
+from fxattr.functional import FunctionalModel
+from fxattr.layers._cut import cuts, layer_names
+from fxattr.layers._parts import PartsCut, tuple_parts
 from fxattr.targets import check_target, select
 
 __all__ = [
     "check_layer_baseline",
+    "first_leaf",
     "grad_at_layer",
     "input_baseline",
     "internal_influence",
     "layer_activation",
     "layer_conductance",
+    "layer_cuts",
     "layer_deeplift",
     "layer_deeplift_shap",
     "layer_feature_ablation",
@@ -73,6 +86,7 @@ __all__ = [
     "layer_integrated_gradients",
     "layer_lrp",
     "quadrature_points",
+    "tree_map",
 ]
 
 
@@ -112,21 +126,56 @@ def _check_common(where, f, attribute_to_layer_input):
     check_bool(where, "attribute_to_layer_input", attribute_to_layer_input)
 
 
-def _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=False, prepare=None):
+def tree_map(fn, *trees):
+    """``fn`` on the tensors of a tuple-returning layer's parts, position by position (on a tensor,
+    ``fn`` itself)."""
+    if isinstance(trees[0], tuple):
+        return tuple(fn(*leaves) for leaves in zip(*trees))
+    return fn(*trees)
+
+
+def first_leaf(tree) -> Tensor:
+    return tree[0] if isinstance(tree, tuple) else tree
+
+
+def layer_cuts(where, f, layer, attribute_to_layer_input, tuples: bool):
+    """The cuts of ``layer`` (a :class:`PartsCut` for a layer returning a tuple when ``tuples``;
+    otherwise such a layer is an error naming its parts) and whether a list was given."""
+    if not isinstance(f, FunctionalModel):
+        return cuts(where, f, layer, attribute_to_layer_input)  # its error
+    many = not isinstance(layer, (str, nn.Module))
+    found = []
+    for name in layer_names(where, f, layer):
+        parts = tuple_parts(where, f, name)
+        if parts is None:
+            found.extend(cuts(where, f, name, attribute_to_layer_input)[0])
+            continue
+        if attribute_to_layer_input or not tuples:
+            what = "attribute_to_layer_input=True" if attribute_to_layer_input else where
+            raise fail(where, f"layer {name!r} returns a tuple of {len(parts)} tensors (graph nodes "
+                              f"{', '.join(map(repr, parts))}); {what} is not supported on it: name one "
+                              "of those nodes as the layer")
+        found.append(PartsCut(where, f, name, parts))
+    return found, many
+
+
+def _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=False, prepare=None,
+           tuples: bool = False):
     """The explainer: ``per_cut(cut, params, x, target)`` for each layer, a tuple for a list.
     ``integer_x``: x may hold token ids (methods that never differentiate w.r.t. x nor interpolate
-    it, cut after an embedding)."""
+    it, cut after an embedding). ``tuples``: ``per_cut`` handles a layer returning a tuple (its
+    activation a tuple of tensors)."""
     _check_common(where, f, attribute_to_layer_input)
-    layer_cuts, many = cuts(where, f, layer, attribute_to_layer_input)
+    chosen_cuts, many = layer_cuts(where, f, layer, attribute_to_layer_input, tuples)
     if prepare is not None:  # what can be built and checked once per layer, now
-        for cut in layer_cuts:
+        for cut in chosen_cuts:
             prepare(cut)
 
     def explain(params, x, target=None, *args, **kwargs):
         check_target(where, target)
         if not isinstance(x, Tensor):
             raise fail(where, f"x must be one tensor (one example), got {type(x).__name__}")
-        results = tuple(per_cut(cut, params, x, target, *args, **kwargs) for cut in layer_cuts)
+        results = tuple(per_cut(cut, params, x, target, *args, **kwargs) for cut in chosen_cuts)
         return results if many else results[0]
 
     config = {"layer": layer, "attribute_to_layer_input": attribute_to_layer_input, **config}
@@ -158,7 +207,7 @@ def layer_activation(f, *, layer, attribute_to_layer_input: bool = False):
     """
     where = "layer_activation"
     return _build(where, f, layer, attribute_to_layer_input, {},
-                  lambda cut, params, x, target: cut.body(params, x), integer_x=True)
+                  lambda cut, params, x, target: cut.body(params, x), integer_x=True, tuples=True)
 
 
 @api_boundary("layer_gradient_x_activation")
@@ -179,10 +228,10 @@ def layer_gradient_x_activation(f, *, layer, multiply_by_inputs: bool = True,
         target = fixed_target(f, params, x, target)
         a = cut.body(params, x)
         g = grad_at_layer(where, cut.head, params, x, a, target)
-        return a * g if multiply_by_inputs else g
+        return tree_map(torch.mul, a, g) if multiply_by_inputs else g
 
     return _build(where, f, layer, attribute_to_layer_input,
-                  {"multiply_by_inputs": multiply_by_inputs}, per_cut, integer_x=True)
+                  {"multiply_by_inputs": multiply_by_inputs}, per_cut, integer_x=True, tuples=True)
 
 
 @api_boundary("layer_integrated_gradients")
@@ -222,17 +271,21 @@ def layer_integrated_gradients(f, *, layer, steps: int = 32, baseline=0.0, metho
         target = fixed_target(f, params, x, target)
         base = input_baseline(where, baseline, x)
         a_x, a_b = cut.body(params, x), cut.body(params, base)
-        diff = a_x - a_b
-        alpha = torch.tensor(alphas, dtype=a_x.dtype, device=a_x.device)
-        weight = torch.tensor(weights, dtype=a_x.dtype, device=a_x.device)
-        grads = torch.vmap(lambda t: grad_at_layer(where, cut.head, params, x, a_b + t * diff, target),
-                           chunk_size=chunk_size)(alpha)
-        total = torch.tensordot(weight, grads, dims=1)
-        return diff * total if multiply_by_inputs else total
+        diff = tree_map(torch.sub, a_x, a_b)
+        like = first_leaf(a_x)
+        alpha = torch.tensor(alphas, dtype=like.dtype, device=like.device)
+        weight = torch.tensor(weights, dtype=like.dtype, device=like.device)
+
+        def at(t):
+            return grad_at_layer(where, cut.head, params, x, tree_map(lambda b, d: b + t * d, a_b, diff), target)
+
+        grads = torch.vmap(at, chunk_size=chunk_size)(alpha)
+        total = tree_map(lambda g: torch.tensordot(weight, g, dims=1), grads)
+        return tree_map(torch.mul, diff, total) if multiply_by_inputs else total
 
     config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size,
               "multiply_by_inputs": multiply_by_inputs}
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=True)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=True, tuples=True)
 
 
 def _input_path(where, f, params, x, target, cut, baseline, alphas, chunk_size):
@@ -272,10 +325,10 @@ def layer_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str = 
     def per_cut(cut, params, x, target):
         target = fixed_target(f, params, x, target)
         acts, grads = _input_path(where, f, params, x, target, cut, baseline, alphas, chunk_size)
-        return ((acts[1:] - acts[:-1]) * grads[:-1]).sum(0)
+        return tree_map(lambda a, g: ((a[1:] - a[:-1]) * g[:-1]).sum(0), acts, grads)
 
     config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size}
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, tuples=True)
 
 
 @api_boundary("internal_influence")
@@ -296,11 +349,12 @@ def internal_influence(f, *, layer, steps: int = 32, baseline=0.0, method: str =
     def per_cut(cut, params, x, target):
         target = fixed_target(f, params, x, target)
         _, grads = _input_path(where, f, params, x, target, cut, baseline, alphas, chunk_size)
-        weight = torch.tensor(weights, dtype=grads.dtype, device=grads.device)
-        return torch.tensordot(weight, grads, dims=1)
+        like = first_leaf(grads)
+        weight = torch.tensor(weights, dtype=like.dtype, device=like.device)
+        return tree_map(lambda g: torch.tensordot(weight, g, dims=1), grads)
 
     config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size}
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, tuples=True)
 
 
 @api_boundary("layer_gradient_shap")
@@ -351,17 +405,19 @@ def layer_gradient_shap(f, *, layer, baselines: Tensor, samples: int = 16, sigma
             xk = x if eps is None else x + sigma * eps
             point = t * xk + (1 - t) * b  # captum's _scale_input
             g = grad_at_layer(where, cut.head, params, point, cut.body(params, point), target)
-            return (cut.body(params, xk) - cut.body(params, b)) * g if multiply_by_inputs else g
+            if not multiply_by_inputs:
+                return g
+            return tree_map(lambda ax, ab, gk: (ax - ab) * gk, cut.body(params, xk), cut.body(params, b), g)
 
         if sigma > 0:
             terms = torch.vmap(one, chunk_size=chunk_size)(drawn, alpha, noise["normal"].to(x.dtype))
         else:
             terms = torch.vmap(lambda b, t: one(b, t, None), chunk_size=chunk_size)(drawn, alpha)
-        return terms.mean(0)
+        return tree_map(lambda t: t.mean(0), terms)
 
     config = {"baselines": tuple(baselines.shape), "samples": samples, "sigma": sigma,
               "chunk_size": chunk_size, "multiply_by_inputs": multiply_by_inputs}
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, tuples=True)
 
 
 def _graph_method(where, f, layer, attribute_to_layer_input, config, make, prepare=None):

@@ -369,7 +369,7 @@ def test_exclude_parallel_equals_zennit_crp(composite_name):
     got = {}
     for exclude in (True, False):
         want = replayed(f"small_resnet/{composite_name}/{layer}/exclude_parallel={exclude}",
-                        lambda: crp_parallel_reference(model, composite_name, x, targets, layer, concepts, exclude))
+                        lambda e=exclude: crp_parallel_reference(model, composite_name, x, targets, layer, concepts, e))
         with model_unchanged(model):
             explain = fxattr.crp(f, composite=composite_name, layer=layer, concepts=concepts,
                                  exclude_parallel=exclude)

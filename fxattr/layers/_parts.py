@@ -1,0 +1,123 @@
+"""Layers that return a tuple of tensors (captum's ``Layer*`` methods on such a layer attribute to
+each tensor and return a tuple).
+
+A module traced through whose ``forward`` returns ``(a_1, ..., a_k)`` has no single graph node:
+its value is the ``k`` nodes it returns. :class:`PartsCut` cuts the traced graph at all ``k`` at
+once: ``body(params, x) -> (a_1, ..., a_k)`` and ``head(params, x, (a_1, ..., a_k)) -> output``
+(one graph with a placeholder per part, run as a functional model of ``(a_1, ..., a_k, x)``).
+
+Which graph node is which element of the returned tuple is read from a trace of the module alone
+(``torch.fx`` records calls in execution order, so the module's own graph and its nodes inside the
+model's graph correspond one to one); when they do not, it is an error naming the nodes, never a
+guess.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, fx
+
+from fxattr import graph
+from fxattr.errors import fail
+from fxattr.layers._cut import CutModel
+
+__all__ = ["PartsCut", "tuple_parts"]
+
+_COMPUTE = ("call_module", "call_function", "call_method")
+
+
+def _inside(node: fx.Node, layer: str) -> bool:
+    name = graph.origin(node)
+    return name is not None and (name == layer or name.startswith(layer + "."))
+
+
+def tuple_parts(where: str, f, layer) -> list[str] | None:
+    """The graph node names of the tensors a module traced through returns as a tuple, in the
+    tuple's order; ``None`` when ``layer`` is not such a module (one node names its value)."""
+    if not isinstance(layer, str):
+        return None
+    gm = graph.trace(f)
+    if gm.meta.get("capture") not in (None, "fx"):
+        return None
+    calls = gm.meta.get("module_outputs", {}).get(layer)
+    if not calls or len(calls) != 1 or calls[0] is not None:
+        return None
+    root = getattr(f, "module", None)
+    try:
+        module = root.get_submodule(layer)
+    except AttributeError:
+        return None
+    inner = fx.symbolic_trace(module)
+    output = next(n for n in inner.graph.nodes if n.op == "output").args[0]
+    if not isinstance(output, (tuple, list)) or not all(isinstance(o, fx.Node) for o in output):
+        raise fail(where, f"layer {layer!r} returns a {type(output).__name__} that is not a flat tuple of "
+                          "tensors; name the graph node of one of its parts instead")
+    mine = [n for n in inner.graph.nodes if n.op in _COMPUTE]
+    theirs = [n for n in gm.graph.nodes if n.op in _COMPUTE and _inside(n, layer)]
+
+    def same(a: fx.Node, b: fx.Node) -> bool:
+        if a.op != b.op:
+            return False
+        if a.op == "call_module":
+            return b.target == f"{layer}.{a.target}"
+        return a.target == b.target
+
+    if len(mine) != len(theirs) or not all(same(a, b) for a, b in zip(mine, theirs)):
+        raise fail(where, f"layer {layer!r} returns a tuple whose parts could not be matched to the "
+                          f"model's graph; name its parts' graph nodes as a list instead "
+                          f"({', '.join(n.name for n in theirs if any(u not in theirs for u in n.users))})")
+    position = {a: b for a, b in zip(mine, theirs)}
+    parts = []
+    for o in output:
+        if o not in position:  # an input returned as it is: no node of the module
+            raise fail(where, f"layer {layer!r} returns one of its inputs unchanged; name the graph nodes "
+                              "of its parts instead")
+        parts.append(position[o].name)
+    return parts
+
+
+class PartsCut:
+    """``f`` cut at the ``k`` nodes ``parts`` (the tensors a layer returns as a tuple).
+
+    Attributes:
+        layer: the layer as the user named it.
+        parts: the node names, in the tuple's order.
+        body: ``body(params, x) -> tuple`` of the parts' values.
+        head: ``head(params, x, parts) -> output`` with the parts' values replaced.
+    """
+
+    def __init__(self, where: str, f, layer: str, parts: list[str]):
+        self.f, self.layer, self.where, self.parts = f, layer, where, tuple(parts)
+        bodies = [graph.split(f, name, where=where)[0] for name in parts]
+
+        def body(params, x):
+            return tuple(b(params, x) for b in bodies)
+
+        self.body = body
+        gm = graph.trace(f)
+        copied = fx.Graph()
+        env: dict = {}
+        copied.output(copied.graph_copy(gm.graph, env))
+        nodes = {n.name: n for n in gm.graph.nodes}
+        first = next(iter(copied.nodes))
+        for i, name in enumerate(parts):
+            with copied.inserting_before(first):
+                placeholder = copied.placeholder(f"part_{i}")
+            cut = env[nodes[name]]
+            cut.replace_all_uses_with(placeholder)
+            copied.erase_node(cut)
+        fx.GraphModule(gm, copied, "PartsHead")  # dead-code elimination needs an owning module
+        copied.eliminate_dead_code()
+        head_gm = fx.GraphModule(gm, copied, "PartsHead")
+        # placeholders of x left without users by the cut still take x: the call passes them
+        self.head_model = CutModel(head_gm)
+
+        def head(params, x, a):
+            if isinstance(x, tuple):
+                return self.head_model(params, (*a, *x))
+            return self.head_model(params, (*a, x))
+
+        self.head = head
+
+    def check(self, a) -> None:
+        if not (isinstance(a, tuple) and all(isinstance(t, Tensor) for t in a)):
+            raise fail(self.where, f"layer {self.layer!r}: its parts must be a tuple of tensors")
