@@ -16,6 +16,7 @@ at once; the user's module is never written, not even for an instant. Building g
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -348,6 +349,21 @@ class ExampleShape:
         return isinstance(out, Tensor) and out.ndim >= 3 and out.shape[0] == 1 and out.shape[1] == x.shape[0]
 
 
+def forward_arity(module: nn.Module) -> tuple[int, int | None, list[str] | None] | None:
+    """``(required, most, names)`` of ``module.forward``'s inputs (``most`` ``None`` for
+    ``*args``; ``names`` ``None`` when ``**kwargs`` takes any keyword), or ``None`` if unknown."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(1 for p in positional if p.default is p.empty)
+    most = None if any(p.kind == p.VAR_POSITIONAL for p in parameters) else len(positional)
+    names = None if any(p.kind == p.VAR_KEYWORD for p in parameters) else [
+        p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return required, most, names
+
+
 class FunctionalModel:
     """A module as a pure function ``f(params, x) -> output`` of ONE example.
 
@@ -370,6 +386,7 @@ class FunctionalModel:
         self.stochastic = [(name, m) for name, m in module.named_modules()
                            if isinstance(m, _BATCH_NORMS) or (isinstance(m, _DROPOUTS) and m.p > 0)]
         self.first_shapes = None  # leaf shapes of the first example seen (a later batch is caught)
+        self.arity = forward_arity(module)
         self._compile_view = None
 
     def __repr__(self) -> str:
@@ -398,6 +415,18 @@ class FunctionalModel:
             raise fail(where, f"x must be a tensor or a tuple/dict of tensors, got {type(x).__name__}")
         batch_hint = (" -- this looks like a batch: explain one example and map over the batch"
                       " with torch.vmap(explain, in_dims=(None, 0, 0))")
+        if self.arity is not None and isinstance(x, (tuple, list, Mapping)):
+            low, high, names = self.arity
+            given = len(x)
+            unknown = [k for k in x if k not in names] if isinstance(x, Mapping) and names is not None else []
+            if unknown or given < low or (high is not None and given > high):
+                what = (f"a dict with keys {sorted(map(str, x))}" if isinstance(x, Mapping)
+                        else f"a {type(x).__name__} of {given} inputs")
+                takes = f"{low}" if high == low else f"{low} to {'any number' if high is None else high}"
+                raise fail(where, f"x is {what}, but the model's forward takes {takes} input"
+                                  f"{'s' if high != 1 else ''}"
+                                  f"{' (' + ', '.join(names) + ')' if names else ''}: a tuple x is passed as "
+                                  "model(*x), a dict as model(**x)")
         if self.input_shape is not None and isinstance(x, Tensor):
             if not shape_matches(tuple(x.shape), self.input_shape):
                 hint = batch_hint if shape_matches(tuple(x.shape[1:]), self.input_shape) else ""

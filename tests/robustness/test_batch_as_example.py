@@ -232,3 +232,18 @@ def test_zoo_inputs_are_one_example_and_their_batches_are_caught(name):
     f.check_input(xs[0], "zoo", params)
     with pytest.raises(fxattr.FxattrError, match="looks like a batch"):
         f.check_input(xs, "zoo", params)
+
+
+@pytest.mark.parametrize("name", sorted(GENERAL))
+def test_a_tuple_or_dict_that_the_forward_cannot_take_is_a_clear_error(name):
+    """Graph explainers (LRP, DeepLIFT) explained a 2-tuple x into a one-input model and returned a
+    tuple of maps, no error; the forward's signature says how many inputs it takes."""
+    f, params = _model(Conv, 2)
+    x = torch.randn(3, 5, 5)
+    explain = GENERAL[name](f)
+    with pytest.raises(fxattr.FxattrError, match=rf"^fxattr\.{name}: x is a tuple of 2 inputs, but the model's "
+                                                 r"forward takes 1 input \(x\)"):
+        explain(params, (x, x), 0)
+    with pytest.raises(fxattr.FxattrError, match=rf"^fxattr\.{name}: x is a dict with keys \['image'\]"):
+        explain(params, {"image": x}, 0)
+    assert explain(params, (x,), 0)[0].shape == x.shape  # model(*x) with one input is fine
