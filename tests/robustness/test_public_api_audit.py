@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import os
 import tempfile
 import typing
 from dataclasses import dataclass
@@ -42,6 +43,18 @@ from torch import nn
 import fxattr
 
 NAN, INF = float("nan"), float("inf")
+SCRATCH = tempfile.TemporaryDirectory(prefix="fxattr_audit_")  # removed when the process ends
+
+
+def _scratch_dir() -> str:
+    return tempfile.mkdtemp(dir=SCRATCH.name)
+
+
+def _scratch_file(suffix: str = "") -> str:
+    handle, path = tempfile.mkstemp(suffix=suffix, dir=SCRATCH.name)
+    os.close(handle)
+    return path
+
 N = 3  # examples per batch
 TARGETS = (0, 1, 3)
 
@@ -1090,8 +1103,7 @@ for _label, _call, _expect, _argument, _name in [
     ("clip_quantile quantile -0.5", lambda: V.clip_quantile(MAPS, quantile=-0.5), "error", "quantile", "clip_quantile"),
     ("clip_quantile of an empty map", lambda: V.clip_quantile(MAPS[:0]), lambda r: r.shape[0] == 0, None, "clip_quantile"),
     ("plot_grid rows not a list", lambda: V.plot_grid(3), "error", "rows", "plot_grid"),
-    ("plot_grid ragged rows", lambda: V.plot_grid([[MAPS[0, 0]], [MAPS[0, 0], MAPS[1, 0]]], file=tempfile.mktemp(
-        suffix=".png")), anything, "rows", "plot_grid"),
+    ("plot_grid ragged rows", lambda: V.plot_grid([[MAPS[0, 0]], [MAPS[0, 0], MAPS[1, 0]]], file=_scratch_file(".png")), anything, "rows", "plot_grid"),
     ("plot_grid labels of the wrong count", lambda: V.plot_grid([[MAPS[0, 0]]], row_labels=["a", "b"]), "error",
      "row_labels", "plot_grid"),
     ("plot_grid dpi=0", lambda: V.plot_grid([[MAPS[0, 0]]], dpi=0), "error", "dpi", "plot_grid"),
@@ -1107,7 +1119,7 @@ def _dataset(n=4):
 
 
 def _run(data=None, **config):
-    out = tempfile.mkdtemp()
+    out = _scratch_dir()
     _, f, params = env()
     summary = fxattr.attribute_dataset(fxattr.gradient(f), params, _dataset(3) if data is None else data, out,
                                        **{"progress": False, "batch_size": 2, **config})
@@ -1135,17 +1147,17 @@ for _label, _call, _expect, _argument, _name in [
      "error", "x", "attribute_dataset"),
     ("data of the wrong rank", lambda: _run(data=torch.utils.data.TensorDataset(xs()[:, 0], ys())), "error", "x",
      "attribute_dataset"),
-    ("explain not callable", lambda: fxattr.attribute_dataset("gradient", env()[2], _dataset(), tempfile.mkdtemp(),
+    ("explain not callable", lambda: fxattr.attribute_dataset("gradient", env()[2], _dataset(), _scratch_dir(),
                                                               progress=False), "error", "explain",
      "attribute_dataset"),
     ("out an existing file", lambda: fxattr.attribute_dataset(fxattr.gradient(f_of()), env()[2], _dataset(),
-                                                              tempfile.mkstemp()[1], progress=False), "error", None,
+                                                              _scratch_file(), progress=False), "error", None,
      "attribute_dataset"),
-    ("load_attributions of a missing folder", lambda: fxattr.load_attributions(tempfile.mkdtemp() + "/nothing"),
+    ("load_attributions of a missing folder", lambda: fxattr.load_attributions(_scratch_dir() + "/nothing"),
      "error", None, "load_attributions"),
-    ("load_attributions of an empty folder", lambda: fxattr.load_attributions(tempfile.mkdtemp()), "error", None,
+    ("load_attributions of an empty folder", lambda: fxattr.load_attributions(_scratch_dir()), "error", None,
      "load_attributions"),
-    ("load_attributions of a file", lambda: fxattr.load_attributions(tempfile.mkstemp()[1]), "error", None,
+    ("load_attributions of a file", lambda: fxattr.load_attributions(_scratch_file()), "error", None,
      "load_attributions"),
 ]:
     case("runner", _name, _label, _call, _expect, _argument)
