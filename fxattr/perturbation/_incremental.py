@@ -47,7 +47,8 @@ from fxattr.graph import Program, unbatch_output
 from fxattr.graph._capture import bind
 from fxattr.graph._program import ArgRef
 
-__all__ = ["Plan", "occlusion_scores", "plan", "program_for", "reference", "window_output"]
+__all__ = ["Plan", "grid_ablation_scores", "grid_cells", "occlusion_scores", "plan", "program_for", "reference",
+           "window_output"]
 
 _REF = ("ref",)
 
@@ -523,3 +524,59 @@ def occlusion_scores(where, f, program, params, x, base, win, step_, grids, rows
         return select(where, unbatch_output(f, raw_k), target)
 
     return ref_score, torch.vmap(score, chunk_size=chunk_size)(plan_.starts, *rows)
+
+
+# ------------------------------------------------------------------ feature ablation on grid cells
+
+def grid_cells(group_of: Tensor) -> tuple | None:
+    """``(cell_h, cell_w, window_of_group)`` when the feature groups of an image tile it as
+    occlusion's windows do -- every group one ``cell_h x cell_w`` rectangle of all channels, cells
+    starting at 0 and clipped at the bottom / right border, any numbering of the groups -- else
+    ``None``. ``group_of``: a ``(C, H, W)`` tensor of group ids 0..G-1 (concrete, not under vmap);
+    ``window_of_group[g]``: the row-major index of group g's cell. Then ablating group g equals
+    occluding window ``window_of_group[g]`` with window = stride = the cell (channels included)."""
+    if group_of.ndim != 3 or not bool((group_of == group_of[:1]).all()):
+        return None
+    ids = group_of[0]
+    height, width = ids.shape
+    # the first cell's side: how far the top-left group reaches along the first row / column
+    cell_h = int((ids[:, 0] == ids[0, 0]).int().cumprod(0).sum())
+    cell_w = int((ids[0, :] == ids[0, 0]).int().cumprod(0).sum())
+    rows_, cols_ = math.ceil(height / cell_h), math.ceil(width / cell_w)
+    cell = (torch.arange(height, device=ids.device)[:, None] // cell_h * cols_
+            + torch.arange(width, device=ids.device)[None, :] // cell_w)
+    count = int(ids.max()) + 1
+    if count != rows_ * cols_:
+        return None
+    # a bijection between groups and cells: each group's cell is read at one of its elements, and
+    # mapping every element's cell through it must give back the element's group
+    window_of_group = torch.zeros(count, dtype=torch.long, device=ids.device).scatter_(
+        0, ids.reshape(-1), cell.reshape(-1))
+    if not torch.equal(window_of_group[ids], cell) or window_of_group.unique().numel() != count:
+        return None
+    return cell_h, cell_w, window_of_group
+
+
+def grid_ablation_scores(where, f, program, params, x: Tensor, base: Tensor, cells: tuple, target,
+                         chunk_size, required: bool = False):
+    """``(f(x)[t], f(x with group g at the baseline)[t] for every group g)`` for groups that tile x
+    as grid cells (``cells`` from :func:`grid_cells`), computed by incremental occlusion with
+    window = stride = the cell: the same numbers as ablating each group on a full copy, with only
+    each cell's receptive-field boxes recomputed. ``None`` when incremental evaluation does not
+    apply (``required``: an error naming why)."""
+    cell_h, cell_w, window_of_group = cells
+    win = (x.shape[0], cell_h, cell_w)
+    indicators, counts = [], []
+    for size, w in zip(x.shape, win):
+        starts = torch.arange(math.ceil((size - w) / w) + 1, device=x.device) * w
+        positions = torch.arange(size, device=x.device)
+        indicators.append(((positions >= starts[:, None]) & (positions < starts[:, None] + w)).to(x.dtype))
+        counts.append(starts.shape[0])
+    grids = torch.meshgrid(*[torch.arange(c, device=x.device) for c in counts], indexing="ij")
+    rows = [a[g.reshape(-1)] for a, g in zip(indicators, grids)]
+    out = occlusion_scores(where, f, program, params, x, base, win, win, grids, rows, target, chunk_size,
+                           required)
+    if out is None:
+        return None
+    reference_score, scores = out
+    return reference_score, scores[window_of_group.to(x.device)]

@@ -344,3 +344,50 @@ def test_auto_falls_back_where_it_cannot_apply_and_true_says_why():
     x = torch.randn(1, 2, 2)
     torch.testing.assert_close(fxattr.occlusion(f_bad, window=1)({}, x, 0),
                                fxattr.occlusion(f_bad, window=1, incremental=False)({}, x, 0))
+
+
+# ------------------------------------------------------- feature ablation of grid cells (internal)
+
+def _grid_mask(height, width, cell_h, cell_w, seed=0):
+    """Cells of ``cell_h x cell_w`` (clipped at the border), numbered in a random order."""
+    cols = math.ceil(width / cell_w)
+    cell = torch.arange(height)[:, None] // cell_h * cols + torch.arange(width)[None, :] // cell_w
+    order = torch.randperm(int(cell.max()) + 1, generator=torch.Generator().manual_seed(seed))
+    return order[cell][None]
+
+
+@pytest.mark.parametrize("name", ["strided", "downsample"])
+def test_grid_ablation_equals_feature_ablation(name):
+    """Ablating grid cells through incremental occlusion gives fxattr.feature_ablation's numbers,
+    vmapped over a batch, for cells clipped at the border and numbered in any order."""
+    f, params = fxattr.functionalize(_model(name))
+    xs, targets = torch.randn(2, 3, 13, 11, dtype=torch.float64), torch.tensor([2, 0])
+    mask = _grid_mask(13, 11, 4, 3)
+    cells = _incremental.grid_cells(mask.expand(3, 13, 11))
+    assert cells is not None and cells[:2] == (4, 3)
+    program = _incremental.program_for("feature_ablation", f, required=True)
+
+    def explain(p, x, t):
+        ref, scores = _incremental.grid_ablation_scores("feature_ablation", f, program, p, x,
+                                                        torch.full_like(x, 0.5), cells, t, 5, required=True)
+        return (ref - scores)[mask.expand(x.shape)]
+
+    with _no_vmap_fallback():
+        fast = torch.vmap(explain, in_dims=(None, 0, 0))(params, xs, targets)
+    plain = torch.vmap(fxattr.feature_ablation(f, feature_mask=mask, baseline=0.5), in_dims=(None, 0, 0))(
+        params, xs, targets)
+    _assert_same(plain, fast, torch.float64)
+
+
+def test_grid_cells_refuses_what_is_not_a_grid():
+    assert _incremental.grid_cells(_grid_mask(8, 8, 2, 4).expand(3, 8, 8))[:2] == (2, 4)
+    irregular = _grid_mask(8, 8, 4, 4)
+    irregular[0, 0, 1] = irregular[0, 5, 5]  # one pixel in another cell's group
+    assert _incremental.grid_cells(irregular.expand(3, 8, 8)) is None
+    uneven = torch.tensor([[0, 0, 1], [0, 0, 1], [2, 2, 3]])[None]  # cells of 2 then 1
+    assert _incremental.grid_cells(uneven.expand(2, 3, 3)) is not None  # clipped at the border: a grid
+    uneven = torch.tensor([[0, 1, 1], [0, 1, 1], [2, 3, 3]])[None]  # cells of 1 then 2: not a grid
+    assert _incremental.grid_cells(uneven.expand(2, 3, 3)) is None
+    per_channel = torch.stack([_grid_mask(8, 8, 4, 4, 0)[0], _grid_mask(8, 8, 4, 4, 1)[0]])
+    assert _incremental.grid_cells(per_channel) is None
+    assert _incremental.grid_cells(_grid_mask(8, 8, 4, 4)) is not None  # (1, H, W): one channel
