@@ -38,10 +38,11 @@ A layer whose forward returns a tuple of tensors (a block returning two tensors)
 them at once (:mod:`fxattr.layers._parts`): ``layer_activation``, ``layer_gradient_x_activation``,
 ``layer_integrated_gradients`` (all parts interpolated together, as captum), ``layer_conductance``,
 ``internal_influence`` and ``layer_gradient_shap`` return a tuple with one attribution per part,
-as captum's. The graph-based ones (DeepLIFT, LRP, feature ablation) and
-``attribute_to_layer_input=True`` on such a layer are an error naming its parts' graph nodes (each
-part can be named as a layer of its own). A leaf module returning a tuple (``nn.LSTM``): name the
-graph node of one part.
+as captum's; so do they with ``attribute_to_layer_input=True`` on a layer reading several tensors
+(``forward(a, b)``: one attribution per argument, in the signature's order; each must be read by
+the layer alone). The graph-based ones (DeepLIFT, LRP, feature ablation) on such a layer are an
+error naming its parts' graph nodes (each part can be named as a layer of its own). A leaf module
+returning a tuple (``nn.LSTM``): name the graph node of one part.
 
 Every explainer is ``explain(params, x, target=None)`` of ONE example and composes with
 ``torch.vmap`` (batches, and, for neurons, see :mod:`fxattr.layers`), ``torch.func.grad``
@@ -66,7 +67,7 @@ from fxattr._explainer import (
 from fxattr.errors import api_boundary, check_finite, fail
 from fxattr.functional import FunctionalModel
 from fxattr.layers._cut import cuts, layer_names
-from fxattr.layers._parts import PartsCut, tuple_parts
+from fxattr.layers._parts import PartsCut, input_parts, tuple_parts
 from fxattr.targets import check_target, select
 
 __all__ = [
@@ -139,22 +140,24 @@ def first_leaf(tree) -> Tensor:
 
 
 def layer_cuts(where, f, layer, attribute_to_layer_input, tuples: bool):
-    """The cuts of ``layer`` (a :class:`PartsCut` for a layer returning a tuple when ``tuples``;
-    otherwise such a layer is an error naming its parts) and whether a list was given."""
+    """The cuts of ``layer`` (a :class:`PartsCut` for a layer returning a tuple, or with
+    ``attribute_to_layer_input`` reading several tensors, when ``tuples``; otherwise such a layer
+    is an error naming its parts) and whether a list was given."""
     if not isinstance(f, FunctionalModel):
         return cuts(where, f, layer, attribute_to_layer_input)  # its error
     many = not isinstance(layer, (str, nn.Module))
     found = []
     for name in layer_names(where, f, layer):
-        parts = tuple_parts(where, f, name)
+        parts = input_parts(where, f, name) if attribute_to_layer_input else tuple_parts(where, f, name)
         if parts is None:
             found.extend(cuts(where, f, name, attribute_to_layer_input)[0])
             continue
-        if attribute_to_layer_input or not tuples:
-            what = "attribute_to_layer_input=True" if attribute_to_layer_input else where
-            raise fail(where, f"layer {name!r} returns a tuple of {len(parts)} tensors (graph nodes "
-                              f"{', '.join(map(repr, parts))}); {what} is not supported on it: name one "
-                              "of those nodes as the layer")
+        if not tuples:
+            what, option = ("reads", " with attribute_to_layer_input=True") if attribute_to_layer_input \
+                else ("returns", "")
+            raise fail(where, f"layer {name!r} {what} {len(parts)} tensors (graph nodes "
+                              f"{', '.join(map(repr, parts))}); {where}{option} is not supported on it: "
+                              "name one of those nodes as the layer")
         found.append(PartsCut(where, f, name, parts))
     return found, many
 

@@ -20,7 +20,7 @@ from fxattr import graph
 from fxattr.errors import fail
 from fxattr.layers._cut import CutModel
 
-__all__ = ["PartsCut", "tuple_parts"]
+__all__ = ["PartsCut", "input_parts", "tuple_parts"]
 
 _COMPUTE = ("call_module", "call_function", "call_method")
 
@@ -73,6 +73,63 @@ def tuple_parts(where: str, f, layer) -> list[str] | None:
                               "of its parts instead")
         parts.append(position[o].name)
     return parts
+
+
+def _live_users(node: fx.Node) -> list[fx.Node]:
+    """``node``'s users whose values reach the output (a call whose result is dropped is not)."""
+    return [u for u in node.users if u.users or u.op == "output"]
+
+
+def input_parts(where: str, f, layer) -> list[str] | None:
+    """The graph node names of the tensors a layer reads when it reads several (a module called
+    with two tensors), in the order of its ``forward``'s parameters; ``None`` when it reads one
+    (or is no single module call). Each must be read by the layer alone, so that replacing it
+    changes the layer's input and nothing else (captum replaces the module's inputs)."""
+    if not isinstance(layer, str):
+        return None
+    gm = graph.trace(f)
+    if gm.meta.get("capture") not in (None, "fx"):
+        return None
+    calls = gm.meta.get("module_outputs", {}).get(layer)
+    if not calls or len(calls) != 1:
+        return None
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if calls[0] is not None:
+        node = nodes[calls[0]]
+        if node.op != "call_module" or node.target != layer:
+            return None
+        reads = [a for a in node.args if isinstance(a, fx.Node)]
+        inside = {node}
+    else:
+        module = f.module.get_submodule(layer)
+        inner = fx.symbolic_trace(module)
+        mine = [n for n in inner.graph.nodes if n.op in _COMPUTE]
+        theirs = [n for n in gm.graph.nodes if n.op in _COMPUTE and _inside(n, layer)]
+        if len(mine) != len(theirs):
+            return None
+        position = dict(zip(mine, theirs))
+        reads = []
+        for p in (n for n in inner.graph.nodes if n.op == "placeholder"):
+            user = next((u for u in p.users if u in position), None)
+            if user is None:
+                continue  # an argument the module does not use (or passes through)
+            slot = user.args.index(p) if p in user.args else None
+            if slot is None:
+                return None
+            reads.append(position[user].args[slot])
+        inside = set(theirs)
+    if len(reads) < 2:
+        return None
+    for read in reads:
+        if read.op == "placeholder":
+            raise fail(where, f"attribute_to_layer_input=True: layer {layer!r} reads the model's input "
+                              f"{read.name!r} among its {len(reads)} inputs; attribute to the input itself")
+        outside = [u.name for u in _live_users(read) if u not in inside]
+        if outside:
+            raise fail(where, f"attribute_to_layer_input=True: the input {read.name!r} of layer {layer!r} is "
+                              f"also read outside the layer (by {', '.join(outside)}), so it cannot be "
+                              "replaced for the layer alone")
+    return [r.name for r in reads]
 
 
 class PartsCut:

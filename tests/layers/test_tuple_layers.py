@@ -64,43 +64,44 @@ def two_way():
     return TwoWayNet().double().eval()
 
 
-def cases(x):
+def cases(layer, to_input):
     """(name, fxattr factory, captum class, captum attribute kwargs, takes a target)."""
+    kw = {"layer": layer, "attribute_to_layer_input": to_input}
     return [
-        ("layer_activation", lambda f: L.layer_activation(f, layer=LAYER[0]), captum.LayerActivation, {}, False),
-        ("layer_gradient_x_activation", lambda f: L.layer_gradient_x_activation(f, layer=LAYER[0]),
+        ("layer_activation", lambda f: L.layer_activation(f, **kw), captum.LayerActivation, {}, False),
+        ("layer_gradient_x_activation", lambda f: L.layer_gradient_x_activation(f, **kw),
          captum.LayerGradientXActivation, {}, True),
         ("layer_gradient_x_activation/gradient", lambda f: L.layer_gradient_x_activation(
-            f, layer=LAYER[0], multiply_by_inputs=False), lambda m, l: captum.LayerGradientXActivation(
+            f, multiply_by_inputs=False, **kw), lambda m, l: captum.LayerGradientXActivation(
             m, l, multiply_by_inputs=False), {}, True),
-        ("layer_integrated_gradients", lambda f: L.layer_integrated_gradients(f, layer=LAYER[0], steps=5),
+        ("layer_integrated_gradients", lambda f: L.layer_integrated_gradients(f, steps=5, **kw),
          captum.LayerIntegratedGradients, {"n_steps": 5}, True),
-        ("layer_conductance", lambda f: L.layer_conductance(f, layer=LAYER[0], steps=5),
+        ("layer_conductance", lambda f: L.layer_conductance(f, steps=5, **kw),
          captum.LayerConductance, {"n_steps": 5}, True),
-        ("internal_influence", lambda f: L.internal_influence(f, layer=LAYER[0], steps=5),
+        ("internal_influence", lambda f: L.internal_influence(f, steps=5, **kw),
          captum.InternalInfluence, {"n_steps": 5}, True),
     ]
 
 
-LAYER = [""]
-
-
-@pytest.mark.parametrize("which", ["multi_relu", "two_way"])
+@pytest.mark.parametrize("which", ["multi_relu", "multi_relu/input", "two_way"])
 def test_tuple_layers_equal_captum(which):
-    if which == "multi_relu":
+    """A layer returning two tensors; and (``/input``) a layer reading two tensors with
+    ``attribute_to_layer_input=True`` (MultiRelu's forward(arg1, arg2))."""
+    to_input = which.endswith("/input")
+    if which.startswith("multi_relu"):
         model, layer_name = multi_layer(), "multi_relu"
         x = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     else:
         model, layer_name = two_way(), "block"
         x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    LAYER[0] = layer_name
     layer = model.get_submodule(layer_name)
     f, params = fxattr.functionalize(model)
     t = torch.tensor([0, 1, 1])
-    for name, make, cls, kwargs, targeted in cases(x):
+    for name, make, cls, kwargs, targeted in cases(layer_name, to_input):
         with model_unchanged(model):
             ours = torch.vmap(make(f), in_dims=(None, 0, 0))(params, x, t)
-        theirs = cls(model, layer).attribute(x, **({"target": t} if targeted else {}), **kwargs)
+        theirs = cls(model, layer).attribute(x, **({"target": t} if targeted else {}), **kwargs,
+                                             attribute_to_layer_input=to_input)
         assert isinstance(ours, tuple) and isinstance(theirs, tuple) and len(ours) == len(theirs) == 2, name
         for part, (o, w) in enumerate(zip(ours, theirs)):
             assert o.shape == w.shape, (name, part, o.shape, w.shape)
@@ -184,11 +185,30 @@ def test_tuple_layer_errors():
     f, params = fxattr.functionalize(model)
     for make in (lambda: L.layer_deeplift(f, layer="block"), lambda: L.layer_lrp(f, layer="block", rule="epsilon"),
                  lambda: L.layer_feature_ablation(f, layer="block")):
-        with pytest.raises(fxattr.FxattrError, match=r"layer 'block' returns a tuple of 2 tensors \(graph nodes "
+        with pytest.raises(fxattr.FxattrError, match=r"layer 'block' returns 2 tensors \(graph nodes "
                                                      r"'relu_1', 'tanh'\).*name one of those nodes"):
             make()
-    with pytest.raises(fxattr.FxattrError, match=r"attribute_to_layer_input=True is not supported on it"):
-        L.layer_gradient_x_activation(f, layer="block", attribute_to_layer_input=True)
+    multi_f, _ = fxattr.functionalize(multi_layer())
+    with pytest.raises(fxattr.FxattrError, match=r"layer_deeplift: layer 'multi_relu' reads 2 tensors \(graph "
+                                                 r"nodes 'linear1', 'linear1_alt'\); layer_deeplift with "
+                                                 r"attribute_to_layer_input=True is not supported"):
+        L.layer_deeplift(multi_f, layer="multi_relu", attribute_to_layer_input=True)
+    # an input of the layer that is also read outside it cannot be replaced for the layer alone
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 3), nn.Linear(3, 3)
+            self.multi_relu = basic_models.MultiRelu()
+
+        def forward(self, x):
+            a = self.l1(x)
+            p, q = self.multi_relu(a, self.l2(x))
+            return p + q + a
+
+    leaky_f, _ = fxattr.functionalize(Leaky().eval())
+    with pytest.raises(fxattr.FxattrError, match=r"the input 'l1' of layer 'multi_relu' is also read outside "
+                                                 r"the layer \(by add_1\)"):
+        L.layer_gradient_x_activation(leaky_f, layer="multi_relu", attribute_to_layer_input=True)
     # a part named by its node is a layer of its own
     x = torch.randn(2, 4, 4, dtype=torch.float64)
     whole = L.layer_gradient_x_activation(f, layer="block")(params, x, 1)
