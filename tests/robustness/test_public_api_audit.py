@@ -435,6 +435,33 @@ def _call_cases():
 _call_cases()
 
 
+def _half_precision(build, kind, dtype):
+    """The explainer on the model in ``dtype``, and in float32 on the same rounded weights and inputs."""
+    _, f, params = env(kind, dtype)
+    _, f32, params32 = env(kind)
+    rounded = {k: v.to(dtype).float() if v.is_floating_point() else v for k, v in params32.items()}
+    x = xs(kind, dtype=dtype)
+    torch.manual_seed(0)
+    half = vmapped(build(f))(params, x, ys())
+    torch.manual_seed(0)
+    return half, vmapped(build(f32))(rounded, x.float(), ys())
+
+
+def _rounded_once(dtype):
+    """The half-precision policy: float32's result on the rounded weights, rounded once, bit for bit."""
+    def check(pair):
+        half, full = (leaves(r) for r in pair)
+        return len(half) == len(full) and all(
+            h.dtype == dtype and torch.equal(h, u.to(dtype)) for h, u in zip(half, full))
+    return check
+
+
+for _label, (_name, _build, _kind) in EXPLAINERS.items():
+    for _dtype in (torch.float16, torch.bfloat16):
+        case("half precision", _name, f"{_label}: {str(_dtype)[6:]} is float32's result rounded once",
+             lambda b=_build, k=_kind, d=_dtype: _half_precision(b, k, d), _rounded_once(_dtype))
+
+
 def _tuple_output_cases():
     builders = {label: (name, build) for label, (name, build, kind) in EXPLAINERS.items()
                 if kind == "cnn" and label not in ("crp",)}
