@@ -14,6 +14,8 @@ the 64 concept masks (eager). The heatmaps are checked to agree before timing.
 
     python bench/crp_bench.py            # vgg11 and resnet18 at 64x64
     python bench/crp_bench.py --quick
+    python bench/crp_bench.py --parallel --models resnet18   # exclude_parallel=False at
+        # layer1.1.conv1 (a skip connection around it), both libraries
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import fxattr
 
 MODELS = {"vgg11": "features.8", "resnet18": "layer2"}
+PARALLEL_LAYERS = {"vgg11": "features.8", "resnet18": "layer1.1.conv1"}  # --parallel: a skip around it
 
 
 def build(name: str, size: int):
@@ -63,13 +66,14 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
     return min(times), result
 
 
-def bench(name: str, size: int, concepts: int, repeats: int, crp_batch: int) -> list[dict]:
+def bench(name: str, size: int, concepts: int, repeats: int, crp_batch: int, parallel: bool = False) -> list[dict]:
     from crp.attribution import CondAttribution
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.composites import EpsilonPlusFlat
     from zennit.torchvision import ResNetCanonizer
 
-    layer = MODELS[name]
+    layer = PARALLEL_LAYERS[name] if parallel else MODELS[name]
+    exclude = not parallel
     model, x, target = build(name, size)
     canonizer = ResNetCanonizer if name == "resnet18" else SequentialMergeBatchNorm
     twin = copy.deepcopy(model)
@@ -78,16 +82,19 @@ def bench(name: str, size: int, concepts: int, repeats: int, crp_batch: int) -> 
 
     def crp_call():
         data = x.clone().requires_grad_(True)
-        return attribution(data, conditions, EpsilonPlusFlat(canonizers=[canonizer()])).heatmap
+        return attribution(data, conditions, EpsilonPlusFlat(canonizers=[canonizer()]),
+                           exclude_parallel=exclude).heatmap
 
     def crp_generate():
         data = x.clone().requires_grad_(True)
         parts = [r.heatmap for r in attribution.generate(
-            data, conditions, EpsilonPlusFlat(canonizers=[canonizer()]), batch_size=crp_batch, verbose=False)]
+            data, conditions, EpsilonPlusFlat(canonizers=[canonizer()]), batch_size=crp_batch, verbose=False,
+            exclude_parallel=exclude)]
         return torch.cat(parts)
 
     f, params = fxattr.functionalize(model)
-    explain = fxattr.crp(f, composite="epsilon_plus_flat", layer=layer, concepts=range(concepts))
+    explain = fxattr.crp(f, composite="epsilon_plus_flat", layer=layer, concepts=range(concepts),
+                         exclude_parallel=exclude)
 
     def ours():
         return explain(params, x[0], target).heatmap
@@ -112,16 +119,19 @@ def main():
     parser.add_argument("--crp-batch", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--quick", action="store_true", help="32x32, 8 concepts, 1 repeat")
+    parser.add_argument("--parallel", action="store_true",
+                        help="exclude_parallel=False (resnet18 at layer1.1.conv1) in both libraries")
     args = parser.parse_args()
     if args.quick:
         args.size, args.concepts, args.repeats = 32, 8, 1
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, {args.size}x{args.size}, {args.concepts} concepts, "
-          f"EpsilonPlusFlat, process CPU time, best of {args.repeats}")
+          f"EpsilonPlusFlat, process CPU time, best of {args.repeats}"
+          f"{', exclude_parallel=False' if args.parallel else ''}")
     print("| model / layer | method | time | fxattr speed-up | heatmap rel. diff |")
     print("|---|---|---:|---:|---:|")
     for name in args.models:
-        rows = bench(name, args.size, args.concepts, args.repeats, args.crp_batch)
+        rows = bench(name, args.size, args.concepts, args.repeats, args.crp_batch, args.parallel)
         ours = rows[-1]["seconds"]
         for row in rows:
             print(f"| {row['model']} / {row['layer']} | {row['method']} | {row['seconds'] * 1e3:.0f} ms | "
