@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Layer attributions on a layer returning two tensors (issue 14 item 1): fxattr.layers against
 captum's Layer* classes, same model, same process, same numbers.
 
@@ -91,7 +90,7 @@ def main():
     print("|---|---:|---:|---:|---:|")
     for name, explain, theirs_fn in cases:
         batched = torch.vmap(explain, in_dims=(None, 0, 0))
-        t_ours, ours = timed(lambda: batched(params, x, t), args.repeats)
+        t_ours, ours = timed(lambda run=batched: run(params, x, t), args.repeats)
         t_theirs, theirs = timed(theirs_fn, args.repeats)
         diff = max(float((o - w.detach()).abs().max() / w.detach().abs().max()) for o, w in zip(ours, theirs))
         print(f"| {name} | {t_ours * 1e3:.0f} ms | {t_theirs * 1e3:.0f} ms | {t_theirs / t_ours:.2f}x | {diff:.1e} |")

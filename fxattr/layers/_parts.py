@@ -20,7 +20,7 @@ from fxattr import graph
 from fxattr.errors import fail
 from fxattr.layers._cut import CutModel
 
-__all__ = ["PartsCut", "input_parts", "tuple_parts"]
+__all__ = ["PartsCut", "TupleBody", "input_parts", "tuple_parts"]
 
 _COMPUTE = ("call_module", "call_function", "call_method")
 
@@ -132,6 +132,13 @@ def input_parts(where: str, f, layer) -> list[str] | None:
     return [r.name for r in reads]
 
 
+class TupleBody(CutModel):
+    """A cut graph returning several tensors: ``(params, x) -> tuple`` of one example each."""
+
+    def _unbatch(self, out):
+        return tuple(part[0] for part in out)
+
+
 class PartsCut:
     """``f`` cut at the ``k`` nodes ``parts`` (the tensors a layer returns as a tuple).
 
@@ -144,17 +151,24 @@ class PartsCut:
 
     def __init__(self, where: str, f, layer: str, parts: list[str]):
         self.f, self.layer, self.where, self.parts = f, layer, where, tuple(parts)
-        bodies = [graph.split(f, name, where=where)[0] for name in parts]
+        gm = graph.trace(f)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        # the body: one graph returning every part (one forward pass up to the layer)
+        body_graph = fx.Graph()
+        env: dict = {}
+        body_graph.graph_copy(gm.graph, env)
+        body_graph.output(tuple(env[nodes[name]] for name in parts))
+        fx.GraphModule(gm, body_graph, "PartsBody")  # dead-code elimination needs an owning module
+        body_graph.eliminate_dead_code()
+        self.body_model = TupleBody(fx.GraphModule(gm, body_graph, "PartsBody"))
 
         def body(params, x):
-            return tuple(b(params, x) for b in bodies)
+            return self.body_model(params, x)
 
         self.body = body
-        gm = graph.trace(f)
         copied = fx.Graph()
-        env: dict = {}
+        env = {}
         copied.output(copied.graph_copy(gm.graph, env))
-        nodes = {n.name: n for n in gm.graph.nodes}
         first = next(iter(copied.nodes))
         for i, name in enumerate(parts):
             with copied.inserting_before(first):
