@@ -40,7 +40,8 @@ them at once (:mod:`fxattr.layers._parts`): ``layer_activation``, ``layer_gradie
 ``internal_influence`` and ``layer_gradient_shap`` return a tuple with one attribution per part,
 as captum's; so do they with ``attribute_to_layer_input=True`` on a layer reading several tensors
 (``forward(a, b)``: one attribution per argument, in the signature's order; each must be read by
-the layer alone). The graph-based ones (DeepLIFT, LRP, feature ablation) on such a layer are an
+the layer alone). ``layer_deeplift`` and ``layer_lrp`` too: the head's graph is then a model of
+``(*parts, x)``. ``layer_deeplift_shap`` and ``layer_feature_ablation`` on such a layer are an
 error naming its parts' graph nodes (each part can be named as a layer of its own). A leaf module
 returning a tuple (``nn.LSTM``): name the graph node of one part.
 
@@ -423,16 +424,17 @@ def layer_gradient_shap(f, *, layer, baselines: Tensor, samples: int = 16, sigma
     return _build(where, f, layer, attribute_to_layer_input, config, per_cut, tuples=True)
 
 
-def _graph_method(where, f, layer, attribute_to_layer_input, config, make, prepare=None):
+def _graph_method(where, f, layer, attribute_to_layer_input, config, make, prepare=None, tuples=False):
     """A graph-based explainer (``make(head_model, baseline)``) run on the head's own graph with
-    ``(activation, x)`` as its input; the activation's part of the result is returned."""
+    ``(activation, x)`` as its input (a layer of several parts: ``(*parts, x)``); the
+    activation's part of the result is returned."""
 
     def per_cut(cut, params, x, target):
         a = cut.body(params, x)
         inner = make(cut, params, x)
         return cut.activation_part(inner(params, cut.head_input(a, x), target))
 
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, prepare=prepare)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, prepare=prepare, tuples=tuples)
 
 
 @api_boundary("layer_deeplift")
@@ -463,7 +465,7 @@ def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float 
                         multiply_by_inputs=multiply_by_inputs)
 
     config = {"baseline": baseline, "rule": rule, "eps": eps, "multiply_by_inputs": multiply_by_inputs}
-    return _graph_method(where, f, layer, attribute_to_layer_input, config, make)
+    return _graph_method(where, f, layer, attribute_to_layer_input, config, make, tuples=True)
 
 
 def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", eps: float = 1e-10,
@@ -526,7 +528,7 @@ def layer_lrp(f, *, layer, rule=None, composite=None, attribute_to_layer_input: 
         return built[id(cut)]
 
     config = {"rule": rule, "composite": composite, **options}
-    return _graph_method(where, f, layer, attribute_to_layer_input, config, make, prepare=prepare)
+    return _graph_method(where, f, layer, attribute_to_layer_input, config, make, prepare=prepare, tuples=True)
 
 
 @api_boundary("layer_feature_ablation")

@@ -189,6 +189,13 @@ class PartsCut:
 
         self.head = head
 
+    def head_input(self, a, x):
+        """The head model's input for the graph-based explainers: the parts, then x."""
+        return (*a, *x) if isinstance(x, tuple) else (*a, x)
+
+    def activation_part(self, result):
+        return tuple(result[:len(self.parts)])
+
     def check(self, a) -> None:
         if not (isinstance(a, tuple) and all(isinstance(t, Tensor) for t in a)):
             raise fail(self.where, f"layer {self.layer!r}: its parts must be a tuple of tensors")

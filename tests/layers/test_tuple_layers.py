@@ -183,16 +183,16 @@ def test_vmap_equals_loop_second_order_and_float32():
 def test_tuple_layer_errors():
     model = two_way()
     f, params = fxattr.functionalize(model)
-    for make in (lambda: L.layer_deeplift(f, layer="block"), lambda: L.layer_lrp(f, layer="block", rule="epsilon"),
+    for make in (lambda: L.layer_deeplift_shap(f, layer="block", baselines=torch.zeros(2, 2, 4, 4)),
                  lambda: L.layer_feature_ablation(f, layer="block")):
         with pytest.raises(fxattr.FxattrError, match=r"layer 'block' returns 2 tensors \(graph nodes "
                                                      r"'relu_1', 'tanh'\).*name one of those nodes"):
             make()
     multi_f, _ = fxattr.functionalize(multi_layer())
-    with pytest.raises(fxattr.FxattrError, match=r"layer_deeplift: layer 'multi_relu' reads 2 tensors \(graph "
-                                                 r"nodes 'linear1', 'linear1_alt'\); layer_deeplift with "
-                                                 r"attribute_to_layer_input=True is not supported"):
-        L.layer_deeplift(multi_f, layer="multi_relu", attribute_to_layer_input=True)
+    with pytest.raises(fxattr.FxattrError, match=r"layer_feature_ablation: layer 'multi_relu' reads 2 tensors "
+                                                 r"\(graph nodes 'linear1', 'linear1_alt'\); layer_feature_ablation "
+                                                 r"with attribute_to_layer_input=True is not supported"):
+        L.layer_feature_ablation(multi_f, layer="multi_relu", attribute_to_layer_input=True)
     # an input of the layer that is also read outside it cannot be replaced for the layer alone
     class Leaky(nn.Module):
         def __init__(self):
@@ -225,3 +225,30 @@ def test_compile_equals_eager():
     compiled = torch.compile(explain)(params, x, 2)
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+def test_tuple_layer_deeplift_equals_captum_and_lrp_equals_its_parts(to_input):
+    """LayerDeepLift on MultiRelu (its output, or its two inputs) equals captum's; captum's LayerLRP
+    has no rule for MultiRelu, so LRP is checked against fxattr's own per-part cuts (the reverse
+    walk above the layer is the same whichever nodes are cut)."""
+    model = multi_layer()
+    f, params = fxattr.functionalize(model)
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.tensor([0, 1, 1])
+    kw = {"layer": "multi_relu", "attribute_to_layer_input": to_input}
+    with model_unchanged(model):
+        ours = torch.vmap(L.layer_deeplift(f, **kw), in_dims=(None, 0, 0))(params, x, t)
+    theirs = captum.LayerDeepLift(model, model.multi_relu).attribute(x, target=t, attribute_to_layer_input=to_input)
+    for o, w in zip(ours, theirs, strict=True):
+        assert float(w.abs().max()) > 1e-3
+        assert float((o - w.detach()).abs().max()) <= 1e-5 * float(w.abs().max())
+    parts = ("linear1", "linear1_alt") if to_input else ("multi_relu_relu1", "multi_relu_relu2")
+    lrp = torch.vmap(L.layer_lrp(f, rule="epsilon", epsilon=1e-9, **kw), in_dims=(None, 0, 0))(params, x, t)
+    deeplift_parts = []
+    for i, node in enumerate(parts):
+        one = torch.vmap(L.layer_lrp(f, layer=node, rule="epsilon", epsilon=1e-9), in_dims=(None, 0, 0))(params, x, t)
+        torch.testing.assert_close(lrp[i], one)
+        deeplift_parts.append(torch.vmap(L.layer_deeplift(f, layer=node), in_dims=(None, 0, 0))(params, x, t))
+    for o, p in zip(ours, deeplift_parts):
+        torch.testing.assert_close(o, p)
