@@ -32,6 +32,7 @@ import collections
 import functools
 import inspect
 import os
+import re
 import tempfile
 import typing
 from dataclasses import dataclass
@@ -225,7 +226,10 @@ def classify(c: Case) -> tuple[str, str]:
     except fxattr.FxattrError as error:
         text = str(error)
         named = any(text.startswith(f"fxattr.{name}: ") for name in (c.name, *ALIASES.get(c.name, ())))
-        argued = c.argument is None or c.argument.lower() in text.lower()
+        body = text.split(": ", 1)[-1]  # the message without "fxattr.<name>: " (which holds an x)
+        argued = c.argument is None or any(  # the argument's name as a word, as the user spells it
+            re.search(rf"(?<![A-Za-z_]){re.escape(name)}(?![A-Za-z_])", body) is not None
+            for name in (c.argument if isinstance(c.argument, tuple) else (c.argument,)))
         if c.expect in ("error", "either", "user") or c.expect is nan_or_error or c.expect is anything:
             outcome = ("clear", "") if named and argued else (
                 "raw", f"misnamed ({'function' if not named else 'argument ' + repr(c.argument)}): {text[:200]}")
@@ -780,7 +784,7 @@ for _label, _call, _argument in [
     ("layer=3 (int)", lambda: fxattr.guided_gradcam(f_of(), layer=3), "layer"),
     ("layer on an MLP's Linear", lambda: explainer_use("mlp")(fxattr.guided_gradcam(f_of("mlp"), layer="0")), "layer"),
     ("tuple x (an image and a vector)", lambda: vmapped(fxattr.guided_gradcam(f_of("two_inputs"), layer="conv2"))(
-        env("two_inputs")[2], xs("two_inputs"), ys()), "x"),
+        env("two_inputs")[2], xs("two_inputs"), ys()), None),
     ("tuple x, one member missing", lambda: fxattr.guided_gradcam(f_of("two_inputs"), layer="conv2")(
         env("two_inputs")[2], (xs("two_inputs")[0][0],), 0), "x"),
     ("tuple x, a member of the wrong rank", lambda: fxattr.guided_gradcam(f_of("two_inputs"), layer="conv2")(
@@ -874,7 +878,7 @@ for _label, _call, _expect, _argument in [
     ("targets out of range", lambda: _collect(batches=[(xs(), torch.tensor([0, 9, 1]))]), "error", "target"),
     ("targets float", lambda: _collect(batches=[(xs(), torch.tensor([0.0, 1.0, 1.0]))]), "error", "target"),
     ("x of the wrong rank", lambda: _collect(batches=[(xs()[:, 0], ys())]), "error", "x"),
-    ("x and targets of different lengths", lambda: _collect(batches=[(xs(), ys(2))]), "error", "target"),
+    ("x and targets of different lengths", lambda: _collect(batches=[(xs(), ys(2))]), "error", "targets"),
     ("a batch not a pair (relevance mode)", lambda: _collect(batches=[xs()]), "error", "batch"),
     ("mode=nonsense", lambda: _collect(mode="nonsense"), "error", "mode"),
     ("statistic=nonsense", lambda: _collect(statistic="nonsense"), "error", "statistic"),
@@ -1061,20 +1065,22 @@ def metric_ok(name, n=N):
     return check
 
 
+ATTRIBUTION = ("attribution", "A")  # the batch metrics' signature calls it A
 for _name in METRIC_BASE:
     _kind = METRIC_KIND.get(_name, "cnn")
     option_cases("metrics", f"metrics.{_name}", getattr(M, _name), lambda name=_name, **kw: metric_build(name, **kw),
                  metric_use(_name), skip=("name", "seed", "perturb_baseline", "input_shift"))
     case("metrics", f"metrics.{_name}", "good", lambda n=_name: metric_use(n)(metric_build(n)), metric_ok(_name))
     case("metrics", f"metrics.{_name}", "attribution of the wrong shape", lambda n=_name, k=_kind: metric_use(
-        n, a=metric_data(k)[1][..., :-1])(metric_build(n)), anything if _name in NO_X else "error", "a")
+        n, a=metric_data(k)[1][..., :-1])(metric_build(n)), anything if _name in NO_X else "error", ATTRIBUTION)
     case("metrics", f"metrics.{_name}", "NaN attribution (eager)", lambda n=_name, k=_kind: metric_eager(
         n, torch.full_like(metric_data(k)[1][0], NAN) if n != "road" else torch.full((1, 6, 6), NAN)),
-         nan_or_error, "a")
+         nan_or_error, ATTRIBUTION)
     case("metrics", f"metrics.{_name}", "target out of range (vmap)", lambda n=_name: metric_use(
         n, t=torch.tensor([0, 9, 1]))(metric_build(n)), anything if _name in NO_TARGET else "error", "target")
     case("metrics", f"metrics.{_name}", "integer attribution", lambda n=_name, k=_kind: metric_use(
-        n, a=metric_data(k)[1].sign().long())(metric_build(n)), "either" if _name not in NAN_OK else anything, "a")
+        n, a=metric_data(k)[1].sign().long())(metric_build(n)), "either" if _name not in NAN_OK else anything,
+         ATTRIBUTION)
     if _name in MASKED:
         case("metrics", f"metrics.{_name}", "mask of the wrong shape", lambda n=_name: metric_use(
             n, masks=metric_data()[2][..., :-1])(metric_build(n)), "error", "mask")
@@ -1088,7 +1094,7 @@ case("metrics", "metrics.focus", "quadrant flags of the wrong shape", lambda: me
 case("metrics", "metrics.road_imputation", "missing of the wrong shape",
      lambda: M.road_imputation(metric_data()[0][0], torch.zeros(3, 5, 5, dtype=torch.bool)), "error", "missing")
 case("metrics", "metrics.road_imputation", "x NaN",
-     lambda: M.road_imputation(torch.full((3, 6, 6), NAN), torch.zeros(3, 6, 6, dtype=torch.bool)), "error", "x")
+     lambda: M.road_imputation(torch.full((3, 6, 6), NAN), torch.zeros(6, 6, dtype=torch.bool)), nan_or_error, "x")
 case("metrics", "metrics.evaluate", "metrics not a mapping", lambda: M.evaluate(
     {"gradient": fxattr.gradient(f_of())}, 3, env()[2], metric_data()[0], ys()), "error", "metrics")
 case("metrics", "metrics.evaluate", "explainers not a mapping", lambda: M.evaluate(
@@ -1180,7 +1186,7 @@ for _label, _call, _expect, _argument, _name in [
     ("randomness=nonsense", lambda: _run(randomness="nonsense"), "error", "randomness", "attribute_dataset"),
     ("batch_size=0", lambda: _run(batch_size=0), "error", "batch_size", "attribute_dataset"),
     ("data not a dataset", lambda: _run(data=3), "error", "data", "attribute_dataset"),
-    ("an empty dataset", lambda: _run(data=torch.utils.data.TensorDataset(xs()[:0], ys()[:0])), "either", "data",
+    ("an empty dataset", lambda: _run(data=torch.utils.data.TensorDataset(xs()[:0], ys()[:0])), "either", "dataset",
      "attribute_dataset"),
     ("data with NaN x", lambda: _run(data=torch.utils.data.TensorDataset(torch.full((2, 3, 6, 6), NAN), ys(2))),
      "error", "x", "attribute_dataset"),
@@ -1229,6 +1235,10 @@ KNOWN: dict[str, str] = {
         "fxattr/layers/_layer.py layer_feature_ablation: re-raise the FxattrError with 'layer_mask' in its message"),
     "layers|layers.layer_feature_ablation|layer_mask float": (
         "layer_feature_ablation's layer_mask errors call it 'feature_mask'; rename in the message (as above)"),
+    **{f"layers|layers.neuron_conductance|{label}": (
+        "neuron_conductance reports a bad neuron index as 'target' (target 144 is out of range ...), naming the class "
+        "target the user got right; fxattr/layers/_neuron.py:123 / 137: check_target / select with a message naming "
+        "'neuron'") for label in ("neuron out of range (vmap)", "neuron negative (eager)", "neuron float (eager)")},
     "perturbation|shapley_value_sampling|shapley_value_sampling: x missing an axis": (
         "shapley_value_sampling of an x with no elements: raw 'cannot reshape tensor of 0 elements' at "
         "fxattr/perturbation/_shapley.py:200; refuse x.numel() == 0 ('x has no features') in the shared preparation"),
