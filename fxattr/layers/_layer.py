@@ -40,9 +40,10 @@ them at once (:mod:`fxattr.layers._parts`): ``layer_activation``, ``layer_gradie
 ``internal_influence`` and ``layer_gradient_shap`` return a tuple with one attribution per part,
 as captum's; so do they with ``attribute_to_layer_input=True`` on a layer reading several tensors
 (``forward(a, b)``: one attribution per argument, in the signature's order; each must be read by
-the layer alone). ``layer_deeplift`` and ``layer_lrp`` too: the head's graph is then a model of
-``(*parts, x)``. ``layer_deeplift_shap`` and ``layer_feature_ablation`` on such a layer are an
-error naming its parts' graph nodes (each part can be named as a layer of its own). A leaf module
+the layer alone). ``layer_deeplift`` and ``layer_lrp`` too (the head's graph is then a model of
+``(*parts, x)``), and ``layer_feature_ablation`` (the parts as a tuple input of the head; without
+``layer_mask`` every unit of every part alone, as captum). ``layer_deeplift_shap`` on such a layer
+is an error naming its parts' graph nodes (each part can be named as a layer of its own). A leaf module
 returning a tuple (``nn.LSTM``): name the graph node of one part.
 
 Every explainer is ``explain(params, x, target=None)`` of ONE example and composes with
@@ -566,4 +567,5 @@ def layer_feature_ablation(f, *, layer, layer_mask: Tensor | None = None, baseli
         return ablations[id(cut)]((params, x), a, target)
 
     config = {"layer_mask": layer_mask, "baseline": baseline, "chunk_size": chunk_size}
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=True, prepare=prepare)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=True, prepare=prepare,
+                  tuples=True)

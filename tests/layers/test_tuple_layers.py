@@ -80,6 +80,7 @@ def cases(layer, to_input):
          captum.LayerConductance, {"n_steps": 5}, True),
         ("internal_influence", lambda f: L.internal_influence(f, steps=5, **kw),
          captum.InternalInfluence, {"n_steps": 5}, True),
+        ("layer_feature_ablation", lambda f: L.layer_feature_ablation(f, **kw), captum.LayerFeatureAblation, {}, True),
     ]
 
 
@@ -183,16 +184,16 @@ def test_vmap_equals_loop_second_order_and_float32():
 def test_tuple_layer_errors():
     model = two_way()
     f, params = fxattr.functionalize(model)
-    for make in (lambda: L.layer_deeplift_shap(f, layer="block", baselines=torch.zeros(2, 2, 4, 4)),
-                 lambda: L.layer_feature_ablation(f, layer="block")):
+    for make in (lambda: L.layer_deeplift_shap(f, layer="block", baselines=torch.zeros(2, 2, 4, 4)),):
         with pytest.raises(fxattr.FxattrError, match=r"layer 'block' returns 2 tensors \(graph nodes "
                                                      r"'relu_1', 'tanh'\).*name one of those nodes"):
             make()
     multi_f, _ = fxattr.functionalize(multi_layer())
-    with pytest.raises(fxattr.FxattrError, match=r"layer_feature_ablation: layer 'multi_relu' reads 2 tensors "
-                                                 r"\(graph nodes 'linear1', 'linear1_alt'\); layer_feature_ablation "
+    with pytest.raises(fxattr.FxattrError, match=r"layer_deeplift_shap: layer 'multi_relu' reads 2 tensors "
+                                                 r"\(graph nodes 'linear1', 'linear1_alt'\); layer_deeplift_shap "
                                                  r"with attribute_to_layer_input=True is not supported"):
-        L.layer_feature_ablation(multi_f, layer="multi_relu", attribute_to_layer_input=True)
+        L.layer_deeplift_shap(multi_f, layer="multi_relu", baselines=torch.zeros(2, 3, dtype=torch.float64),
+                              attribute_to_layer_input=True)
     # an input of the layer that is also read outside it cannot be replaced for the layer alone
     class Leaky(nn.Module):
         def __init__(self):
