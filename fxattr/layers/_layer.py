@@ -40,10 +40,11 @@ them at once (:mod:`fxattr.layers._parts`): ``layer_activation``, ``layer_gradie
 ``internal_influence`` and ``layer_gradient_shap`` return a tuple with one attribution per part,
 as captum's; so do they with ``attribute_to_layer_input=True`` on a layer reading several tensors
 (``forward(a, b)``: one attribution per argument, in the signature's order; each must be read by
-the layer alone). ``layer_deeplift`` and ``layer_lrp`` too (the head's graph is then a model of
-``(*parts, x)``), and ``layer_feature_ablation`` (the parts as a tuple input of the head; without
-``layer_mask`` every unit of every part alone, as captum). ``layer_deeplift_shap`` on such a layer
-is an error naming its parts' graph nodes (each part can be named as a layer of its own). A leaf module
+the layer alone). ``layer_deeplift``, ``layer_deeplift_shap`` and ``layer_lrp`` too (the head's
+graph is then a model of ``(*parts, x)``), and ``layer_feature_ablation`` (the parts as a tuple
+input of the head; without ``layer_mask`` every unit of every part alone, as captum). A neuron is a
+unit of one tensor: :func:`fxattr.layers.neuron` on such a layer is an error (name one part's
+graph node). A leaf module
 returning a tuple (``nn.LSTM``): name the graph node of one part.
 
 Every explainer is ``explain(params, x, target=None)`` of ONE example and composes with
@@ -502,7 +503,7 @@ def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", e
 
     config = {"baselines": tuple(baselines.shape), "rule": rule, "eps": eps, "chunk_size": chunk_size,
               "multiply_by_inputs": multiply_by_inputs}
-    return _graph_method(where, f, layer, attribute_to_layer_input, config, make)
+    return _graph_method(where, f, layer, attribute_to_layer_input, config, make, tuples=True)
 
 
 @api_boundary("layer_lrp")

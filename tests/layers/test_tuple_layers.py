@@ -184,16 +184,10 @@ def test_vmap_equals_loop_second_order_and_float32():
 def test_tuple_layer_errors():
     model = two_way()
     f, params = fxattr.functionalize(model)
-    for make in (lambda: L.layer_deeplift_shap(f, layer="block", baselines=torch.zeros(2, 2, 4, 4)),):
-        with pytest.raises(fxattr.FxattrError, match=r"layer 'block' returns 2 tensors \(graph nodes "
-                                                     r"'relu_1', 'tanh'\).*name one of those nodes"):
-            make()
-    multi_f, _ = fxattr.functionalize(multi_layer())
-    with pytest.raises(fxattr.FxattrError, match=r"layer_deeplift_shap: layer 'multi_relu' reads 2 tensors "
-                                                 r"\(graph nodes 'linear1', 'linear1_alt'\); layer_deeplift_shap "
-                                                 r"with attribute_to_layer_input=True is not supported"):
-        L.layer_deeplift_shap(multi_f, layer="multi_relu", baselines=torch.zeros(2, 3, dtype=torch.float64),
-                              attribute_to_layer_input=True)
+    # a neuron is a unit of one tensor: name one part
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.neuron: layer 'block' returns a structure, not one "
+                                                 r"tensor; name a node of the graph instead"):
+        L.neuron(f, layer="block")
     # an input of the layer that is also read outside it cannot be replaced for the layer alone
     class Leaky(nn.Module):
         def __init__(self):
@@ -230,7 +224,7 @@ def test_compile_equals_eager():
 
 @pytest.mark.parametrize("to_input", [False, True])
 def test_tuple_layer_deeplift_equals_captum_and_lrp_equals_its_parts(to_input):
-    """LayerDeepLift on MultiRelu (its output, or its two inputs) equals captum's; captum's LayerLRP
+    """LayerDeepLift / LayerDeepLiftShap on MultiRelu (its output, or its two inputs) equal captum's; captum's LayerLRP
     has no rule for MultiRelu, so LRP is checked against fxattr's own per-part cuts (the reverse
     walk above the layer is the same whichever nodes are cut)."""
     model = multi_layer()
@@ -245,6 +239,13 @@ def test_tuple_layer_deeplift_equals_captum_and_lrp_equals_its_parts(to_input):
         assert float(w.abs().max()) > 1e-3
         assert float((o - w.detach()).abs().max()) <= 1e-5 * float(w.abs().max())
     parts = ("linear1", "linear1_alt") if to_input else ("multi_relu_relu1", "multi_relu_relu2")
+    refs = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    shap = torch.vmap(L.layer_deeplift_shap(f, baselines=refs, **kw), in_dims=(None, 0, 0))(params, x, t)
+    theirs = captum.LayerDeepLiftShap(model, model.multi_relu).attribute(x, refs, target=t,
+                                                                         attribute_to_layer_input=to_input)
+    for o, w in zip(shap, theirs, strict=True):
+        assert float(w.abs().max()) > 1e-3
+        assert float((o - w.detach()).abs().max()) <= 1e-5 * float(w.abs().max())
     lrp = torch.vmap(L.layer_lrp(f, rule="epsilon", epsilon=1e-9, **kw), in_dims=(None, 0, 0))(params, x, t)
     deeplift_parts = []
     for i, node in enumerate(parts):
