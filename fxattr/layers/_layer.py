@@ -44,8 +44,8 @@ the layer alone). ``layer_deeplift``, ``layer_deeplift_shap`` and ``layer_lrp`` 
 graph is then a model of ``(*parts, x)``), and ``layer_feature_ablation`` (the parts as a tuple
 input of the head; without ``layer_mask`` every unit of every part alone, as captum). A neuron is a
 unit of one tensor: :func:`fxattr.layers.neuron` on such a layer is an error (name one part's
-graph node). A leaf module
-returning a tuple (``nn.LSTM``): name the graph node of one part.
+graph node). A leaf module returning a tuple (``nn.LSTM``, ``nn.GRU``): name the graph node of one
+part.
 
 Every explainer is ``explain(params, x, target=None)`` of ONE example and composes with
 ``torch.vmap`` (batches, and, for neurons, see :mod:`fxattr.layers`), ``torch.func.grad``
