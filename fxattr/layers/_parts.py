@@ -1,10 +1,12 @@
-"""Layers that return a tuple of tensors (captum's ``Layer*`` methods on such a layer attribute to
-each tensor and return a tuple).
+"""Layers that return a tuple of tensors, or read several (captum's ``Layer*`` methods on such a
+layer attribute to each tensor and return a tuple).
 
 A module traced through whose ``forward`` returns ``(a_1, ..., a_k)`` has no single graph node:
-its value is the ``k`` nodes it returns. :class:`PartsCut` cuts the traced graph at all ``k`` at
-once: ``body(params, x) -> (a_1, ..., a_k)`` and ``head(params, x, (a_1, ..., a_k)) -> output``
-(one graph with a placeholder per part, run as a functional model of ``(a_1, ..., a_k, x)``).
+its value is the ``k`` nodes it returns (:func:`tuple_parts`); a module called with several
+tensors, with ``attribute_to_layer_input=True``, reads ``k`` nodes (:func:`input_parts`).
+:class:`PartsCut` cuts the traced graph at all ``k`` at once: ``body(params, x) -> (a_1, ...,
+a_k)`` (one graph returning every part) and ``head(params, x, (a_1, ..., a_k)) -> output`` (one
+graph with a placeholder per part, run as a functional model of ``(a_1, ..., a_k, x)``).
 
 Which graph node is which element of the returned tuple is read from a trace of the module alone
 (``torch.fx`` records calls in execution order, so the module's own graph and its nodes inside the
