@@ -344,6 +344,13 @@ def trace(f, inputs: tuple | None = None) -> fx.GraphModule:
         # (``if scale is None``) is resolved as the model runs without them
         concrete = {n: defaults[n] for n in names if n not in inputs}
     tracer = _Tracer()
+    # A captured graph traced again (a cut's head or body, fxattr.layers) reads its buffers by
+    # get_attr: they must stay reads of ``params``. torch.fx's default evaluates a buffer's uses
+    # once at trace time and bakes the result as a constant, so the text front door's attention
+    # mask (a buffer that ``params`` replaces per example, turned into the additive mask inside the
+    # graph) was frozen at the module's all-ones buffer: DeepLIFT / LRP on a padded sequence's
+    # head ran unmasked and did not sum to the head's delta.
+    tracer.proxy_buffer_attributes = isinstance(module, fx.GraphModule)
     try:
         graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as error:  # any tracing failure is reported the same way
