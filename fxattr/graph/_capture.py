@@ -139,6 +139,21 @@ class _Tracer(fx.Tracer):
             return False
         return super().is_leaf_module(m, qualname)
 
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        # A floating-point buffer stays a read of ``params`` (a get_attr node). torch.fx's default
+        # runs the buffer's uses once at trace time and bakes the result into a constant, so a
+        # buffer ``params`` replaces (a per-example attention mask, an ensemble's statistics) would
+        # be ignored by the graph methods but not by the gradient ones: a silently wrong result.
+        # Integer buffers (index tables) stay constants: they are not in ``params``.
+        if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter) \
+                and attr_val.is_floating_point() and not self.proxy_buffer_attributes:
+            self.proxy_buffer_attributes = True
+            try:
+                return super().getattr(attr, attr_val, parameter_proxy_cache)
+            finally:
+                self.proxy_buffer_attributes = False
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m, forward, args, kwargs):
         out = super().call_module(m, forward, args, kwargs)
         name = self.path_of_module(m)

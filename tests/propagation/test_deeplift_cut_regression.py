@@ -92,3 +92,29 @@ def test_layer_deeplift_on_the_cut_head_sums_to_delta(layer):
     for i in range(2):
         p = {**params, "attention_mask": masks[i]}
         torch.testing.assert_close(batched[i].sum(), f(p, xs[i])[2] - f(p, base)[2], rtol=1e-10, atol=1e-13)
+
+
+class _BufferGate(nn.Module):
+    """A torch.fx-traceable model that builds a gate from a floating-point buffer in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        gate = torch.where(self.scale > 0.5, self.scale * 2, torch.zeros_like(self.scale))
+        return self.out(torch.relu(self.lin(x)) * gate)
+
+
+def test_graph_methods_read_a_users_floating_buffer_from_params():
+    # torch.fx's default baked `where(scale > 0.5, ...)` into a constant from the module's own
+    # all-ones buffer, so DeepLIFT and LRP ignored the buffer in params (gradients did not)
+    torch.manual_seed(0)
+    f, params = fxattr.functionalize(_BufferGate().double().eval())
+    params = dict(params, scale=torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64))
+    x = torch.randn(4, dtype=torch.float64)
+    delta = f(params, x)[0] - f(params, torch.zeros_like(x))[0]
+    assert torch.allclose(fxattr.deeplift(f)(params, x, 0).sum(), delta, rtol=1e-10, atol=1e-14)
+    lrp0 = fxattr.lrp(f, rule="epsilon", epsilon=0.0)(params, x, 0)
+    torch.testing.assert_close(lrp0, fxattr.input_x_gradient(f)(params, x, 0), rtol=1e-10, atol=1e-14)
