@@ -328,7 +328,8 @@ def test_clear_errors():
         fxattr.occlusion(f, window=2, baseline="zero")
     with pytest.raises(E, match="occlusion: target 9 is out of range"):
         fxattr.occlusion(f, window=(1, 4, 4))(params, x, 9)
-    with pytest.raises(E, match="occlusion: x must be a tensor or a tuple of tensors"):
+    with pytest.raises(E, match=r"^fxattr\.occlusion: x is a dict with keys \['x'\], but the model's forward "
+                                r"takes 1 input"):
         fxattr.occlusion(f, window=(1, 4, 4))(params, {"x": x}, 0)
     with pytest.raises(E, match="feature_ablation: feature_mask must be an integer tensor"):
         fxattr.feature_ablation(f, feature_mask=torch.zeros(8, 8))
