@@ -385,7 +385,7 @@ class FunctionalModel:
         self.example_shape = None if self.input_shape is not None else ExampleShape(module, output)
         self.stochastic = [(name, m) for name, m in module.named_modules()
                            if isinstance(m, _BATCH_NORMS) or (isinstance(m, _DROPOUTS) and m.p > 0)]
-        self.first_shapes = None  # leaf shapes of the first example seen (a later batch is caught)
+        self.first_shapes = None  # leaf shapes of the first example a pass succeeded on (a later batch is caught)
         self.arity = forward_arity(module)
         self._compile_view = None
 
@@ -457,8 +457,8 @@ class FunctionalModel:
             if problem is not None:
                 raise fail(where, f"{problem}{batch_hint}. If this shape is one example, say so with "
                                   "fxattr.functionalize(model, input_shape=...)")
-        if self.first_shapes is None:
-            self.first_shapes = shapes
+        # first_shapes is recorded by guarded() only after a pass succeeded: a failing first call
+        # (an image without its channel axis) must not teach a wrong example shape
 
     def check_dtype(self, params, x, where: str | None = "functionalize") -> None:
         """x's floating dtype must be one the parameters have (float16 x into a float32 model is
@@ -504,7 +504,10 @@ class FunctionalModel:
             return forward()
         self.check_input(x, where, params)
         try:
-            return forward()
+            result = forward()
+            if self.first_shapes is None:
+                self.first_shapes = [tuple(t.shape) for t in optree.tree_leaves(x, namespace="torch")]
+            return result
         except FxattrError:
             raise
         # AssertionError: torch's MultiheadAttention asserts its input's rank

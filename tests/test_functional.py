@@ -207,6 +207,19 @@ def test_a_batch_after_one_example_is_an_error():
         f(params, torch.randn(2, 3, 8, 8))
 
 
+def test_a_failed_first_call_teaches_no_example_shape():
+    """The first example's shapes are recorded after a pass succeeded: a failing first call (scalars
+    into Linear layers) would otherwise make every later good example look like a batch of them."""
+    model = TwoInputs().eval()
+    f, params = fxattr.functionalize(model)
+    with pytest.raises(fxattr.FxattrError, match="the model failed on one example"):
+        f(params, (torch.randn(()), torch.randn(())))
+    x, y = torch.randn(3), torch.randn(2)
+    torch.testing.assert_close(f(params, (x, y)), model(x[None], y[None])[0].detach())
+    with pytest.raises(fxattr.FxattrError, match=r"earlier calls took one example of shape \[\(3,\), \(2,\)\]"):
+        f(params, (torch.randn(2, 3), torch.randn(2, 2)))
+
+
 class _InPlace(nn.Module):
     def __init__(self):
         super().__init__()

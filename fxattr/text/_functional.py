@@ -37,11 +37,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fxattr.errors import FxattrError, fail
 from fxattr.functional import call_privately
+from fxattr.targets import readable
 from fxattr.text._graph import embeddings_model, graph_params, outside_transforms
 from fxattr.text._targets import predicted_next_token, resolve_target
 
-__all__ = ["TextModel", "attribute", "baseline_value", "check_text_model", "functionalize", "math_attention",
-           "to_tokens", "token_baselines"]
+__all__ = ["TextModel", "attribute", "baseline_value", "check_mask", "check_text_model", "functionalize",
+           "math_attention", "to_tokens", "token_baselines"]
 
 ATTENTION = ("math", "auto")
 REDUCE = ("sum", "norm", None)
@@ -104,6 +105,17 @@ class TextModel:
                     else type(input_ids).__name__)
             raise fail("text", f"input_ids must be one sequence of token ids, an integer tensor of shape "
                                f"(length,), got {what}; map a batch with torch.vmap")
+        if input_ids.shape[0] == 0:
+            raise fail("text", "input_ids is an empty sequence (length 0): there is no token to explain")
+        vocab = params[self.embedding_name].shape[0]
+        # F.embedding raises a raw IndexError (or reads out of bounds on some devices) for an id
+        # outside the table; the ids are read under vmap too (all examples at once, one host read)
+        plain = readable(input_ids)
+        if plain is not None and plain.numel():
+            low, high = int(plain.min()), int(plain.max())
+            if low < 0 or high >= vocab:
+                raise fail("text", f"input_ids holds token id {low if low < 0 else high}, outside the "
+                                   f"vocabulary of {vocab} (ids are 0..{vocab - 1})")
         return F.embedding(input_ids, params[self.embedding_name])
 
     def additive_mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -366,9 +378,7 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
     def explain(params, input_ids, attention_mask=None, target=None, **kwargs):
         embeddings = f.embed(params, input_ids)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        if not isinstance(mask, Tensor) or mask.shape != input_ids.shape:
-            what = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-            raise fail(where, f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {what}")
+        check_mask(where, mask, input_ids)
         inner_params, inner = inner_explainer(params, embeddings, mask)
         if target is None:
             # Resolved once at the input, so IG paths and noisy copies all explain the same token.
@@ -388,6 +398,22 @@ def attribute(method, f: TextModel, *, reduce: str | None = "sum", **config):
     explain.model = f
     explain.config = dict(config, reduce=reduce)
     return explain
+
+
+def check_mask(where: str, mask, input_ids: Tensor) -> None:
+    """Raises a clear error unless ``mask`` is a 0/1 attention mask (bool or integer) shaped like
+    ``input_ids``; its values are read under vmap too. A float mask (0.5) would silently act as a
+    soft mask in some places (positions, token relevance) and as a hard one in others."""
+    if not isinstance(mask, Tensor) or mask.shape != input_ids.shape:
+        what = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise fail(where, f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {what}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise fail(where, f"attention_mask must be a 0/1 integer or bool tensor, got dtype {mask.dtype}")
+    plain = readable(mask)
+    if plain is not None and plain.numel() and mask.dtype != torch.bool:
+        low, high = int(plain.min()), int(plain.max())
+        if low < 0 or high > 1:
+            raise fail(where, f"attention_mask must hold only 0 and 1, got {low if low < 0 else high}")
 
 
 def to_tokens(relevance: Tensor, embeddings: Tensor, mask: Tensor, reduce: str | None) -> Tensor:

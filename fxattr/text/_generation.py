@@ -15,7 +15,7 @@ from torch import Tensor
 
 import fxattr
 from fxattr.errors import fail
-from fxattr.text._functional import REDUCE, baseline_value, check_text_model
+from fxattr.text._functional import REDUCE, baseline_value, check_mask, check_text_model
 
 __all__ = ["generation_attribution"]
 
@@ -76,8 +76,7 @@ def generation_attribution(f, *, method: str = "input_x_gradient", reduce: str |
         if not 1 <= start < length:
             raise fail(where, f"start must satisfy 1 <= start < length = {length}, got {start}")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        if not isinstance(mask, Tensor) or mask.shape != input_ids.shape:
-            raise fail(where, f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}")
+        check_mask(where, mask, input_ids)
         generated = input_ids[start:]
 
         def log_probs(e):

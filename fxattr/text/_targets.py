@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fxattr.errors import fail
+from fxattr.targets import select
 
 __all__ = ["ClassLogit", "Continuation", "Contrast", "NextToken", "class_logit", "continuation",
            "contrast", "last_real_position", "next_token", "predicted_next_token", "resolve_target"]
@@ -176,7 +177,8 @@ def resolve_target(where: str, target, input_ids: Tensor, mask: Tensor):
         def logit(output):
             if output.ndim != 1:
                 raise fail(where, f"class_logit needs a classifier's 1-d output, got shape {tuple(output.shape)}")
-            return _pick(output, target.index)
+            # select range-checks the index, under vmap too (a raw gather error otherwise)
+            return select(where, output, target.index)
         return logit
     if isinstance(target, NextToken):
         return lambda output: _pick(_row(where, output, target.position, last).log_softmax(-1), target.token)

@@ -1216,10 +1216,6 @@ _LAYERS_SHAPE = ("layers: x of the wrong rank reaches the convolution (raw 'expe
 _LAYERS_INTEGER = ("layers: integer x into a float model reaches the convolution (raw 'Input type (long int) and bias "
                    "type'); fxattr/layers/_layer.py:182 passes integer_x=True for every layer method: admit integer x "
                    "only where the model's first layer is an embedding (as fxattr.gradient does)")
-_TEXT_IDS = ("text: ids outside [0, vocab) reach F.embedding (raw IndexError); fxattr/text/_functional.py:107 embed(): "
-             "check readable(input_ids) against params[embedding].shape[0] (targets.check_index does this for targets)")
-_TEXT_TARGET = ("text: class_logit's index under vmap is not range-checked (raw 'index 7 is out of bounds'); "
-                "fxattr/text/_targets.py:180 logit(): select with fxattr.targets.select(where, output, index)")
 KNOWN: dict[str, str] = {
     **{f"layers|layers.{name}|{name}: x missing an axis": _LAYERS_SHAPE for name in (
         "internal_influence", "layer_activation", "layer_conductance", "layer_deeplift", "layer_deeplift_shap",
@@ -1249,16 +1245,6 @@ KNOWN: dict[str, str] = {
     "propagation|deeplift|custom_attribution returning the wrong shape": (
         "deeplift(custom_attribution=lambda m, x, b: m.sum()) returns a 0-d result silently; "
         "fxattr/propagation/_deeplift.py:302 _attribute(): check the returned tree has x's structure and shapes"),
-    "text|text.attribute|ids out of the vocabulary": _TEXT_IDS,
-    "text|text.attribute|negative ids": _TEXT_IDS,
-    "text|text.attribute|mask float": (
-        "text: attention_mask=0.5 (float) is used as a soft mask silently; fxattr/text/_functional.py: "
-        "refuse a non-integer / non-bool attention_mask (or values other than 0 / 1)"),
-    "text|text.attribute|class_logit out of range (vmap)": _TEXT_TARGET,
-    "text|text.attribute|class_logit negative (vmap)": _TEXT_TARGET,
-    "text|text.attribute|empty sequence (eager)": (
-        "text: an empty sequence gives a raw max() error at fxattr/text/_targets.py:153 last_real_position(); "
-        "refuse input_ids of length 0 in attribute's call check"),
 }
 
 
@@ -1282,10 +1268,6 @@ def test_layers_errors_carry_their_public_path():
         L.layer_conductance(f_of(), layer="nonsense")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FunctionalModel.check_input records the first example's shapes before the call runs "
-    "(fxattr/functional.py:460), so a call that then fails teaches a wrong shape and every later valid call "
-    "is refused as 'this looks like a batch'; record first_shapes only after a call succeeded"))
 def test_a_failed_call_does_not_teach_the_example_shape():
     torch.manual_seed(0)
     f, params = fxattr.functionalize(_TwoInputs().eval())

@@ -194,6 +194,38 @@ def test_clear_errors():
         fxattr.text.attribute(fxattr.integrated_gradients, f2, baseline="pad")
 
 
+def test_bad_ids_masks_and_class_indices_are_refused_under_vmap_too():
+    """Each refused here used to reach torch raw (IndexError of F.embedding / gather) or run silently
+    (a 0.5 mask acting as a soft mask); valid 0/1 masks of any integer or bool dtype still agree."""
+    model = tiny("bert")
+    f, params = fxattr.text.functionalize(model)
+    ids, mask = _batch([4, 3], 4)
+    explain = fxattr.text.attribute(fxattr.gradient, f)
+    batched = torch.vmap(explain, in_dims=MAPPED)
+    targets = fxattr.text.class_logit(torch.tensor([0, 1]))
+    for bad in (ids + VOCAB, -ids):
+        with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.text.*input_ids holds token id .*outside the vocabulary"):
+            batched(params, bad, mask, targets)
+    with pytest.raises(fxattr.FxattrError, match="input_ids .*outside the vocabulary"):
+        explain(params, torch.tensor([1, VOCAB]), None, 0)
+    with pytest.raises(fxattr.FxattrError, match="input_ids is an empty sequence"):
+        explain(params, ids[0, :0], mask[0, :0], 0)
+    with pytest.raises(fxattr.FxattrError, match="attention_mask must be a 0/1 integer or bool tensor"):
+        batched(params, ids, mask.float() * 0.5, targets)
+    with pytest.raises(fxattr.FxattrError, match="attention_mask must hold only 0 and 1, got 2"):
+        batched(params, ids, mask * 2, targets)
+    for index in ([0, 7], [0, -1]):
+        with pytest.raises(fxattr.FxattrError, match=f"target {index[1]} is out of range"):
+            batched(params, ids, mask, fxattr.text.class_logit(torch.tensor(index)))
+    expected = batched(params, ids, mask, targets)
+    torch.testing.assert_close(batched(params, ids, mask.bool(), targets), expected)
+    torch.testing.assert_close(batched(params, ids, mask.to(torch.uint8), targets), expected)
+    torch.testing.assert_close(expected[1], explain(params, ids[1], mask[1], 1))
+    with pytest.raises(fxattr.FxattrError, match="generation_attribution.*attention_mask must be a 0/1"):
+        f_lm, params_lm = fxattr.text.functionalize(tiny("gpt2"))
+        fxattr.text.generation_attribution(f_lm)(params_lm, ids[0], mask[0].float() * 0.5, 1)
+
+
 @pytest.mark.slow
 def test_compile_equals_eager():
     """fullgraph: dynamo captures the front door, the 4-d mask and the targets without a break.
