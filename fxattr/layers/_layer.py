@@ -54,7 +54,9 @@ Every explainer is ``explain(params, x, target=None)`` of ONE example and compos
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 from numbers import Real
 
 import torch
@@ -67,7 +69,7 @@ from fxattr._explainer import (
     explainer,
     fixed_target,
 )
-from fxattr.errors import api_boundary, check_finite, fail
+from fxattr.errors import FxattrError, api_boundary, check_finite, fail
 from fxattr.functional import FunctionalModel
 from fxattr.layers._cut import cuts, layer_names
 from fxattr.layers._parts import PartsCut, input_parts, tuple_parts
@@ -77,6 +79,7 @@ __all__ = [
     "check_layer_baseline",
     "first_leaf",
     "grad_at_layer",
+    "guarded",
     "input_baseline",
     "internal_influence",
     "layer_activation",
@@ -90,6 +93,7 @@ __all__ = [
     "layer_integrated_gradients",
     "layer_lrp",
     "quadrature_points",
+    "takes_token_ids",
     "tree_map",
 ]
 
@@ -124,6 +128,23 @@ def input_baseline(where: str, baseline, x: Tensor) -> Tensor:
 def grad_at_layer(where: str, head, params, x, a, target) -> Tensor:
     """``d head(params, x, a)[target] / da``."""
     return torch.func.grad(lambda a_: select(where, head(params, x, a_), target))(a)
+
+
+def takes_token_ids(f) -> bool:
+    """Whether x may hold integer token ids: the model embeds them (holds an ``nn.Embedding``);
+    into any other model an integer x is an error naming x, not a raw dtype error of its first
+    layer."""
+    module = getattr(f, "module", None)
+    return isinstance(module, nn.Module) and any(isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                                                 for m in module.modules())
+
+
+def guarded(f, params, x, where, run):
+    """``run()``, the passes of the cut model over ``x``, under the model's own input guard: x
+    of a shape the model cannot take (an axis missing) is an error naming x and its shape, as
+    for every other explainer, not a raw error of the layer that first meets it."""
+    guard = getattr(f, "guarded", None)
+    return run() if guard is None else guard(x, run, where, params=params)
 
 
 def _check_common(where, f, attribute_to_layer_input):
@@ -181,7 +202,8 @@ def _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x
         check_target(where, target)
         if not isinstance(x, Tensor):
             raise fail(where, f"x must be one tensor (one example), got {type(x).__name__}")
-        results = tuple(per_cut(cut, params, x, target, *args, **kwargs) for cut in chosen_cuts)
+        results = guarded(f, params, x, where,
+                          lambda: tuple(per_cut(cut, params, x, target, *args, **kwargs) for cut in chosen_cuts))
         return results if many else results[0]
 
     config = {"layer": layer, "attribute_to_layer_input": attribute_to_layer_input, **config}
@@ -197,7 +219,7 @@ def quadrature_points(where, method, steps):
 
 # --------------------------------------------------------------------------------------- methods
 
-@api_boundary("layer_activation")
+@api_boundary("layers.layer_activation")
 def layer_activation(f, *, layer, attribute_to_layer_input: bool = False):
     """The layer's activation (captum's ``LayerActivation``); ``target`` is ignored.
 
@@ -211,12 +233,12 @@ def layer_activation(f, *, layer, attribute_to_layer_input: bool = False):
         >>> explain = fxattr.layers.layer_activation(f, layer="layer3")
         >>> acts = torch.vmap(explain, in_dims=(None, 0))(params, images)
     """
-    where = "layer_activation"
+    where = "layers.layer_activation"
     return _build(where, f, layer, attribute_to_layer_input, {},
-                  lambda cut, params, x, target: cut.body(params, x), integer_x=True, tuples=True)
+                  lambda cut, params, x, target: cut.body(params, x), integer_x=takes_token_ids(f), tuples=True)
 
 
-@api_boundary("layer_gradient_x_activation")
+@api_boundary("layers.layer_gradient_x_activation")
 def layer_gradient_x_activation(f, *, layer, multiply_by_inputs: bool = True,
                                 attribute_to_layer_input: bool = False):
     """``a * d f[target] / da`` at the layer's activation ``a`` (captum's
@@ -227,7 +249,7 @@ def layer_gradient_x_activation(f, *, layer, multiply_by_inputs: bool = True,
         >>> explain = fxattr.layers.layer_gradient_x_activation(f, layer="layer4")
         >>> maps = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
-    where = "layer_gradient_x_activation"
+    where = "layers.layer_gradient_x_activation"
     check_bool(where, "multiply_by_inputs", multiply_by_inputs)
 
     def per_cut(cut, params, x, target):
@@ -237,10 +259,10 @@ def layer_gradient_x_activation(f, *, layer, multiply_by_inputs: bool = True,
         return tree_map(torch.mul, a, g) if multiply_by_inputs else g
 
     return _build(where, f, layer, attribute_to_layer_input,
-                  {"multiply_by_inputs": multiply_by_inputs}, per_cut, integer_x=True, tuples=True)
+                  {"multiply_by_inputs": multiply_by_inputs}, per_cut, integer_x=takes_token_ids(f), tuples=True)
 
 
-@api_boundary("layer_integrated_gradients")
+@api_boundary("layers.layer_integrated_gradients")
 def layer_integrated_gradients(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
                                chunk_size: int | None = 4, multiply_by_inputs: bool = True,
                                attribute_to_layer_input: bool = False):
@@ -267,7 +289,7 @@ def layer_integrated_gradients(f, *, layer, steps: int = 32, baseline=0.0, metho
         >>> explain = fxattr.layers.layer_integrated_gradients(f, layer="layer2", steps=16)
         >>> attributions = torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
-    where = "layer_integrated_gradients"
+    where = "layers.layer_integrated_gradients"
     alphas, weights = quadrature_points(where, method, steps)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
     check_layer_baseline(where, baseline)
@@ -291,7 +313,8 @@ def layer_integrated_gradients(f, *, layer, steps: int = 32, baseline=0.0, metho
 
     config = {"steps": steps, "baseline": baseline, "method": method, "chunk_size": chunk_size,
               "multiply_by_inputs": multiply_by_inputs}
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=True, tuples=True)
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=takes_token_ids(f),
+                  tuples=True)
 
 
 def _input_path(where, f, params, x, target, cut, baseline, alphas, chunk_size):
@@ -308,7 +331,7 @@ def _input_path(where, f, params, x, target, cut, baseline, alphas, chunk_size):
     return torch.vmap(at, chunk_size=chunk_size)(alpha)
 
 
-@api_boundary("layer_conductance")
+@api_boundary("layers.layer_conductance")
 def layer_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
                       chunk_size: int | None = 4, attribute_to_layer_input: bool = False):
     """Conductance of each unit of the layer (Dhamdhere et al. 2018; captum's ``LayerConductance``).
@@ -322,9 +345,9 @@ def layer_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str = 
         >>> explain = fxattr.layers.layer_conductance(f, layer="layer3", steps=16)
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
-    where = "layer_conductance"
+    where = "layers.layer_conductance"
+    check_int(where, "steps", steps, 1)  # before steps + 1 below
     alphas, _ = quadrature_points(where, method, steps + 1)
-    check_int(where, "steps", steps, 1)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
     check_layer_baseline(where, baseline)
 
@@ -337,7 +360,7 @@ def layer_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str = 
     return _build(where, f, layer, attribute_to_layer_input, config, per_cut, tuples=True)
 
 
-@api_boundary("internal_influence")
+@api_boundary("layers.internal_influence")
 def internal_influence(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
                        chunk_size: int | None = 4, attribute_to_layer_input: bool = False):
     """Internal influence (Leino et al. 2018; captum's ``InternalInfluence``): the gradient w.r.t.
@@ -347,7 +370,7 @@ def internal_influence(f, *, layer, steps: int = 32, baseline=0.0, method: str =
         >>> explain = fxattr.layers.internal_influence(f, layer="layer3", steps=16)
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
-    where = "internal_influence"
+    where = "layers.internal_influence"
     alphas, weights = quadrature_points(where, method, steps)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
     check_layer_baseline(where, baseline)
@@ -363,7 +386,7 @@ def internal_influence(f, *, layer, steps: int = 32, baseline=0.0, method: str =
     return _build(where, f, layer, attribute_to_layer_input, config, per_cut, tuples=True)
 
 
-@api_boundary("layer_gradient_shap")
+@api_boundary("layers.layer_gradient_shap")
 def layer_gradient_shap(f, *, layer, baselines: Tensor, samples: int = 16, sigma: float = 0.0,
                         chunk_size: int | None = None, multiply_by_inputs: bool = True,
                         attribute_to_layer_input: bool = False):
@@ -381,7 +404,7 @@ def layer_gradient_shap(f, *, layer, baselines: Tensor, samples: int = 16, sigma
         >>> explain = fxattr.layers.layer_gradient_shap(f, layer="layer2", baselines=refs, samples=8)
         >>> torch.vmap(explain, in_dims=(None, 0, 0), randomness="different")(params, images, labels)
     """
-    where = "layer_gradient_shap"
+    where = "layers.layer_gradient_shap"
     if not isinstance(baselines, Tensor) or baselines.ndim < 1 or baselines.shape[0] < 1 \
             or not baselines.dtype.is_floating_point:
         raise fail(where, "baselines must be a floating-point tensor (N, *x.shape) of N >= 1 baselines")
@@ -439,7 +462,7 @@ def _graph_method(where, f, layer, attribute_to_layer_input, config, make, prepa
     return _build(where, f, layer, attribute_to_layer_input, config, per_cut, prepare=prepare, tuples=tuples)
 
 
-@api_boundary("layer_deeplift")
+@api_boundary("layers.layer_deeplift")
 def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float = 1e-10,
                    multiply_by_inputs: bool = True, attribute_to_layer_input: bool = False):
     """DeepLIFT attributions of the layer's units (captum's ``LayerDeepLift``).
@@ -453,7 +476,7 @@ def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float 
         >>> explain = fxattr.layers.layer_deeplift(f, layer="features.3")
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
-    where = "layer_deeplift"
+    where = "layers.layer_deeplift"
     check_layer_baseline(where, baseline)
     check_bool(where, "multiply_by_inputs", multiply_by_inputs)
     check_choice(where, "rule", rule, ("rescale", "reveal_cancel"))
@@ -470,6 +493,7 @@ def layer_deeplift(f, *, layer, baseline=0.0, rule: str = "rescale", eps: float 
     return _graph_method(where, f, layer, attribute_to_layer_input, config, make, tuples=True)
 
 
+@api_boundary("layers.layer_deeplift_shap")
 def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", eps: float = 1e-10,
                         chunk_size: int | None = None, multiply_by_inputs: bool = True,
                         attribute_to_layer_input: bool = False):
@@ -481,7 +505,7 @@ def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", e
         >>> explain = fxattr.layers.layer_deeplift_shap(f, layer="features.3", baselines=refs[:8])
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
-    where = "layer_deeplift_shap"
+    where = "layers.layer_deeplift_shap"
     if not isinstance(baselines, Tensor) or baselines.ndim < 1 or baselines.shape[0] < 1 \
             or not baselines.dtype.is_floating_point:
         raise fail(where, "baselines must be a floating-point tensor (K, *x.shape) of K >= 1 baselines")
@@ -506,7 +530,7 @@ def layer_deeplift_shap(f, *, layer, baselines: Tensor, rule: str = "rescale", e
     return _graph_method(where, f, layer, attribute_to_layer_input, config, make, tuples=True)
 
 
-@api_boundary("layer_lrp")
+@api_boundary("layers.layer_lrp")
 def layer_lrp(f, *, layer, rule=None, composite=None, attribute_to_layer_input: bool = False,
               **options):
     """LRP relevance of the layer's units (captum's ``LayerLRP``): :func:`fxattr.lrp` with the
@@ -519,7 +543,7 @@ def layer_lrp(f, *, layer, rule=None, composite=None, attribute_to_layer_input: 
         >>> explain = fxattr.layers.layer_lrp(f, layer="features.3", rule="epsilon", epsilon=1e-9)
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
-    where = "layer_lrp"
+    where = "layers.layer_lrp"
     from fxattr import lrp
     built = {}
 
@@ -533,7 +557,19 @@ def layer_lrp(f, *, layer, rule=None, composite=None, attribute_to_layer_input: 
     return _graph_method(where, f, layer, attribute_to_layer_input, config, make, prepare=prepare, tuples=True)
 
 
-@api_boundary("layer_feature_ablation")
+@contextlib.contextmanager
+def _layer_mask_errors():
+    """feature_ablation's errors about its ``feature_mask`` and its ``x`` (here the activation)
+    in the words of layer_feature_ablation: ``layer_mask`` and the layer's activation."""
+    try:
+        yield
+    except FxattrError as error:
+        error.message = re.sub(r"\bfeature_mask\b", "layer_mask", error.message).replace(
+            "x's shape", "the layer's activation shape")
+        raise
+
+
+@api_boundary("layers.layer_feature_ablation")
 def layer_feature_ablation(f, *, layer, layer_mask: Tensor | None = None, baseline=0.0,
                            chunk_size: int | None = 8, attribute_to_layer_input: bool = False):
     """Feature ablation of the layer's units (captum's ``LayerFeatureAblation``): each group of
@@ -546,7 +582,7 @@ def layer_feature_ablation(f, *, layer, layer_mask: Tensor | None = None, baseli
         >>> explain = fxattr.layers.layer_feature_ablation(f, layer="layer4")
         >>> torch.vmap(explain, in_dims=(None, 0, 0))(params, images, labels)
     """
-    where = "layer_feature_ablation"
+    where = "layers.layer_feature_ablation"
     from fxattr import feature_ablation
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
 
@@ -558,15 +594,17 @@ def layer_feature_ablation(f, *, layer, layer_mask: Tensor | None = None, baseli
     ablations = {}
 
     def prepare(cut):  # feature_ablation checks its configuration here, once
-        ablations[id(cut)] = feature_ablation(model_of(cut), feature_mask=layer_mask, baseline=baseline,
-                                              chunk_size=chunk_size)
+        with _layer_mask_errors():
+            ablations[id(cut)] = feature_ablation(model_of(cut), feature_mask=layer_mask, baseline=baseline,
+                                                  chunk_size=chunk_size)
 
     def per_cut(cut, params, x, target):
         a = cut.body(params, x)
         if target is None:
             target = fixed_target(f, params, x, target)
-        return ablations[id(cut)]((params, x), a, target)
+        with _layer_mask_errors():
+            return ablations[id(cut)]((params, x), a, target)
 
     config = {"layer_mask": layer_mask, "baseline": baseline, "chunk_size": chunk_size}
-    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=True, prepare=prepare,
+    return _build(where, f, layer, attribute_to_layer_input, config, per_cut, integer_x=takes_token_ids(f), prepare=prepare,
                   tuples=True)

@@ -23,15 +23,19 @@ the model's target as well as the neuron, so it is its own explainer,
 
 from __future__ import annotations
 
+import contextlib
+import re
+
 import torch
 from torch import Tensor
 
 from fxattr._explainer import check_bool, check_int, explainer, fixed_target
-from fxattr.errors import api_boundary, fail
+from fxattr.errors import FxattrError, api_boundary, fail
 from fxattr.layers._cut import cuts
 from fxattr.layers._layer import (
     check_layer_baseline,
     grad_at_layer,
+    guarded,
     input_baseline,
     quadrature_points,
 )
@@ -40,7 +44,7 @@ from fxattr.targets import check_target, select
 __all__ = ["flat_index", "neuron", "neuron_conductance"]
 
 
-@api_boundary("neuron")
+@api_boundary("layers.neuron")
 def neuron(f, *, layer, attribute_to_layer_input: bool = False):
     """The model up to ``layer``: ``f_layer(params, x) -> activation`` of one example, whose
     targets are the layer's neurons (flat indices, or a callable on the activation).
@@ -59,7 +63,7 @@ def neuron(f, *, layer, attribute_to_layer_input: bool = False):
         >>> units = torch.arange(8)  # eight neurons of one image in one call
         >>> maps = torch.vmap(explain, in_dims=(None, None, 0))(params, image, units)
     """
-    where = "neuron"
+    where = "layers.neuron"
     check_bool(where, "attribute_to_layer_input", attribute_to_layer_input)
     layer_cuts, many = cuts(where, f, layer, attribute_to_layer_input)
     if many and len(layer_cuts) != 1:
@@ -67,7 +71,7 @@ def neuron(f, *, layer, attribute_to_layer_input: bool = False):
     return layer_cuts[0].body_model
 
 
-@api_boundary("flat_index")
+@api_boundary("layers.flat_index")
 def flat_index(shape, index) -> int:
     """The flat index of the unit ``index`` (captum's tuple ``neuron_selector``, e.g. ``(c, h, w)``)
     in an activation of ``shape`` (one example, no batch axis).
@@ -79,14 +83,26 @@ def flat_index(shape, index) -> int:
     index = (index,) if isinstance(index, int) else tuple(index)
     if len(index) != len(shape) or not all(isinstance(i, int) and not isinstance(i, bool) and -s <= i < s
                                            for i, s in zip(index, shape)):
-        raise fail("flat_index", f"index {index!r} does not name a unit of an activation of shape {shape}")
+        raise fail("layers.flat_index", f"index {index!r} does not name a unit of an activation of shape {shape}")
     flat = 0
     for i, s in zip(index, shape):
         flat = flat * s + (i % s)
     return flat
 
 
-@api_boundary("neuron_conductance")
+@contextlib.contextmanager
+def _neuron_errors():
+    """The target checks applied to the neuron index, in its words: ``neuron``, an index into the
+    layer's activation (not the model's ``target``, which has its own checks)."""
+    try:
+        yield
+    except FxattrError as error:
+        message = re.sub(r"\btarget(s?)\b", r"neuron\1", error.message)
+        error.message = message.replace("for an output of", "for the layer's activation of")
+        raise
+
+
+@api_boundary("layers.neuron_conductance")
 def neuron_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str = "gausslegendre",
                        chunk_size: int | None = 4, multiply_by_inputs: bool = True,
                        attribute_to_layer_input: bool = False):
@@ -104,7 +120,7 @@ def neuron_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str =
         >>> explain = fxattr.layers.neuron_conductance(f, layer="layer2", steps=16)
         >>> torch.vmap(explain, in_dims=(None, None, None, 0))(params, image, 3, torch.arange(4))
     """
-    where = "neuron_conductance"
+    where = "layers.neuron_conductance"
     alphas, weights = quadrature_points(where, method, steps)
     check_int(where, "chunk_size", chunk_size, 1, allow_none=True)
     check_layer_baseline(where, baseline)
@@ -120,9 +136,13 @@ def neuron_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str =
         if neuron is None or (callable(neuron) and not isinstance(neuron, Tensor)):
             raise fail(where, "neuron must be a flat index into the layer's activation (an int or a "
                               "0-d integer tensor; fxattr.layers.flat_index converts (c, h, w))")
-        check_target(where, neuron)
+        with _neuron_errors():
+            check_target(where, neuron)
         if not isinstance(x, Tensor):
             raise fail(where, f"x must be one tensor (one example), got {type(x).__name__}")
+        return guarded(f, params, x, where, lambda: conductance(params, x, target, neuron))
+
+    def conductance(params, x, target, neuron):
         target = fixed_target(f, params, x, target)
         base = input_baseline(where, baseline, x)
         diff = x - base
@@ -134,10 +154,13 @@ def neuron_conductance(f, *, layer, steps: int = 32, baseline=0.0, method: str =
             # d n / d x at the point, and the activation for the head's gradient
             def unit(p):
                 act = cut.body(params, p)
-                return select(where, act, neuron), act
+                with _neuron_errors():
+                    return select(where, act, neuron), act
 
             unit_grad, a = torch.func.grad(unit, has_aux=True)(point)
-            mid = select(where, grad_at_layer(where, cut.head, params, point, a, target), neuron)
+            head_grad = grad_at_layer(where, cut.head, params, point, a, target)
+            with _neuron_errors():
+                mid = select(where, head_grad, neuron)
             return mid * unit_grad
 
         total = torch.tensordot(weight, torch.vmap(at, chunk_size=chunk_size)(alpha), dims=1)

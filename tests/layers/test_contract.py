@@ -174,6 +174,38 @@ class Residual(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+def test_errors_name_the_argument_at_fault():
+    """x missing an axis, integer x into a model without an embedding, a string steps, a bad
+    neuron and a bad layer_mask: each an FxattrError under fxattr.layers.<name> naming what was wrong."""
+    model = small_cnn(pool="avg")
+    f, params = fxattr.functionalize(model)
+    x = inputs(1)[0]
+    for name, make in _methods(torch.zeros(2, *x.shape)).items():
+        with pytest.raises(fxattr.FxattrError, match=rf"^fxattr\.layers\.{name}: the model failed on one example "
+                                                     r"of shape \(6, 6\)"):
+            make(f, layer="features.2")(params, x[0], 0)
+    for name in ("layer_activation", "layer_gradient_x_activation", "layer_integrated_gradients",
+                 "layer_feature_ablation"):
+        with pytest.raises(fxattr.FxattrError, match=rf"^fxattr\.layers\.{name}: x must be a floating-point "
+                                                     "tensor, got dtype torch.int64"):
+            getattr(L, name)(f, layer="features.2")(params, x.round().long(), 0)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.layers\.layer_conductance: steps must be an int"):
+        L.layer_conductance(f, layer="features.2", steps="3")
+    explain = L.neuron_conductance(f, layer="features.2", steps=2)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.layers\.neuron_conductance: neuron -1 is out of "
+                                                 "range for the layer's activation"):
+        explain(params, x, 0, -1)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.layers\.neuron_conductance: neuron must be a signed"):
+        explain(params, x, 0, torch.tensor(1.0))
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.layers\.neuron_conductance: target 9 is out of range"):
+        explain(params, x, 9, 1)  # the model's target keeps its own name
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.layers\.layer_feature_ablation: layer_mask of shape "
+                                                 r"\(3, 3\) does not broadcast to the layer's activation shape"):
+        L.layer_feature_ablation(f, layer="features.2", layer_mask=torch.zeros(3, 3, dtype=torch.long))(params, x, 0)
+    with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.layers\.layer_feature_ablation: layer_mask must be"):
+        L.layer_feature_ablation(f, layer="features.2", layer_mask=torch.zeros(1, 6, 6))
+
+
 def test_clear_errors():
     model = small_cnn(pool="avg")
     f, params = fxattr.functionalize(model)
@@ -219,7 +251,7 @@ def test_clear_errors():
         (lambda: L.layer_feature_ablation(f, layer="features.2", baseline=float("inf")), "layer_feature_ablation"),
         (lambda: L.neuron(f, layer="features.9"), "neuron"),
     ]:
-        with pytest.raises(fxattr.FxattrError, match=f"^fxattr.{where}: "):
+        with pytest.raises(fxattr.FxattrError, match=rf"^fxattr\.layers\.{where}: "):
             make()
     # a layer's input that is also read outside the layer (the identity branch): an error, never a
     # different cut
@@ -243,7 +275,7 @@ def test_graph_engine_failure_is_a_named_error():
     try:
         fxattr.deeplift(f)(params, x, 0)
     except fxattr.FxattrError:
-        with pytest.raises(fxattr.FxattrError, match="fxattr.layer_deeplift: "):
+        with pytest.raises(fxattr.FxattrError, match=r"fxattr\.layers\.layer_deeplift: "):
             L.layer_deeplift(f, layer="linear1")(params, x, 0)
     else:  # the engine learned this model: then the layer version must agree with captum
         captum = pytest.importorskip("captum.attr")

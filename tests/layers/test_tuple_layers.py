@@ -185,7 +185,7 @@ def test_tuple_layer_errors():
     model = two_way()
     f, params = fxattr.functionalize(model)
     # a neuron is a unit of one tensor: name one part
-    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.neuron: layer 'block' returns a structure, not one "
+    with pytest.raises(fxattr.FxattrError, match=r"fxattr\.layers\.neuron: layer 'block' returns a structure, not one "
                                                  r"tensor; name a node of the graph instead"):
         L.neuron(f, layer="block")
     # an input of the layer that is also read outside it cannot be replaced for the layer alone
