@@ -195,11 +195,9 @@ class Case:
 
 
 CASES: list[Case] = []
-# Other names an error may carry: fxattr.layers reports under the bare function name
-# (``fxattr.layer_conductance: ...``; test_layers_errors_carry_their_public_path records that),
-# fxattr.text.attribute under ``fxattr.text`` or under the method it runs.
-ALIASES = {f"layers.{name}": (name,) for name in fxattr.layers.__all__}
-ALIASES["text.attribute"] = ("text", "integrated_gradients", "deeplift", "lrp")
+# Other names an error may carry: fxattr.text.attribute under ``fxattr.text`` or under the method
+# it runs (fxattr.layers reports under its public path, ``fxattr.layers.layer_conductance: ...``).
+ALIASES = {"text.attribute": ("text", "integrated_gradients", "deeplift", "lrp")}
 
 
 def anything(result):
@@ -1210,31 +1208,7 @@ for _label, _call, _expect, _argument, _name in [
 
 # ============================================================================================ tests
 # Known misses in files other engineers are editing (id -> reason); strict: fixing one fails its xfail.
-_LAYERS_SHAPE = ("layers: x of the wrong rank reaches the convolution (raw 'expected input[...] to have 3 channels'); "
-                 "fxattr/layers/_layer.py:174 explain() checks only that x is a tensor: call f.check_input(x, where, params) "
-                 "(the batch / rank check every other explainer makes) before the cuts")
-_LAYERS_INTEGER = ("layers: integer x into a float model reaches the convolution (raw 'Input type (long int) and bias "
-                   "type'); fxattr/layers/_layer.py:182 passes integer_x=True for every layer method: admit integer x "
-                   "only where the model's first layer is an embedding (as fxattr.gradient does)")
 KNOWN: dict[str, str] = {
-    **{f"layers|layers.{name}|{name}: x missing an axis": _LAYERS_SHAPE for name in (
-        "internal_influence", "layer_activation", "layer_conductance", "layer_deeplift", "layer_deeplift_shap",
-        "layer_feature_ablation", "layer_gradient_x_activation", "layer_integrated_gradients", "layer_lrp",
-        "neuron_conductance")},
-    **{f"layers|layers.{name}|{name}: integer x": _LAYERS_INTEGER for name in (
-        "layer_activation", "layer_feature_ablation", "layer_gradient_x_activation", "layer_integrated_gradients")},
-    "layers|layers.layer_conductance|steps=a string": (
-        "layer_conductance(steps='3') is a raw TypeError; fxattr/layers/_layer.py:321 check_int(where, 'steps', ...) "
-        "runs after the string is used: check steps first"),
-    "layers|layers.layer_feature_ablation|layer_mask of the wrong shape": (
-        "layer_feature_ablation's layer_mask errors call it 'feature_mask' (the perturbation function it reuses); "
-        "fxattr/layers/_layer.py layer_feature_ablation: re-raise the FxattrError with 'layer_mask' in its message"),
-    "layers|layers.layer_feature_ablation|layer_mask float": (
-        "layer_feature_ablation's layer_mask errors call it 'feature_mask'; rename in the message (as above)"),
-    **{f"layers|layers.neuron_conductance|{label}": (
-        "neuron_conductance reports a bad neuron index as 'target' (target 144 is out of range ...), naming the class "
-        "target the user got right; fxattr/layers/_neuron.py:123 / 137: check_target / select with a message naming "
-        "'neuron'") for label in ("neuron out of range (vmap)", "neuron negative (eager)", "neuron float (eager)")},
     "perturbation|shapley_value_sampling|shapley_value_sampling: x missing an axis": (
         "shapley_value_sampling of an x with no elements: raw 'cannot reshape tensor of 0 elements' at "
         "fxattr/perturbation/_shapley.py:200; refuse x.numel() == 0 ('x has no features') in the shared preparation"),
@@ -1260,9 +1234,6 @@ def test_case(c):
     assert outcome in ("clear", "ok"), f"{outcome}: {detail}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fxattr.layers reports errors as fxattr.<name> (fxattr.layer_conductance: ...), a path that does not exist; "
-    "fxattr/layers/_layer.py / _neuron.py: @api_boundary('layers.<name>') as metrics / viz / lrp.rules do"))
 def test_layers_errors_carry_their_public_path():
     with pytest.raises(fxattr.FxattrError, match=r"^fxattr\.layers\.layer_conductance: "):
         L.layer_conductance(f_of(), layer="nonsense")
