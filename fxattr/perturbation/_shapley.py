@@ -98,6 +98,11 @@ def _prepared(where: str, f, params, x, target, groups: FeatureGroups, baseline,
     check_target(where, target)
     check_perturbation_x(where, x)
     leaves, tree = optree.tree_flatten(x, namespace="torch")
+    if sum(t.numel() for t in leaves) == 0:
+        shapes = ", ".join(str(tuple(t.shape)) for t in leaves)
+        raise fail(where, f"x has no features: {'its shapes' if len(leaves) > 1 else 'its shape'} {shapes} "
+                          f"{'hold' if len(leaves) > 1 else 'holds'} no elements to attribute (x is one "
+                          "example, without a batch axis)")
     group_of, count = groups.resolve(x, feature_mask)
     bases = leaf_baselines(where, baseline, x)
     return _Prepared(leaves, tree, group_of, count, bases, _resolve_target(f, params, x, target))
@@ -311,13 +316,18 @@ def _weighted_lasso_fit(design: Tensor, y: Tensor, weights: Tensor, alpha: float
     yc = y - y_mean
     gram = xc.T @ (w[:, None] * xc)
     corr = xc.T @ (w * yc)
-    # the step 1 / L with L the largest eigenvalue of the gram matrix (a bound that is cheap and
-    # safe under vmap: the trace, then refined by a few power iterations)
-    vector = torch.ones(design.shape[1], dtype=design.dtype, device=design.device)
+    # the step 1 / L with L the largest eigenvalue of the gram matrix, by a few power iterations
+    # (cheap and vmappable). They start from a fixed irregular vector, not all ones: when every
+    # coalition has the same number of groups on, the centred design sums to zero across its
+    # columns and all ones is in the gram's null space (the estimate was 0, the step infinite, the
+    # fit NaN). The largest diagonal entry (also <= the largest eigenvalue) is a floor.
+    columns = torch.arange(design.shape[1], dtype=design.dtype, device=design.device)
+    vector = 1 + torch.remainder(columns * 0.6180339887498949, 1.0)
     for _ in range(20):
         vector = gram @ vector
         vector = vector / vector.norm().clamp(min=torch.finfo(design.dtype).tiny)
-    lipschitz = (vector @ gram @ vector).clamp(min=torch.finfo(design.dtype).tiny) * 1.01
+    lipschitz = torch.maximum(vector @ gram @ vector, gram.diagonal().max())
+    lipschitz = lipschitz.clamp(min=torch.finfo(design.dtype).tiny) * 1.01
     step = 1.0 / lipschitz
     beta = torch.zeros_like(corr)
     momentum_point, t = beta, 1.0

@@ -268,3 +268,58 @@ def test_clear_errors():
         fxattr.shapley_values(f, feature_mask=torch.zeros(1, 3, 3, dtype=torch.long))(params, x[0], 0)
     with pytest.raises(FxattrError, match="x must be a floating-point"):  # integer x is fine, complex is not
         fxattr.kernel_shap(f, feature_mask=mask)(params, x[0].to(torch.complex128), 0)
+
+
+def test_lime_per_example_masks_with_an_absent_id_equal_captum():
+    """A per-example mask may leave out an id below num_features (here 2 in the second example):
+    captum's Lime keeps one surrogate column per id of the batch's masks (a column that moves no
+    input) and so does fxattr; the absent id has no element to give a value to."""
+    from captum._utils.models import linear_model
+    model = smooth_mlp(inputs=6)
+    f, params = fxattr.functionalize(model)
+    torch.manual_seed(5)
+    x = torch.randn(2, 6, dtype=torch.float64) + 3.0
+    masks = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1]])
+    draws = torch.rand(2, 16, 3) < 0.5  # per example, as captum draws them
+    rows = iter(draws.reshape(-1, 3).long())
+    theirs = captum_attr.Lime(model, interpretable_model=linear_model.SkLearnLinearRegression(),
+                              perturb_func=lambda original, **kwargs: next(rows)[None]).attribute(
+        x, baselines=0.0, target=1, feature_mask=masks, n_samples=16)
+    for i in range(2):
+        explain = fxattr.lime(f, num_features=3, coalitions=draws[i], regression="linear")
+        ours = explain(params, x[i], 1, feature_mask=masks[i])
+        torch.testing.assert_close(ours, theirs[i].double(), rtol=1e-5, atol=1e-6)  # captum returns float32
+
+
+def test_lime_lasso_finite_when_every_coalition_has_as_many_groups_on():
+    """Coalitions with the same number of groups on (here 2 of 3, e.g. an absent id that is always
+    on alongside one other) centre to rows summing to zero: the all-ones vector is in the gram's null
+    space and the lasso's step size must not be estimated from it (it was infinite: NaN under vmap)."""
+    model = smooth_mlp(inputs=6)
+    f, params = fxattr.functionalize(model)
+    torch.manual_seed(6)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    masks = torch.tensor([[0, 0, 1, 1, 2, 2], [2, 2, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]])
+    coalitions = torch.tensor([[1, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    # a wide kernel: every similarity is exactly 1, the centring exact, ones exactly in the null space
+    explain = fxattr.lime(f, num_features=3, coalitions=coalitions, kernel_width=1e9)
+    targets = torch.tensor([0, 1, 2])
+    batch = torch.vmap(lambda p, xi, t, m: explain(p, xi, t, feature_mask=m),
+                       in_dims=(None, 0, 0, 0))(params, x, targets, masks)
+    loop = torch.stack([explain(params, x[i], targets[i], feature_mask=masks[i]) for i in range(3)])
+    assert torch.isfinite(batch).all()
+    torch.testing.assert_close(batch, loop)
+    # with alpha=0, FISTA from zero stays in the gram's row space and reaches the minimum-norm
+    # least-squares fit: LinearRegression's (the design is rank deficient)
+    unpenalised = fxattr.lime(f, num_features=3, coalitions=coalitions, alpha=0.0, iterations=5000)
+    linear = fxattr.lime(f, num_features=3, coalitions=coalitions, regression="linear")
+    for i in range(3):
+        torch.testing.assert_close(unpenalised(params, x[i], targets[i], feature_mask=masks[i]),
+                                   linear(params, x[i], targets[i], feature_mask=masks[i]), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["shapley_values", "shapley_value_sampling", "kernel_shap", "lime"])
+def test_x_without_elements_refused(name):
+    f, params = fxattr.functionalize(smooth_mlp(inputs=6))
+    with pytest.raises(FxattrError, match=rf"^fxattr\.{name}: x has no features: its shape \(0,\) holds no elements"):
+        getattr(fxattr, name)(f)(params, torch.zeros(0, dtype=torch.float64), 0)
