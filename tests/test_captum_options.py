@@ -238,6 +238,16 @@ def test_deeplift_option_errors():
          "return_convergence_delta must be True or False"),
         (lambda: fxattr.deeplift(f, custom_attribution=lambda m: 3)(params, torch.ones(5, dtype=torch.float64), 0),
          "custom_attribution must return a tensor"),
+        # a result of another shape or structure than x is refused, not returned as x's attributions
+        (lambda: fxattr.deeplift(f, custom_attribution=lambda m: m.sum())(params, torch.ones(5, dtype=torch.float64),
+                                                                           0),
+         (r"^fxattr\.deeplift: custom_attribution must return attributions of x's structure and shapes "
+          r"\(a tensor of shape \(5,\)\), got a tensor of shape \(\)$")),
+        (lambda: fxattr.deeplift(f, custom_attribution=lambda m: (m,))(params, torch.ones(5, dtype=torch.float64), 0),
+         r"custom_attribution must return .* got a tuple of 1 tensors of shapes \(5,\)$"),
+        (lambda: torch.vmap(fxattr.deeplift_shap(f, baselines=torch.zeros(2, 5), custom_attribution=lambda m: m[:3]),
+                            in_dims=(None, 0, 0))(params, torch.ones(2, 5, dtype=torch.float64), torch.tensor([0, 1])),
+         r"^fxattr\.deeplift_shap: custom_attribution must return .* got a tensor of shape \(3,\)$"),
     ]
     for make, message in cases:
         with pytest.raises(FxattrError, match=message):

@@ -304,6 +304,19 @@ def _attribute(where, engine, params, x, base, target, multiply, delta, custom, 
     if not leaves or not all(isinstance(t, Tensor) for t in leaves):
         raise fail(where, "custom_attribution must return a tensor or a pytree of tensors, got "
                           f"{type(attributions).__name__}")
+    x_leaves, x_structure = optree.tree_flatten(x, namespace="torch")
+    structure = optree.tree_structure(attributions, namespace="torch")
+    if structure != x_structure or any(a.shape != xi.shape for a, xi in zip(leaves, x_leaves)):
+        # the result is returned (deeplift_shap: averaged over baselines) as x's attributions:
+        # one of another structure or shape would pass through silently as a wrong result
+        def described(items, spec):
+            if spec.is_leaf():
+                return f"a tensor of shape {tuple(items[0].shape)}"
+            return (f"a {spec.type.__name__} of {spec.num_leaves} tensors of shapes "
+                    f"{', '.join(str(tuple(t.shape)) for t in items)}")
+
+        raise fail(where, "custom_attribution must return attributions of x's structure and shapes "
+                          f"({described(x_leaves, x_structure)}), got {described(leaves, structure)}")
     return (attributions, error) if delta else attributions
 
 
