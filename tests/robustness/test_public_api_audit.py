@@ -1209,16 +1209,6 @@ for _label, _call, _expect, _argument, _name in [
 # ============================================================================================ tests
 # Known misses in files other engineers are editing (id -> reason); strict: fixing one fails its xfail.
 KNOWN: dict[str, str] = {
-    "perturbation|shapley_value_sampling|shapley_value_sampling: x missing an axis": (
-        "shapley_value_sampling of an x with no elements: raw 'cannot reshape tensor of 0 elements' at "
-        "fxattr/perturbation/_shapley.py:200; refuse x.numel() == 0 ('x has no features') in the shared preparation"),
-    "perturbation|lime|masks per example (vmap)": (
-        "lime with per-example masks where an id in 0..num_features-1 is absent from one example's mask: that "
-        "example's row is all NaN (the absent feature's column of the surrogate is constant); "
-        "fxattr/perturbation/_shapley.py lime: give absent ids 0 attribution (drop their column) or refuse the mask"),
-    "propagation|deeplift|custom_attribution returning the wrong shape": (
-        "deeplift(custom_attribution=lambda m, x, b: m.sum()) returns a 0-d result silently; "
-        "fxattr/propagation/_deeplift.py:302 _attribute(): check the returned tree has x's structure and shapes"),
 }
 
 
