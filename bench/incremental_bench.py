@@ -228,30 +228,10 @@ def main():
         runs["captum Occlusion"] = lambda: Occlusion(model).attribute(
             x, sliding_window_shapes=window, strides=stride, target=target,
             perturbations_per_eval=args.chunk)
-    with torch.no_grad():  # warm-up (first calls allocate, captum builds its hooks)
-        for fn in runs.values():
-            fn()
-    times = {k: [] for k in runs}
-    results = {}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            start = time.process_time()
-            with torch.no_grad():
-                results[name] = fn()
-            times[name].append(time.process_time() - start)
-    plain = results["plain occlusion"]
-    scale = plain.abs().max().item()
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ours = med["incremental (program)"]
     windows = ((args.size - args.window + args.stride - 1) // args.stride + 1) ** 2
-    print(f"\n{args.model}, {args.size} px, batch {args.batch}, window {args.window} / stride "
-          f"{args.stride} ({windows} windows), chunk {args.chunk}, {args.repeats} interleaved repeats, "
-          f"load {os.getloadavg()[0]:.1f}\n")
-    print("| implementation | median (min-max) | program's speed-up over it | max abs diff / max |plain| |")
-    print("|---|---:|---:|---:|")
-    for name, t in times.items():
-        diff = (results[name] - plain).abs().max().item() / scale
-        print(f"| {name} | {med[name]:.2f} s ({min(t):.2f}-{max(t):.2f}) | {med[name] / ours:.2f}x | {diff:.1e} |")
+    timed_runs(runs, args, f"{args.model}, {args.size} px, batch {args.batch}, window {args.window} / stride "
+                           f"{args.stride} ({windows} windows), chunk {args.chunk}",
+               ours="incremental (program)", reference="plain occlusion")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -25,6 +23,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxattr
+from layers_bench import timed  # bench/ is on sys.path when run as a script
 import fxattr.layers as L
 
 
@@ -49,16 +48,6 @@ class Net(nn.Module):
     def forward(self, x):
         b, a = self.block(torch.relu(self.stem(x)))
         return self.head(torch.cat([a, b], 1))
-
-
-def timed(fn, repeats):
-    out = fn()  # warm-up (tracing, caches)
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        out = fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times), out
 
 
 def main():
